@@ -1,0 +1,35 @@
+# pkfast developer entry points. Each target creates (or reuses) the virtual environment in $(VENV).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.pkfast-installed
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test test-slow bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py requirements-dev.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q -e .
+	@touch $@
+
+## make demo: train a small MLP on scikit-learn's digits while recording, compute its path-kernel Gram, report.
+demo: venv
+	$(PY) examples/demo.py
+
+## make test: the default test suite (slow tests excluded; includes Triton interpreter tests).
+test: venv
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: venv
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+## make bench: the benchmark suite (pytest-benchmark), see benchmarks/README.md.
+bench: venv
+	$(PY) -m pytest benchmarks -p no:cacheprovider --benchmark-only $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .benchmarks

@@ -1,0 +1,252 @@
+"""gram: the public entry point — validate, plan tiles, then for each tile accumulate every kernel term.
+
+Data flow: trajectory → jacobians (per point, per panel) → tiles (the plan) → accumulate (per term into the
+tile accumulator) → the Gram (each finished tile written once, mirrored when symmetric). Tiles are the
+outermost loop and the rule's terms (steps) the innermost, so a tile is finished — and can be stored —
+before the next one starts.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pkfast import _checks
+from pkfast.accumulate import BACKENDS, accumulate, accumulate_diagonal, select_backend
+from pkfast.jacobians import FunctionalModel
+from pkfast.rules import RULES, Term, is_symmetric, terms_for
+from pkfast.tiles import Tile, TilePlan, default_memory_budget, plan_diagonal, plan_tiles
+from pkfast.trajectory import Trajectory
+
+__all__ = ["gram", "OUTPUTS"]
+
+#: ``"trace"``: Σ_c ∇f_c(x)·∇f_c(x′), shape [N, M] (the torch.func tutorial's convention);
+#: ``"mean"``: the trace divided by C (neural-tangents' ``trace_axes`` convention);
+#: ``"full"``: the C×C block per pair, shape [N, M, C, C].
+OUTPUTS = ("trace", "mean", "full")
+
+_FN = "pkfast.gram"
+
+
+def gram(
+    model: torch.nn.Module,
+    trajectory: Trajectory,
+    X: torch.Tensor | np.ndarray,
+    X2: torch.Tensor | np.ndarray | None = None,
+    *,
+    outputs: str = "trace",
+    rule: str = "left",
+    diagonal: bool = False,
+    backend: str = "auto",
+    dtype: torch.dtype | str | None = None,
+    memory_budget: int | str | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    r"""The path-kernel Gram matrix of ``model`` along ``trajectory`` between samples ``X`` (and ``X2``).
+
+    .. math:: K(x, x') = \sum_s \varepsilon_s\, J(x; w_s)\, J(x'; w_s)^\top, \qquad J = \partial f/\partial w
+
+    (``rule="left"``; ``"trapezoid"`` averages both ends of each step). Only trainable parameters
+    (``requires_grad=True``) enter J.
+
+    Args:
+        model: a ``torch.nn.Module`` mapping ``[n, *features]`` to ``[n, *out]``; C = prod(out). It must be
+            in eval mode where that matters (BatchNorm, Dropout): each sample's output must depend on that
+            sample alone. Its device is the compute device.
+        trajectory: the weight points and step sizes (:class:`pkfast.Trajectory`).
+        X: ``[N, *features]`` samples (torch tensor or numpy array).
+        X2: optional ``[M, *features]`` samples for a cross-Gram. ``None`` means X2 = X: only the upper
+            triangle of tiles is computed and mirrored.
+        outputs: ``"trace"`` → ``[N, M]``, the sum over the C outputs of the output-wise kernels;
+            ``"mean"`` → the same divided by C (neural-tangents divides its traced NTK by C);
+            ``"full"`` → ``[N, M, C, C]``, the block ``K[a, b, c, c'] = Σ_s ε_s ∇f_c(x_a)·∇f_{c'}(x_b)``.
+        rule: ``"left"`` (Σ_{s<T} ε_s K_g(w_s), Domingos' Riemann sum) or ``"trapezoid"``
+            (Σ_s ε_s/2 [K_g(w_s) + K_g(w_{s+1})]).
+        diagonal: only K(x_a, x_a): ``[N]`` (trace/mean) or ``[N, C, C]`` (full). Requires ``X2=None``.
+        backend: ``"auto"`` or ``"torch"``.
+        dtype: ``torch.float32`` (default) or ``torch.float64``: the dtype of Jacobians and accumulation.
+        memory_budget: bytes (or a string such as ``"2GiB"``) of working memory for Jacobian panels and tile
+            accumulators; tiles are sized from it. Default: half of the free memory of the compute device.
+            The returned Gram itself is not counted.
+        progress: show a progress bar (tqdm, on stderr) with throughput in kernel entries per second.
+
+    Returns:
+        A CPU ``torch.Tensor`` of dtype ``dtype``: ``[N, M]``, ``[N, M, C, C]``, ``[N]`` or ``[N, C, C]``.
+
+    Example:
+        >>> import torch, pkfast
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+        >>> w0 = {k: v.clone() for k, v in net.state_dict().items()}
+        >>> w1 = {k: v * 0.9 for k, v in w0.items()}
+        >>> traj = pkfast.Trajectory.from_checkpoints([w0, w1], lr=0.1)
+        >>> K = pkfast.gram(net, traj, torch.randn(5, 3), progress=False)
+        >>> K.shape, bool(torch.allclose(K, K.T))
+        (torch.Size([5, 5]), True)
+    """
+    job = GramJob.create(model, trajectory, X, X2, outputs=outputs, rule=rule, diagonal=diagonal,
+                         backend=backend, dtype=dtype, memory_budget=memory_budget)
+    return job.run(progress=progress)
+
+
+@dataclass
+class GramJob:
+    """A validated Gram computation: the functional model, the kernel terms and the tile plan."""
+
+    fm: FunctionalModel
+    X: torch.Tensor
+    X2: torch.Tensor | None
+    outputs: str
+    rule: str
+    diagonal: bool
+    backend: str
+    dtype: torch.dtype
+    terms: list[Term]
+    plan: TilePlan
+    num_outputs: int
+
+    # ------------------------------------------------------------------ construction and validation
+    @classmethod
+    def create(cls, model: Any, trajectory: Any, X: Any, X2: Any = None, *, outputs: str = "trace",
+               rule: str = "left", diagonal: bool = False, backend: str = "auto", dtype: Any = None,
+               memory_budget: Any = None) -> "GramJob":
+        model = _checks.check_model(_FN, model)
+        if not isinstance(trajectory, Trajectory):
+            raise TypeError(f"{_FN}: trajectory must be a pkfast.Trajectory; found {type(trajectory).__name__}")
+        outputs = _checks.check_choice(_FN, "outputs", outputs, OUTPUTS)
+        rule = _checks.check_choice(_FN, "rule", rule, RULES)
+        backend = _checks.check_choice(_FN, "backend", backend, BACKENDS)
+        dtype = _checks.check_dtype(_FN, dtype)
+        budget = _checks.check_memory_budget(_FN, memory_budget)
+        if not isinstance(diagonal, bool):
+            raise TypeError(f"{_FN}: diagonal must be True or False; found {diagonal!r}")
+        if diagonal and X2 is not None:
+            raise ValueError(f"{_FN}: diagonal=True computes K(x_a, x_a) over X alone; expected X2=None, found X2")
+        X = _checks.as_input_tensor(_FN, "X", X)
+        if X2 is not None:
+            X2 = _checks.as_input_tensor(_FN, "X2", X2)
+            _checks.check_feature_shapes(_FN, X, X2)
+
+        device = next(iter(model.parameters()), torch.empty(0)).device
+        fm = FunctionalModel(model, trajectory, dtype=dtype, device=device, fn=_FN)
+        C = fm.probe(X, _FN, "X")
+        if X2 is not None:
+            fm.probe(X2, _FN, "X2")
+        terms = terms_for(rule, trajectory.step_sizes)
+        backend = select_backend(backend, device)
+
+        budget = budget if budget is not None else default_memory_budget(device)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        u = C * fm.num_params * itemsize
+        block = C * C if outputs == "full" else 1
+        if diagonal:
+            plan = plan_diagonal(X.shape[0], bytes_per_sample=u, acc_bytes_per_sample=block * itemsize,
+                                 budget=budget, chunk=fm.default_chunk(), fn=_FN)
+        else:
+            n_cols = X.shape[0] if X2 is None else X2.shape[0]
+            plan = plan_tiles(X.shape[0], n_cols, symmetric=X2 is None and is_symmetric(terms),
+                              bytes_per_sample=u, acc_bytes_per_pair=block * itemsize, budget=budget,
+                              chunk=fm.default_chunk(), fn=_FN)
+        return cls(fm, X, X2, outputs, rule, diagonal, backend, dtype, terms, plan, C)
+
+    # ------------------------------------------------------------------ shapes
+    @property
+    def result_shape(self) -> tuple[int, ...]:
+        N, C = self.X.shape[0], self.num_outputs
+        block = (C, C) if self.outputs == "full" else ()
+        if self.diagonal:
+            return (N, *block)
+        M = N if self.X2 is None else self.X2.shape[0]
+        return (N, M, *block)
+
+    def flops(self) -> float:
+        """Multiply-add FLOPs of the Gram products (excluding Jacobians): 2·rows·cols·K per term and tile."""
+        C, P = self.num_outputs, self.fm.num_params
+        k = C * P if self.outputs != "full" else P
+        rowmul = 1 if self.outputs != "full" else C
+        if self.diagonal:
+            return 2.0 * self.X.shape[0] * C * (C if self.outputs == "full" else 1) * P * len(self.terms)
+        return sum(2.0 * (t.shape[0] * rowmul) * (t.shape[1] * rowmul) * k for t in self.plan.tiles) * len(self.terms)
+
+    # ------------------------------------------------------------------ compute
+    def run(self, *, progress: bool = True) -> torch.Tensor:
+        out = torch.zeros(self.result_shape, dtype=self.dtype)
+        if not self.terms:
+            return out  # every step size is zero
+        total = (self.X.shape[0] if self.diagonal else self.plan.num_pairs) * len(self.terms)
+        N = self.X.shape[0]
+        M = N if self.X2 is None else self.X2.shape[0]
+        desc = f"pkfast.gram {'diag ' if self.diagonal else ''}{N}×{M if not self.diagonal else 1}, {len(self.terms)} terms"
+        bar = tqdm(total=total, unit="pair", unit_scale=True, desc=desc, disable=not progress, leave=False)
+        self._buffers()
+        t0 = time.perf_counter()
+        try:
+            for tile in self.plan.tiles:
+                acc = self.compute_tile(tile, bar)
+                self.write_tile(out, tile, acc)
+        finally:
+            bar.close()
+            self._free()
+        self.elapsed = time.perf_counter() - t0
+        if self.outputs == "mean":
+            out /= self.num_outputs
+        return out
+
+    def _buffers(self) -> None:
+        C, P = self.num_outputs, self.fm.num_params
+        dev = self.fm.device
+        self._A = torch.empty(self.plan.row_block, C, P, dtype=self.dtype, device=dev)
+        self._B = torch.empty(self.plan.col_block, C, P, dtype=self.dtype, device=dev)
+
+    def _free(self) -> None:
+        self._A = self._B = None  # type: ignore[assignment]
+
+    def compute_tile(self, tile: Tile, bar: Any = None) -> torch.Tensor:
+        """Σ over terms of weight · A Bᵀ for this tile, as the accumulator (on the compute device)."""
+        C, P = self.num_outputs, self.fm.num_params
+        r, c = tile.shape
+        full = self.outputs == "full"
+        Xr = self.X[tile.rows]
+        Xc = (self.X if self.X2 is None else self.X2)[tile.cols]
+        dev, chunk = self.fm.device, self.plan.chunk
+        if self.diagonal:
+            acc = torch.zeros((r, C, C) if full else (r,), dtype=self.dtype, device=dev)
+        else:
+            acc = torch.zeros((r * C, c * C) if full else (r, c), dtype=self.dtype, device=dev)
+        for term in self.terms:
+            A = self.fm.jacobian(term.left, Xr, out=self._A[:r], chunk=chunk)
+            same = (tile.diagonal or self.diagonal) and term.symmetric
+            B = A if same else self.fm.jacobian(term.right_combo, Xc, out=self._B[:c], chunk=chunk)
+            if self.diagonal:
+                accumulate_diagonal(acc, A, B, term.weight, full=full)
+            elif full:
+                accumulate(acc, A.view(r * C, P), B.view(c * C, P), term.weight, backend=self.backend, upper_only=same)
+            else:
+                accumulate(acc, A.view(r, C * P), B.view(c, C * P), term.weight, backend=self.backend, upper_only=same)
+            if bar is not None:
+                bar.update(r if self.diagonal else r * c)
+        return acc
+
+    def write_tile(self, out: torch.Tensor, tile: Tile, acc: torch.Tensor) -> None:
+        """Write a finished tile into ``out`` (mirroring it when the plan is symmetric)."""
+        acc = acc.to("cpu")
+        if self.diagonal:
+            out[tile.rows] = acc
+            return
+        C = self.num_outputs
+        r, c = tile.shape
+        if tile.diagonal:  # only the upper triangle of the (r·C)×(r·C) accumulator is trusted
+            acc = torch.triu(acc) + torch.triu(acc, 1).T
+        if self.outputs == "full":
+            block = acc.view(r, C, c, C).permute(0, 2, 1, 3)
+            out[tile.rows, tile.cols] = block
+            if self.plan.symmetric and not tile.diagonal:
+                out[tile.cols, tile.rows] = block.permute(1, 0, 3, 2)
+        else:
+            out[tile.rows, tile.cols] = acc
+            if self.plan.symmetric and not tile.diagonal:
+                out[tile.cols, tile.rows] = acc.T

@@ -1,0 +1,308 @@
+"""TrajectoryRecorder: appends a model's weights after every optimizer step to an on-disk trajectory.
+
+The format is described in :mod:`pkfast.trajectory`. Appending never rewrites earlier steps, and a crash
+loses at most the step being written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pkfast.trajectory import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST,
+    STEPS,
+    WEIGHTS,
+    Trajectory,
+    _dtype_name,
+    read_steps,
+    storage_dtype,
+)
+
+__all__ = ["TrajectoryRecorder"]
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.tolist()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, (np.integer, np.floating)):
+        return v.item()
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, Mapping):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    return repr(v)
+
+
+class TrajectoryWriter:
+    """Low-level append-only writer of the trajectory directory format (used by the recorder and ``save``)."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        spec: Sequence[tuple[str, Sequence[int]]],
+        dtype: torch.dtype,
+        *,
+        meta: Mapping[str, Any] | None = None,
+        overwrite: bool = False,
+        fsync: bool = False,
+        _append: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        self.dtype = dtype
+        self.fsync = fsync
+        self.num_params = int(sum(int(np.prod(s, dtype=np.int64)) for _, s in spec))
+        if not _append:
+            if self.path.exists() and any(self.path.iterdir()):
+                if not overwrite:
+                    raise FileExistsError(
+                        f"pkfast: {str(self.path)!r} already exists and is not empty; pass overwrite=True to "
+                        "replace it (or resume=True to the recorder to continue a recording)"
+                    )
+                if not (self.path / MANIFEST).exists():
+                    raise FileExistsError(
+                        f"pkfast: refusing to overwrite {str(self.path)!r}: it is not a pkfast trajectory"
+                    )
+                shutil.rmtree(self.path)
+            self.path.mkdir(parents=True, exist_ok=True)
+            manifest = {
+                "format": FORMAT_NAME,
+                "version": FORMAT_VERSION,
+                "dtype": _dtype_name(dtype),
+                "spec": [[n, list(s)] for n, s in spec],
+                "num_params": self.num_params,
+                "meta": _jsonable(dict(meta or {})),
+            }
+            tmp = self.path / (MANIFEST + ".tmp")
+            tmp.write_text(json.dumps(manifest, indent=1))
+            os.replace(tmp, self.path / MANIFEST)
+        self._w = open(self.path / WEIGHTS, "ab")
+        self._s = open(self.path / STEPS, "ab")
+        self.rows = self._w.tell() // (self.num_params * torch.empty((), dtype=dtype).element_size())
+
+    def _flush(self, f) -> None:
+        f.flush()
+        if self.fsync:
+            os.fsync(f.fileno())
+
+    def append_point(self, flat: torch.Tensor) -> None:
+        flat = flat.detach().reshape(-1).to("cpu", self.dtype)
+        if flat.numel() != self.num_params:
+            raise ValueError(f"pkfast: weight row has {flat.numel()} values; expected {self.num_params}")
+        self._w.write(flat.numpy().tobytes())
+        self._flush(self._w)
+        self.rows += 1
+
+    def append_step(self, flat: torch.Tensor, lr: float, batch_indices: Any = None, **extra: Any) -> None:
+        """Write w_{s+1}, then commit step s (its line in steps.jsonl)."""
+        self.append_point(flat)
+        rec = {"lr": float(lr), "batch_indices": _jsonable(batch_indices)}
+        rec.update({k: _jsonable(v) for k, v in extra.items()})
+        self._s.write((json.dumps(rec, separators=(",", ":")) + "\n").encode())
+        self._flush(self._s)
+
+    def close(self) -> None:
+        for f in (self._w, self._s):
+            if not f.closed:
+                f.close()
+
+
+def _optimizer_meta(opt: torch.optim.Optimizer) -> dict[str, Any]:
+    groups = []
+    for g in opt.param_groups:
+        groups.append({k: _jsonable(v) for k, v in g.items() if k != "params"})
+    return {"class": type(opt).__name__, "module": type(opt).__module__, "param_groups": groups}
+
+
+class TrajectoryRecorder:
+    """Record w_0 … w_T and the applied learning rates of a training run to ``path``.
+
+    Call :meth:`step` after each ``optimizer.step()``. The learning rate is read from
+    ``optimizer.param_groups`` by a hook that runs right after ``optimizer.step()``, so it is the rate that
+    was *applied*, whether or not a scheduler changes it before :meth:`step` is called.
+
+    What is recorded per point: the model's trainable parameters (``requires_grad=True``; a tensor shared by
+    several modules once) and, with ``buffers=True``, its floating-point buffers (e.g. BatchNorm running
+    statistics). Frozen parameters do not move and are taken from the model when the kernel is computed.
+
+    Args:
+        model: the module being trained.
+        optimizer: its optimizer; every parameter group holding trainable parameters must use the same lr.
+        path: a directory to create (or, with ``resume=True``, to continue).
+        overwrite: replace an existing recording at ``path``.
+        resume: continue an existing recording after a restart: the model's current weights must equal one
+            of the recorded points ``w_k`` (the recording is truncated after it).
+        buffers: also record floating buffers.
+        fsync: ``os.fsync`` after every step (survives power loss, not only a process crash; slower).
+        meta: extra JSON-serialisable metadata stored in the manifest.
+
+    Example:
+        >>> import torch, pkfast, tempfile
+        >>> net = torch.nn.Linear(4, 2)
+        >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        >>> X, y = torch.randn(8, 4), torch.randn(8, 2)
+        >>> d = tempfile.mkdtemp()
+        >>> with pkfast.TrajectoryRecorder(net, opt, d + "/traj") as rec:
+        ...     for s in range(3):
+        ...         opt.zero_grad(); torch.nn.functional.mse_loss(net(X), y).backward(); opt.step()
+        ...         rec.step(batch_indices=range(8))
+        >>> pkfast.Trajectory.load(d + "/traj").num_steps
+        3
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        path: str | os.PathLike,
+        *,
+        overwrite: bool = False,
+        resume: bool = False,
+        buffers: bool = True,
+        fsync: bool = False,
+        meta: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"pkfast.TrajectoryRecorder: model must be a torch.nn.Module; found {type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"pkfast.TrajectoryRecorder: optimizer must be a torch.optim.Optimizer; found {type(optimizer).__name__}"
+            )
+        if overwrite and resume:
+            raise ValueError("pkfast.TrajectoryRecorder: overwrite=True and resume=True exclude each other")
+        self.model = model
+        self.optimizer = optimizer
+        self.path = Path(path)
+        self._tensors: list[tuple[str, torch.Tensor]] = [
+            (n, p) for n, p in model.named_parameters() if p.requires_grad
+        ]
+        if not self._tensors:
+            raise ValueError("pkfast.TrajectoryRecorder: the model has no trainable parameters (requires_grad=True)")
+        if buffers:
+            self._tensors += [(n, b) for n, b in model.named_buffers() if b is not None and b.is_floating_point()]
+        self._trainable_ids = {id(p) for n, p in model.named_parameters() if p.requires_grad}
+        spec = [(n, tuple(t.shape)) for n, t in self._tensors]
+        dtype = storage_dtype([t.dtype for _, t in self._tensors])
+        self._dtype = dtype
+        full_meta = {"optimizer": _optimizer_meta(optimizer), "buffers_recorded": bool(buffers)}
+        full_meta.update(dict(meta or {}))
+
+        if resume and (self.path / MANIFEST).exists():
+            self._writer = self._resume(spec, dtype)
+        else:
+            self._writer = TrajectoryWriter(self.path, spec, dtype, meta=full_meta, overwrite=overwrite, fsync=fsync)
+            self._writer.append_point(self._flat())
+        self._writer.fsync = fsync
+        self._applied_lrs: list[list[float]] = []
+        self._hook = optimizer.register_step_post_hook(self._after_optimizer_step)
+        self.num_steps = self._writer.rows - 1
+
+    # ------------------------------------------------------------------ internals
+    def _flat(self) -> torch.Tensor:
+        return torch.cat([t.detach().reshape(-1).to("cpu", self._dtype) for _, t in self._tensors])
+
+    def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
+        lrs = []
+        for g in optimizer.param_groups:
+            if any(id(p) in self._trainable_ids for p in g["params"]):
+                lrs.append(float(g["lr"]))
+        self._applied_lrs.append(lrs)
+
+    def _resume(self, spec, dtype) -> TrajectoryWriter:
+        manifest = json.loads((self.path / MANIFEST).read_text())
+        if [[n, list(s)] for n, s in spec] != manifest["spec"]:
+            raise ValueError(
+                f"pkfast.TrajectoryRecorder: cannot resume {str(self.path)!r}: the model's entries differ from "
+                "the recorded ones"
+            )
+        if manifest["dtype"] != _dtype_name(dtype):
+            raise ValueError(
+                f"pkfast.TrajectoryRecorder: cannot resume {str(self.path)!r}: recorded dtype {manifest['dtype']}, "
+                f"model dtype {_dtype_name(dtype)}"
+            )
+        P = int(manifest["num_params"])
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        wpath = self.path / WEIGHTS
+        rows = wpath.stat().st_size // (P * itemsize) if wpath.exists() else 0
+        steps = read_steps(self.path)
+        n_points = min(rows, len(steps) + 1)
+        current = self._flat().numpy()
+        mm = np.memmap(wpath, dtype=current.dtype, mode="r", shape=(rows, P)) if rows else None
+        k = next((k for k in range(n_points - 1, -1, -1) if np.array_equal(mm[k], current)), None)
+        del mm
+        if k is None:
+            raise ValueError(
+                f"pkfast.TrajectoryRecorder: cannot resume {str(self.path)!r}: the model's current weights equal "
+                f"none of the {n_points} recorded points; load the weights of the last recorded step first"
+            )
+        with open(wpath, "r+b") as f:
+            f.truncate((k + 1) * P * itemsize)
+        lines = (self.path / STEPS).read_bytes().splitlines(keepends=True)[:k] if k else []
+        tmp = self.path / (STEPS + ".tmp")
+        tmp.write_bytes(b"".join(lines))
+        os.replace(tmp, self.path / STEPS)
+        return TrajectoryWriter(self.path, spec, dtype, _append=True)
+
+    # ------------------------------------------------------------------ public
+    def step(self, batch_indices: Sequence[int] | np.ndarray | torch.Tensor | None = None, **extra: Any) -> None:
+        """Record w_{s+1} after one ``optimizer.step()``, with the lr that step applied.
+
+        Args:
+            batch_indices: the ordered indices of the training points in this step's mini-batch.
+            **extra: JSON-serialisable per-step metadata (e.g. ``loss=...``).
+        """
+        if self._writer is None:
+            raise RuntimeError("pkfast.TrajectoryRecorder.step: the recorder is closed")
+        n = len(self._applied_lrs)
+        if n != 1:
+            raise RuntimeError(
+                "pkfast.TrajectoryRecorder.step: expected exactly one optimizer.step() since the last record; "
+                f"found {n}. Call rec.step() once after every optimizer.step()."
+            )
+        lrs = self._applied_lrs.pop()
+        if len(set(lrs)) > 1:
+            raise ValueError(
+                f"pkfast.TrajectoryRecorder.step: parameter groups applied different learning rates {lrs}; the "
+                "path kernel with one step size per step needs a single lr for all trainable parameters"
+            )
+        if batch_indices is not None:
+            batch_indices = np.asarray(
+                batch_indices.detach().cpu() if isinstance(batch_indices, torch.Tensor) else list(batch_indices)
+                if not isinstance(batch_indices, np.ndarray) else batch_indices,
+                dtype=np.int64,
+            ).reshape(-1)
+        self._writer.append_step(self._flat(), lrs[0] if lrs else 0.0, batch_indices, **extra)
+        self.num_steps += 1
+
+    def trajectory(self) -> Trajectory:
+        """The recording so far, opened lazily (:meth:`Trajectory.load`)."""
+        return Trajectory.load(self.path)
+
+    def close(self) -> None:
+        """Stop recording (removes the optimizer hook, closes the files). Idempotent."""
+        if self._writer is not None:
+            self._hook.remove()
+            self._writer.close()
+            self._writer = None  # type: ignore[assignment]
+
+    def __enter__(self) -> "TrajectoryRecorder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"TrajectoryRecorder(path={str(self.path)!r}, steps={self.num_steps})"

@@ -1,0 +1,65 @@
+"""Discretisation rules: how the path integral ∫ K_g dt becomes a weighted sum of per-point kernel terms.
+
+A rule turns the step sizes ε_0 … ε_{T-1} into a list of :class:`Term` s. Each term contributes
+``weight · A Bᵀ`` to the Gram, where ``A`` is a combination of Jacobians of the row samples at some
+evaluation points and ``B`` the same for the column samples. Symmetric rules use the same combination on
+both sides (``right is None``), which makes every Gram over one point set symmetric PSD and lets the engine
+compute only upper-triangle tiles.
+
+- ``"left"``: Σ_{s<T} ε_s K_g(w_s) — Domingos' left Riemann sum. T terms.
+- ``"trapezoid"``: Σ_s ε_s/2 (K_g(w_s) + K_g(w_{s+1})), merged per point: T+1 terms with weights
+  ε_0/2, (ε_0+ε_1)/2, …, ε_{T-1}/2.
+
+The exact (asymmetric, Gauss–Legendre) rule of Bell et al. is expressed in the same form: its row side
+averages Jacobians over the segment, its column side is the segment start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pkfast.jacobians import EvalPoint
+
+__all__ = ["Term", "RULES", "terms_for"]
+
+RULES = ("left", "trapezoid")
+
+
+@dataclass(frozen=True)
+class Term:
+    """``weight · A Bᵀ`` with ``A = Σ ω J(rows; left points)`` and ``B`` likewise (``right=None``: B uses left)."""
+
+    weight: float
+    left: tuple[tuple[EvalPoint, float], ...]
+    right: tuple[tuple[EvalPoint, float], ...] | None = None
+
+    @property
+    def symmetric(self) -> bool:
+        return self.right is None
+
+    @property
+    def right_combo(self) -> tuple[tuple[EvalPoint, float], ...]:
+        return self.left if self.right is None else self.right
+
+
+def terms_for(rule: str, step_sizes: torch.Tensor) -> list[Term]:
+    """The kernel terms of ``rule`` for a trajectory with these step sizes; zero-weight terms are dropped."""
+    eps = [float(e) for e in step_sizes]
+    T = len(eps)
+    if rule == "left":
+        terms = [Term(eps[s], ((EvalPoint(s), 1.0),)) for s in range(T)]
+    elif rule == "trapezoid":
+        w = [0.0] * (T + 1)
+        for s, e in enumerate(eps):
+            w[s] += e / 2
+            w[s + 1] += e / 2
+        terms = [Term(w[k], ((EvalPoint(k), 1.0),)) for k in range(T + 1)]
+    else:  # validated by the caller; kept as a guard for internal use
+        raise ValueError(f"pkfast: unknown rule {rule!r}; expected one of {RULES}")
+    return [t for t in terms if t.weight > 0.0]
+
+
+def is_symmetric(terms: list[Term]) -> bool:
+    return all(t.symmetric for t in terms)

@@ -1,0 +1,466 @@
+"""Trajectory: the weight points w_0 … w_T of a training run and the step sizes ε_0 … ε_{T-1} between them.
+
+A trajectory is a ``[T+1, P]`` matrix of flattened weights (one row per point, entries in the order of
+:attr:`Trajectory.spec`) plus ``T`` non-negative step sizes. It lives either in memory (a tensor) or on
+disk as a memory-mapped file written by :class:`pkfast.TrajectoryRecorder` or :meth:`Trajectory.save`.
+
+On-disk format (a directory)::
+
+    manifest.json   {"format": "pkfast-trajectory", "version": 1, "dtype": "float32",
+                     "spec": [[name, [shape...]], ...], "num_params": P, "meta": {...}}
+    weights.bin     raw row-major [T+1, P] array in ``dtype`` (native little-endian), appended row by row
+    steps.jsonl     one JSON object per step s: {"lr": ε_s, "batch_indices": [...] | null, ...}
+
+``steps.jsonl`` is the commit log: step ``s`` exists once its line is complete *and* row ``s+1`` of
+``weights.bin`` is complete. A crash while writing therefore loses at most the step being written, and
+earlier steps are never rewritten.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["Trajectory"]
+
+FORMAT_NAME = "pkfast-trajectory"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.bin"
+STEPS = "steps.jsonl"
+
+_NP_DTYPES = {
+    torch.float16: np.float16,
+    torch.float32: np.float32,
+    torch.float64: np.float64,
+}
+_TORCH_FROM_NAME = {"float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def storage_dtype(dtypes: Sequence[torch.dtype]) -> torch.dtype:
+    """The dtype in which a set of floating tensors is stored losslessly (bfloat16 widens to float32)."""
+    out = None
+    for dt in dtypes:
+        out = dt if out is None else torch.promote_types(out, dt)
+    if out is None or out == torch.bfloat16:
+        return torch.float32
+    if out not in _NP_DTYPES:
+        raise TypeError(f"pkfast.Trajectory: cannot store weights of dtype {out}; expected a floating dtype")
+    return out
+
+
+def _load_checkpoint_file(path: Path) -> Mapping[str, Any]:
+    if not path.exists():
+        raise FileNotFoundError(f"pkfast.Trajectory.from_checkpoints: no checkpoint file at {str(path)!r}")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError(
+                f"pkfast.Trajectory.from_checkpoints: reading {path.name} needs the 'safetensors' package "
+                "(pip install safetensors, or pip install 'pkfast[safetensors]')"
+            ) from e
+        return load_file(str(path), device="cpu")
+    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    return _as_state_dict(obj, where=str(path))
+
+
+def _as_state_dict(obj: Any, where: str) -> Mapping[str, Any]:
+    """Accept a state_dict, or a training checkpoint dict holding one under a usual key."""
+    if isinstance(obj, torch.nn.Module):
+        return obj.state_dict()
+    if not isinstance(obj, Mapping):
+        raise TypeError(
+            f"pkfast.Trajectory.from_checkpoints: checkpoint {where} is a {type(obj).__name__}; "
+            "expected a state_dict (a mapping of parameter names to tensors) or a file holding one"
+        )
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    for key in ("state_dict", "model_state_dict", "model"):
+        inner = obj.get(key)
+        if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+            return inner
+    raise TypeError(
+        f"pkfast.Trajectory.from_checkpoints: checkpoint {where} is not a state_dict and holds none under "
+        f"'state_dict', 'model_state_dict' or 'model'; found keys {sorted(map(str, obj))[:8]}"
+    )
+
+
+class Trajectory:
+    """Weight points ``w_0 … w_T`` and step sizes ``ε_0 … ε_{T-1}`` of a training run.
+
+    Rows of :attr:`weights` are flattened weights in the order of :attr:`spec` (a list of
+    ``(name, shape)``). Entries are the model's floating-point state: its trainable parameters (which enter
+    the kernel) and optionally frozen parameters and floating buffers (which are held at their recorded
+    values when the kernel is evaluated at that point).
+
+    Build one with :meth:`from_checkpoints`, :class:`pkfast.TrajectoryRecorder` or :meth:`load`.
+
+    Args:
+        weights: ``[T+1, P]`` floating tensor or numpy array (a ``np.memmap`` stays on disk).
+        step_sizes: ``T`` finite non-negative floats; ε_s weighs the interval from w_s to w_{s+1}.
+        spec: ``(name, shape)`` pairs in flat order; their sizes add up to ``P``.
+        batch_indices: optional length-``T`` list of the ordered training indices used at each step.
+        meta: optional JSON-serialisable dict (optimizer and loss metadata, for the exact kernel).
+
+    Example:
+        >>> import torch, pkfast
+        >>> net = torch.nn.Linear(3, 2)
+        >>> w0 = {k: v.clone() for k, v in net.state_dict().items()}
+        >>> w1 = {k: v + 0.1 for k, v in w0.items()}
+        >>> traj = pkfast.Trajectory.from_checkpoints([w0, w1], lr=0.1)
+        >>> traj.num_steps, traj.num_params
+        (1, 8)
+    """
+
+    def __init__(
+        self,
+        weights: torch.Tensor | np.ndarray,
+        step_sizes: Sequence[float] | torch.Tensor | np.ndarray,
+        spec: Sequence[tuple[str, Sequence[int]]],
+        *,
+        batch_indices: Sequence[Any] | None = None,
+        meta: Mapping[str, Any] | None = None,
+        source: str | None = None,
+    ) -> None:
+        self._spec: list[tuple[str, torch.Size]] = [(str(n), torch.Size(s)) for n, s in spec]
+        names = [n for n, _ in self._spec]
+        if len(set(names)) != len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise ValueError(f"pkfast.Trajectory: entry {dup!r} appears twice in spec")
+        self._sizes = [math.prod(s) for _, s in self._spec]
+        self._offsets = np.concatenate([[0], np.cumsum(self._sizes)]).astype(int).tolist()
+        P = self._offsets[-1]
+
+        if isinstance(weights, np.ndarray):
+            if weights.dtype not in (np.float16, np.float32, np.float64):
+                raise TypeError(f"pkfast.Trajectory: weights must be floating; found numpy dtype {weights.dtype}")
+        elif isinstance(weights, torch.Tensor):
+            if not weights.is_floating_point():
+                raise TypeError(f"pkfast.Trajectory: weights must be floating; found {weights.dtype}")
+            weights = weights.detach().cpu()
+        else:
+            raise TypeError(
+                f"pkfast.Trajectory: weights must be a torch.Tensor or numpy array; found {type(weights).__name__}"
+            )
+        if weights.ndim != 2 or weights.shape[1] != P:
+            raise ValueError(
+                f"pkfast.Trajectory: weights must have shape [T+1, P] = [*, {P}] (P from spec); "
+                f"found {tuple(weights.shape)}"
+            )
+        if weights.shape[0] < 2:
+            raise ValueError(
+                f"pkfast.Trajectory: a trajectory needs at least 2 weight points (w_0 and w_1); found "
+                f"{weights.shape[0]}. For the tangent kernel at a single point w, pass [w, w] with lr=1."
+            )
+        self._weights = weights
+        T = weights.shape[0] - 1
+
+        eps = torch.as_tensor(np.asarray(step_sizes, dtype=np.float64), dtype=torch.float64).reshape(-1)
+        if eps.numel() != T:
+            raise ValueError(
+                f"pkfast.Trajectory: expected {T} step sizes (one per interval between {T + 1} weight points); "
+                f"found {eps.numel()}"
+            )
+        bad = (~torch.isfinite(eps)) | (eps < 0)
+        if bad.any():
+            s = int(bad.nonzero()[0])
+            raise ValueError(
+                f"pkfast.Trajectory: step sizes must be finite and >= 0; step {s} has {eps[s].item()!r}"
+            )
+        self._eps = eps
+
+        if batch_indices is not None:
+            if len(batch_indices) != T:
+                raise ValueError(
+                    f"pkfast.Trajectory: expected {T} batch_indices entries (one per step); found {len(batch_indices)}"
+                )
+            batch_indices = [None if b is None else np.asarray(b, dtype=np.int64).reshape(-1) for b in batch_indices]
+        self._batch_indices = batch_indices
+        self.meta: dict[str, Any] = dict(meta or {})
+        self.source = source
+        self._checked: set[int] = set()
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def spec(self) -> list[tuple[str, torch.Size]]:
+        """``(name, shape)`` of every stored entry, in flat order."""
+        return list(self._spec)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(n for n, _ in self._spec)
+
+    @property
+    def num_steps(self) -> int:
+        """T, the number of steps (intervals)."""
+        return self._weights.shape[0] - 1
+
+    @property
+    def num_points(self) -> int:
+        """T + 1, the number of weight points."""
+        return self._weights.shape[0]
+
+    @property
+    def num_params(self) -> int:
+        """P, the length of a flattened weight row (all stored entries)."""
+        return self._offsets[-1]
+
+    @property
+    def step_sizes(self) -> torch.Tensor:
+        """ε_0 … ε_{T-1} as a float64 tensor."""
+        return self._eps.clone()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        w = self._weights
+        if isinstance(w, torch.Tensor):
+            return w.dtype
+        return _TORCH_FROM_NAME[np.dtype(w.dtype).name]
+
+    @property
+    def is_memory_mapped(self) -> bool:
+        return isinstance(self._weights, np.memmap)
+
+    def batch_indices(self, step: int) -> np.ndarray | None:
+        """The ordered training indices used at ``step``, or None if not recorded."""
+        if self._batch_indices is None:
+            return None
+        return self._batch_indices[step]
+
+    def slice_of(self, name: str) -> slice:
+        """The columns of a flattened row that hold entry ``name``."""
+        i = self.names.index(name)
+        return slice(self._offsets[i], self._offsets[i + 1])
+
+    def __repr__(self) -> str:
+        where = f", source={self.source!r}" if self.source else ""
+        mm = ", memory-mapped" if self.is_memory_mapped else ""
+        return (
+            f"Trajectory(T={self.num_steps}, P={self.num_params}, entries={len(self._spec)}, "
+            f"dtype={_dtype_name(self.dtype)}, sum_lr={float(self._eps.sum()):.6g}{mm}{where})"
+        )
+
+    # ------------------------------------------------------------------ access
+    def flat(self, k: int) -> torch.Tensor:
+        """Row ``k`` (w_k flattened) as a CPU tensor; raises if it holds NaN/Inf (naming the entry)."""
+        if not -self.num_points <= k < self.num_points:
+            raise IndexError(f"pkfast.Trajectory: point {k} out of range [0, {self.num_points})")
+        k = k % self.num_points
+        w = self._weights
+        row = w[k] if isinstance(w, torch.Tensor) else torch.from_numpy(np.array(w[k]))
+        if k not in self._checked:
+            self._check_finite(k, row)
+            self._checked.add(k)
+        return row
+
+    def point(self, k: int) -> dict[str, torch.Tensor]:
+        """w_k as a ``{name: tensor}`` dict of views into :meth:`flat`."""
+        row = self.flat(k)
+        return {n: row[a:b].view(s) for (n, s), a, b in zip(self._spec, self._offsets[:-1], self._offsets[1:])}
+
+    def _check_finite(self, k: int, row: torch.Tensor) -> None:
+        if bool(torch.isfinite(row).all()):
+            return
+        for (name, _), a, b in zip(self._spec, self._offsets[:-1], self._offsets[1:]):
+            part = row[a:b]
+            if not bool(torch.isfinite(part).all()):
+                n_nan = int(torch.isnan(part).sum())
+                n_inf = int(torch.isinf(part).sum())
+                raise ValueError(
+                    f"pkfast.Trajectory: weight point w_{k} has non-finite values in {name!r} "
+                    f"({n_nan} NaN, {n_inf} Inf); training diverged at or before step {max(k - 1, 0)}"
+                )
+
+    def check(self) -> None:
+        """Scan every point for NaN/Inf (done lazily on access otherwise)."""
+        for k in range(self.num_points):
+            self.flat(k)
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_checkpoints(
+        cls,
+        checkpoints: Sequence[Mapping[str, torch.Tensor] | str | os.PathLike],
+        lr: float | Sequence[float],
+        *,
+        batch_indices: Sequence[Any] | None = None,
+    ) -> "Trajectory":
+        """Build a trajectory from ``T+1`` state_dicts or checkpoint files.
+
+        Args:
+            checkpoints: ``state_dict`` mappings, or paths to ``torch.save`` files (a state_dict, or a dict
+                holding one under ``'state_dict'``/``'model_state_dict'``/``'model'``) or ``.safetensors``
+                files. Floating-point entries are kept (integer buffers such as BatchNorm's
+                ``num_batches_tracked`` are dropped); every checkpoint must have the same entries and shapes.
+            lr: the weight ε_s of each of the ``T`` intervals: one float for all, or ``T`` floats. For
+                checkpoints saved every step this is the learning rate applied at that step. For *sparse*
+                checkpoints (saved every k steps) it is the learning rate × the number of optimizer steps
+                between them (the Riemann-sum weight of the interval) — e.g. ``lr=[0.1 * 50] * T`` for
+                checkpoints every 50 steps at lr 0.1.
+            batch_indices: optional ordered training indices per step.
+
+        Files are read once each; the flattened weights are held in memory. For trajectories larger than
+        memory, record with :class:`pkfast.TrajectoryRecorder` or convert once with :meth:`save` and use
+        :meth:`load`.
+        """
+        if isinstance(checkpoints, (str, os.PathLike, Mapping)) or not isinstance(checkpoints, Sequence):
+            raise TypeError(
+                "pkfast.Trajectory.from_checkpoints: checkpoints must be a list of state_dicts or checkpoint "
+                f"paths; found {type(checkpoints).__name__}"
+            )
+        if len(checkpoints) < 2:
+            raise ValueError(
+                f"pkfast.Trajectory.from_checkpoints: need at least 2 checkpoints (w_0 … w_T); found {len(checkpoints)}"
+            )
+        T = len(checkpoints) - 1
+        if isinstance(lr, (int, float)) and not isinstance(lr, bool):
+            step_sizes = [float(lr)] * T
+        else:
+            try:
+                step_sizes = [float(v) for v in lr]  # type: ignore[union-attr]
+            except TypeError:
+                raise TypeError(
+                    f"pkfast.Trajectory.from_checkpoints: lr must be a float or a list of {T} floats; "
+                    f"found {type(lr).__name__}"
+                ) from None
+            if len(step_sizes) != T:
+                raise ValueError(
+                    f"pkfast.Trajectory.from_checkpoints: lr has {len(step_sizes)} values; expected {T} "
+                    f"(one per interval between {T + 1} checkpoints)"
+                )
+
+        rows: list[torch.Tensor] = []
+        spec: list[tuple[str, torch.Size]] | None = None
+        dtype: torch.dtype | None = None
+        for i, ck in enumerate(checkpoints):
+            if isinstance(ck, (str, os.PathLike)):
+                sd = _load_checkpoint_file(Path(ck))
+            else:
+                sd = _as_state_dict(ck, where=f"#{i}")
+            entries = [(k, v) for k, v in sd.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+            if spec is None:
+                if not entries:
+                    raise ValueError("pkfast.Trajectory.from_checkpoints: checkpoint #0 has no floating-point tensors")
+                spec = [(k, v.shape) for k, v in entries]
+                dtype = storage_dtype([v.dtype for _, v in entries])
+            else:
+                _compare_spec(spec, [(k, v.shape) for k, v in entries], i)
+            rows.append(torch.cat([v.detach().reshape(-1).to("cpu", dtype) for _, v in entries]))
+        assert spec is not None
+        return cls(torch.stack(rows), step_sizes, spec, batch_indices=batch_indices)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Trajectory":
+        """Open a trajectory directory lazily: weights stay on disk (``np.memmap``), rows are read on access.
+
+        Incomplete trailing data left by a crash (a partial weight row or step line) is ignored.
+        """
+        path = Path(path)
+        man_path = path / MANIFEST
+        if not man_path.exists():
+            raise FileNotFoundError(
+                f"pkfast.Trajectory.load: {str(path)!r} is not a recorded trajectory (no {MANIFEST} inside)"
+            )
+        manifest = read_manifest(path)
+        spec = [(n, torch.Size(s)) for n, s in manifest["spec"]]
+        P = int(manifest["num_params"])
+        np_dtype = np.dtype(manifest["dtype"])
+        steps = read_steps(path)
+        wpath = path / WEIGHTS
+        nbytes = wpath.stat().st_size if wpath.exists() else 0
+        rows = nbytes // (P * np_dtype.itemsize)
+        if rows < 1:
+            raise ValueError(f"pkfast.Trajectory.load: {str(path)!r} holds no complete weight row (w_0 is missing)")
+        T = min(len(steps), rows - 1)
+        if T < 1:
+            raise ValueError(
+                f"pkfast.Trajectory.load: {str(path)!r} holds only w_0 and no completed step; record at least one "
+                "step (rec.step()) before loading"
+            )
+        steps = steps[:T]
+        weights = np.memmap(wpath, dtype=np_dtype, mode="r", shape=(T + 1, P))
+        batch = [s.get("batch_indices") for s in steps]
+        return cls(
+            weights,
+            [s["lr"] for s in steps],
+            spec,
+            batch_indices=None if all(b is None for b in batch) else batch,
+            meta=manifest.get("meta", {}),
+            source=str(path),
+        )
+
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write this trajectory in the on-disk format (readable lazily with :meth:`load`)."""
+        from pkfast.recorder import TrajectoryWriter
+
+        writer = TrajectoryWriter(path, self.spec, self.dtype, meta=self.meta, overwrite=overwrite)
+        try:
+            writer.append_point(self.flat(0))
+            for s in range(self.num_steps):
+                b = self.batch_indices(s)
+                writer.append_step(self.flat(s + 1), float(self._eps[s]), None if b is None else b.tolist())
+        finally:
+            writer.close()
+        return Path(path)
+
+
+def _compare_spec(ref: list[tuple[str, torch.Size]], got: list[tuple[str, torch.Size]], i: int) -> None:
+    ref_names = [n for n, _ in ref]
+    got_names = [n for n, _ in got]
+    for n in ref_names:
+        if n not in got_names:
+            raise ValueError(f"pkfast.Trajectory.from_checkpoints: checkpoint #{i} lacks {n!r}, present in checkpoint #0")
+    for n in got_names:
+        if n not in ref_names:
+            raise ValueError(f"pkfast.Trajectory.from_checkpoints: checkpoint #{i} has {n!r}, absent from checkpoint #0")
+    shapes = dict(ref)
+    for n, s in got:
+        if shapes[n] != s:
+            raise ValueError(
+                f"pkfast.Trajectory.from_checkpoints: {n!r} has shape {tuple(s)} in checkpoint #{i} but "
+                f"{tuple(shapes[n])} in checkpoint #0"
+            )
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"pkfast.Trajectory.load: {str(path / MANIFEST)!r} is corrupt: {e}") from e
+    if manifest.get("format") != FORMAT_NAME:
+        raise ValueError(f"pkfast.Trajectory.load: {str(path)!r} is not a pkfast trajectory (format={manifest.get('format')!r})")
+    if int(manifest.get("version", -1)) > FORMAT_VERSION:
+        raise ValueError(
+            f"pkfast.Trajectory.load: {str(path)!r} has format version {manifest['version']}; this pkfast reads "
+            f"up to version {FORMAT_VERSION} (upgrade pkfast)"
+        )
+    return manifest
+
+
+def read_steps(path: Path) -> list[dict[str, Any]]:
+    """Complete step records; a partial trailing line (crash mid-write) is dropped."""
+    p = path / STEPS
+    if not p.exists():
+        return []
+    out = []
+    with open(p, "rb") as f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                break
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return out
