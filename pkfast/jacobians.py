@@ -62,6 +62,7 @@ class FunctionalModel:
         self.names: list[str] = []
         self.shapes: list[torch.Size] = []
         self._slices: list[slice] = []
+        self._tied: list[tuple[str, slice, str, slice]] = []  # aliases of one tensor stored twice
         statics_from_traj: list[tuple[str, slice, torch.Size]] = []
         statics_fixed: dict[str, torch.Tensor] = {}
         used: set[str] = set()
@@ -82,6 +83,8 @@ class FunctionalModel:
                 self.names.append(n)
                 self.shapes.append(p.shape)
                 self._slices.append(trajectory.slice_of(hit))
+                self._tied += [(hit, trajectory.slice_of(hit), a, trajectory.slice_of(a))
+                               for a in names if a != hit and a in traj_names]
             elif hit is not None:
                 self._check_static_shape(fn, n, p, traj_shapes[hit])
                 statics_from_traj.append((n, trajectory.slice_of(hit), p.shape))
@@ -124,7 +127,14 @@ class FunctionalModel:
 
     # ------------------------------------------------------------------ weights at a point
     def _row(self, k: int) -> torch.Tensor:
-        return self.trajectory.flat(k).to(self.device, self.dtype)
+        row = self.trajectory.flat(k)
+        for a, sa, b, sb in self._tied:
+            if not torch.equal(row[sa], row[sb]):
+                raise ValueError(
+                    f"pkfast: {a!r} and {b!r} are one (tied) tensor in the model but hold different values in "
+                    f"the trajectory at point w_{k}; the trajectory does not come from this model"
+                )
+        return row.to(self.device, self.dtype)
 
     def state(self, point: EvalPoint) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(trainable weights flattened [P], statics) at ``point``. Caches the last point."""
