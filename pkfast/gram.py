@@ -200,7 +200,8 @@ class GramJob:
         C, P = self.num_outputs, self.fm.num_params
         dev = self.fm.device
         self._A = torch.empty(self.plan.row_block, C, P, dtype=self.dtype, device=dev)
-        self._B = torch.empty(self.plan.col_block, C, P, dtype=self.dtype, device=dev)
+        needs_b = not all((t.diagonal or self.diagonal) for t in self.plan.tiles) or not is_symmetric(self.terms)
+        self._B = torch.empty(self.plan.col_block if needs_b else 0, C, P, dtype=self.dtype, device=dev)
 
     def _free(self) -> None:
         self._A = self._B = None  # type: ignore[assignment]

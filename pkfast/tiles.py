@@ -111,6 +111,12 @@ def plan_tiles(
     # the vmap chunk's output and the concatenated copy: ≤ a quarter of the budget
     chunk = max(1, min(chunk, budget // (8 * u) if u else chunk))
     fixed = 2 * chunk * u
+    if symmetric and fixed + n_rows * u + n_rows * n_rows * k <= budget:
+        # one diagonal tile: its column panel is its row panel, so only one panel is held
+        chunk = min(chunk, n_rows)
+        tiles = [Tile(0, slice(0, n_rows), slice(0, n_rows), diagonal=True)]
+        used = fixed + n_rows * u + n_rows * n_rows * k
+        return TilePlan(n_rows, n_cols, n_rows, n_rows, True, chunk, u, used, budget, tiles)
     br, bc = _panel_sizes(budget, fixed, u, k, n_rows, n_cols, square=symmetric)
     if br < 1 or bc < 1:
         need = fixed + 2 * u + k

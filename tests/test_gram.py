@@ -248,3 +248,17 @@ def test_memory_budget_string_and_plan_respects_it():
     job = GramJob.create(net, traj, torch.randn(200, 5), memory_budget="64KiB")
     assert job.plan.budget == 64 * 1024 and job.plan.tile_bytes <= job.plan.budget
     assert len(job.plan.tiles) > 1
+
+
+@pytest.mark.parametrize("outputs", ["trace", "full"])
+def test_large_diagonal_tile_blocked_syrk_matches_reference(outputs):
+    from pkfast.accumulate.torch_blas import SYRK_MIN_BLOCK
+
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    traj = random_trajectory(net, steps=2)
+    n = 2 * SYRK_MIN_BLOCK + 5
+    X = torch.randn(n, 3)
+    job = GramJob.create(net, traj, X, outputs=outputs, dtype=torch.float64)
+    assert len(job.plan.tiles) == 1 and job.plan.tiles[0].diagonal
+    K = job.run(progress=False)
+    assert rel_err(K, gram_reference(net, traj, X, outputs=outputs)) < 1e-10
