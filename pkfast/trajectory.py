@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -325,7 +326,9 @@ class Trajectory:
                 f"pkfast.Trajectory.from_checkpoints: need at least 2 checkpoints (w_0 … w_T); found {len(checkpoints)}"
             )
         T = len(checkpoints) - 1
-        if isinstance(lr, (int, float)) and not isinstance(lr, bool):
+        if (isinstance(lr, numbers.Real) and not isinstance(lr, bool)) or (
+            isinstance(lr, (torch.Tensor, np.ndarray)) and lr.ndim == 0
+        ):  # a Python, numpy or 0-d tensor scalar
             step_sizes = [float(lr)] * T
         else:
             try:
