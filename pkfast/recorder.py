@@ -98,15 +98,23 @@ class TrajectoryWriter:
         if self.fsync:
             os.fsync(f.fileno())
 
-    def append_point(self, flat: torch.Tensor) -> None:
-        flat = flat.detach().reshape(-1).to("cpu", self.dtype)
-        if flat.numel() != self.num_params:
-            raise ValueError(f"pkfast: weight row has {flat.numel()} values; expected {self.num_params}")
-        self._w.write(flat.numpy().tobytes())
+    def append_point(self, flat: torch.Tensor | Sequence[torch.Tensor]) -> None:
+        """Append one weight row, given flat or as its parts in spec order (written without concatenating)."""
+        parts = [flat] if isinstance(flat, torch.Tensor) else list(flat)
+        n = sum(p.numel() for p in parts)
+        if n != self.num_params:
+            raise ValueError(f"pkfast: weight row has {n} values; expected {self.num_params}")
+        for p in parts:
+            p = p.detach()
+            if p.device.type != "cpu" or p.dtype != self.dtype:
+                p = p.to("cpu", self.dtype)
+            # the tensor's own memory goes to the file: no intermediate bytes object
+            self._w.write(memoryview(p.contiguous().numpy()).cast("B"))
         self._flush(self._w)
         self.rows += 1
 
-    def append_step(self, flat: torch.Tensor, lr: float, batch_indices: Any = None, **extra: Any) -> None:
+    def append_step(self, flat: torch.Tensor | Sequence[torch.Tensor], lr: float, batch_indices: Any = None,
+                    **extra: Any) -> None:
         """Write w_{s+1}, then commit step s (its line in steps.jsonl)."""
         self.append_point(flat)
         rec = {"lr": float(lr), "batch_indices": _jsonable(batch_indices)}
@@ -204,7 +212,7 @@ class TrajectoryRecorder:
             self._writer = self._resume(spec, dtype)
         else:
             self._writer = TrajectoryWriter(self.path, spec, dtype, meta=full_meta, overwrite=overwrite, fsync=fsync)
-            self._writer.append_point(self._flat())
+            self._writer.append_point(self._parts())
         self._writer.fsync = fsync
         self._applied_lrs: list[list[float]] = []
         self._hook = optimizer.register_step_post_hook(self._after_optimizer_step)
@@ -213,6 +221,9 @@ class TrajectoryRecorder:
     # ------------------------------------------------------------------ internals
     def _flat(self) -> torch.Tensor:
         return torch.cat([t.detach().reshape(-1).to("cpu", self._dtype) for _, t in self._tensors])
+
+    def _parts(self) -> list[torch.Tensor]:
+        return [t for _, t in self._tensors]
 
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
         lrs = []
@@ -284,7 +295,7 @@ class TrajectoryRecorder:
                 if not isinstance(batch_indices, np.ndarray) else batch_indices,
                 dtype=np.int64,
             ).reshape(-1)
-        self._writer.append_step(self._flat(), lrs[0] if lrs else 0.0, batch_indices, **extra)
+        self._writer.append_step(self._parts(), lrs[0] if lrs else 0.0, batch_indices, **extra)
         self.num_steps += 1
 
     def trajectory(self) -> Trajectory:

@@ -101,7 +101,7 @@ def _as_state_dict(obj: Any, where: str) -> Mapping[str, Any]:
 class Trajectory:
     """Weight points ``w_0 … w_T`` and step sizes ``ε_0 … ε_{T-1}`` of a training run.
 
-    Rows of :attr:`weights` are flattened weights in the order of :attr:`spec` (a list of
+    Rows (:meth:`flat`) are flattened weights in the order of :attr:`spec` (a list of
     ``(name, shape)``). Entries are the model's floating-point state: its trainable parameters (which enter
     the kernel) and optionally frozen parameters and floating buffers (which are held at their recorded
     values when the kernel is evaluated at that point).
