@@ -30,7 +30,7 @@ test-slow: venv
 
 ## make bench: the benchmark suite (pytest-benchmark), see benchmarks/README.md.
 bench: venv
-	$(PY) -m pytest benchmarks -p no:cacheprovider --benchmark-only $(PYTEST_ARGS)
+	$(PY) -m pytest benchmarks/test_bench_gram.py benchmarks/bench_recorder.py -p no:cacheprovider --benchmark-only $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .benchmarks

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pkfast import _checks
-from pkfast.accumulate import BACKENDS, accumulate, accumulate_diagonal, select_backend
+from pkfast.accumulate import BACKENDS, PRECISIONS, accumulate, accumulate_diagonal, select_backend
 from pkfast.jacobians import FunctionalModel
 from pkfast.rules import RULES, Term, is_symmetric, terms_for
 from pkfast.tiles import Tile, TilePlan, default_memory_budget, plan_diagonal, plan_tiles
@@ -46,6 +46,7 @@ def gram(
     dtype: torch.dtype | str | None = None,
     memory_budget: int | str | None = None,
     progress: bool = True,
+    precision: str = "ieee",
 ) -> torch.Tensor:
     r"""The path-kernel Gram matrix of ``model`` along ``trajectory`` between samples ``X`` (and ``X2``).
 
@@ -68,12 +69,17 @@ def gram(
         rule: ``"left"`` (Σ_{s<T} ε_s K_g(w_s), Domingos' Riemann sum) or ``"trapezoid"``
             (Σ_s ε_s/2 [K_g(w_s) + K_g(w_{s+1})]).
         diagonal: only K(x_a, x_a): ``[N]`` (trace/mean) or ``[N, C, C]`` (full). Requires ``X2=None``.
-        backend: ``"auto"`` or ``"torch"``.
+        backend: ``"auto"`` (Triton on CUDA when it can run, else torch; the reason is logged to the
+            ``pkfast`` logger), ``"torch"`` (BLAS/cuBLAS ``addmm``) or ``"triton"`` (the fused kernel; raises
+            if it cannot run — except under ``TRITON_INTERPRET=1``, where it runs on CPU tensors, slowly).
         dtype: ``torch.float32`` (default) or ``torch.float64``: the dtype of Jacobians and accumulation.
         memory_budget: bytes (or a string such as ``"2GiB"``) of working memory for Jacobian panels and tile
             accumulators; tiles are sized from it. Default: half of the free memory of the compute device.
             The returned Gram itself is not counted.
         progress: show a progress bar (tqdm, on stderr) with throughput in kernel entries per second.
+        precision: input precision of the Gram products: ``"ieee"`` (exact fp32/fp64), ``"tf32"`` or
+            ``"bf16"`` (Triton only; fp32 accumulation; relative error ≈ 1e-3 and ≈ 4e-3 of the entries'
+            scale respectively, see ``tests/test_triton_kernel.py``).
 
     Returns:
         A CPU ``torch.Tensor`` of dtype ``dtype``: ``[N, M]``, ``[N, M, C, C]``, ``[N]`` or ``[N, C, C]``.
@@ -89,7 +95,7 @@ def gram(
         (torch.Size([5, 5]), True)
     """
     job = GramJob.create(model, trajectory, X, X2, outputs=outputs, rule=rule, diagonal=diagonal,
-                         backend=backend, dtype=dtype, memory_budget=memory_budget)
+                         backend=backend, dtype=dtype, memory_budget=memory_budget, precision=precision)
     return job.run(progress=progress)
 
 
@@ -108,18 +114,20 @@ class GramJob:
     terms: list[Term]
     plan: TilePlan
     num_outputs: int
+    precision: str = "ieee"
 
     # ------------------------------------------------------------------ construction and validation
     @classmethod
     def create(cls, model: Any, trajectory: Any, X: Any, X2: Any = None, *, outputs: str = "trace",
                rule: str = "left", diagonal: bool = False, backend: str = "auto", dtype: Any = None,
-               memory_budget: Any = None) -> "GramJob":
+               memory_budget: Any = None, precision: str = "ieee") -> "GramJob":
         model = _checks.check_model(_FN, model)
         if not isinstance(trajectory, Trajectory):
             raise TypeError(f"{_FN}: trajectory must be a pkfast.Trajectory; found {type(trajectory).__name__}")
         outputs = _checks.check_choice(_FN, "outputs", outputs, OUTPUTS)
         rule = _checks.check_choice(_FN, "rule", rule, RULES)
         backend = _checks.check_choice(_FN, "backend", backend, BACKENDS)
+        precision = _checks.check_choice(_FN, "precision", precision, PRECISIONS)
         dtype = _checks.check_dtype(_FN, dtype)
         budget = _checks.check_memory_budget(_FN, memory_budget)
         if not isinstance(diagonal, bool):
@@ -137,7 +145,9 @@ class GramJob:
         if X2 is not None:
             fm.probe(X2, _FN, "X2")
         terms = terms_for(rule, trajectory.step_sizes)
-        backend = select_backend(backend, device)
+        if precision != "ieee" and dtype == torch.float64:
+            raise ValueError(f"{_FN}: precision={precision!r} applies to float32; dtype=torch.float64 computes in ieee fp64")
+        backend = select_backend(backend, device, precision=precision, fn=_FN)
 
         budget = budget if budget is not None else default_memory_budget(device)
         itemsize = torch.empty((), dtype=dtype).element_size()
@@ -151,7 +161,7 @@ class GramJob:
             plan = plan_tiles(X.shape[0], n_cols, symmetric=X2 is None and is_symmetric(terms),
                               bytes_per_sample=u, acc_bytes_per_pair=block * itemsize, budget=budget,
                               chunk=fm.default_chunk(), fn=_FN)
-        return cls(fm, X, X2, outputs, rule, diagonal, backend, dtype, terms, plan, C)
+        return cls(fm, X, X2, outputs, rule, diagonal, backend, dtype, terms, plan, C, precision)
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -225,9 +235,11 @@ class GramJob:
             if self.diagonal:
                 accumulate_diagonal(acc, A, B, term.weight, full=full)
             elif full:
-                accumulate(acc, A.view(r * C, P), B.view(c * C, P), term.weight, backend=self.backend, upper_only=same)
+                accumulate(acc, A.view(r * C, P), B.view(c * C, P), term.weight, backend=self.backend,
+                           upper_only=same, precision=self.precision)
             else:
-                accumulate(acc, A.view(r, C * P), B.view(c, C * P), term.weight, backend=self.backend, upper_only=same)
+                accumulate(acc, A.view(r, C * P), B.view(c, C * P), term.weight, backend=self.backend,
+                           upper_only=same, precision=self.precision)
             if bar is not None:
                 bar.update(r if self.diagonal else r * c)
         return acc

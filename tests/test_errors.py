@@ -35,7 +35,8 @@ def test_trajectory_must_be_a_trajectory(setup):
 @pytest.mark.parametrize("kw,match", [
     (dict(outputs="diag"), r"unknown outputs='diag'; expected one of 'trace', 'mean', 'full'"),
     (dict(rule="simpson"), r"unknown rule='simpson'; expected one of 'left', 'trapezoid'"),
-    (dict(backend="cuda"), r"unknown backend='cuda'; expected one of 'auto', 'torch'"),
+    (dict(backend="cuda"), r"unknown backend='cuda'; expected one of 'auto', 'torch', 'triton'"),
+    (dict(precision="fp8"), r"unknown precision='fp8'; expected one of 'ieee', 'tf32', 'bf16'"),
 ])
 def test_unknown_choices(setup, kw, match):
     with pytest.raises(ValueError, match=match):

@@ -1,0 +1,105 @@
+"""Backend selection, and pkfast.gram on the Triton backend (CPU interpreter in CI) against torch and the oracle."""
+
+import logging
+import os
+
+import pytest
+import torch
+
+import pkfast
+from pkfast.accumulate import select_backend
+from pkfast.gram import GramJob
+from pkfast.reference import gram_reference
+from tests._util import rel_err
+from tests.models import SmallCNN, mlp, random_trajectory
+
+triton_ok = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+    reason="Triton needs CUDA or TRITON_INTERPRET=1",
+)
+
+
+def _triton_importable():
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_triton = pytest.mark.skipif(not _triton_importable(), reason="triton is not installed (pip install triton)")
+
+
+@needs_triton
+@triton_ok
+@pytest.mark.parametrize("outputs", ["trace", "full"])
+@pytest.mark.parametrize("cross", [False, True], ids=["X2=None", "X2"])
+@pytest.mark.parametrize("rule", ["left", "trapezoid"])
+def test_triton_backend_equals_torch_backend_and_reference(outputs, cross, rule):
+    net = mlp(d_in=4, hidden=5, d_out=2)
+    traj = random_trajectory(net, steps=2)
+    X = torch.randn(11, 4)
+    X2 = torch.randn(7, 4) if cross else None
+    kw = dict(outputs=outputs, rule=rule, progress=False, memory_budget=6_000)  # several ragged tiles
+    job = GramJob.create(net, traj, X, X2, backend="triton", outputs=outputs, rule=rule, memory_budget=6_000)
+    assert job.backend == "triton" and len(job.plan.tiles) > 1
+    K_triton = job.run(progress=False)
+    K_torch = pkfast.gram(net, traj, X, X2, backend="torch", **kw)
+    assert rel_err(K_triton, K_torch) < 1e-6
+    assert rel_err(K_triton, gram_reference(net, traj, X, X2, outputs=outputs, rule=rule)) < 1e-5
+
+
+@needs_triton
+@triton_ok
+def test_triton_backend_float64_and_cnn():
+    net = SmallCNN()
+    traj = random_trajectory(net, steps=1)
+    X = torch.randn(6, 1, 6, 6)
+    K = pkfast.gram(net, traj, X, backend="triton", dtype=torch.float64, progress=False)
+    assert rel_err(K, gram_reference(net, traj, X)) < 1e-10
+
+
+@needs_triton
+@triton_ok
+@pytest.mark.parametrize("precision,tol", [("tf32", 5e-3), ("bf16", 2e-2)])
+def test_reduced_precision_inputs_error_is_bounded(precision, tol):
+    net = mlp(d_in=4, hidden=6, d_out=2)
+    traj = random_trajectory(net, steps=1)
+    X = torch.randn(9, 4)
+    K = pkfast.gram(net, traj, X, backend="triton", precision=precision, progress=False)
+    err = rel_err(K, gram_reference(net, traj, X))
+    assert err < tol
+
+
+def test_auto_on_cpu_is_torch_and_logs_why(caplog):
+    with caplog.at_level(logging.INFO, logger="pkfast"):
+        assert select_backend("auto", torch.device("cpu")) == "torch"
+    assert "uses torch: the model is on cpu" in caplog.text
+
+
+def test_explicit_triton_that_cannot_run_raises(monkeypatch):
+    import pkfast.accumulate.triton_launch as tl
+
+    monkeypatch.setattr(tl, "triton_status", lambda: (False, "triton is not importable (ImportError: nope)"))
+    with pytest.raises(RuntimeError, match=r"backend='triton' cannot run here: triton is not importable"):
+        select_backend("triton", torch.device("cpu"))
+
+
+def test_auto_on_cuda_falls_back_when_triton_cannot_run(monkeypatch, caplog):
+    import pkfast.accumulate.triton_launch as tl
+
+    monkeypatch.setattr(tl, "triton_status", lambda: (False, "triton is not importable"))
+    with caplog.at_level(logging.INFO, logger="pkfast"):
+        assert select_backend("auto", torch.device("cuda")) == "torch"
+    assert "falls back to torch: triton is not importable" in caplog.text
+
+
+def test_reduced_precision_needs_triton():
+    net = mlp()
+    traj = random_trajectory(net, steps=1)
+    with pytest.raises(ValueError, match=r"precision='bf16' needs backend='triton'"):
+        pkfast.gram(net, traj, torch.randn(3, 5), backend="torch", precision="bf16", progress=False)
+    with pytest.raises(ValueError, match=r"precision='tf32' needs the Triton backend on a CUDA device"):
+        pkfast.gram(net, traj, torch.randn(3, 5), precision="tf32", progress=False)
+    with pytest.raises(ValueError, match=r"precision='bf16' applies to float32"):
+        pkfast.gram(net, traj, torch.randn(3, 5), precision="bf16", dtype=torch.float64, progress=False)
