@@ -35,20 +35,11 @@ import torch.nn.functional as F
 
 from pkfast import Trajectory, TrajectoryRecorder
 
+from _common import load_digits_data as load_data  # noqa: E402  (benchmarks/ is on sys.path)
+
 LR = 0.05
 BATCH = 64
 WIDTHS = (64, 256, 256, 10)
-
-
-def load_data() -> tuple[torch.Tensor, torch.Tensor]:
-    """Digits (1797 × 64), each feature standardised (constant pixels left at 0)."""
-    from sklearn.datasets import load_digits
-
-    X, y = load_digits(return_X_y=True)
-    X = torch.tensor(X, dtype=torch.float32)
-    std = X.std(0)
-    X = (X - X.mean(0)) / torch.where(std > 0, std, torch.ones_like(std))
-    return X, torch.tensor(y, dtype=torch.int64)
 
 
 def make_model(seed: int = 0) -> torch.nn.Module:
