@@ -141,13 +141,12 @@ class FunctionalModel:
         key = (point.step, float(point.tau))
         if key == self._cache_key and self._cache is not None:
             return self._cache
-        row = self._row(point.step)
+        row = base = self._row(point.step)  # statics stay at the segment start
         if point.tau != 0.0:
             nxt = self._row(point.step + 1)
             row = torch.lerp(row, nxt, float(point.tau)) if point.tau != 1.0 else nxt
         flat = row[self._contiguous] if self._contiguous is not None else torch.cat([row[s] for s in self._slices])
         statics = dict(self._statics_fixed)
-        base = row if point.tau == 0.0 else self._row(point.step)  # statics stay at the segment start
         for n, sl, shape in self._statics_from_traj:
             statics[n] = base[sl].view(shape)
         self._cache_key, self._cache = key, (flat, statics)
