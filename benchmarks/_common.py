@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pkfast
+from pkfast._alloc import reuse_freed_memory
 from pkfast.gram import GramJob
 from pkfast.jacobians import EvalPoint
 
@@ -295,7 +296,8 @@ def jacobian_time(model: nn.Module, traj: pkfast.Trajectory, X: torch.Tensor, *,
                 b = min(N, a + rows)
                 fm.jacobian(combo, X[a:b], out=buf[: b - a], chunk=plan.chunk)
 
-    return timeit(run, repeat=repeat, warmup=warmup, device=fm.device).best
+    with reuse_freed_memory(fm.device.type == "cpu"):  # as pkfast.gram does
+        return timeit(run, repeat=repeat, warmup=warmup, device=fm.device).best
 
 
 def floor_seconds(flops: float, gflops: float, jac_seconds: float) -> float:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pkfast._alloc import reuse_freed_memory
 from pkfast import _checks
 from pkfast.accumulate import BACKENDS, PRECISIONS, accumulate, accumulate_diagonal, select_backend
 from pkfast.jacobians import FunctionalModel
@@ -192,15 +193,16 @@ class GramJob:
         M = N if self.X2 is None else self.X2.shape[0]
         desc = f"pkfast.gram {'diag ' if self.diagonal else ''}{N}×{M if not self.diagonal else 1}, {len(self.terms)} terms"
         bar = tqdm(total=total, unit="pair", unit_scale=True, desc=desc, disable=not progress, leave=False)
-        self._buffers()
         t0 = time.perf_counter()
-        try:
-            for tile in self.plan.tiles:
-                acc = self.compute_tile(tile, bar)
-                self.write_tile(out, tile, acc)
-        finally:
-            bar.close()
-            self._free()
+        with reuse_freed_memory(self.fm.device.type == "cpu"):
+            self._buffers()
+            try:
+                for tile in self.plan.tiles:
+                    acc = self.compute_tile(tile, bar)
+                    self.write_tile(out, tile, acc)
+            finally:
+                bar.close()
+                self._free()
         self.elapsed = time.perf_counter() - t0
         if self.outputs == "mean":
             out /= self.num_outputs
