@@ -3,7 +3,9 @@
 K(x, x') = Σ_s ε_s ∇_w f(x; w_s) · ∇_w f(x'; w_s)   (Domingos 2020), computed tile by tile.
 
 Public surface:
-    gram                 the path-kernel Gram (or cross-Gram, or its diagonal) of a model along a trajectory
+    gram                 the path-kernel Gram (or cross-Gram, or its diagonal) of a model along a trajectory;
+                         with out="….npy" stored tile by tile on disk, resumable and shared across ranks
+    open_gram            a stored Gram with its options, fingerprints and progress
     Trajectory           weight points w_0 … w_T and step sizes ε_0 … ε_{T-1}
     TrajectoryRecorder   records a trajectory to disk during training
     reference            the float64 oracle every fast path is tested against (module)
@@ -12,8 +14,9 @@ Public surface:
 from pkfast import reference
 from pkfast.gram import gram
 from pkfast.recorder import TrajectoryRecorder
+from pkfast.store import open_gram
 from pkfast.trajectory import Trajectory
 
 __version__ = "0.1.0"
 
-__all__ = ["gram", "Trajectory", "TrajectoryRecorder", "reference", "__version__"]
+__all__ = ["gram", "open_gram", "Trajectory", "TrajectoryRecorder", "reference", "__version__"]

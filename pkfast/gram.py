@@ -8,6 +8,9 @@ before the next one starts.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -20,9 +23,12 @@ from pkfast._alloc import reuse_freed_memory
 from pkfast import _checks
 from pkfast.accumulate import BACKENDS, PRECISIONS, accumulate, accumulate_diagonal, select_backend
 from pkfast.jacobians import FunctionalModel
+from pkfast import store as _store
 from pkfast.rules import RULES, Term, is_symmetric, terms_for
 from pkfast.tiles import Tile, TilePlan, default_memory_budget, plan_diagonal, plan_tiles
 from pkfast.trajectory import Trajectory
+
+log = logging.getLogger("pkfast")
 
 __all__ = ["gram", "OUTPUTS"]
 
@@ -48,7 +54,9 @@ def gram(
     memory_budget: int | str | None = None,
     progress: bool = True,
     precision: str = "ieee",
-) -> torch.Tensor:
+    out: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> torch.Tensor | np.memmap:
     r"""The path-kernel Gram matrix of ``model`` along ``trajectory`` between samples ``X`` (and ``X2``).
 
     .. math:: K(x, x') = \sum_s \varepsilon_s\, J(x; w_s)\, J(x'; w_s)^\top, \qquad J = \partial f/\partial w
@@ -81,9 +89,19 @@ def gram(
         precision: input precision of the Gram products: ``"ieee"`` (exact fp32/fp64), ``"tf32"`` or
             ``"bf16"`` (Triton only; fp32 accumulation; relative error ≈ 1e-3 and ≈ 4e-3 of the entries'
             scale respectively, see ``tests/test_triton_kernel.py``).
+        out: a path ending in ``.npy``: write the Gram there tile by tile instead of returning it in memory
+            (out-of-core; the working memory stays within ``memory_budget`` whatever N is). A manifest and a
+            journal of finished tiles go beside it in ``<out>.pkfast/``. Running the same call again after a
+            crash or a kill resumes from the finished tiles and gives a bitwise identical file; a call with a
+            different model, trajectory, data or options is refused (saying which differs). Under
+            ``torch.distributed`` (e.g. ``torchrun``) every rank computes a disjoint, equal-work share of the
+            tiles into the same file. See :mod:`pkfast.store`.
+        overwrite: with ``out``, discard an existing output (and its progress) and start afresh.
 
     Returns:
-        A CPU ``torch.Tensor`` of dtype ``dtype``: ``[N, M]``, ``[N, M, C, C]``, ``[N]`` or ``[N, C, C]``.
+        A CPU ``torch.Tensor`` of dtype ``dtype``: ``[N, M]``, ``[N, M, C, C]``, ``[N]`` or ``[N, C, C]``; with
+        ``out``, the stored Gram as a read-only ``np.memmap`` of that shape (:func:`pkfast.open_gram` opens it
+        later with its metadata).
 
     Example:
         >>> import torch, pkfast
@@ -97,6 +115,10 @@ def gram(
     """
     job = GramJob.create(model, trajectory, X, X2, outputs=outputs, rule=rule, diagonal=diagonal,
                          backend=backend, dtype=dtype, memory_budget=memory_budget, precision=precision)
+    if out is not None:
+        return job.run_stored(out, overwrite=overwrite, progress=progress)
+    if overwrite:
+        raise ValueError(f"{_FN}: overwrite=True applies to a stored Gram; expected out='….npy' with it, found out=None")
     return job.run(progress=progress)
 
 
@@ -185,14 +207,12 @@ class GramJob:
 
     # ------------------------------------------------------------------ compute
     def run(self, *, progress: bool = True) -> torch.Tensor:
+        """Compute every tile and return the Gram in memory (CPU tensor)."""
         out = torch.zeros(self.result_shape, dtype=self.dtype)
         if not self.terms:
             return out  # every step size is zero
         total = (self.X.shape[0] if self.diagonal else self.plan.num_pairs) * len(self.terms)
-        N = self.X.shape[0]
-        M = N if self.X2 is None else self.X2.shape[0]
-        desc = f"pkfast.gram {'diag ' if self.diagonal else ''}{N}×{M if not self.diagonal else 1}, {len(self.terms)} terms"
-        bar = tqdm(total=total, unit="pair", unit_scale=True, desc=desc, disable=not progress, leave=False)
+        bar = tqdm(total=total, unit="pair", unit_scale=True, desc=self._desc(), disable=not progress, leave=False)
         t0 = time.perf_counter()
         with reuse_freed_memory(self.fm.device.type == "cpu"):
             self._buffers()
@@ -204,9 +224,78 @@ class GramJob:
                 bar.close()
                 self._free()
         self.elapsed = time.perf_counter() - t0
-        if self.outputs == "mean":
-            out /= self.num_outputs
         return out
+
+    def run_stored(self, path: str | os.PathLike, *, overwrite: bool = False, progress: bool = True) -> np.memmap:
+        """Compute the unfinished tiles into the ``.npy`` at ``path`` (resuming; sharing tiles across the ranks
+        of an initialised ``torch.distributed`` group) and return it as a read-only memmap."""
+        rank, world = _distributed()
+        np_dtype = np.dtype(str(self.dtype).replace("torch.", ""))
+        manifest = _store.GramStore.new_manifest(self, self.plan, self.result_shape, np_dtype)
+        err = None
+        if rank == 0:
+            try:
+                manifest = _store.GramStore.prepare(path, manifest, overwrite=overwrite, fn=_FN)
+            except Exception as e:  # every rank must learn of it, or the others wait forever
+                err = e
+        if world > 1:
+            msg = [None if err is None else f"{type(err).__name__}: {err}"]
+            torch.distributed.broadcast_object_list(msg, src=0)
+            if msg[0] is not None and err is None:
+                raise _store.StoreError(f"{_FN}: rank 0 could not prepare {path}: {msg[0]}")
+        if err is not None:
+            raise err
+        st = _store.GramStore.attach(path, rank=rank, world=world, fn=_FN)
+        try:
+            self._adopt_plan(st.manifest)
+            done = st.finished(verify=True) if rank == 0 else None
+            if world > 1:
+                box = [sorted(done) if done is not None else None]
+                torch.distributed.broadcast_object_list(box, src=0)  # one view of what is finished
+                done = set(box[0])
+            todo = [t for t in self.plan.tiles if t.index not in done]
+            mine = _store.shares(todo, world)[rank]
+            if done:
+                log.info("pkfast.gram: resuming %s: %d of %d tiles already finished", path, len(done), len(self.plan.tiles))
+            desc = self._desc() + (f" rank {rank}/{world}" if world > 1 else "")
+            bar = tqdm(total=len(mine), unit="tile", desc=desc, disable=not progress, leave=False)
+            t0 = time.perf_counter()
+            with reuse_freed_memory(self.fm.device.type == "cpu"):
+                if mine and self.terms:
+                    self._buffers()
+                try:
+                    for tile in mine:
+                        if self.terms:
+                            acc = self.compute_tile(tile)
+                        else:
+                            acc = self._zero_acc(tile)
+                        block, mirror = self.finish_tile(tile, acc)
+                        st.write_tile(tile, block.numpy(), None if mirror is None else mirror.numpy())
+                        bar.update(1)
+                finally:
+                    bar.close()
+                    self._free()
+            self.elapsed = time.perf_counter() - t0
+        finally:
+            st.close()
+        if world > 1:
+            torch.distributed.barrier()
+        return np.load(path, mmap_mode="r")
+
+    def _adopt_plan(self, manifest: dict[str, Any]) -> None:
+        """Use the stored tile plan (a resumed run must cut the same tiles, whatever its memory budget)."""
+        tiles = _store.plan_tiles_of(manifest)
+        p = manifest["plan"]
+        if [(t.rows, t.cols, t.diagonal) for t in tiles] != [(t.rows, t.cols, t.diagonal) for t in self.plan.tiles] \
+                or p["chunk"] != self.plan.chunk:
+            log.info("pkfast.gram: using the stored tile plan (%d tiles of ≤%d×%d)", len(tiles), p["row_block"], p["col_block"])
+            self.plan = dataclasses.replace(self.plan, row_block=p["row_block"], col_block=p["col_block"],
+                                            chunk=p["chunk"], tiles=tiles)
+
+    def _desc(self) -> str:
+        N = self.X.shape[0]
+        M = N if self.X2 is None else self.X2.shape[0]
+        return f"pkfast.gram {'diag ' if self.diagonal else ''}{N}×{M if not self.diagonal else 1}, {len(self.terms)} terms"
 
     def _buffers(self) -> None:
         C, P = self.num_outputs, self.fm.num_params
@@ -225,11 +314,8 @@ class GramJob:
         full = self.outputs == "full"
         Xr = self.X[tile.rows]
         Xc = (self.X if self.X2 is None else self.X2)[tile.cols]
-        dev, chunk = self.fm.device, self.plan.chunk
-        if self.diagonal:
-            acc = torch.zeros((r, C, C) if full else (r,), dtype=self.dtype, device=dev)
-        else:
-            acc = torch.zeros((r * C, c * C) if full else (r, c), dtype=self.dtype, device=dev)
+        chunk = self.plan.chunk
+        acc = self._zero_acc(tile)
         for term in self.terms:
             A = self.fm.jacobian(term.left, Xr, out=self._A[:r], chunk=chunk)
             same = (tile.diagonal or self.diagonal) and term.symmetric
@@ -246,22 +332,53 @@ class GramJob:
                 bar.update(r if self.diagonal else r * c)
         return acc
 
-    def write_tile(self, out: torch.Tensor, tile: Tile, acc: torch.Tensor) -> None:
-        """Write a finished tile into ``out`` (mirroring it when the plan is symmetric)."""
-        acc = acc.to("cpu")
+    def _zero_acc(self, tile: Tile) -> torch.Tensor:
+        C, (r, c) = self.num_outputs, tile.shape
+        full = self.outputs == "full"
         if self.diagonal:
-            out[tile.rows] = acc
-            return
+            shape = (r, C, C) if full else (r,)
+        else:
+            shape = (r * C, c * C) if full else (r, c)
+        return torch.zeros(shape, dtype=self.dtype, device=self.fm.device)
+
+    def finish_tile(self, tile: Tile, acc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A finished accumulator as the CPU block for ``[tile.rows, tile.cols]`` in the result's layout (scaled
+        for ``outputs="mean"``), and the mirrored block for ``[tile.cols, tile.rows]`` when the plan is
+        symmetric and the tile is off the diagonal (else None). Both contiguous."""
+        acc = acc.to("cpu")
+        if self.outputs == "mean":
+            acc = acc / self.num_outputs
+        if self.diagonal:
+            return acc.contiguous(), None
         C = self.num_outputs
         r, c = tile.shape
         if tile.diagonal:  # only the upper triangle of the (r·C)×(r·C) accumulator is trusted
             acc = torch.triu(acc) + torch.triu(acc, 1).T
+        mirror = None
         if self.outputs == "full":
             block = acc.view(r, C, c, C).permute(0, 2, 1, 3)
-            out[tile.rows, tile.cols] = block
             if self.plan.symmetric and not tile.diagonal:
-                out[tile.cols, tile.rows] = block.permute(1, 0, 3, 2)
+                mirror = block.permute(1, 0, 3, 2).contiguous()
         else:
-            out[tile.rows, tile.cols] = acc
+            block = acc
             if self.plan.symmetric and not tile.diagonal:
-                out[tile.cols, tile.rows] = acc.T
+                mirror = acc.T.contiguous()
+        return block.contiguous(), mirror
+
+    def write_tile(self, out: torch.Tensor, tile: Tile, acc: torch.Tensor) -> None:
+        """Write a finished tile into ``out`` (mirroring it when the plan is symmetric)."""
+        block, mirror = self.finish_tile(tile, acc)
+        if self.diagonal:
+            out[tile.rows] = block
+            return
+        out[tile.rows, tile.cols] = block
+        if mirror is not None:
+            out[tile.cols, tile.rows] = mirror
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) of the initialised ``torch.distributed`` group, else (0, 1)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1

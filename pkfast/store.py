@@ -1,0 +1,644 @@
+"""store: a Gram written tile by tile into a plain ``.npy`` file, with a manifest, a journal and a lock.
+
+Layout for ``out="gram.npy"``::
+
+    gram.npy                 a standard .npy (``np.load(path, mmap_mode="r")`` reads it without pkfast),
+                             allocated at full size when the run starts (disk full fails then, not later)
+    gram.npy.pkfast/
+        manifest.json        written once, atomically: shape, dtype, options, fingerprints of model,
+                             trajectory and data, the tile plan, and its own checksum
+        tiles.<rank>.log     append-only journal: one line per finished tile with the CRC-32 of the tile's
+                             bytes (and of its mirror block), each line carrying its own CRC
+        lock.<rank>          held (``flock``) while a process writes as that rank
+
+A tile is *finished* only once its bytes are written and flushed (``fdatasync``) **and** its journal line is
+written and flushed, in that order: a process killed at any moment leaves a tile either finished and
+verifiable, or absent from the journal and recomputed on resume. Torn or corrupted journal lines are ignored;
+finished tiles whose bytes no longer match their CRC are reported and recomputed.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import warnings
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pkfast.tiles import Tile, TilePlan
+
+__all__ = ["GramStore", "StoredGram", "open_gram", "StoreError", "fingerprints"]
+
+log = logging.getLogger("pkfast")
+
+FORMAT = "pkfast-gram"
+VERSION = 1
+SIDE = ".pkfast"
+
+
+class StoreError(RuntimeError):
+    """A stored Gram cannot be used as asked: mismatched restart, corruption, lock held, disk full."""
+
+
+# ---------------------------------------------------------------------------------------------- fingerprints
+def _hash_tensor(h: "hashlib._Hash", t: torch.Tensor | np.ndarray, rows: int = 4096) -> None:
+    """Feed shape, dtype and the bytes of ``t`` to ``h`` in row blocks (never a full copy of a memmap)."""
+    if isinstance(t, torch.Tensor):
+        t = t.detach().to("cpu")
+        h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
+        flat = t.contiguous().reshape(t.shape[0] if t.ndim else 1, -1)
+        for a in range(0, flat.shape[0], rows):
+            h.update(flat[a:a + rows].contiguous().view(torch.uint8).numpy().tobytes())
+    else:
+        h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
+        flat = t.reshape(t.shape[0] if t.ndim else 1, -1)
+        for a in range(0, flat.shape[0], rows):
+            h.update(np.ascontiguousarray(flat[a:a + rows]).tobytes())
+
+
+def _digest(*parts: Any) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for p in parts:
+        if isinstance(p, (torch.Tensor, np.ndarray)):
+            _hash_tensor(h, p)
+        else:
+            h.update(repr(p).encode())
+            h.update(b"\x00")
+    return h.hexdigest()
+
+
+def fingerprints(job: Any) -> dict[str, str]:
+    """What a Gram depends on, as short digests: ``model`` (architecture and every value not taken from the
+    trajectory), ``trajectory`` (spec, step sizes, all weights), ``X``, ``X2`` and ``options``."""
+    fm = job.fm
+    model = fm.model
+    statics = sorted(fm._statics_fixed.items())
+    model_fp = _digest(type(model).__qualname__, repr(model), fm.names, [tuple(s) for s in fm.shapes],
+                       [n for n, _ in statics], *[t for _, t in statics])
+    traj = fm.trajectory
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr([(n, tuple(s)) for n, s in traj.spec]).encode())
+    _hash_tensor(h, traj.step_sizes.to(torch.float64))
+    w = traj._weights
+    _hash_tensor(h, w)
+    opts = options(job)
+    return {
+        "model": model_fp,
+        "trajectory": h.hexdigest(),
+        "X": _digest(job.X),
+        "X2": _digest(job.X2) if job.X2 is not None else "none",
+        "options": _digest(sorted(opts.items())),
+    }
+
+
+def options(job: Any) -> dict[str, Any]:
+    """The options that change the stored numbers (``memory_budget`` does not: the plan is stored)."""
+    return {"outputs": job.outputs, "rule": job.rule, "diagonal": job.diagonal, "dtype": str(job.dtype),
+            "backend": job.backend, "precision": job.precision, "device": job.fm.device.type}
+
+
+# ---------------------------------------------------------------------------------------------- small file helpers
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _crc_line(body: str) -> str:
+    return f"{body} {zlib.crc32(body.encode()):08x}\n"
+
+
+def _parse_line(line: str) -> list[str] | None:
+    """Fields of a journal line, or None if it is torn or corrupted."""
+    if not line.endswith("\n"):
+        return None
+    body, _, crc = line[:-1].rpartition(" ")
+    try:
+        if int(crc, 16) != zlib.crc32(body.encode()):
+            return None
+    except ValueError:
+        return None
+    return body.split(" ")
+
+
+def _manifest_checksum(m: dict[str, Any]) -> str:
+    body = {k: v for k, v in m.items() if k != "checksum"}
+    return hashlib.blake2b(json.dumps(body, sort_keys=True).encode(), digest_size=16).hexdigest()
+
+
+def sidecar(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    return p.with_name(p.name + SIDE)
+
+
+# ---------------------------------------------------------------------------------------------- geometry
+@dataclass(frozen=True)
+class _Geometry:
+    """Where a tile's bytes live in the .npy: shape (N, M, *block) in C order after ``offset`` header bytes."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    offset: int
+    diagonal: bool
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one first-axis row."""
+        return int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+
+    @property
+    def entry_bytes(self) -> int:
+        """Bytes of one (row, col) entry: the C×C block or a scalar (diagonal: one row)."""
+        if self.diagonal:
+            return self.row_bytes
+        return int(np.prod(self.shape[2:], dtype=np.int64)) * self.dtype.itemsize
+
+    def segments(self, rows: slice, cols: slice) -> Iterable[tuple[int, int]]:
+        """(file offset, length) of each row segment of the block ``[rows, cols]``."""
+        if self.diagonal:
+            yield self.offset + rows.start * self.row_bytes, (rows.stop - rows.start) * self.row_bytes
+            return
+        seg = (cols.stop - cols.start) * self.entry_bytes
+        for i in range(rows.start, rows.stop):
+            yield self.offset + i * self.row_bytes + cols.start * self.entry_bytes, seg
+
+
+def _npy_header_size(path: Path) -> tuple[int, tuple[int, ...], np.dtype, bool]:
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        return f.tell(), tuple(shape), np.dtype(dtype), bool(fortran)
+
+
+# ---------------------------------------------------------------------------------------------- the store
+class GramStore:
+    """A Gram on disk being written (or resumed) by one process acting as ``rank`` of ``world`` writers.
+
+    Use :meth:`create_or_resume` (one process) or :meth:`prepare` + :meth:`attach` (distributed: rank 0
+    prepares, every rank attaches), then :meth:`write_tile` for each tile, then :meth:`close`.
+    """
+
+    def __init__(self, path: Path, manifest: dict[str, Any], geometry: _Geometry, rank: int, world: int) -> None:
+        self.path = path
+        self.side = sidecar(path)
+        self.manifest = manifest
+        self.geometry = geometry
+        self.rank = rank
+        self.world = world
+        self._fd: int | None = None
+        self._journal: Any = None
+        self._lock_fd: int | None = None
+
+    # ------------------------------------------------------------------ create / validate
+    @staticmethod
+    def new_manifest(job: Any, plan: TilePlan, shape: tuple[int, ...], dtype: np.dtype) -> dict[str, Any]:
+        tiles = [[t.rows.start, t.rows.stop, t.cols.start, t.cols.stop, int(t.diagonal)] for t in plan.tiles]
+        m = {
+            "format": FORMAT, "version": VERSION, "shape": list(shape), "dtype": dtype.str,
+            "options": options(job), "fingerprints": fingerprints(job),
+            "symmetric": bool(plan.symmetric and not job.diagonal), "diagonal": bool(job.diagonal),
+            "plan": {"row_block": plan.row_block, "col_block": plan.col_block, "chunk": plan.chunk,
+                     "tiles": tiles},
+            "num_outputs": job.num_outputs, "scale": 1.0 / job.num_outputs if job.outputs == "mean" else 1.0,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        }
+        m["checksum"] = _manifest_checksum(m)
+        return m
+
+    @classmethod
+    def prepare(cls, path: str | os.PathLike, manifest: dict[str, Any], *, overwrite: bool = False,
+                fn: str = "pkfast.gram") -> dict[str, Any]:
+        """Create the output (or validate an existing one for resuming); return the manifest in force."""
+        path = Path(path)
+        side = sidecar(path)
+        if path.suffix != ".npy":
+            raise ValueError(f"{fn}: out must be a path ending in .npy (the stored Gram is a standard .npy file); "
+                             f"found {str(path)!r}")
+        if overwrite:
+            _refuse_if_locked(side, fn)
+            if side.exists():
+                shutil.rmtree(side)
+            if path.exists():
+                path.unlink()
+        if side.exists() or path.exists():
+            old = read_manifest(path, fn=fn)
+            _compare(old, manifest, path, fn)
+            _check_data_file(path, old, fn)
+            return old
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shape = tuple(manifest["shape"])
+        dtype = np.dtype(manifest["dtype"])
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        free = shutil.disk_usage(path.parent).free
+        if nbytes > free:
+            raise StoreError(f"{fn}: not enough disk space for {path}: the Gram {shape} {dtype} needs "
+                             f"{_human(nbytes)}, {_human(free)} free on that filesystem")
+        side.mkdir()
+        try:
+            arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+            del arr
+            offset = path.stat().st_size - nbytes
+            fd = os.open(path, os.O_RDWR)
+            try:
+                _allocate(fd, offset, nbytes, path, fn)
+            finally:
+                os.close(fd)
+            manifest = dict(manifest, data_offset=int(offset))
+            manifest["checksum"] = _manifest_checksum(manifest)
+            _atomic_write(side / "manifest.json", json.dumps(manifest, indent=1))
+        except BaseException:
+            shutil.rmtree(side, ignore_errors=True)
+            path.unlink(missing_ok=True)
+            raise
+        return manifest
+
+    @classmethod
+    def attach(cls, path: str | os.PathLike, *, rank: int = 0, world: int = 1, fn: str = "pkfast.gram") -> "GramStore":
+        """Open a prepared output for writing as ``rank``: takes the lock, opens the data file and the journal."""
+        path = Path(path)
+        m = read_manifest(path, fn=fn)
+        geo = _geometry(m, path)
+        store = cls(path, m, geo, rank, world)
+        store._lock()
+        store._fd = os.open(path, os.O_RDWR)
+        store._journal = open(store.side / f"tiles.{rank}.log", "a")
+        return store
+
+    def _lock(self) -> None:
+        import fcntl
+
+        lock = self.side / f"lock.{self.rank}"
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                who = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            finally:
+                os.close(fd)
+            raise StoreError(
+                f"pkfast.gram: {self.path} is being written by another process (pid {who}, as writer rank "
+                f"{self.rank}); wait for it to finish or stop it — two writers are never interleaved"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock_fd = fd
+
+    # ------------------------------------------------------------------ progress
+    def finished(self, *, verify: bool = True) -> set[int]:
+        """Indices of finished tiles from every rank's journal; with ``verify``, only those whose bytes still
+        match their CRC (a mismatch is warned about, and the tile is recomputed)."""
+        done = journal_entries(self.side)
+        if not verify:
+            return set(done)
+        bad = [i for i, crcs in sorted(done.items()) if not self.tile_ok(i, crcs)]
+        if bad:
+            warnings.warn(f"pkfast.gram: {len(bad)} finished tile(s) of {self.path} no longer match their "
+                          f"checksum (tiles {_preview(bad)}); the file was modified or damaged — recomputing them",
+                          RuntimeWarning, stacklevel=3)
+        return set(done) - set(bad)
+
+    def tile_ok(self, index: int, crcs: tuple[int, int | None]) -> bool:
+        tile = _tile(self.manifest, index)
+        if _read_crc(self.path, self.geometry, tile.rows, tile.cols) != crcs[0]:
+            return False
+        if crcs[1] is not None and _read_crc(self.path, self.geometry, tile.cols, tile.rows) != crcs[1]:
+            return False
+        return True
+
+    # ------------------------------------------------------------------ writing
+    def write_tile(self, tile: Tile, block: np.ndarray, mirror: np.ndarray | None) -> None:
+        """Write ``block`` at ``[tile.rows, tile.cols]`` (and ``mirror`` at ``[tile.cols, tile.rows]``), flush,
+        then journal the tile as finished. ``block``/``mirror`` are C-contiguous in the file's dtype."""
+        assert self._fd is not None, "attach() first"
+        try:
+            crc_a = self._write_block(block, tile.rows, tile.cols)
+            crc_b = self._write_block(mirror, tile.cols, tile.rows) if mirror is not None else None
+            os.fdatasync(self._fd)
+            mirror_crc = "-" if crc_b is None else f"{crc_b:08x}"
+            self._journal.write(_crc_line(f"tile {tile.index} {crc_a:08x} {mirror_crc} {time.time_ns()}"))
+            self._journal.flush()
+            os.fsync(self._journal.fileno())
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise StoreError(
+                    f"pkfast.gram: disk full while writing tile {tile.index} of {self.path}; the finished tiles "
+                    f"are kept: free some space and run the same call again to resume"
+                ) from e
+            raise
+
+    def _write_block(self, block: np.ndarray, rows: slice, cols: slice) -> int:
+        mv = memoryview(np.ascontiguousarray(block)).cast("B")
+        pos, crc = 0, 0
+        for off, length in self.geometry.segments(rows, cols):
+            chunk = mv[pos:pos + length]
+            written = 0
+            while written < length:
+                written += os.pwrite(self._fd, chunk[written:], off + written)
+            crc = zlib.crc32(chunk, crc)
+            pos += length
+        if pos != len(mv):
+            raise ValueError(f"pkfast: tile block has {len(mv)} bytes; the tile's place in the file has {pos}")
+        return crc
+
+    def close(self) -> None:
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+    def __enter__(self) -> "GramStore":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _allocate(fd: int, offset: int, nbytes: int, path: Path, fn: str) -> None:
+    """Reserve the data blocks now, so that a full disk fails here and not in the middle of the run."""
+    try:
+        os.posix_fallocate(fd, offset, nbytes)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise StoreError(f"{fn}: disk full: cannot allocate {_human(nbytes)} for {path}") from e
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+        log.debug("pkfast: %s does not support fallocate; the file stays sparse", path)
+    except AttributeError:  # pragma: no cover - no posix_fallocate (macOS)
+        pass
+
+
+def _refuse_if_locked(side: Path, fn: str) -> None:
+    import fcntl
+
+    if not side.exists():
+        return
+    for lock in side.glob("lock.*"):
+        fd = os.open(lock, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreError(f"{fn}: cannot overwrite {side.parent / side.name[:-len(SIDE)]}: another process is "
+                             f"writing it ({lock.name})") from None
+        finally:
+            os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def read_manifest(path: str | os.PathLike, *, fn: str = "pkfast") -> dict[str, Any]:
+    path = Path(path)
+    mpath = sidecar(path) / "manifest.json"
+    if not mpath.exists():
+        if path.exists():
+            raise StoreError(f"{fn}: {path} exists but has no pkfast manifest ({mpath}); it was not written by "
+                             f"pkfast.gram(out=…) or its manifest was deleted — pass overwrite=True to replace it")
+        raise FileNotFoundError(f"{fn}: no stored Gram at {path} (expected {mpath})")
+    try:
+        m = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StoreError(f"{fn}: the manifest {mpath} is corrupted ({e}); pass overwrite=True to start afresh") from e
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise StoreError(f"{fn}: {mpath} is not a pkfast Gram manifest (format {m.get('format') if isinstance(m, dict) else None!r})")
+    if m.get("version") != VERSION:
+        raise StoreError(f"{fn}: {mpath} has format version {m.get('version')!r}; this pkfast reads version {VERSION}")
+    if m.get("checksum") != _manifest_checksum(m):
+        raise StoreError(f"{fn}: the manifest {mpath} is corrupted (its checksum does not match its contents); "
+                         f"pass overwrite=True to start afresh")
+    return m
+
+
+def _geometry(m: dict[str, Any], path: Path) -> _Geometry:
+    return _Geometry(tuple(m["shape"]), np.dtype(m["dtype"]), int(m["data_offset"]), bool(m["diagonal"]))
+
+
+def _check_data_file(path: Path, m: dict[str, Any], fn: str) -> None:
+    if not path.exists():
+        raise StoreError(f"{fn}: {path} is missing but its manifest exists; pass overwrite=True to start afresh")
+    geo = _geometry(m, path)
+    size = path.stat().st_size
+    if size != geo.offset + geo.nbytes:
+        raise StoreError(f"{fn}: {path} is truncated or damaged: {size:,} bytes, expected {geo.offset + geo.nbytes:,} "
+                         f"for a {tuple(geo.shape)} {geo.dtype} Gram; pass overwrite=True to start afresh")
+    try:
+        offset, shape, dtype, fortran = _npy_header_size(path)
+    except ValueError as e:
+        raise StoreError(f"{fn}: {path} has a damaged .npy header ({e}); pass overwrite=True to start afresh") from e
+    if (offset, shape, dtype, fortran) != (geo.offset, geo.shape, geo.dtype, False):
+        raise StoreError(f"{fn}: {path}'s .npy header ({shape}, {dtype}) disagrees with its manifest "
+                         f"({geo.shape}, {geo.dtype}); pass overwrite=True to start afresh")
+
+
+def _compare(old: dict[str, Any], new: dict[str, Any], path: Path, fn: str) -> None:
+    diffs = []
+    for k, v in new["fingerprints"].items():
+        if old["fingerprints"].get(k) != v:
+            what = {"model": "the model (architecture or fixed values)", "trajectory": "the trajectory",
+                    "X": "the data X", "X2": "the data X2", "options": "the options"}[k]
+            if k == "options":
+                od, nd = old["options"], new["options"]
+                what += " (" + ", ".join(f"{o}: {od.get(o)!r} stored, {nd.get(o)!r} now" for o in nd
+                                         if od.get(o) != nd.get(o)) + ")"
+            diffs.append(what)
+    if list(old["shape"]) != list(new["shape"]) and not diffs:
+        diffs.append(f"the shape ({tuple(old['shape'])} stored, {tuple(new['shape'])} now)")
+    if diffs:
+        raise StoreError(f"{fn}: {path} holds a Gram computed from different inputs — differs: {'; '.join(diffs)}. "
+                         f"Refusing to mix results: pass overwrite=True to start afresh, or choose another out path")
+
+
+def journal_entries(side: Path) -> dict[int, tuple[int, int | None]]:
+    """{tile index: (crc, mirror crc or None)} from every rank's journal; torn or corrupted lines skipped. A tile
+    journaled more than once (recomputed after damage) counts with its latest entry."""
+    latest: dict[int, tuple[int, int, int | None]] = {}
+    for j in sorted(side.glob("tiles.*.log")):
+        with open(j, errors="replace", newline="") as f:
+            for line in f:
+                fields = _parse_line(line)
+                if fields is None or len(fields) != 5 or fields[0] != "tile":
+                    continue
+                try:
+                    i, gen = int(fields[1]), int(fields[4])
+                    entry = (gen, int(fields[2], 16), None if fields[3] == "-" else int(fields[3], 16))
+                except ValueError:
+                    continue
+                if i not in latest or gen >= latest[i][0]:
+                    latest[i] = entry
+    return {i: (crc, mirror) for i, (_, crc, mirror) in latest.items()}
+
+
+def _tile(m: dict[str, Any], index: int) -> Tile:
+    r0, r1, c0, c1, d = m["plan"]["tiles"][index]
+    return Tile(index, slice(r0, r1), slice(c0, c1), bool(d))
+
+
+def plan_tiles_of(m: dict[str, Any]) -> list[Tile]:
+    return [_tile(m, i) for i in range(len(m["plan"]["tiles"]))]
+
+
+def _read_crc(path: Path, geo: _Geometry, rows: slice, cols: slice) -> int:
+    crc = 0
+    with open(path, "rb", buffering=0) as f:
+        for off, length in geo.segments(rows, cols):
+            crc = zlib.crc32(os.pread(f.fileno(), length, off), crc)
+    return crc
+
+
+@dataclass
+class StoredGram:
+    """A Gram stored by ``pkfast.gram(..., out=path)``: the array (read-only memmap) and what made it.
+
+    Attributes:
+        path: the ``.npy`` file.
+        manifest: the manifest (shape, dtype, options, fingerprints, tile plan).
+        done: indices of the finished tiles (from the journals; see :meth:`verify` for their bytes).
+    """
+
+    path: Path
+    manifest: dict[str, Any]
+    done: set[int]
+
+    @property
+    def array(self) -> np.memmap:
+        """The Gram as a read-only ``np.memmap`` (unfinished tiles read as zeros)."""
+        return np.load(self.path, mmap_mode="r")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.manifest["shape"])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.manifest["dtype"])
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.manifest["options"])
+
+    @property
+    def num_tiles(self) -> int:
+        return len(self.manifest["plan"]["tiles"])
+
+    @property
+    def complete(self) -> bool:
+        return len(self.done) == self.num_tiles
+
+    def verify(self) -> list[int]:
+        """Re-read every finished tile and return the indices whose bytes do not match their CRC ([] = valid)."""
+        geo = _geometry(self.manifest, self.path)
+        entries = journal_entries(sidecar(self.path))
+        bad = []
+        for i in sorted(self.done):
+            t = _tile(self.manifest, i)
+            crc, mirror = entries[i]
+            if _read_crc(self.path, geo, t.rows, t.cols) != crc or (
+                    mirror is not None and _read_crc(self.path, geo, t.cols, t.rows) != mirror):
+                bad.append(i)
+        return bad
+
+    def __array__(self, dtype=None, copy=None):
+        a = self.array
+        return a if dtype is None else a.astype(dtype)
+
+    def __repr__(self) -> str:
+        return (f"StoredGram({str(self.path)!r}, shape={self.shape}, dtype={self.dtype}, "
+                f"{len(self.done)}/{self.num_tiles} tiles{' (complete)' if self.complete else ''})")
+
+
+def open_gram(path: str | os.PathLike) -> StoredGram:
+    """Open a Gram stored by ``pkfast.gram(..., out=path)``: its array, options, fingerprints and progress.
+
+    Checks the manifest's checksum and the data file's size and header; call :meth:`StoredGram.verify` to
+    re-read every finished tile against its CRC.
+
+    Example:
+        >>> import torch, pkfast, tempfile, os
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+        >>> w0 = {k: v.clone() for k, v in net.state_dict().items()}
+        >>> traj = pkfast.Trajectory.from_checkpoints([w0, {k: v * 0.9 for k, v in w0.items()}], lr=0.1)
+        >>> out = os.path.join(tempfile.mkdtemp(), "gram.npy")
+        >>> K = pkfast.gram(net, traj, torch.randn(6, 3), out=out, progress=False)
+        >>> g = pkfast.open_gram(out)
+        >>> g.shape, g.complete, g.verify()
+        ((6, 6), True, [])
+    """
+    path = Path(path)
+    m = read_manifest(path, fn="pkfast.open_gram")
+    _check_data_file(path, m, "pkfast.open_gram")
+    done = set(journal_entries(sidecar(path))) & set(range(len(m["plan"]["tiles"])))
+    return StoredGram(path, m, done)
+
+
+# ---------------------------------------------------------------------------------------------- sharing tiles
+def tile_cost(tile: Tile, jacobian_pairs: float = 64.0) -> float:
+    """Relative work of a tile: its products (a diagonal tile computes one triangle) plus its Jacobians, each
+    sample's Jacobian weighted as ``jacobian_pairs`` Gram entries."""
+    r, c = tile.shape
+    if tile.diagonal:
+        return r * c / 2 + jacobian_pairs * r
+    return r * c + jacobian_pairs * (r + c)
+
+
+def shares(tiles: Sequence[Tile], world: int) -> list[list[Tile]]:
+    """Split ``tiles`` into ``world`` deterministic shares of about equal :func:`tile_cost` (largest first to the
+    least-loaded rank, ties to the lower index); each share in tile order."""
+    load = [0.0] * world
+    out: list[list[Tile]] = [[] for _ in range(world)]
+    for t in sorted(tiles, key=lambda t: (-tile_cost(t), t.index)):
+        r = min(range(world), key=lambda k: (load[k], k))
+        load[r] += tile_cost(t)
+        out[r].append(t)
+    return [sorted(s, key=lambda t: t.index) for s in out]
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def _preview(xs: Sequence[int], k: int = 8) -> str:
+    s = ", ".join(map(str, xs[:k]))
+    return s + (f", … ({len(xs)} in all)" if len(xs) > k else "")
