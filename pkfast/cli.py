@@ -1,0 +1,195 @@
+"""cli: the ``pkfast`` command — ``pkfast gram …`` computes a stored Gram, ``pkfast info …`` describes one.
+
+    pkfast gram --model MODULE:FACTORY --trajectory PATH --data X.npy [--data2 X2.npy] --out gram.npy
+                [--outputs trace|mean|full] [--rule left|trapezoid] [--diagonal] [--memory 4GiB]
+                [--dtype float32|float64] [--backend auto|torch|triton] [--overwrite] [--no-progress]
+    pkfast info gram.npy [--verify] [--json]
+
+``MODULE:FACTORY`` names a zero-argument callable returning the ``torch.nn.Module`` (``MODULE`` is an importable
+module such as ``mypkg.models`` or a ``.py`` file path); the trajectory is a directory written by
+``Trajectory.save`` / ``TrajectoryRecorder``. Under ``torchrun`` the tiles are shared across the ranks. A user
+mistake prints one line (``pkfast: error: …``) and exits with status 2; an interrupted run exits with 130 and
+resumes when the same command is run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+_USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError, KeyError)
+
+
+class _UserError(Exception):
+    pass
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pkfast", description="Path-kernel Gram matrices of neural networks.")
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("gram", help="compute a path-kernel Gram into a .npy file (resumable)")
+    g.add_argument("--model", required=True, metavar="MODULE:FACTORY",
+                   help="zero-argument callable returning the model, e.g. mypkg.models:make_net or nets.py:make_net")
+    g.add_argument("--trajectory", required=True, metavar="PATH", help="trajectory directory (Trajectory.save)")
+    g.add_argument("--data", required=True, metavar="X.npy", help="samples X [N, *features] (.npy)")
+    g.add_argument("--data2", default=None, metavar="X2.npy", help="samples X2 for a cross-Gram (.npy)")
+    g.add_argument("--out", required=True, metavar="gram.npy", help="output .npy (manifest in <out>.pkfast/)")
+    g.add_argument("--outputs", default="trace", choices=("trace", "mean", "full"))
+    g.add_argument("--rule", default="left", choices=("left", "trapezoid"))
+    g.add_argument("--diagonal", action="store_true", help="only K(x, x): [N] (or [N, C, C])")
+    g.add_argument("--memory", default=None, metavar="BYTES", help="working-memory budget, e.g. 4GiB (default: half "
+                   "of the free memory)")
+    g.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    g.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"))
+    g.add_argument("--device", default=None, help="move the model to this device (default: where the factory put it; "
+                   "under torchrun with CUDA: cuda:LOCAL_RANK)")
+    g.add_argument("--overwrite", action="store_true", help="discard an existing output and start afresh")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    i = sub.add_parser("info", help="describe a stored Gram: shape, options, progress, validity")
+    i.add_argument("path", metavar="gram.npy")
+    i.add_argument("--verify", action="store_true", help="re-read every finished tile against its checksum")
+    i.add_argument("--json", action="store_true", help="print the description as JSON")
+    return p
+
+
+def _load_factory(spec: str) -> Any:
+    mod_name, sep, attr = spec.rpartition(":")
+    if not sep or not mod_name or not attr:
+        raise _UserError(f"--model must be MODULE:FACTORY (e.g. mypkg.models:make_net); found {spec!r}")
+    if mod_name.endswith(".py") or os.sep in mod_name:
+        path = Path(mod_name)
+        if not path.is_file():
+            raise _UserError(f"--model: no such file {mod_name!r}")
+        s = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(s)  # type: ignore[arg-type]
+        sys.modules[path.stem] = module
+        s.loader.exec_module(module)  # type: ignore[union-attr]
+    else:
+        sys.path.insert(0, os.getcwd())
+        try:
+            module = importlib.import_module(mod_name)
+        except ModuleNotFoundError as e:
+            raise _UserError(f"--model: cannot import module {mod_name!r} ({e})") from e
+    if not hasattr(module, attr):
+        raise _UserError(f"--model: module {mod_name!r} has no attribute {attr!r}")
+    return getattr(module, attr)
+
+
+def _load_array(flag: str, path: str):
+    import numpy as np
+    import torch
+
+    if not Path(path).is_file():
+        raise _UserError(f"{flag}: no such file {path!r}")
+    try:
+        a = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as e:
+        raise _UserError(f"{flag}: {path!r} is not a readable .npy array ({e})") from e
+    if not isinstance(a, np.ndarray):
+        raise _UserError(f"{flag}: {path!r} holds {type(a).__name__}; expected one array (.npy, not .npz)")
+    return torch.from_numpy(np.array(a))
+
+
+def _gram(a: argparse.Namespace) -> int:
+    import torch
+
+    import pkfast
+
+    factory = _load_factory(a.model)
+    model = factory()
+    if not isinstance(model, torch.nn.Module):
+        raise _UserError(f"--model: {a.model} returned {type(model).__name__}; expected a torch.nn.Module")
+    dist = False
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        cuda = torch.cuda.is_available()
+        if cuda:  # NCCL's collectives run on the current device: one GPU per rank
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            if a.device is None:
+                a.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+        dist = True
+    try:
+        if a.device is not None:
+            model = model.to(a.device)
+        model.eval()
+        traj = pkfast.Trajectory.load(a.trajectory)
+        X = _load_array("--data", a.data)
+        X2 = _load_array("--data2", a.data2) if a.data2 else None
+        K = pkfast.gram(model, traj, X, X2, outputs=a.outputs, rule=a.rule, diagonal=a.diagonal, backend=a.backend,
+                        dtype=getattr(torch, a.dtype), memory_budget=a.memory, out=a.out, overwrite=a.overwrite,
+                        progress=not a.no_progress)
+        rank = torch.distributed.get_rank() if dist else 0
+        if rank == 0:
+            print(f"pkfast: wrote {a.out}: shape {tuple(K.shape)} {K.dtype}")
+    finally:
+        if dist:
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+def describe(path: str | os.PathLike, *, verify: bool = False) -> dict[str, Any]:
+    """What ``pkfast info`` prints, as a dict."""
+    import pkfast
+
+    g = pkfast.open_gram(path)
+    d: dict[str, Any] = {
+        "path": str(g.path), "shape": list(g.shape), "dtype": str(g.dtype),
+        "size_bytes": int(Path(g.path).stat().st_size), "options": g.options,
+        "symmetric": g.manifest["symmetric"], "tiles_done": len(g.done), "tiles": g.num_tiles,
+        "complete": g.complete, "created": g.manifest.get("created"), "fingerprints": g.manifest["fingerprints"],
+        "plan": {k: v for k, v in g.manifest["plan"].items() if k != "tiles"},
+    }
+    if verify:
+        bad = g.verify()
+        d["verified"] = True
+        d["bad_tiles"] = bad
+        d["valid"] = not bad
+    return d
+
+
+def _info(a: argparse.Namespace) -> int:
+    d = describe(a.path, verify=a.verify)
+    if a.json:
+        print(json.dumps(d, indent=1))
+    else:
+        pct = 100.0 * d["tiles_done"] / max(1, d["tiles"])
+        o = d["options"]
+        print(f"{d['path']}: {'×'.join(map(str, d['shape']))} {d['dtype']} ({d['size_bytes'] / 2**20:.1f} MiB)")
+        print(f"  options: outputs={o['outputs']} rule={o['rule']} diagonal={o['diagonal']} backend={o['backend']} "
+              f"precision={o['precision']} device={o['device']}{' (symmetric: upper tiles mirrored)' if d['symmetric'] else ''}")
+        print(f"  progress: {d['tiles_done']}/{d['tiles']} tiles ({pct:.1f}%){' — complete' if d['complete'] else ''}")
+        print(f"  plan: tiles of ≤{d['plan']['row_block']}×{d['plan']['col_block']}, vmap chunk {d['plan']['chunk']}")
+        print("  fingerprints: " + ", ".join(f"{k} {v[:12]}" for k, v in d["fingerprints"].items()))
+        if a.verify:
+            print("  valid: every finished tile matches its checksum" if d["valid"] else
+                  f"  INVALID: {len(d['bad_tiles'])} finished tile(s) do not match their checksum: {d['bad_tiles'][:20]}")
+        else:
+            print("  checks: manifest and file size OK (--verify re-reads the tiles)")
+    return 0 if d.get("valid", True) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from pkfast.store import StoreError
+
+    try:
+        return _gram(args) if args.command == "gram" else _info(args)
+    except KeyboardInterrupt:
+        print("pkfast: interrupted; finished tiles are kept — run the same command again to resume", file=sys.stderr)
+        return 130
+    except (_UserError, StoreError, *_USER_ERRORS) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"pkfast: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,128 @@
+"""The pkfast command line end to end: `pkfast gram` on a digits MLP, `pkfast info`, and one-line user errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import pkfast
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+FACTORY = '''
+import torch
+
+def make_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.Tanh(), torch.nn.Linear(16, 10))
+'''
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "pkfast", *map(str, args)], env=ENV, cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    from sklearn.datasets import load_digits
+
+    d = tmp_path_factory.mktemp("cli")
+    (d / "nets.py").write_text(FACTORY)
+    X, y = load_digits(return_X_y=True)
+    X = (X[:80] / 16.0).astype(np.float32)
+    y = torch.tensor(y[:80])
+    np.save(d / "X.npy", X[:50])
+    np.save(d / "X2.npy", X[50:])
+    ns = {}
+    exec(FACTORY, ns)
+    net = ns["make_net"]()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with pkfast.TrajectoryRecorder(net, opt, d / "traj") as rec:
+        for s in range(4):
+            idx = torch.arange(16 * s, 16 * s + 16)
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(torch.from_numpy(X[idx.numpy()])), y[idx]).backward()
+            opt.step()
+            rec.step(batch_indices=idx)
+    return d
+
+
+def test_gram_and_info_end_to_end(digits_run):
+    d = digits_run
+    r = _cli("gram", "--model", "nets.py:make_net", "--trajectory", "traj", "--data", "X.npy", "--out", "K.npy",
+             "--memory", "2MiB", "--no-progress", cwd=d)
+    assert r.returncode == 0, r.stderr
+    assert "wrote K.npy: shape (50, 50)" in r.stdout
+    ns = {}
+    exec(FACTORY, ns)
+    expected = pkfast.gram(ns["make_net"]().eval(), pkfast.Trajectory.load(d / "traj"), np.load(d / "X.npy"),
+                           memory_budget="2MiB", progress=False)  # the same budget → the same tile plan
+    np.testing.assert_allclose(np.load(d / "K.npy"), expected.numpy(), rtol=1e-6, atol=0)
+
+    r = _cli("info", "K.npy", "--verify", cwd=d)
+    assert r.returncode == 0, r.stderr
+    assert "50×50 float32" in r.stdout and "complete" in r.stdout and "valid: every finished tile" in r.stdout
+    r = _cli("info", "K.npy", "--json", cwd=d)
+    info = json.loads(r.stdout)
+    assert info["shape"] == [50, 50] and info["complete"] and info["options"]["outputs"] == "trace"
+
+
+def test_cross_gram_with_module_factory(digits_run):
+    d = digits_run
+    r = _cli("gram", "--model", "nets:make_net", "--trajectory", "traj", "--data", "X.npy", "--data2", "X2.npy",
+             "--out", "K2.npy", "--outputs", "mean", "--rule", "trapezoid", "--no-progress", cwd=d)
+    assert r.returncode == 0, r.stderr
+    assert np.load(d / "K2.npy").shape == (50, 30)
+
+
+def test_info_reports_a_damaged_tile(digits_run, tmp_path):
+    d = digits_run
+    out = tmp_path / "K.npy"
+    r = _cli("gram", "--model", "nets.py:make_net", "--trajectory", "traj", "--data", "X.npy", "--out", out,
+             "--memory", "2MiB", "--no-progress", cwd=d)
+    assert r.returncode == 0, r.stderr
+    a = np.load(out, mmap_mode="r+")
+    a[0, 0] = -1.0
+    a.flush()
+    del a
+    r = _cli("info", out, "--verify", cwd=d)
+    assert r.returncode == 1 and "INVALID: 1 finished tile(s)" in r.stdout
+
+
+@pytest.mark.parametrize("args,says", [
+    (["gram", "--model", "nets.py", "--trajectory", "traj", "--data", "X.npy", "--out", "o.npy"], "MODULE:FACTORY"),
+    (["gram", "--model", "nets.py:nope", "--trajectory", "traj", "--data", "X.npy", "--out", "o.npy"],
+     "has no attribute 'nope'"),
+    (["gram", "--model", "nets.py:make_net", "--trajectory", "missing", "--data", "X.npy", "--out", "o.npy"],
+     "missing"),
+    (["gram", "--model", "nets.py:make_net", "--trajectory", "traj", "--data", "nofile.npy", "--out", "o.npy"],
+     "no such file 'nofile.npy'"),
+    (["gram", "--model", "nets.py:make_net", "--trajectory", "traj", "--data", "X.npy", "--out", "o.txt"],
+     "ending in .npy"),
+    (["info", "absent.npy"], "no stored Gram at absent.npy"),
+])
+def test_user_mistakes_print_one_line_and_exit_2(digits_run, args, says):
+    r = _cli(*args, cwd=digits_run)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("pkfast: error: ") and says in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_mismatched_data_is_refused_in_one_line(digits_run, tmp_path):
+    d = digits_run
+    out = tmp_path / "K.npy"
+    base = ["gram", "--model", "nets.py:make_net", "--trajectory", "traj", "--out", out, "--no-progress"]
+    assert _cli(*base, "--data", "X.npy", cwd=d).returncode == 0
+    r = _cli(*base, "--data", "X2.npy", cwd=d)
+    assert r.returncode == 2 and "differs: the data X" in r.stderr and "overwrite" in r.stderr
+    assert _cli(*base, "--data", "X2.npy", "--overwrite", cwd=d).returncode == 0
