@@ -232,12 +232,19 @@ def main(argv: list[str] | None = None) -> int:
     mm = measure_matmul_gflops([(m, k, n)], repeat=args.repeat, device=dev)
     print(f"fp32 torch.mm {m}x{k}x{n}: {mm['best']:.1f} GFLOP/s", flush=True)
 
+    path = None
+    if args.csv is None or args.csv.lower() != "none":
+        path = Path(args.csv) if args.csv else RESULTS_DIR / f"gram_{dev.type}.csv"
     rows, csv_rows, notes = [], [], []
     for key, n_, T in todo:
         print(f"  running {key} N={n_} T={T} …", flush=True)
         row, recs = run_case(key, n_, T, args, specs, mm, notes)
         rows.append(row)
-        csv_rows += [{**rec, **env} for rec in recs]
+        recs = [{**rec, **env} for rec in recs]
+        csv_rows += recs
+        if path is not None:  # each case as soon as it finishes: a long run that dies keeps what it measured
+            append_csv(path, recs)
+        print(format_table([row], specs), flush=True)
         gc.collect()
 
     print()
@@ -255,10 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     for note in dict.fromkeys(notes):  # each distinct note once (a skip reason repeats on every row)
         print("  " + note)
 
-    if args.csv is None or args.csv.lower() != "none":
-        path = Path(args.csv) if args.csv else RESULTS_DIR / f"gram_{dev.type}.csv"
-        append_csv(path, csv_rows)
-        print(f"appended {len(csv_rows)} rows to {path}")
+    if path is not None:
+        print(f"appended {len(csv_rows)} rows to {path} (case by case)")
     if any(r["_failed"] for r in rows):
         print("\n*** FAILED: a baseline disagreed with pkfast or raised (see above) ***", file=sys.stderr)
         return 1
