@@ -9,6 +9,7 @@ before the next one starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import logging
 import os
 import time
@@ -270,7 +271,9 @@ class GramJob:
                         else:
                             acc = self._zero_acc(tile)
                         block, mirror = self.finish_tile(tile, acc)
-                        st.write_tile(tile, block.numpy(), None if mirror is None else mirror.numpy())
+                        del acc
+                        st.write_tile(tile, block, mirror)
+                        del block, mirror
                         bar.update(1)
                 finally:
                     bar.close()
@@ -303,9 +306,13 @@ class GramJob:
         self._A = torch.empty(self.plan.row_block, C, P, dtype=self.dtype, device=dev)
         needs_b = not all((t.diagonal or self.diagonal) for t in self.plan.tiles) or not is_symmetric(self.terms)
         self._B = torch.empty(self.plan.col_block if needs_b else 0, C, P, dtype=self.dtype, device=dev)
+        # one accumulator for every tile (each tile takes a contiguous prefix): a fresh tile-sized allocation
+        # per tile would leave the allocator holding freed blocks of other sizes, past the memory budget
+        most = max((math.prod(self._acc_shape(t)) for t in self.plan.tiles), default=0)
+        self._acc = torch.empty(most, dtype=self.dtype, device=dev)
 
     def _free(self) -> None:
-        self._A = self._B = None  # type: ignore[assignment]
+        self._A = self._B = self._acc = None  # type: ignore[assignment]
 
     def compute_tile(self, tile: Tile, bar: Any = None) -> torch.Tensor:
         """Σ over terms of weight · A Bᵀ for this tile, as the accumulator (on the compute device)."""
@@ -332,38 +339,43 @@ class GramJob:
                 bar.update(r if self.diagonal else r * c)
         return acc
 
-    def _zero_acc(self, tile: Tile) -> torch.Tensor:
+    def _acc_shape(self, tile: Tile) -> tuple[int, ...]:
         C, (r, c) = self.num_outputs, tile.shape
         full = self.outputs == "full"
         if self.diagonal:
-            shape = (r, C, C) if full else (r,)
-        else:
-            shape = (r * C, c * C) if full else (r, c)
+            return (r, C, C) if full else (r,)
+        return (r * C, c * C) if full else (r, c)
+
+    def _zero_acc(self, tile: Tile) -> torch.Tensor:
+        """A zeroed accumulator for ``tile``: a view of the shared buffer while one is held (valid until the next
+        tile starts), else a new tensor."""
+        shape = self._acc_shape(tile)
+        buf = getattr(self, "_acc", None)
+        if buf is not None:
+            return buf[: math.prod(shape)].view(shape).zero_()
         return torch.zeros(shape, dtype=self.dtype, device=self.fm.device)
 
     def finish_tile(self, tile: Tile, acc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A finished accumulator as the CPU block for ``[tile.rows, tile.cols]`` in the result's layout (scaled
         for ``outputs="mean"``), and the mirrored block for ``[tile.cols, tile.rows]`` when the plan is
-        symmetric and the tile is off the diagonal (else None). Both contiguous."""
+        symmetric and the tile is off the diagonal (else None).
+
+        Both are *views* of the accumulator (permuted/transposed, not contiguous): finishing a tile never holds a
+        second tile-sized array, so the memory budget bounds the peak (the store copies small row slabs)."""
         acc = acc.to("cpu")
         if self.outputs == "mean":
-            acc = acc / self.num_outputs
+            acc.div_(self.num_outputs)
         if self.diagonal:
-            return acc.contiguous(), None
+            return acc, None
         C = self.num_outputs
         r, c = tile.shape
         if tile.diagonal:  # only the upper triangle of the (r·C)×(r·C) accumulator is trusted
-            acc = torch.triu(acc) + torch.triu(acc, 1).T
+            _symmetrize_upper_(acc)
+        block = acc.view(r, C, c, C).permute(0, 2, 1, 3) if self.outputs == "full" else acc
         mirror = None
-        if self.outputs == "full":
-            block = acc.view(r, C, c, C).permute(0, 2, 1, 3)
-            if self.plan.symmetric and not tile.diagonal:
-                mirror = block.permute(1, 0, 3, 2).contiguous()
-        else:
-            block = acc
-            if self.plan.symmetric and not tile.diagonal:
-                mirror = acc.T.contiguous()
-        return block.contiguous(), mirror
+        if self.plan.symmetric and not tile.diagonal:
+            mirror = block.permute(1, 0, 3, 2) if self.outputs == "full" else block.T
+        return block, mirror
 
     def write_tile(self, out: torch.Tensor, tile: Tile, acc: torch.Tensor) -> None:
         """Write a finished tile into ``out`` (mirroring it when the plan is symmetric)."""
@@ -374,6 +386,22 @@ class GramJob:
         out[tile.rows, tile.cols] = block
         if mirror is not None:
             out[tile.cols, tile.rows] = mirror
+
+
+#: Rows copied at a time when a square accumulator is symmetrised in place.
+_SYM_SLAB = 256
+
+
+def _symmetrize_upper_(acc: torch.Tensor) -> None:
+    """Copy the upper triangle of the square ``acc`` onto its lower triangle, in place, in slabs of columns
+    (temporaries of at most ``_SYM_SLAB`` × ``_SYM_SLAB``)."""
+    n = acc.shape[0]
+    for j0 in range(0, n, _SYM_SLAB):
+        j1 = min(n, j0 + _SYM_SLAB)
+        if j0:
+            acc[j0:j1, :j0].copy_(acc[:j0, j0:j1].T)  # disjoint regions: below and above the diagonal
+        d = acc[j0:j1, j0:j1]
+        d.copy_(torch.triu(d) + torch.triu(d, 1).T)
 
 
 def _distributed() -> tuple[int, int]:

@@ -44,6 +44,8 @@ log = logging.getLogger("pkfast")
 
 FORMAT = "pkfast-gram"
 VERSION = 1
+#: Bytes of a tile copied contiguous at a time while it is written (bounds the writer's extra memory).
+WRITE_SLAB = 1 << 20
 SIDE = ".pkfast"
 
 
@@ -343,9 +345,10 @@ class GramStore:
         return True
 
     # ------------------------------------------------------------------ writing
-    def write_tile(self, tile: Tile, block: np.ndarray, mirror: np.ndarray | None) -> None:
+    def write_tile(self, tile: Tile, block: Any, mirror: Any = None) -> None:
         """Write ``block`` at ``[tile.rows, tile.cols]`` (and ``mirror`` at ``[tile.cols, tile.rows]``), flush,
-        then journal the tile as finished. ``block``/``mirror`` are C-contiguous in the file's dtype."""
+        then journal the tile as finished. ``block``/``mirror`` are numpy arrays or CPU tensors in the file's
+        layout and dtype, with any strides (views are fine: they are copied a row slab at a time)."""
         assert self._fd is not None, "attach() first"
         try:
             crc_a = self._write_block(block, tile.rows, tile.cols)
@@ -363,18 +366,34 @@ class GramStore:
                 ) from e
             raise
 
-    def _write_block(self, block: np.ndarray, rows: slice, cols: slice) -> int:
-        mv = memoryview(np.ascontiguousarray(block)).cast("B")
-        pos, crc = 0, 0
-        for off, length in self.geometry.segments(rows, cols):
-            chunk = mv[pos:pos + length]
-            written = 0
-            while written < length:
-                written += os.pwrite(self._fd, chunk[written:], off + written)
-            crc = zlib.crc32(chunk, crc)
-            pos += length
-        if pos != len(mv):
-            raise ValueError(f"pkfast: tile block has {len(mv)} bytes; the tile's place in the file has {pos}")
+    def _write_block(self, block: Any, rows: slice, cols: slice) -> int:
+        """pwrite ``block`` (an array or tensor ``[rows, …]`` in the file's layout, any strides) row slab by row
+        slab (each ≤ ``WRITE_SLAB`` bytes, copied contiguous), and return the CRC-32 of its bytes in file
+        order."""
+        n = rows.stop - rows.start
+        if tuple(block.shape[:1]) != (n,):
+            raise ValueError(f"pkfast: tile block has {block.shape[0]} rows; the tile's place in the file has {n}")
+        per_row = max(1, int(np.prod(block.shape[1:], dtype=np.int64)) * self.geometry.dtype.itemsize)
+        step = max(1, WRITE_SLAB // per_row)
+        crc = 0
+        for i0 in range(0, n, step):
+            i1 = min(n, i0 + step)
+            part = block[i0:i1]
+            if isinstance(part, torch.Tensor):
+                part = part.contiguous().numpy()  # one copy (a transposed view's numpy() would be strided)
+            slab = np.ascontiguousarray(part, dtype=self.geometry.dtype)
+            mv = memoryview(slab).cast("B")
+            pos = 0
+            for off, length in self.geometry.segments(slice(rows.start + i0, rows.start + i1), cols):
+                chunk = mv[pos:pos + length]
+                written = 0
+                while written < length:
+                    written += os.pwrite(self._fd, chunk[written:], off + written)
+                crc = zlib.crc32(chunk, crc)
+                pos += length
+            if pos != len(mv):
+                raise ValueError(f"pkfast: tile block rows {i0}:{i1} have {len(mv)} bytes; their place in the file "
+                                 f"has {pos}")
         return crc
 
     def close(self) -> None:

@@ -323,3 +323,33 @@ def test_killed_two_rank_run_resumes_to_the_same_bytes(tmp_path, reference):
     res = _run_ranks(out)
     assert [r for r, _ in res] == [0, 0], res
     assert _bytes(out) == _bytes(reference)
+
+
+# ---------------------------------------------------------------------------------------------- memory
+def test_peak_rss_is_bounded_by_the_memory_budget(tmp_path):
+    """A 12,000² Gram (576 MB) stored with a 128 MiB budget: the process's peak RSS grows by at most the
+    budget plus 24 MiB (allocator and I/O slack), far below the Gram's size."""
+    n, budget = 12_000, 128 * 2**20
+    r = subprocess.run([sys.executable, str(Path(__file__).with_name("rss_worker.py")), str(tmp_path / "g.npy"),
+                        str(n), str(budget)], env=ENV, timeout=300, check=True, capture_output=True, text=True)
+    before, after = map(int, r.stdout.split())
+    grew = after - before
+    assert grew <= budget + 24 * 2**20, f"peak RSS grew by {grew / 2**20:.0f} MiB with a 128 MiB budget"
+    assert grew < n * n * 4 / 3
+    g = pkfast.open_gram(tmp_path / "g.npy")
+    assert g.complete and g.num_tiles > 1
+
+
+def test_small_write_slabs_give_the_same_bytes(tmp_path, monkeypatch):
+    """Tiles are written a row slab at a time: slabs of a few rows give the same file and checksums."""
+    model = mlp().double()
+    traj = random_trajectory(model, steps=2)
+    X = torch.randn(17, 5, dtype=torch.float64)
+    for outputs in ("trace", "full"):
+        kw = dict(outputs=outputs, memory_budget=20_000, progress=False, dtype=torch.float64)
+        K = pkfast.gram(model, traj, X, **kw)
+        monkeypatch.setattr(store, "WRITE_SLAB", 3 * 8 * K[0].numel() // 2)  # 1–2 rows per slab
+        M = pkfast.gram(model, traj, X, out=tmp_path / f"{outputs}.npy", **kw)
+        assert np.array_equal(np.asarray(M), K.numpy())
+        assert pkfast.open_gram(tmp_path / f"{outputs}.npy").verify() == []
+        monkeypatch.undo()
