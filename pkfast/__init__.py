@@ -7,16 +7,22 @@ Public surface:
                          with out="….npy" stored tile by tile on disk, resumable and shared across ranks
     open_gram            a stored Gram with its options, fingerprints and progress
     Trajectory           weight points w_0 … w_T and step sizes ε_0 … ε_{T-1}
-    TrajectoryRecorder   records a trajectory to disk during training
+    TrajectoryRecorder   records a trajectory to disk during training (weights, lr, batches, loss, optimizer)
+    KernelMachine        the trained network as f(x) = b(x) + Σ_i c_i(x) over its training points: predictions,
+                         per-point contributions, explanations, Domingos coefficients, exactness certificate
+    LossSpec             a training loss convention (per-sample loss and batch weights)
     reference            the float64 oracle every fast path is tested against (module)
 """
 
 from pkfast import reference
 from pkfast.gram import gram
+from pkfast.loss import LossSpec
+from pkfast.machine import KernelMachine
 from pkfast.recorder import TrajectoryRecorder
 from pkfast.store import open_gram
 from pkfast.trajectory import Trajectory
 
 __version__ = "0.1.0"
 
-__all__ = ["gram", "open_gram", "Trajectory", "TrajectoryRecorder", "reference", "__version__"]
+__all__ = ["gram", "open_gram", "Trajectory", "TrajectoryRecorder", "KernelMachine", "LossSpec", "reference",
+           "__version__"]

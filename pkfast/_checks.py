@@ -19,6 +19,16 @@ def check_choice(fn: str, name: str, value: Any, choices: Iterable[str]) -> str:
     return value
 
 
+def as_target_tensor(fn: str, name: str, y: Any, n: int) -> torch.Tensor:
+    """Targets for n samples (class indices [n] or regression targets [n, …]) as a tensor."""
+    if isinstance(y, (list, tuple)):
+        y = np.asarray(y)
+    y = as_input_tensor(fn, name, y)
+    if y.shape[0] != n:
+        raise ValueError(f"{fn}: {name} has {y.shape[0]} targets; expected one per sample ({n})")
+    return y
+
+
 def as_input_tensor(fn: str, name: str, X: Any) -> torch.Tensor:
     """Accept a torch.Tensor or numpy array of samples (first axis); reject anything else."""
     if isinstance(X, np.ndarray):

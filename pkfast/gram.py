@@ -25,7 +25,8 @@ from pkfast import _checks
 from pkfast.accumulate import BACKENDS, PRECISIONS, accumulate, accumulate_diagonal, select_backend
 from pkfast.jacobians import FunctionalModel
 from pkfast import store as _store
-from pkfast.rules import RULES, Term, is_symmetric, terms_for
+from pkfast.loss import LossSpec
+from pkfast.rules import DEFAULT_NODES, RULES, Term, is_symmetric, terms_for
 from pkfast.tiles import Tile, TilePlan, default_memory_budget, plan_diagonal, plan_tiles
 from pkfast.trajectory import Trajectory
 
@@ -37,6 +38,8 @@ __all__ = ["gram", "OUTPUTS"]
 #: ``"mean"``: the trace divided by C (neural-tangents' ``trace_axes`` convention);
 #: ``"full"``: the C×C block per pair, shape [N, M, C, C].
 OUTPUTS = ("trace", "mean", "full")
+#: ``"output"``: kernels of the model's outputs; ``"loss"``: of the per-sample loss (TracIn's quantity).
+OF = ("output", "loss")
 
 _FN = "pkfast.gram"
 
@@ -57,6 +60,11 @@ def gram(
     precision: str = "ieee",
     out: str | os.PathLike | None = None,
     overwrite: bool = False,
+    nodes: int = DEFAULT_NODES,
+    of: str = "output",
+    loss: Any = None,
+    y: Any = None,
+    y2: Any = None,
 ) -> torch.Tensor | np.memmap:
     r"""The path-kernel Gram matrix of ``model`` along ``trajectory`` between samples ``X`` (and ``X2``).
 
@@ -76,8 +84,22 @@ def gram(
         outputs: ``"trace"`` → ``[N, M]``, the sum over the C outputs of the output-wise kernels;
             ``"mean"`` → the same divided by C (neural-tangents divides its traced NTK by C);
             ``"full"`` → ``[N, M, C, C]``, the block ``K[a, b, c, c'] = Σ_s ε_s ∇f_c(x_a)·∇f_{c'}(x_b)``.
-        rule: ``"left"`` (Σ_{s<T} ε_s K_g(w_s), Domingos' Riemann sum) or ``"trapezoid"``
-            (Σ_s ε_s/2 [K_g(w_s) + K_g(w_{s+1})]).
+        rule: ``"left"`` (Σ_{s<T} ε_s K_g(w_s), Domingos' Riemann sum), ``"trapezoid"``
+            (Σ_s ε_s/2 [K_g(w_s) + K_g(w_{s+1})]) or ``"exact"`` (Σ_s ε_s J̄_s(x) J(x′; w_s)ᵀ, Bell et al.'s exact
+            path kernel: the row side's Jacobian averaged over each step segment by Gauss–Legendre quadrature
+            with ``nodes`` points, the column side at the segment start). ``"exact"`` is **asymmetric**:
+            K(x, x′) ≠ K(x′, x)ᵀ for nonlinear models, so a Gram of X with itself is computed in full and never
+            mirrored (``pkfast.open_gram(...).options["symmetric"]`` is False for it; the log says so).
+        nodes: Gauss–Legendre nodes per segment for ``rule="exact"`` (default 2: error O(ε⁴) in the step size;
+            1 is the midpoint rule).
+        of: ``"output"`` (default: Jacobians of the model's outputs) or ``"loss"``: the loss-gradient kernel
+            Σ_s ε_s ∇_w ℓ(x; w_s)·∇_w ℓ(x′; w_s) (with ``rule="left"``: the quantity Captum's TracInCP sums
+            over checkpoints), with per-sample loss ℓ from ``loss`` and targets ``y`` (and ``y2`` for ``X2``).
+            The result has one "output": ``[N, M]``.
+        loss: for ``of="loss"``: ``nn.CrossEntropyLoss``/``nn.MSELoss`` (their class weights and label smoothing
+            apply; the reduction does not: ℓ is per sample), a :class:`pkfast.LossSpec`, or
+            ``"cross_entropy"``/``"mse"``. Default: the loss recorded with the trajectory.
+        y, y2: targets of ``X`` and ``X2`` for ``of="loss"``.
         diagonal: only K(x_a, x_a): ``[N]`` (trace/mean) or ``[N, C, C]`` (full). Requires ``X2=None``.
         backend: ``"auto"`` (Triton on CUDA when it can run, else torch; the reason is logged to the
             ``pkfast`` logger), ``"torch"`` (BLAS/cuBLAS ``addmm``) or ``"triton"`` (the fused kernel; raises
@@ -115,7 +137,8 @@ def gram(
         (torch.Size([5, 5]), True)
     """
     job = GramJob.create(model, trajectory, X, X2, outputs=outputs, rule=rule, diagonal=diagonal,
-                         backend=backend, dtype=dtype, memory_budget=memory_budget, precision=precision)
+                         backend=backend, dtype=dtype, memory_budget=memory_budget, precision=precision,
+                         nodes=nodes, of=of, loss=loss, y=y, y2=y2)
     if out is not None:
         return job.run_stored(out, overwrite=overwrite, progress=progress)
     if overwrite:
@@ -139,12 +162,17 @@ class GramJob:
     plan: TilePlan
     num_outputs: int
     precision: str = "ieee"
+    nodes: int = DEFAULT_NODES
+    of: str = "output"
+    Y: torch.Tensor | None = None
+    Y2: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ construction and validation
     @classmethod
     def create(cls, model: Any, trajectory: Any, X: Any, X2: Any = None, *, outputs: str = "trace",
                rule: str = "left", diagonal: bool = False, backend: str = "auto", dtype: Any = None,
-               memory_budget: Any = None, precision: str = "ieee") -> "GramJob":
+               memory_budget: Any = None, precision: str = "ieee", nodes: int = DEFAULT_NODES,
+               of: str = "output", loss: Any = None, y: Any = None, y2: Any = None) -> "GramJob":
         model = _checks.check_model(_FN, model)
         if not isinstance(trajectory, Trajectory):
             raise TypeError(f"{_FN}: trajectory must be a pkfast.Trajectory; found {type(trajectory).__name__}")
@@ -163,12 +191,37 @@ class GramJob:
             X2 = _checks.as_input_tensor(_FN, "X2", X2)
             _checks.check_feature_shapes(_FN, X, X2)
 
+        of = _checks.check_choice(_FN, "of", of, OF)
+        if isinstance(nodes, bool) or not isinstance(nodes, int) or not 1 <= nodes <= 64:
+            raise ValueError(f"{_FN}: nodes must be an integer in [1, 64] (Gauss–Legendre nodes per step); found {nodes!r}")
+        if nodes != DEFAULT_NODES and rule != "exact":
+            raise ValueError(f"{_FN}: nodes={nodes} applies to rule='exact'; found rule={rule!r}")
+        spec = None
+        if of == "loss":
+            spec = _loss_spec(loss, trajectory)
+            if y is None or (X2 is not None and y2 is None):
+                raise ValueError(f"{_FN}: of='loss' needs the targets: y for X" + (" and y2 for X2" if X2 is not None else "")
+                                 + "; found None")
+            y = _checks.as_target_tensor(_FN, "y", y, X.shape[0])
+            y2 = _checks.as_target_tensor(_FN, "y2", y2, X2.shape[0]) if X2 is not None else None
+            if outputs == "full":
+                outputs = "trace"  # one output: the three modes coincide
+        elif loss is not None or y is not None or y2 is not None:
+            raise ValueError(f"{_FN}: loss, y and y2 apply to of='loss'; found of={of!r}")
+
         device = next(iter(model.parameters()), torch.empty(0)).device
-        fm = FunctionalModel(model, trajectory, dtype=dtype, device=device, fn=_FN)
+        fm = FunctionalModel(model, trajectory, dtype=dtype, device=device, fn=_FN, loss=spec)
         C = fm.probe(X, _FN, "X")
         if X2 is not None:
             fm.probe(X2, _FN, "X2")
-        terms = terms_for(rule, trajectory.step_sizes)
+        if spec is not None:
+            _check_targets(spec, y, fm.model_outputs, "y")
+            if y2 is not None:
+                _check_targets(spec, y2, fm.model_outputs, "y2")
+        terms = terms_for(rule, trajectory.step_sizes, nodes)
+        if not is_symmetric(terms) and X2 is None and not diagonal:
+            log.info("pkfast.gram: rule=%r is asymmetric: computing every tile of the %d×%d Gram (no mirroring)",
+                     rule, X.shape[0], X.shape[0])
         if precision != "ieee" and dtype == torch.float64:
             raise ValueError(f"{_FN}: precision={precision!r} applies to float32; dtype=torch.float64 computes in ieee fp64")
         backend = select_backend(backend, device, precision=precision, fn=_FN)
@@ -185,7 +238,7 @@ class GramJob:
             plan = plan_tiles(X.shape[0], n_cols, symmetric=X2 is None and is_symmetric(terms),
                               bytes_per_sample=u, acc_bytes_per_pair=block * itemsize, budget=budget,
                               chunk=fm.default_chunk(), fn=_FN)
-        return cls(fm, X, X2, outputs, rule, diagonal, backend, dtype, terms, plan, C, precision)
+        return cls(fm, X, X2, outputs, rule, diagonal, backend, dtype, terms, plan, C, precision, nodes, of, y, y2)
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -324,9 +377,11 @@ class GramJob:
         chunk = self.plan.chunk
         acc = self._zero_acc(tile)
         for term in self.terms:
-            A = self.fm.jacobian(term.left, Xr, out=self._A[:r], chunk=chunk)
+            Yr = None if self.Y is None else self.Y[tile.rows]
+            Yc = None if self.Y is None else (self.Y if self.Y2 is None else self.Y2)[tile.cols]
+            A = self.fm.jacobian(term.left, Xr, out=self._A[:r], chunk=chunk, Y=Yr)
             same = (tile.diagonal or self.diagonal) and term.symmetric
-            B = A if same else self.fm.jacobian(term.right_combo, Xc, out=self._B[:c], chunk=chunk)
+            B = A if same else self.fm.jacobian(term.right_combo, Xc, out=self._B[:c], chunk=chunk, Y=Yc)
             if self.diagonal:
                 accumulate_diagonal(acc, A, B, term.weight, full=full)
             elif full:
@@ -402,6 +457,29 @@ def _symmetrize_upper_(acc: torch.Tensor) -> None:
             acc[j0:j1, :j0].copy_(acc[:j0, j0:j1].T)  # disjoint regions: below and above the diagonal
         d = acc[j0:j1, j0:j1]
         d.copy_(torch.triu(d) + torch.triu(d, 1).T)
+
+
+def _loss_spec(loss: Any, trajectory: Trajectory) -> LossSpec:
+    if loss is None:
+        rec = trajectory.meta.get("loss")
+        if rec is None:
+            raise ValueError(f"{_FN}: of='loss' needs a loss (nn.CrossEntropyLoss(), nn.MSELoss(), a pkfast.LossSpec "
+                             "or 'cross_entropy'/'mse'); none was passed and the trajectory recorded none")
+        return LossSpec.from_module(rec, fn=_FN)
+    return LossSpec.from_module(loss, fn=_FN)
+
+
+def _check_targets(spec: LossSpec, y: torch.Tensor, C: int, name: str) -> None:
+    if spec.kind == "cross_entropy":
+        if y.is_floating_point() or y.ndim != 1:
+            raise ValueError(f"{_FN}: cross_entropy targets {name} must be class indices of shape [n]; found "
+                             f"{y.dtype} of shape {tuple(y.shape)}")
+        bad = (y != spec.ignore_index) & ((y < 0) | (y >= C))
+        if bool(bad.any()):
+            raise ValueError(f"{_FN}: {name} holds class {int(y[bad][0])}; the model has {C} outputs "
+                             f"(classes 0…{C - 1})")
+    elif tuple(y.reshape(y.shape[0], -1).shape[1:]) != (C,):
+        raise ValueError(f"{_FN}: mse targets {name} must have C = {C} values per sample; found shape {tuple(y.shape)}")
 
 
 def _distributed() -> tuple[int, int]:

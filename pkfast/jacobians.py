@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.func import functional_call, jacrev, vmap
@@ -42,7 +43,9 @@ class FunctionalModel:
     """
 
     def __init__(self, model: torch.nn.Module, trajectory: Trajectory, *, dtype: torch.dtype, device: torch.device,
-                 fn: str = "pkfast") -> None:
+                 fn: str = "pkfast", loss: Any = None) -> None:
+        #: with a :class:`~pkfast.loss.LossSpec`, the function is the per-sample loss ℓ(f(x; w), y) (C = 1)
+        self.loss = loss
         self.model = model
         self.trajectory = trajectory
         self.dtype = dtype
@@ -162,6 +165,9 @@ class FunctionalModel:
             raise TypeError(f"pkfast: the model must return a tensor; it returned {type(out).__name__}")
         return out.reshape(-1)
 
+    def _loss_single(self, params, statics, x, y):
+        return self.loss.per_sample(self._f_single(params, statics, x), y).reshape(1)
+
     def outputs(self, point: EvalPoint, X: torch.Tensor) -> torch.Tensor:
         """f(X; w) as [n, C] (the model applied to the batch, outputs flattened per sample)."""
         flat, statics = self.state(point)
@@ -192,6 +198,9 @@ class FunctionalModel:
                 f"{tuple(x.shape)} it returned shape {tuple(out.shape)}"
             )
         C = int(out[0].numel())
+        self.model_outputs = C
+        if self.loss is not None:
+            C = 1  # the function is the per-sample loss
         if self.num_outputs is None:
             self.num_outputs = C
         return C
@@ -203,6 +212,7 @@ class FunctionalModel:
         out: torch.Tensor | None = None,
         *,
         chunk: int | None = None,
+        Y: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Σ_q ω_q J(X; w(point_q)) as ``[n, C, P]`` (one term for ordinary rules, m nodes for quadrature).
 
@@ -219,14 +229,26 @@ class FunctionalModel:
             out = torch.empty(n, C, P, dtype=self.dtype, device=self.device)
         if chunk is None:
             chunk = self.default_chunk()
-        jf = vmap(jacrev(self._f_single), in_dims=(None, None, 0), randomness="error")
+        if self.loss is not None:
+            if Y is None:
+                raise ValueError("pkfast: loss-gradient Jacobians need the targets Y of the samples")
+            jl = vmap(jacrev(self._loss_single), in_dims=(None, None, 0, 0), randomness="error")
+            Yd = Y.to(self.device)
+
+            def jf(params, statics, x, _a=None, _b=None):  # noqa: ANN001 - same call shape as below
+                return jl(params, statics, x, Yd[_a:_b])
+        else:
+            jv = vmap(jacrev(self._f_single), in_dims=(None, None, 0), randomness="error")
+
+            def jf(params, statics, x, _a=None, _b=None):  # noqa: ANN001
+                return jv(params, statics, x)
         for qi, (point, weight) in enumerate(combo):
             flat, statics = self.state(point)
             params = self.params(flat)
             for a in range(0, n, chunk):
                 b = min(n, a + chunk)
                 try:
-                    jac = jf(params, statics, self.prepare(X[a:b]))
+                    jac = jf(params, statics, self.prepare(X[a:b]), a, b)
                 except RuntimeError as e:
                     if "randomness" in str(e):
                         raise ValueError(

@@ -21,6 +21,7 @@ from pkfast.trajectory import (
     FORMAT_VERSION,
     MANIFEST,
     STEPS,
+    TARGETS,
     WEIGHTS,
     Trajectory,
     _dtype_name,
@@ -128,11 +129,19 @@ class TrajectoryWriter:
                 f.close()
 
 
+#: Per-step optimizer hyperparameters recorded with every step (those the exact decomposition reads).
+STEP_HYPER = ("momentum", "dampening", "nesterov", "weight_decay", "maximize", "betas", "eps", "amsgrad")
+
+
 def _optimizer_meta(opt: torch.optim.Optimizer) -> dict[str, Any]:
     groups = []
     for g in opt.param_groups:
         groups.append({k: _jsonable(v) for k, v in g.items() if k != "params"})
-    return {"class": type(opt).__name__, "module": type(opt).__module__, "param_groups": groups}
+    # a momentum buffer (or Adam moments) from before the recording make the first recorded updates depend on
+    # unrecorded history: the exact kernel machine refuses such a recording
+    had_state = any(bool(st) for st in opt.state.values())
+    return {"class": type(opt).__name__, "module": type(opt).__module__, "param_groups": groups,
+            "state_before_recording": had_state}
 
 
 class TrajectoryRecorder:
@@ -156,6 +165,15 @@ class TrajectoryRecorder:
         buffers: also record floating buffers.
         fsync: ``os.fsync`` after every step (survives power loss, not only a process crash; slower).
         meta: extra JSON-serialisable metadata stored in the manifest.
+        loss: the training loss (``nn.CrossEntropyLoss``/``nn.MSELoss`` or a :class:`pkfast.LossSpec`):
+            its convention (reduction, class weights, label smoothing, ignore_index) is stored so that the
+            exact kernel machine (:class:`pkfast.KernelMachine`) can recompute per-sample loss derivatives.
+        targets: the training targets (``[N]`` class indices or ``[N, C]``), saved as ``targets.npy`` in the
+            recording (:attr:`pkfast.Trajectory.targets`).
+
+    Each step records the applied lr, the ordered ``batch_indices`` passed to :meth:`step` and the optimizer's
+    hyperparameters at that step (momentum, dampening, nesterov, weight_decay, …), which the exact
+    decomposition needs (path-kernel-math.md §2.6).
 
     Example:
         >>> import torch, pkfast, tempfile
@@ -182,6 +200,8 @@ class TrajectoryRecorder:
         buffers: bool = True,
         fsync: bool = False,
         meta: Mapping[str, Any] | None = None,
+        loss: Any = None,
+        targets: Any = None,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"pkfast.TrajectoryRecorder: model must be a torch.nn.Module; found {type(model).__name__}")
@@ -206,6 +226,10 @@ class TrajectoryRecorder:
         dtype = storage_dtype([t.dtype for _, t in self._tensors])
         self._dtype = dtype
         full_meta = {"optimizer": _optimizer_meta(optimizer), "buffers_recorded": bool(buffers)}
+        if loss is not None:
+            from pkfast.loss import LossSpec
+
+            full_meta["loss"] = LossSpec.from_module(loss, fn="pkfast.TrajectoryRecorder").to_meta()
         full_meta.update(dict(meta or {}))
 
         if resume and (self.path / MANIFEST).exists():
@@ -214,7 +238,13 @@ class TrajectoryRecorder:
             self._writer = TrajectoryWriter(self.path, spec, dtype, meta=full_meta, overwrite=overwrite, fsync=fsync)
             self._writer.append_point(self._parts())
         self._writer.fsync = fsync
+        if targets is not None:
+            t = targets.detach().cpu().numpy() if isinstance(targets, torch.Tensor) else np.asarray(targets)
+            tmp = self.path / (TARGETS + ".tmp.npy")
+            np.save(tmp, t)
+            os.replace(tmp, self.path / TARGETS)
         self._applied_lrs: list[list[float]] = []
+        self._applied_hyper: list[dict[str, Any]] = []
         self._hook = optimizer.register_step_post_hook(self._after_optimizer_step)
         self.num_steps = self._writer.rows - 1
 
@@ -226,11 +256,14 @@ class TrajectoryRecorder:
         return [t for _, t in self._tensors]
 
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
-        lrs = []
+        lrs, hyper = [], []
         for g in optimizer.param_groups:
             if any(id(p) in self._trainable_ids for p in g["params"]):
                 lrs.append(float(g["lr"]))
+                hyper.append({k: _jsonable(g[k]) for k in STEP_HYPER if k in g})
         self._applied_lrs.append(lrs)
+        # groups with different hyperparameters cannot be one step of one decomposition: keep them all then
+        self._applied_hyper.append(hyper[0] if all(h == hyper[0] for h in hyper) else {"groups": hyper})
 
     def _resume(self, spec, dtype) -> TrajectoryWriter:
         manifest = json.loads((self.path / MANIFEST).read_text())
@@ -284,6 +317,7 @@ class TrajectoryRecorder:
                 f"found {n}. Call rec.step() once after every optimizer.step()."
             )
         lrs = self._applied_lrs.pop()
+        hyper = self._applied_hyper.pop() if self._applied_hyper else {}
         if len(set(lrs)) > 1:
             raise ValueError(
                 f"pkfast.TrajectoryRecorder.step: parameter groups applied different learning rates {lrs}; the "
@@ -295,6 +329,8 @@ class TrajectoryRecorder:
                 if not isinstance(batch_indices, np.ndarray) else batch_indices,
                 dtype=np.int64,
             ).reshape(-1)
+        if hyper:
+            extra = {"optimizer": hyper, **extra}
         self._writer.append_step(self._parts(), lrs[0] if lrs else 0.0, batch_indices, **extra)
         self.num_steps += 1
 

@@ -10,8 +10,10 @@ compute only upper-triangle tiles.
 - ``"trapezoid"``: Σ_s ε_s/2 (K_g(w_s) + K_g(w_{s+1})), merged per point: T+1 terms with weights
   ε_0/2, (ε_0+ε_1)/2, …, ε_{T-1}/2.
 
-The exact (asymmetric, Gauss–Legendre) rule of Bell et al. is expressed in the same form: its row side
-averages Jacobians over the segment, its column side is the segment start.
+- ``"exact"``: Σ_s ε_s J̄_s(x) J(x′; w_s)ᵀ — the exact discrete path kernel of Bell et al. (2023): the row
+  side averages the Jacobian over the segment w_s → w_{s+1} by Gauss–Legendre quadrature with ``nodes``
+  points (τ_q = (1+ξ_q)/2, ω_q = η_q/2), the column side is the segment start. T asymmetric terms: a Gram of
+  X with itself is not symmetric and is never mirrored (path-kernel-math.md §2.4).
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ import torch
 
 from pkfast.jacobians import EvalPoint
 
-__all__ = ["Term", "RULES", "terms_for"]
+__all__ = ["Term", "RULES", "terms_for", "gauss_legendre"]
 
-RULES = ("left", "trapezoid")
+RULES = ("left", "trapezoid", "exact")
+#: Gauss–Legendre nodes per segment for ``rule="exact"`` unless told otherwise.
+DEFAULT_NODES = 2
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,15 @@ class Term:
         return self.left if self.right is None else self.right
 
 
-def terms_for(rule: str, step_sizes: torch.Tensor) -> list[Term]:
+def gauss_legendre(nodes: int) -> tuple[tuple[float, float], ...]:
+    """(τ_q, ω_q) on [0, 1]: Gauss–Legendre nodes and weights (Σ ω_q = 1); ``nodes=1`` is the midpoint."""
+    import numpy as np
+
+    xi, eta = np.polynomial.legendre.leggauss(int(nodes))
+    return tuple((float((1 + x) / 2), float(w / 2)) for x, w in zip(xi, eta))
+
+
+def terms_for(rule: str, step_sizes: torch.Tensor, nodes: int = DEFAULT_NODES) -> list[Term]:
     """The kernel terms of ``rule`` for a trajectory with these step sizes; zero-weight terms are dropped."""
     eps = [float(e) for e in step_sizes]
     T = len(eps)
@@ -56,6 +68,10 @@ def terms_for(rule: str, step_sizes: torch.Tensor) -> list[Term]:
             w[s] += e / 2
             w[s + 1] += e / 2
         terms = [Term(w[k], ((EvalPoint(k), 1.0),)) for k in range(T + 1)]
+    elif rule == "exact":
+        gl = gauss_legendre(nodes)
+        terms = [Term(eps[s], tuple((EvalPoint(s, tau), om) for tau, om in gl), ((EvalPoint(s), 1.0),))
+                 for s in range(T)]
     else:  # validated by the caller; kept as a guard for internal use
         raise ValueError(f"pkfast: unknown rule {rule!r}; expected one of {RULES}")
     return [t for t in terms if t.weight > 0.0]

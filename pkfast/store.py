@@ -98,8 +98,8 @@ def fingerprints(job: Any) -> dict[str, str]:
     return {
         "model": model_fp,
         "trajectory": h.hexdigest(),
-        "X": _digest(job.X),
-        "X2": _digest(job.X2) if job.X2 is not None else "none",
+        "X": _digest(job.X) if job.Y is None else _digest(job.X, job.Y),
+        "X2": "none" if job.X2 is None else _digest(job.X2) if job.Y2 is None else _digest(job.X2, job.Y2),
         "options": _digest(sorted(opts.items())),
     }
 
@@ -107,7 +107,9 @@ def fingerprints(job: Any) -> dict[str, str]:
 def options(job: Any) -> dict[str, Any]:
     """The options that change the stored numbers (``memory_budget`` does not: the plan is stored)."""
     return {"outputs": job.outputs, "rule": job.rule, "diagonal": job.diagonal, "dtype": str(job.dtype),
-            "backend": job.backend, "precision": job.precision, "device": job.fm.device.type}
+            "backend": job.backend, "precision": job.precision, "device": job.fm.device.type,
+            "of": job.of, "nodes": job.nodes if job.rule == "exact" else None,
+            "loss": None if job.fm.loss is None else job.fm.loss.to_meta(), "symmetric": job.plan.symmetric}
 
 
 # ---------------------------------------------------------------------------------------------- small file helpers

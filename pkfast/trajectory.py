@@ -36,6 +36,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.bin"
 STEPS = "steps.jsonl"
+TARGETS = "targets.npy"
 
 _NP_DTYPES = {
     torch.float16: np.float16,
@@ -114,6 +115,9 @@ class Trajectory:
         spec: ``(name, shape)`` pairs in flat order; their sizes add up to ``P``.
         batch_indices: optional length-``T`` list of the ordered training indices used at each step.
         meta: optional JSON-serialisable dict (optimizer and loss metadata, for the exact kernel).
+        step_meta: optional length-``T`` list of per-step dicts (the recorder stores the optimizer's
+            hyperparameters at each step under ``"optimizer"``).
+        targets: optional training targets (``[N]`` class indices or ``[N, C]``) the batch indices refer to.
 
     Example:
         >>> import torch, pkfast
@@ -134,6 +138,8 @@ class Trajectory:
         batch_indices: Sequence[Any] | None = None,
         meta: Mapping[str, Any] | None = None,
         source: str | None = None,
+        step_meta: Sequence[Mapping[str, Any]] | None = None,
+        targets: Any = None,
     ) -> None:
         self._spec: list[tuple[str, torch.Size]] = [(str(n), torch.Size(s)) for n, s in spec]
         names = [n for n, _ in self._spec]
@@ -189,6 +195,10 @@ class Trajectory:
                 )
             batch_indices = [None if b is None else np.asarray(b, dtype=np.int64).reshape(-1) for b in batch_indices]
         self._batch_indices = batch_indices
+        if step_meta is not None and len(step_meta) != T:
+            raise ValueError(f"pkfast.Trajectory: expected {T} step_meta entries (one per step); found {len(step_meta)}")
+        self._step_meta = [dict(m or {}) for m in step_meta] if step_meta is not None else [{} for _ in range(T)]
+        self._targets = targets
         self.meta: dict[str, Any] = dict(meta or {})
         self.source = source
         self._checked: set[int] = set()
@@ -239,6 +249,18 @@ class Trajectory:
         if self._batch_indices is None:
             return None
         return self._batch_indices[step]
+
+    def step_meta(self, step: int) -> dict[str, Any]:
+        """Per-step metadata (e.g. ``{"optimizer": {"momentum": 0.9, …}}`` from the recorder); {} if none."""
+        return dict(self._step_meta[step])
+
+    @property
+    def targets(self) -> torch.Tensor | None:
+        """The training targets recorded with the trajectory (``TrajectoryRecorder(targets=…)``), or None."""
+        t = self._targets
+        if t is None:
+            return None
+        return t if isinstance(t, torch.Tensor) else torch.from_numpy(np.asarray(t))
 
     def slice_of(self, name: str) -> slice:
         """The columns of a flattened row that hold entry ``name``."""
@@ -395,6 +417,7 @@ class Trajectory:
         steps = steps[:T]
         weights = np.memmap(wpath, dtype=np_dtype, mode="r", shape=(T + 1, P))
         batch = [s.get("batch_indices") for s in steps]
+        tpath = path / TARGETS
         return cls(
             weights,
             [s["lr"] for s in steps],
@@ -402,6 +425,8 @@ class Trajectory:
             batch_indices=None if all(b is None for b in batch) else batch,
             meta=manifest.get("meta", {}),
             source=str(path),
+            step_meta=[{k: v for k, v in s.items() if k not in ("lr", "batch_indices")} for s in steps],
+            targets=np.load(tpath) if tpath.exists() else None,
         )
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -413,9 +438,12 @@ class Trajectory:
             writer.append_point(self.flat(0))
             for s in range(self.num_steps):
                 b = self.batch_indices(s)
-                writer.append_step(self.flat(s + 1), float(self._eps[s]), None if b is None else b.tolist())
+                writer.append_step(self.flat(s + 1), float(self._eps[s]), None if b is None else b.tolist(),
+                                   **self._step_meta[s])
         finally:
             writer.close()
+        if self.targets is not None:
+            np.save(Path(path) / TARGETS, self.targets.numpy())
         return Path(path)
 
 
