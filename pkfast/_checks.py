@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -17,6 +17,20 @@ def check_choice(fn: str, name: str, value: Any, choices: Iterable[str]) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{fn}: unknown {name}={value!r}; expected one of {', '.join(map(repr, choices))}")
     return value
+
+
+def check_nodes(fn: str, nodes: Any) -> int:
+    """Gauss–Legendre nodes per step: an integer in [1, 64]."""
+    if isinstance(nodes, bool) or not isinstance(nodes, int) or not 1 <= nodes <= 64:
+        raise ValueError(f"{fn}: nodes must be an integer in [1, 64] (Gauss–Legendre nodes per step); found {nodes!r}")
+    return nodes
+
+
+def preview(items: Sequence[Any], k: int = 6, fmt: Any = repr) -> str:
+    """The first k items, then how many there are in all."""
+    items = list(items)
+    shown = ", ".join(map(fmt, items[:k]))
+    return shown + (f", … ({len(items)} in all)" if len(items) > k else "")
 
 
 def as_target_tensor(fn: str, name: str, y: Any, n: int) -> torch.Tensor:

@@ -192,8 +192,7 @@ class GramJob:
             _checks.check_feature_shapes(_FN, X, X2)
 
         of = _checks.check_choice(_FN, "of", of, OF)
-        if isinstance(nodes, bool) or not isinstance(nodes, int) or not 1 <= nodes <= 64:
-            raise ValueError(f"{_FN}: nodes must be an integer in [1, 64] (Gauss–Legendre nodes per step); found {nodes!r}")
+        nodes = _checks.check_nodes(_FN, nodes)
         if nodes != DEFAULT_NODES and rule != "exact":
             raise ValueError(f"{_FN}: nodes={nodes} applies to rule='exact'; found rule={rule!r}")
         spec = None
@@ -215,9 +214,9 @@ class GramJob:
         if X2 is not None:
             fm.probe(X2, _FN, "X2")
         if spec is not None:
-            _check_targets(spec, y, fm.model_outputs, "y")
+            spec.check_targets(y, fm.model_outputs, "y", _FN)
             if y2 is not None:
-                _check_targets(spec, y2, fm.model_outputs, "y2")
+                spec.check_targets(y2, fm.model_outputs, "y2", _FN)
         terms = terms_for(rule, trajectory.step_sizes, nodes)
         if not is_symmetric(terms) and X2 is None and not diagonal:
             log.info("pkfast.gram: rule=%r is asymmetric: computing every tile of the %d×%d Gram (no mirroring)",
@@ -376,9 +375,9 @@ class GramJob:
         Xc = (self.X if self.X2 is None else self.X2)[tile.cols]
         chunk = self.plan.chunk
         acc = self._zero_acc(tile)
+        Yr = None if self.Y is None else self.Y[tile.rows]
+        Yc = None if self.Y is None else (self.Y if self.Y2 is None else self.Y2)[tile.cols]
         for term in self.terms:
-            Yr = None if self.Y is None else self.Y[tile.rows]
-            Yc = None if self.Y is None else (self.Y if self.Y2 is None else self.Y2)[tile.cols]
             A = self.fm.jacobian(term.left, Xr, out=self._A[:r], chunk=chunk, Y=Yr)
             same = (tile.diagonal or self.diagonal) and term.symmetric
             B = A if same else self.fm.jacobian(term.right_combo, Xc, out=self._B[:c], chunk=chunk, Y=Yc)
@@ -467,19 +466,6 @@ def _loss_spec(loss: Any, trajectory: Trajectory) -> LossSpec:
                              "or 'cross_entropy'/'mse'); none was passed and the trajectory recorded none")
         return LossSpec.from_module(rec, fn=_FN)
     return LossSpec.from_module(loss, fn=_FN)
-
-
-def _check_targets(spec: LossSpec, y: torch.Tensor, C: int, name: str) -> None:
-    if spec.kind == "cross_entropy":
-        if y.is_floating_point() or y.ndim != 1:
-            raise ValueError(f"{_FN}: cross_entropy targets {name} must be class indices of shape [n]; found "
-                             f"{y.dtype} of shape {tuple(y.shape)}")
-        bad = (y != spec.ignore_index) & ((y < 0) | (y >= C))
-        if bool(bad.any()):
-            raise ValueError(f"{_FN}: {name} holds class {int(y[bad][0])}; the model has {C} outputs "
-                             f"(classes 0…{C - 1})")
-    elif tuple(y.reshape(y.shape[0], -1).shape[1:]) != (C,):
-        raise ValueError(f"{_FN}: mse targets {name} must have C = {C} values per sample; found shape {tuple(y.shape)}")
 
 
 def _distributed() -> tuple[int, int]:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch.func import functional_call, jacrev, vmap
 
+from pkfast._checks import preview
 from pkfast.trajectory import Trajectory
 
 __all__ = ["FunctionalModel", "EvalPoint"]
@@ -76,7 +77,7 @@ class FunctionalModel:
                 if hit is None:
                     raise ValueError(
                         f"{fn}: the trajectory has no entry for the model's trainable parameter {n!r} "
-                        f"(shape {tuple(p.shape)}); trajectory entries: {_preview(trajectory.names)}"
+                        f"(shape {tuple(p.shape)}); trajectory entries: {preview(trajectory.names)}"
                     )
                 if traj_shapes[hit] != p.shape:
                     raise ValueError(
@@ -229,26 +230,18 @@ class FunctionalModel:
             out = torch.empty(n, C, P, dtype=self.dtype, device=self.device)
         if chunk is None:
             chunk = self.default_chunk()
-        if self.loss is not None:
-            if Y is None:
-                raise ValueError("pkfast: loss-gradient Jacobians need the targets Y of the samples")
-            jl = vmap(jacrev(self._loss_single), in_dims=(None, None, 0, 0), randomness="error")
-            Yd = Y.to(self.device)
-
-            def jf(params, statics, x, _a=None, _b=None):  # noqa: ANN001 - same call shape as below
-                return jl(params, statics, x, Yd[_a:_b])
-        else:
-            jv = vmap(jacrev(self._f_single), in_dims=(None, None, 0), randomness="error")
-
-            def jf(params, statics, x, _a=None, _b=None):  # noqa: ANN001
-                return jv(params, statics, x)
+        if self.loss is not None and Y is None:
+            raise ValueError("pkfast: loss-gradient Jacobians need the targets Y of the samples")
+        per_sample = (self._loss_single, (0, 0)) if self.loss is not None else (self._f_single, (0,))
+        jf = vmap(jacrev(per_sample[0]), in_dims=(None, None, *per_sample[1]), randomness="error")
+        Yd = None if self.loss is None else Y.to(self.device)
         for qi, (point, weight) in enumerate(combo):
             flat, statics = self.state(point)
             params = self.params(flat)
             for a in range(0, n, chunk):
                 b = min(n, a + chunk)
                 try:
-                    jac = jf(params, statics, self.prepare(X[a:b]), a, b)
+                    jac = jf(params, statics, self.prepare(X[a:b]), *(() if Yd is None else (Yd[a:b],)))
                 except RuntimeError as e:
                     if "randomness" in str(e):
                         raise ValueError(
@@ -282,8 +275,3 @@ def _contiguous_run(slices: list[slice]) -> slice | None:
         if s0.stop != s1.start:
             return None
     return slice(slices[0].start, slices[-1].stop)
-
-
-def _preview(names: Sequence[str], k: int = 6) -> str:
-    shown = ", ".join(map(repr, list(names)[:k]))
-    return shown + (f", … ({len(names)} in all)" if len(names) > k else "")

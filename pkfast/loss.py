@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 __all__ = ["LossSpec"]
 
@@ -89,6 +88,20 @@ class LossSpec:
         return {"kind": self.kind, "reduction": self.reduction,
                 "weight": None if self.weight is None else list(self.weight),
                 "label_smoothing": self.label_smoothing, "ignore_index": self.ignore_index}
+
+    def check_targets(self, y: torch.Tensor, C: int, name: str, fn: str) -> None:
+        """Raise a clear error unless ``y`` are valid targets for a model with C outputs."""
+        if self.kind == "cross_entropy":
+            if y.is_floating_point() or y.ndim != 1:
+                raise ValueError(f"{fn}: cross_entropy targets {name} must be class indices of shape [n]; found "
+                                 f"{y.dtype} of shape {tuple(y.shape)}")
+            bad = (y != self.ignore_index) & ((y < 0) | (y >= C))
+            if bool(bad.any()):
+                raise ValueError(f"{fn}: {name} holds class {int(y[bad][0])}; the model has {C} outputs "
+                                 f"(classes 0…{C - 1})")
+        elif tuple(y.reshape(y.shape[0], -1).shape[1:]) != (C,):
+            raise ValueError(f"{fn}: mse targets {name} must have C = {C} values per sample; found shape "
+                             f"{tuple(y.shape)}")
 
     # ------------------------------------------------------------------ per sample and per batch
     def _w(self, like: torch.Tensor) -> torch.Tensor | None:

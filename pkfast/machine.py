@@ -130,9 +130,7 @@ class KernelMachine:
         if not isinstance(trajectory, Trajectory):
             raise TypeError(f"{_FN}: trajectory must be a pkfast.Trajectory; found {type(trajectory).__name__}")
         self.rule = _checks.check_choice(_FN, "rule", rule, ("exact", "left"))
-        if isinstance(nodes, bool) or not isinstance(nodes, int) or not 1 <= nodes <= 64:
-            raise ValueError(f"{_FN}: nodes must be an integer in [1, 64]; found {nodes!r}")
-        self.nodes = nodes
+        self.nodes = _checks.check_nodes(_FN, nodes)
         self.dtype = _checks.check_dtype(_FN, dtype)
         self.progress = progress
         self.trajectory = trajectory
@@ -168,9 +166,7 @@ class KernelMachine:
         self.fm_loss = FunctionalModel(model, trajectory, dtype=self.dtype, device=device, fn=_FN, loss=self.loss)
         self.C = self.fm.probe(self.X, _FN, "X_train")
         self.fm_loss.probe(self.X, _FN, "X_train")
-        from pkfast.gram import _check_targets
-
-        _check_targets(self.loss, self.y, self.C, "y_train")
+        self.loss.check_targets(self.y, self.C, "y_train", _FN)
         budget = _checks.check_memory_budget(_FN, memory_budget) or 2 * 2**30
         per_query = 3 * self.C * self.fm.num_params * torch.empty((), dtype=self.dtype).element_size()
         self.query_chunk = max(1, int(budget // max(1, per_query)))

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pkfast._checks import preview
 from pkfast.tiles import Tile, TilePlan
 
 __all__ = ["GramStore", "StoredGram", "open_gram", "StoreError", "fingerprints"]
@@ -334,7 +335,7 @@ class GramStore:
         bad = [i for i, crcs in sorted(done.items()) if not self.tile_ok(i, crcs)]
         if bad:
             warnings.warn(f"pkfast.gram: {len(bad)} finished tile(s) of {self.path} no longer match their "
-                          f"checksum (tiles {_preview(bad)}); the file was modified or damaged — recomputing them",
+                          f"checksum (tiles {preview(bad, 8, str)}); the file was modified or damaged — recomputing them",
                           RuntimeWarning, stacklevel=3)
         return set(done) - set(bad)
 
@@ -658,8 +659,3 @@ def _human(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} TiB"  # pragma: no cover
-
-
-def _preview(xs: Sequence[int], k: int = 8) -> str:
-    s = ", ".join(map(str, xs[:k]))
-    return s + (f", … ({len(xs)} in all)" if len(xs) > k else "")
