@@ -356,3 +356,29 @@ def test_recorded_metadata_survives_save_and_load(tmp_path):
     t2 = pkfast.Trajectory.load(tmp_path / "copy")
     assert t2.step_meta(1) == traj.step_meta(1) and t2.step_meta(1)["optimizer"]["momentum"] == 0.5
     assert torch.equal(t2.targets, y) and t2.meta["loss"] == traj.meta["loss"]
+
+
+def test_more_error_messages(tmp_path):
+    model = tanh_mlp()
+    traj = pkfast.Trajectory.from_checkpoints([model.state_dict(), model.state_dict()], lr=0.1)
+    X, y = data(4)
+    with pytest.raises(ValueError, match="cross_entropy targets y must be class indices"):
+        pkfast.gram(model, traj, X, of="loss", loss="cross_entropy", y=X[:, 0], progress=False)
+    with pytest.raises(ValueError, match="mse targets y must have C = 3 values per sample"):
+        pkfast.gram(model, traj, X, of="loss", loss="mse", y=torch.randn(4, 2), progress=False)
+    t = train(tmp_path, tanh_mlp(), X, y, steps=2, lr=0.1)
+    km = pkfast.KernelMachine(model, t, X, progress=False)
+    with pytest.raises(ValueError, match="expected one query; found 2"):
+        km.explain(X[:2])
+    with pytest.raises(ValueError, match="target class 5 is outside 0…2"):
+        km.explain(X[0], target=5)
+    for bad, says in [({"momentum": 0.9}, "momentum, dampening or nesterov changed"),
+                      ({"maximize": True}, "maximize=True"),
+                      ({"groups": [{"momentum": 0.0}, {"momentum": 0.5}]}, "parameter groups used different")]:
+        meta = [t.step_meta(0), {"optimizer": {**t.step_meta(1)["optimizer"], **bad}}]
+        if "groups" in bad:
+            meta[1] = {"optimizer": bad}
+        t2 = pkfast.Trajectory(torch.stack([t.flat(k) for k in range(3)]), t.step_sizes, t.spec, meta=t.meta,
+                               batch_indices=[t.batch_indices(s) for s in range(2)], step_meta=meta, targets=y)
+        with pytest.raises(ValueError, match=says):
+            pkfast.KernelMachine(model, t2, X, progress=False)
