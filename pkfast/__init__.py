@@ -5,6 +5,7 @@ K(x, x') = Σ_s ε_s ∇_w f(x; w_s) · ∇_w f(x'; w_s)   (Domingos 2020), comp
 Public surface:
     gram                 the path-kernel Gram (or cross-Gram, or its diagonal) of a model along a trajectory;
                          with out="….npy" stored tile by tile on disk, resumable and shared across ranks
+    plan                 what gram() would do: each layer's route (factorized / materialized / jacobian), costs, tiles
     open_gram            a stored Gram with its options, fingerprints and progress
     Trajectory           weight points w_0 … w_T and step sizes ε_0 … ε_{T-1}
     TrajectoryRecorder   records a trajectory to disk during training (weights, lr, batches, loss, optimizer)
@@ -15,7 +16,7 @@ Public surface:
 """
 
 from pkfast import reference
-from pkfast.gram import gram
+from pkfast.gram import gram, plan
 from pkfast.loss import LossSpec
 from pkfast.machine import KernelMachine
 from pkfast.recorder import TrajectoryRecorder
@@ -24,5 +25,5 @@ from pkfast.trajectory import Trajectory
 
 __version__ = "0.1.0"
 
-__all__ = ["gram", "open_gram", "Trajectory", "TrajectoryRecorder", "KernelMachine", "LossSpec", "reference",
+__all__ = ["gram", "plan", "open_gram", "Trajectory", "TrajectoryRecorder", "KernelMachine", "LossSpec", "reference",
            "__version__"]

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from pkfast._alloc import reuse_freed_memory
 from pkfast import _checks
 from pkfast.accumulate import BACKENDS, PRECISIONS, accumulate, accumulate_diagonal, select_backend
-from pkfast.jacobians import FunctionalModel
+from pkfast import factorized as _fz
+from pkfast.jacobians import DEFAULT_CHUNK_BYTES, FunctionalModel
 from pkfast import store as _store
 from pkfast.loss import LossSpec
 from pkfast.rules import DEFAULT_NODES, RULES, Term, is_symmetric, terms_for
@@ -32,7 +33,7 @@ from pkfast.trajectory import Trajectory
 
 log = logging.getLogger("pkfast")
 
-__all__ = ["gram", "OUTPUTS"]
+__all__ = ["gram", "plan", "GramPlan", "OUTPUTS"]
 
 #: ``"trace"``: Σ_c ∇f_c(x)·∇f_c(x′), shape [N, M] (the torch.func tutorial's convention);
 #: ``"mean"``: the trace divided by C (neural-tangents' ``trace_axes`` convention);
@@ -65,6 +66,7 @@ def gram(
     loss: Any = None,
     y: Any = None,
     y2: Any = None,
+    method: str = "auto",
 ) -> torch.Tensor | np.memmap:
     r"""The path-kernel Gram matrix of ``model`` along ``trajectory`` between samples ``X`` (and ``X2``).
 
@@ -138,12 +140,79 @@ def gram(
     """
     job = GramJob.create(model, trajectory, X, X2, outputs=outputs, rule=rule, diagonal=diagonal,
                          backend=backend, dtype=dtype, memory_budget=memory_budget, precision=precision,
-                         nodes=nodes, of=of, loss=loss, y=y, y2=y2)
+                         nodes=nodes, of=of, loss=loss, y=y, y2=y2, method=method)
     if out is not None:
         return job.run_stored(out, overwrite=overwrite, progress=progress)
     if overwrite:
         raise ValueError(f"{_FN}: overwrite=True applies to a stored Gram; expected out='….npy' with it, found out=None")
     return job.run(progress=progress)
+
+
+def plan(
+    model: torch.nn.Module,
+    trajectory: Trajectory,
+    X: torch.Tensor | np.ndarray,
+    X2: torch.Tensor | np.ndarray | None = None,
+    **options: Any,
+) -> "GramPlan":
+    """What :func:`gram` would do with these arguments, without doing it: the route of every parameterised
+    layer (``factorized``, ``materialized``, ``jacobian`` or ``unused``) with its positions S, fan-in I, fan-out
+    O, estimated multiply-add FLOPs of each feasible route and memory per sample, and the tile plan.
+
+    Takes the arguments of :func:`gram` (except ``out``, ``overwrite`` and ``progress``). ``print()`` the
+    result for a table; ``.layers`` holds the per-layer records (:class:`pkfast.factorized.Layer`).
+
+    Example:
+        >>> import torch, pkfast
+        >>> net = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(), torch.nn.Linear(256, 10))
+        >>> traj = pkfast.Trajectory.from_checkpoints([net.state_dict(), net.state_dict()], lr=0.1)
+        >>> p = pkfast.plan(net, traj, torch.randn(100, 64))
+        >>> [(L.name, L.method) for L in p.layers]
+        [('0', 'factorized'), ('2', 'factorized')]
+    """
+    for k in ("out", "overwrite", "progress"):
+        if k in options:
+            raise TypeError(f"pkfast.plan: {k!r} is an option of the computation, not of the plan; drop it")
+    job = GramJob.create(model, trajectory, X, X2, **options)
+    return GramPlan(job)
+
+
+class GramPlan:
+    """The plan of a Gram computation (see :func:`plan`): ``.method`` (the resolved route), ``.layers``,
+    ``.tiles`` (the :class:`~pkfast.tiles.TilePlan`), ``.flops`` (estimated multiply-adds, all terms)."""
+
+    def __init__(self, job: "GramJob") -> None:
+        self.job = job
+        self.method = job.method
+        self.requested = job.requested_method
+        self.layers = job.layers
+        self.tiles = job.plan
+        self.flops = sum(L.flops for L in self.layers)
+
+    def __str__(self) -> str:
+        j = self.job
+        N = j.X.shape[0]
+        M = N if j.X2 is None else j.X2.shape[0]
+        shape = f"{N}" if j.diagonal else f"{N}×{M}"
+        head = (f"pkfast.plan: {'diagonal of a ' if j.diagonal else ''}{shape} {j.outputs} Gram, C={j.num_outputs}, "
+                f"{len(j.terms)} terms (rule={j.rule!r}), method={self.requested!r} → {self.method} route")
+        rows = [("layer", "type", "route", "S", "I", "O", "params", "GFLOP", "other routes (GFLOP)", "KiB/sample", "note")]
+        for L in self.layers:
+            others = ", ".join(f"{k} {v / 1e9:.3g}" for k, v in L.options.items() if k != L.method)
+            if L.kind == "other":
+                S = I = O = "-"
+            else:
+                S, I, O = str(L.positions), str(L.fan_in) + ("+1" if L.bias else ""), str(L.fan_out)
+                if L.groups > 1:
+                    I, O = f"{I}×{L.groups}g", f"{O}×{L.groups}g"
+            rows.append((L.name or "(root)", L.type, L.method, S, I, O, f"{L.size:,}", f"{L.flops / 1e9:.3g}", others or "-",
+                         f"{L.bytes_per_sample / 1024:.3g}", L.reason))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = [head] + ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.append(f"total ≈ {self.flops / 1e9:.3g} GFLOP in {self.tiles!r}")
+        return "\n".join(lines)
+
+    __repr__ = __str__
 
 
 @dataclass
@@ -166,13 +235,18 @@ class GramJob:
     of: str = "output"
     Y: torch.Tensor | None = None
     Y2: torch.Tensor | None = None
+    method: str = "jacobian"
+    layers: list | None = None
+    engine: Any = None
+    requested_method: str = "auto"
 
     # ------------------------------------------------------------------ construction and validation
     @classmethod
     def create(cls, model: Any, trajectory: Any, X: Any, X2: Any = None, *, outputs: str = "trace",
                rule: str = "left", diagonal: bool = False, backend: str = "auto", dtype: Any = None,
                memory_budget: Any = None, precision: str = "ieee", nodes: int = DEFAULT_NODES,
-               of: str = "output", loss: Any = None, y: Any = None, y2: Any = None) -> "GramJob":
+               of: str = "output", loss: Any = None, y: Any = None, y2: Any = None,
+               method: str = "auto") -> "GramJob":
         model = _checks.check_model(_FN, model)
         if not isinstance(trajectory, Trajectory):
             raise TypeError(f"{_FN}: trajectory must be a pkfast.Trajectory; found {type(trajectory).__name__}")
@@ -192,6 +266,7 @@ class GramJob:
             _checks.check_feature_shapes(_FN, X, X2)
 
         of = _checks.check_choice(_FN, "of", of, OF)
+        method = _checks.check_choice(_FN, "method", method, _fz.METHODS)
         nodes = _checks.check_nodes(_FN, nodes)
         if nodes != DEFAULT_NODES and rule != "exact":
             raise ValueError(f"{_FN}: nodes={nodes} applies to rule='exact'; found rule={rule!r}")
@@ -227,17 +302,40 @@ class GramJob:
 
         budget = budget if budget is not None else default_memory_budget(device)
         itemsize = torch.empty((), dtype=dtype).element_size()
-        u = C * fm.num_params * itemsize
-        block = C * C if outputs == "full" else 1
-        if diagonal:
-            plan = plan_diagonal(X.shape[0], bytes_per_sample=u, acc_bytes_per_sample=block * itemsize,
-                                 budget=budget, chunk=fm.default_chunk(), fn=_FN)
+        full = outputs == "full"
+        N = X.shape[0]
+        M = N if X2 is None else X2.shape[0]
+        symmetric = X2 is None and is_symmetric(terms)
+        layers, engine = _fz.find_layers(model, fm), None
+        if method != "jacobian":
+            engine = _fz.Engine(fm, layers, backend=backend, precision=precision)
+            engine.discover(X)
+        pairs = N if diagonal else (N * (N + 1) / 2 if symmetric else N * M)
+        nodes_left = max((len(t.left) for t in terms), default=1)
+        _fz.choose(layers, method=method, C=C, full=full, pairs=pairs * nodes_left, samples=N + (0 if diagonal else M),
+                   terms=len(terms), itemsize=itemsize)
+        if engine is not None:
+            engine.route()
+            if not engine.hooked:  # nothing to factorise: the plain Jacobian route, unchanged
+                engine = None
+        if engine is None:
+            u = C * fm.num_params * itemsize
+            chunk = fm.default_chunk()
+            acc_mult = 1
         else:
-            n_cols = X.shape[0] if X2 is None else X2.shape[0]
-            plan = plan_tiles(X.shape[0], n_cols, symmetric=X2 is None and is_symmetric(terms),
-                              bytes_per_sample=u, acc_bytes_per_pair=block * itemsize, budget=budget,
-                              chunk=fm.default_chunk(), fn=_FN)
-        return cls(fm, X, X2, outputs, rule, diagonal, backend, dtype, terms, plan, C, precision, nodes, of, y, y2)
+            feat = sum(L.bytes_per_sample for L in engine.factorized) * nodes_left
+            u = C * engine.panel_width * itemsize + feat
+            chunk = max(1, min(1024, DEFAULT_CHUNK_BYTES // max(1, u)))
+            acc_mult = 3 if engine.factorized else 1
+        block = C * C if full else 1
+        if diagonal:
+            plan = plan_diagonal(N, bytes_per_sample=u, acc_bytes_per_sample=block * itemsize * acc_mult,
+                                 budget=budget, chunk=chunk, fn=_FN)
+        else:
+            plan = plan_tiles(N, M, symmetric=symmetric, bytes_per_sample=u, acc_bytes_per_pair=block * itemsize * acc_mult,
+                              budget=budget, chunk=chunk, fn=_FN)
+        return cls(fm, X, X2, outputs, rule, diagonal, backend, dtype, terms, plan, C, precision, nodes, of, y, y2,
+                   "jacobian" if engine is None else "factorized", layers, engine, method)
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -352,8 +450,14 @@ class GramJob:
         M = N if self.X2 is None else self.X2.shape[0]
         return f"pkfast.gram {'diag ' if self.diagonal else ''}{N}×{M if not self.diagonal else 1}, {len(self.terms)} terms"
 
+    @property
+    def width(self) -> int:
+        """Columns per output of a Jacobian panel: every trainable parameter on the Jacobian route; on the
+        factorised route the ``"jacobian"`` parameters plus the ``"materialized"`` layers (maybe 0)."""
+        return self.fm.num_params if self.engine is None else self.engine.panel_width
+
     def _buffers(self) -> None:
-        C, P = self.num_outputs, self.fm.num_params
+        C, P = self.num_outputs, self.width
         dev = self.fm.device
         self._A = torch.empty(self.plan.row_block, C, P, dtype=self.dtype, device=dev)
         needs_b = not all((t.diagonal or self.diagonal) for t in self.plan.tiles) or not is_symmetric(self.terms)
@@ -368,6 +472,8 @@ class GramJob:
 
     def compute_tile(self, tile: Tile, bar: Any = None) -> torch.Tensor:
         """Σ over terms of weight · A Bᵀ for this tile, as the accumulator (on the compute device)."""
+        if self.engine is not None:
+            return self._compute_tile_factorized(tile, bar)
         C, P = self.num_outputs, self.fm.num_params
         r, c = tile.shape
         full = self.outputs == "full"
@@ -389,6 +495,52 @@ class GramJob:
             else:
                 accumulate(acc, A.view(r, C * P), B.view(c, C * P), term.weight, backend=self.backend,
                            upper_only=same, precision=self.precision)
+            if bar is not None:
+                bar.update(r if self.diagonal else r * c)
+        return acc
+
+    def _compute_tile_factorized(self, tile: Tile, bar: Any = None) -> torch.Tensor:
+        """:meth:`compute_tile` on the factorised route: per term, one pass per evaluation point gives the panel
+        part (``"jacobian"`` parameters and ``"materialized"`` layers, multiplied as usual) and the factors of
+        the ``"factorized"`` layers (multiplied pairwise)."""
+        eng, C, P = self.engine, self.num_outputs, self.width
+        r, c = tile.shape
+        full = self.outputs == "full"
+        Xr = self.X[tile.rows]
+        Xc = (self.X if self.X2 is None else self.X2)[tile.cols]
+        Yr = None if self.Y is None else self.Y[tile.rows]
+        Yc = None if self.Y is None else (self.Y if self.Y2 is None else self.Y2)[tile.cols]
+        chunk = self.plan.chunk
+        acc = self._zero_acc(tile)
+
+        def side(combo, X, Y, buf):
+            feats = []
+            for qi, (point, om) in enumerate(combo):
+                f = eng.evaluate(point, X, Y, chunk, buf if P else None, weight=om, add=qi > 0)
+                feats.append((om, f))
+            return feats
+
+        for term in self.terms:
+            A = self._A[:r] if P else None
+            fr = side(term.left, Xr, Yr, A)
+            same = (tile.diagonal or self.diagonal) and term.symmetric
+            if same:
+                B, fc = A, fr
+            else:
+                B = self._B[:c] if P else None
+                fc = side(term.right_combo, Xc, Yc, B)
+            if P:
+                if self.diagonal:
+                    accumulate_diagonal(acc, A, B, term.weight, full=full)
+                elif full:
+                    accumulate(acc, A.view(r * C, P), B.view(c * C, P), term.weight, backend=self.backend,
+                               upper_only=same, precision=self.precision)
+                else:
+                    accumulate(acc, A.view(r, C * P), B.view(c, C * P), term.weight, backend=self.backend,
+                               upper_only=same, precision=self.precision)
+            for om, f1 in fr:
+                for om2, f2 in fc:
+                    eng.accumulate(acc, f1, f2, term.weight * om * om2, full=full, diagonal=self.diagonal)
             if bar is not None:
                 bar.update(r if self.diagonal else r * c)
         return acc

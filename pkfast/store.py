@@ -110,7 +110,9 @@ def options(job: Any) -> dict[str, Any]:
     return {"outputs": job.outputs, "rule": job.rule, "diagonal": job.diagonal, "dtype": str(job.dtype),
             "backend": job.backend, "precision": job.precision, "device": job.fm.device.type,
             "of": job.of, "nodes": job.nodes if job.rule == "exact" else None,
-            "loss": None if job.fm.loss is None else job.fm.loss.to_meta(), "symmetric": job.plan.symmetric}
+            "loss": None if job.fm.loss is None else job.fm.loss.to_meta(), "symmetric": job.plan.symmetric,
+            "method": job.method,
+            "routes": None if job.engine is None else [f"{L.name}:{L.method}" for L in job.layers]}
 
 
 # ---------------------------------------------------------------------------------------------- small file helpers

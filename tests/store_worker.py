@@ -69,7 +69,7 @@ def main() -> None:
 
         store.GramStore.write_tile = write_tile
     model, traj, X = problem()
-    pkfast.gram(model, traj, X, out=a.out, memory_budget=BUDGET, progress=False)
+    pkfast.gram(model, traj, X, out=a.out, memory_budget=BUDGET, method="jacobian", progress=False)
     if a.dist:
         torch.distributed.destroy_process_group()
 

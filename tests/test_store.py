@@ -51,7 +51,7 @@ def test_stored_equals_in_memory_bitwise(tmp_path, case):
     X = torch.randn(13, 5, dtype=torch.float64)
     kw = dict(outputs="full" if "full" in case else ("mean" if case == "mean" else "trace"),
               X2=torch.randn(6, 5, dtype=torch.float64) if case == "cross" else None,
-              diagonal="diagonal" in case, memory_budget=20_000, progress=False, dtype=torch.float64)
+              diagonal="diagonal" in case, memory_budget=20_000, method="jacobian", progress=False, dtype=torch.float64)
     K = pkfast.gram(model, traj, X, **kw)
     out = tmp_path / "g.npy"
     M = pkfast.gram(model, traj, X, out=out, **kw)
@@ -69,7 +69,7 @@ def test_problem_has_many_tiles(reference):
     model, traj, X = sw.problem()
     torch.set_num_threads(1)
     try:
-        K = pkfast.gram(model, traj, X, memory_budget=sw.BUDGET, progress=False)
+        K = pkfast.gram(model, traj, X, memory_budget=sw.BUDGET, method="jacobian", progress=False)
     finally:
         torch.set_num_threads(os.cpu_count() or 1)
     assert np.array_equal(g.array, K.numpy())
@@ -122,7 +122,7 @@ def small(tmp_path):
     traj = random_trajectory(model)
     X = torch.randn(11, 5)
     out = tmp_path / "g.npy"
-    pkfast.gram(model, traj, X, out=out, memory_budget=8_000, progress=False)
+    pkfast.gram(model, traj, X, out=out, memory_budget=8_000, method="jacobian", progress=False)
     return model, traj, X, out
 
 
@@ -132,7 +132,7 @@ def small(tmp_path):
 ])
 def test_mismatched_restart_is_refused_and_says_what_differs(small, change, says):
     model, traj, X, out = small
-    kw = dict(out=out, memory_budget=8_000, progress=False)
+    kw = dict(out=out, memory_budget=8_000, method="jacobian", progress=False)
     if change == "X":
         X = X + 1
     elif change == "trajectory":
@@ -153,7 +153,7 @@ def test_mismatched_restart_is_refused_and_says_what_differs(small, change, says
 def test_resume_keeps_the_stored_plan_whatever_the_budget(small):
     model, traj, X, out = small
     before = _bytes(out)
-    pkfast.gram(model, traj, X, out=out, memory_budget="1GiB", progress=False)
+    pkfast.gram(model, traj, X, out=out, memory_budget="1GiB", method="jacobian", progress=False)
     assert _bytes(out) == before
 
 
@@ -168,7 +168,7 @@ def test_corrupted_tile_is_detected_and_recomputed(small):
     del arr
     assert pkfast.open_gram(out).verify() == [1]
     with pytest.warns(RuntimeWarning, match=r"no longer match their checksum \(tiles 1\)"):
-        pkfast.gram(model, traj, X, out=out, memory_budget=8_000, progress=False)
+        pkfast.gram(model, traj, X, out=out, memory_budget=8_000, method="jacobian", progress=False)
     assert _bytes(out) == good
 
 
@@ -218,12 +218,12 @@ def test_second_writer_is_refused(small):
     holder = store.GramStore.attach(out)  # another writer holds the lock
     try:
         with pytest.raises(store.StoreError, match=f"being written by another process \\(pid {os.getpid()}"):
-            pkfast.gram(model, traj, X, out=out, memory_budget=8_000, progress=False)
+            pkfast.gram(model, traj, X, out=out, memory_budget=8_000, method="jacobian", progress=False)
         with pytest.raises(store.StoreError, match="another process is writing it"):
             pkfast.gram(model, traj, X, out=out, overwrite=True, progress=False)
     finally:
         holder.close()
-    pkfast.gram(model, traj, X, out=out, memory_budget=8_000, progress=False)  # free again
+    pkfast.gram(model, traj, X, out=out, memory_budget=8_000, method="jacobian", progress=False)  # free again
 
 
 def test_disk_full_mid_run_is_a_clear_error_and_resumable(tmp_path, monkeypatch):
@@ -231,7 +231,7 @@ def test_disk_full_mid_run_is_a_clear_error_and_resumable(tmp_path, monkeypatch)
     traj = random_trajectory(model)
     X = torch.randn(11, 5)
     ref = tmp_path / "ref.npy"
-    pkfast.gram(model, traj, X, out=ref, memory_budget=8_000, progress=False)
+    pkfast.gram(model, traj, X, out=ref, memory_budget=8_000, method="jacobian", progress=False)
     out = tmp_path / "g.npy"
     real = os.pwrite
     calls = {"n": 0}
@@ -244,11 +244,11 @@ def test_disk_full_mid_run_is_a_clear_error_and_resumable(tmp_path, monkeypatch)
 
     monkeypatch.setattr(store.os, "pwrite", pwrite)
     with pytest.raises(store.StoreError, match="disk full while writing tile .* finished tiles are kept"):
-        pkfast.gram(model, traj, X, out=out, memory_budget=8_000, progress=False)
+        pkfast.gram(model, traj, X, out=out, memory_budget=8_000, method="jacobian", progress=False)
     monkeypatch.setattr(store.os, "pwrite", real)
     g = pkfast.open_gram(out)
     assert 0 < len(g.done) < g.num_tiles and g.verify() == []
-    pkfast.gram(model, traj, X, out=out, memory_budget=8_000, progress=False)
+    pkfast.gram(model, traj, X, out=out, memory_budget=8_000, method="jacobian", progress=False)
     assert _bytes(out) == _bytes(ref)
 
 
@@ -346,7 +346,7 @@ def test_small_write_slabs_give_the_same_bytes(tmp_path, monkeypatch):
     traj = random_trajectory(model, steps=2)
     X = torch.randn(17, 5, dtype=torch.float64)
     for outputs in ("trace", "full"):
-        kw = dict(outputs=outputs, memory_budget=20_000, progress=False, dtype=torch.float64)
+        kw = dict(outputs=outputs, memory_budget=20_000, method="jacobian", progress=False, dtype=torch.float64)
         K = pkfast.gram(model, traj, X, **kw)
         monkeypatch.setattr(store, "WRITE_SLAB", 3 * 8 * K[0].numel() // 2)  # 1–2 rows per slab
         M = pkfast.gram(model, traj, X, out=tmp_path / f"{outputs}.npy", **kw)

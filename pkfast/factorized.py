@@ -1,0 +1,492 @@
+"""factorized: layer-wise kernels from each layer's inputs and back-propagated output gradients, so that the
+P-dimensional Jacobian of the layers that dominate real models is never formed.
+
+For a layer ``y_s = W a_s + b`` applied at positions ``s = 1..S`` (an ``nn.Linear`` over extra leading
+dimensions, a convolution over its unfolded patches, an ``nn.Embedding`` lookup), with ``δ_s^{(c)} = ∂f_c/∂y_s``,
+the layer's share of the tangent kernel is (path-kernel-math.md §5(c))
+
+    K_l(x, x′)_{cc′} = Σ_{s,t} (a_s·a′_t + 1) (δ_s^{(c)}·δ′_t^{(c′)}) = ⟨A A′ᵀ + 11ᵀ, Δ^{(c)} Δ′^{(c′)ᵀ}⟩
+
+(``+1`` only with a trainable bias; groups split the layer block-diagonally; for an embedding a·a′ = 1[same
+token]). Each supported layer takes one of three routes, chosen from the cost model of §6(ii):
+
+- ``"factorized"``: the pairwise form above — GEMMs of the S×S position blocks (``A Aᵀ`` and the Δ-Gram) and
+  an elementwise product; per pair ``S²(I + C·O)`` multiply-adds for the trace, ``S²(I + C²·O)`` for the block;
+- ``"materialized"``: the layer's per-sample gradient ``G = Δᵀ A`` (``C × O × I`` per sample) formed from the
+  same factors — no per-parameter backward pass — and multiplied like any Jacobian panel;
+- ``"jacobian"``: parameters of other modules (norm affines, custom parameters, tied weights, unsupported
+  layer options) go through ``torch.func.jacrev`` and are added; ``"unused"`` layers (never called) add 0.
+
+:class:`Engine` computes, in one ``vmap(jacrev)`` pass per chunk of samples, the Jacobian of the
+``"jacobian"`` parameters and the output gradients Δ at every supported layer (through zero "probes" added
+to the layers' outputs by forward hooks), with the layers' inputs A returned alongside.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, jacrev, vmap
+
+from pkfast.accumulate import accumulate
+from pkfast.jacobians import EvalPoint, FunctionalModel
+
+__all__ = ["METHODS", "Layer", "Engine", "find_layers", "choose"]
+
+#: ``method=`` values of :func:`pkfast.gram`.
+METHODS = ("auto", "jacobian", "factorized", "sketch")
+
+#: Bytes of S×S temporaries one factorised product may hold at a time (row/column sub-blocks are cut to fit).
+WORKSPACE_BYTES = 64 * 2**20
+
+
+@dataclass
+class Layer:
+    """One parameterised module and how its share of the kernel is computed."""
+
+    name: str                      # module path ("" for the root module)
+    kind: str                      # "linear" | "conv" | "embedding" | "other"
+    type: str                      # the module's class name
+    params: tuple[str, ...]        # its trainable parameters (FunctionalModel names)
+    size: int                      # number of trainable parameters
+    module: nn.Module | None = None
+    bias: bool = False             # a trainable bias (the +1 column of A)
+    groups: int = 1
+    calls: int = 0
+    positions: int = 0             # S, summed over calls
+    fan_in: int = 0                # I per group (without the bias column); vocabulary size for an embedding
+    fan_out: int = 0               # O per group
+    method: str = "jacobian"
+    reason: str = ""
+    flops: float = 0.0             # estimated multiply-add FLOPs of its share of the Gram (all terms)
+    bytes_per_sample: int = 0      # working memory per sample of its share
+    options: dict[str, float] = field(default_factory=dict)  # FLOPs of each feasible route (for the plan)
+
+    @property
+    def factor_in(self) -> int:
+        """Columns of A per group (the bias adds one)."""
+        return self.fan_in + (1 if self.bias else 0)
+
+    @property
+    def panel_width(self) -> int:
+        """Columns this layer takes in a Jacobian panel (per output): its parameter count."""
+        return self.size
+
+
+_KINDS = {nn.Linear: "linear", nn.Conv1d: "conv", nn.Conv2d: "conv", nn.Embedding: "embedding"}
+
+
+def _kind_of(m: nn.Module) -> tuple[str | None, str]:
+    """(kind, reason it is not supported) of a module by its own forward."""
+    for cls, kind in _KINDS.items():
+        if isinstance(m, cls):
+            if type(m).forward is not cls.forward:
+                return None, f"{type(m).__name__} overrides {cls.__name__}.forward"
+            if kind == "embedding" and (m.max_norm is not None or m.scale_grad_by_freq):
+                return None, "max_norm / scale_grad_by_freq change the lookup's gradient"
+            return kind, ""
+    return None, ""
+
+
+def find_layers(model: nn.Module, fm: FunctionalModel) -> list[Layer]:
+    """Every module owning trainable parameters, as a :class:`Layer` (supported kinds first found candidates;
+    the rest ``kind="other"``, method ``"jacobian"``). Parameters are assigned to their owning module."""
+    trainable = set(fm.names)
+    owners: dict[int, set[int]] = {}
+    for _, mod in model.named_modules(remove_duplicate=False):
+        for p in mod._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), set()).add(id(mod))
+    name_of = {}
+    for n, p in model.named_parameters():
+        name_of[id(p)] = n
+    layers = []
+    for mname, mod in model.named_modules():
+        own = [(pn, p) for pn, p in mod._parameters.items() if p is not None and name_of.get(id(p)) in trainable]
+        if not own:
+            continue
+        names = tuple(name_of[id(p)] for _, p in own)
+        size = sum(p.numel() for _, p in own)
+        kind, reason = _kind_of(mod)
+        if kind is not None:
+            if any(len(owners[id(p)]) > 1 for _, p in own):
+                kind, reason = None, "a parameter shared with another module (tied weights)"
+            elif torch.nn.utils.parametrize.is_parametrized(mod):
+                kind, reason = None, "parametrized weight"
+            elif "weight" not in dict(own):
+                kind, reason = None, "frozen weight (only the bias trains)"
+            elif set(pn for pn, _ in own) - {"weight", "bias"}:
+                kind, reason = None, "extra parameters"
+        layer = Layer(mname, kind or "other", type(mod).__name__, names, size, module=mod if kind else None,
+                      reason=reason)
+        if kind is not None:
+            layer.bias = "bias" in dict(own)
+            layer.groups = int(getattr(mod, "groups", 1))
+        layers.append(layer)
+    return layers
+
+
+# ---------------------------------------------------------------------------------------------- cost model
+def _route_costs(layer: Layer, C: int, full: bool) -> tuple[float, float, float, float]:
+    """(factorised FLOPs per pair, materialised FLOPs per pair, materialised FLOPs per sample, factorised
+    FLOPs per sample) for one kernel term; sums over groups."""
+    S, g, Ip, O = layer.positions, layer.groups, layer.factor_in, layer.fan_out
+    if layer.kind == "embedding":
+        aa = S * S  # token comparisons
+        mat_sample = 2.0 * C * S * O  # scatter-add of Δ into the touched rows
+        width = layer.fan_in * O
+    else:
+        aa = 2.0 * S * S * Ip * g
+        mat_sample = 2.0 * C * S * O * Ip * g
+        width = O * Ip * g
+    cc = C * C if full else C
+    fact_pair = aa + 2.0 * S * S * cc * O * g + S * S * cc * g
+    mat_pair = 2.0 * cc * width
+    return fact_pair, mat_pair, mat_sample, 0.0
+
+
+def choose(layers: list[Layer], *, method: str, C: int, full: bool, pairs: float, samples: float, terms: int,
+           itemsize: int) -> None:
+    """Set each layer's route and cost estimate: ``method="auto"`` takes the cheaper route per supported layer
+    (ties go to ``"factorized"``), ``"factorized"`` factorises every supported layer, ``"jacobian"`` none.
+
+    ``pairs``/``samples``: kernel entries and Jacobian rows (rows + columns, summed over tiles) per term."""
+    for L in layers:
+        if L.kind == "other" or L.calls == 0 or method == "jacobian":
+            if method == "jacobian":
+                L.method = "jacobian"
+                if L.kind != "other":
+                    L.reason = "method='jacobian'"
+            elif L.kind != "other":
+                L.method, L.reason = "unused", "never called in the forward pass"
+            else:
+                L.method = "jacobian"
+            L.flops = terms * (2.0 * (C * C if full else C) * L.size * pairs + 6.0 * C * L.size * samples)
+            L.bytes_per_sample = C * L.size * itemsize
+            L.options = {"jacobian": L.flops}
+            continue
+        fp, mp, ms, fs = _route_costs(L, C, full)
+        fact = terms * (fp * pairs + fs * samples)
+        mat = terms * (mp * pairs + ms * samples)
+        L.options = {"factorized": fact, "materialized": mat}
+        if method == "factorized" or fact <= mat:
+            L.method, L.flops = "factorized", fact
+            a_cols = 1 if L.kind == "embedding" else L.factor_in * L.groups
+            L.bytes_per_sample = L.positions * (a_cols + C * L.fan_out * L.groups) * itemsize
+        else:
+            L.method, L.flops = "materialized", mat
+            L.bytes_per_sample = C * L.size * itemsize
+
+
+# ---------------------------------------------------------------------------------------------- engine
+class _Capture:
+    """State of one traced forward pass: probes to add, and the inputs/output shapes seen, per layer call."""
+
+    def __init__(self, probes: dict[str, torch.Tensor] | None) -> None:
+        self.probes = probes
+        self.count: dict[str, int] = {}
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.shapes: dict[str, tuple[torch.Size, torch.Size]] = {}
+
+
+class Engine:
+    """Jacobian panels and factorised products of a model whose supported layers are routed per :class:`Layer`.
+
+    ``panel(point, X)`` gives ``[n, C, P_panel]``: the ``"jacobian"`` parameters' Jacobian followed by the
+    ``"materialized"`` layers' per-sample gradients; ``features`` gives the factors (A, Δ) of the
+    ``"factorized"`` layers, which :meth:`accumulate` multiplies pairwise into a tile accumulator.
+    """
+
+    def __init__(self, fm: FunctionalModel, layers: list[Layer], *, backend: str = "torch", precision: str = "ieee",
+                 workspace_bytes: int | None = None) -> None:
+        self.fm = fm
+        self.layers = layers
+        self.backend = backend
+        self.precision = precision
+        self.workspace_bytes = WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes
+        self._capture: _Capture | None = None
+        self._shapes: dict[str, tuple[torch.Size, torch.Size]] = {}
+        self.route()
+
+    def route(self) -> None:
+        """Group the layers by their (chosen) method; call again after :func:`choose`."""
+        layers, fm = self.layers, self.fm
+        self.hooked = [L for L in layers if L.method in ("factorized", "materialized")]
+        self.factorized = [L for L in layers if L.method == "factorized"]
+        self.materialized = [L for L in layers if L.method == "materialized"]
+        routed = {p for L in self.hooked for p in L.params}
+        self.jac_names = [n for n in fm.names if n not in routed]  # parameters of unused layers give zeros
+        unused = {p for L in layers if L.method == "unused" for p in L.params}
+        self.jac_names = [n for n in self.jac_names if n not in unused]
+        sizes = dict(zip(fm.names, fm.sizes))
+        self.jac_width = sum(sizes[n] for n in self.jac_names)
+        self.panel_width = self.jac_width + sum(L.size for L in self.materialized)
+
+    # ------------------------------------------------------------------ hooks
+    def _hook(self, layer: Layer):
+        def hook(mod, args, output):
+            cap = self._capture
+            if cap is None:
+                return None
+            k = cap.count.get(layer.name, 0)
+            cap.count[layer.name] = k + 1
+            key = f"{layer.name}#{k}"
+            cap.inputs[key] = args[0]
+            if cap.probes is None:
+                cap.shapes[key] = (args[0].shape, output.shape)
+                return None
+            return output + cap.probes[key]
+        return hook
+
+    def _run(self, layers: list[Layer], capture: _Capture, fn):
+        handles = [L.module.register_forward_hook(self._hook(L)) for L in layers]
+        self._capture = capture
+        try:
+            return fn()
+        finally:
+            self._capture = None
+            for h in handles:
+                h.remove()
+
+    def discover(self, X: torch.Tensor) -> None:
+        """One forward pass on one sample: calls, positions S, fan-in I and fan-out O of each supported layer."""
+        candidates = [L for L in self.layers if L.kind != "other"]
+        fm = self.fm
+        flat, statics = fm.state(EvalPoint(0))
+        cap = _Capture(None)
+        with torch.no_grad():
+            self._run(candidates, cap, lambda: functional_call(fm.model, (fm.params(flat), statics), (fm.prepare(X[:1]),)))
+        for L in candidates:
+            keys = [k for k in cap.shapes if k.rsplit("#", 1)[0] == L.name]
+            L.calls = len(keys)
+            L.positions = 0
+            for k in keys:
+                shp_in, shp_out = cap.shapes[k]
+                L.positions += _positions(L, shp_in, shp_out)
+            if L.calls:
+                L.fan_in, L.fan_out = _fans(L)
+        self._shapes = {k: v for k, v in cap.shapes.items()}
+
+    # ------------------------------------------------------------------ one pass: Jacobian part and factors
+    def evaluate(self, point: EvalPoint, X: torch.Tensor, Y: torch.Tensor | None, chunk: int,
+                 panel: torch.Tensor | None, weight: float = 1.0, add: bool = False) -> dict[str, list]:
+        """Fill ``panel[:, :, :]`` (overwrite, or add when ``add``) with ``weight ×`` the panel at ``point`` and
+        return the factors ``{layer name: [(A_g, Δ_g) per group]}`` of the factorised layers (unweighted)."""
+        fm = self.fm
+        flat, statics = fm.state(point)
+        params = fm.params(flat)
+        pj = {n: params[n] for n in self.jac_names}
+        pk = {n: v for n, v in params.items() if n not in pj}
+        keys = [k for k in self._shapes if any(k.rsplit("#", 1)[0] == L.name for L in self.hooked)]
+        probes = {k: torch.zeros(self._shapes[k][1], dtype=fm.dtype, device=fm.device) for k in keys}
+        loss = fm.loss
+
+        def per_sample(pj_, zs, x, *y):
+            cap = _Capture(zs)
+
+            def call():
+                return functional_call(fm.model, ({**pj_, **pk}, statics), (x.unsqueeze(0),))
+
+            out = self._run(self.hooked, cap, call)
+            f = out.reshape(-1)
+            if loss is not None:
+                f = loss.per_sample(f, y[0]).reshape(1)
+            return f, cap.inputs
+
+        argnums = (0, 1) if pj else 1
+        jf = vmap(jacrev(per_sample, argnums=argnums, has_aux=True), in_dims=(None, None, 0) + ((0,) if Y is not None else ()),
+                  randomness="error")
+        n = X.shape[0]
+        feats: dict[str, list] = {L.name: [] for L in self.factorized}
+        parts: dict[str, list] = {L.name: [] for L in self.factorized}
+        Yd = None if Y is None else Y.to(fm.device)
+        for a in range(0, n, chunk):
+            b = min(n, a + chunk)
+            try:
+                jac, aux = jf(pj, probes, fm.prepare(X[a:b]), *(() if Yd is None else (Yd[a:b],)))
+            except RuntimeError as e:
+                if "randomness" in str(e):
+                    raise ValueError(
+                        "pkfast: the model draws random numbers in its forward pass (e.g. F.dropout with "
+                        "training=True), so the kernel is undefined; make the forward pass deterministic (model.eval())"
+                    ) from e
+                raise
+            jp, jz = (jac if pj else ({}, jac))
+            if panel is not None:
+                dst = panel[a:b]
+                off = 0
+                if pj:
+                    blk = torch.cat([jp[nm].flatten(2) for nm in self.jac_names], dim=2)
+                    _put(dst[:, :, : self.jac_width], blk, weight, add)
+                    off = self.jac_width
+                for L in self.materialized:
+                    groups = self._factors(L, jz, aux, b - a)
+                    G = _materialize(L, groups, b - a)
+                    _put(dst[:, :, off: off + L.size], G, weight, add)
+                    off += L.size
+            for L in self.factorized:
+                parts[L.name].append(self._factors(L, jz, aux, b - a))
+        for L in self.factorized:
+            chunks = parts[L.name]
+            feats[L.name] = [tuple(torch.cat([c[g][i] for c in chunks]) for i in range(2)) for g in range(len(chunks[0]))]
+        return feats
+
+    def _factors(self, L: Layer, jz: dict, aux: dict, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """[(A_g [n, S, I_g(+1)] or token ids [n, S], Δ_g [n, C, S, O_g]) per group] of layer L."""
+        C = self.fm.num_outputs
+        As, Ds = [], []
+        for k in range(L.calls):
+            key = f"{L.name}#{k}"
+            A, D = _unfold(L, aux[key], jz[key], n, C, self.fm.dtype)
+            As.append(A)
+            Ds.append(D)
+        A = torch.cat(As, dim=1) if len(As) > 1 else As[0]
+        D = torch.cat(Ds, dim=2) if len(Ds) > 1 else Ds[0]
+        if L.kind == "embedding":
+            pad = L.module.padding_idx
+            if pad is not None:
+                D = D.masked_fill((A == pad)[:, None, :, None], 0.0)
+            return [(A, D)]
+        out = []
+        Ig, Og = L.fan_in, L.fan_out
+        for g in range(L.groups):
+            Ag = A[:, :, g * Ig:(g + 1) * Ig] if L.groups > 1 else A
+            if L.bias:
+                Ag = torch.cat([Ag, Ag.new_ones(Ag.shape[0], Ag.shape[1], 1)], dim=2)
+            Dg = D[..., g * Og:(g + 1) * Og] if L.groups > 1 else D
+            out.append((Ag.contiguous(), Dg.contiguous()))
+        return out
+
+    # ------------------------------------------------------------------ products
+    def accumulate(self, acc: torch.Tensor, fr: dict[str, list], fc: dict[str, list], weight: float, *,
+                   full: bool, diagonal: bool) -> None:
+        """``acc += weight · Σ_layers K_l(rows, cols)`` from the factors of the rows (``fr``) and columns (``fc``)."""
+        for L in self.factorized:
+            for (Ar, Dr), (Ac, Dc) in zip(fr[L.name], fc[L.name]):
+                if diagonal:
+                    _diag_product(acc, L, Ar, Dr, Ac, Dc, weight, full)
+                else:
+                    self._pair_product(acc, L, Ar, Dr, Ac, Dc, weight, full)
+
+    def _mm(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(A.shape[0], B.shape[0], dtype=A.dtype, device=A.device)
+        accumulate(out, A, B, 1.0, backend=self.backend, upper_only=False, precision=self.precision)
+        return out
+
+    def _pair_product(self, acc, L, Ar, Dr, Ac, Dc, weight, full):
+        r, C, S, O = Dr.shape
+        c = Dc.shape[0]
+        emb = L.kind == "embedding"
+        if S == 1:
+            AA = (Ar[:, :1] == Ac[:, 0][None, :]).to(acc.dtype) if emb else self._mm(Ar[:, 0], Ac[:, 0])
+            if full:
+                DD = self._mm(Dr.reshape(r * C, O), Dc.reshape(c * C, O)).view(r, C, c, C)
+                acc.view(r, C, c, C).add_(DD.mul_(AA[:, None, :, None]), alpha=weight)
+            else:
+                DD = self._mm(Dr.reshape(r, C * O), Dc.reshape(c, C * O))
+                acc.add_(DD.mul_(AA), alpha=weight)
+            return
+        per_pair = S * S * acc.element_size() * (2 + (2 * C * C if full else 1))
+        side = max(1, int(math.sqrt(self.workspace_bytes / per_pair)))
+        accv = acc.view(r, C, c, C) if full else acc
+        for i0 in range(0, r, side):
+            i1 = min(r, i0 + side)
+            for j0 in range(0, c, side):
+                j1 = min(c, j0 + side)
+                rb, cb = i1 - i0, j1 - j0
+                if emb:
+                    AA = (Ar[i0:i1, :, None, None] == Ac[None, None, j0:j1, :]).to(acc.dtype)
+                else:
+                    AA = self._mm(Ar[i0:i1].reshape(rb * S, -1), Ac[j0:j1].reshape(cb * S, -1)).view(rb, S, cb, S)
+                if full:
+                    DD = self._mm(Dr[i0:i1].reshape(rb * C * S, O), Dc[j0:j1].reshape(cb * C * S, O)).view(rb, C, S, cb, C, S)
+                    accv[i0:i1, :, j0:j1, :].add_(torch.einsum("isjt,icsjdt->icjd", AA, DD), alpha=weight)
+                else:
+                    DD = self._mm(Dr[i0:i1].transpose(1, 2).reshape(rb * S, C * O),
+                                  Dc[j0:j1].transpose(1, 2).reshape(cb * S, C * O)).view(rb, S, cb, S)
+                    accv[i0:i1, j0:j1].add_(DD.mul_(AA).sum(dim=(1, 3)), alpha=weight)
+
+
+def _put(dst: torch.Tensor, src: torch.Tensor, weight: float, add: bool) -> None:
+    if add:
+        dst.add_(src, alpha=weight)
+    elif weight != 1.0:
+        torch.mul(src, weight, out=dst)
+    else:
+        dst.copy_(src)
+
+
+def _materialize(L: Layer, groups: list, n: int) -> torch.Tensor:
+    """The layer's per-sample gradient ``[n, C, size]`` in the layout (weight rows, then bias) of no particular
+    convention — panels only need rows and columns to agree."""
+    if L.kind == "embedding":
+        (idx, D), = groups
+        C, S, O = D.shape[1:]
+        G = D.new_zeros(n, C, L.fan_in, O)
+        G.scatter_add_(2, idx[:, None, :, None].expand(n, C, S, O), D)
+        return G.reshape(n, C, -1)
+    return torch.cat([torch.einsum("ncso,nsi->ncoi", D, A).reshape(n, D.shape[1], -1) for A, D in groups], dim=2)
+
+
+def _diag_product(acc, L, Ar, Dr, Ac, Dc, weight, full):
+    """``acc[i] += weight · K_l(x_i, x_i)`` ([n] for the trace, [n, C, C] for the block)."""
+    if L.kind == "embedding":
+        AA = (Ar[:, :, None] == Ac[:, None, :]).to(acc.dtype)
+    else:
+        AA = torch.bmm(Ar, Ac.transpose(1, 2))  # [n, S, S]
+    if full:
+        acc.add_(torch.einsum("nst,ncso,ndto->ncd", AA, Dr, Dc), alpha=weight)
+    else:
+        acc.add_(torch.einsum("nst,ncso,ncto->n", AA, Dr, Dc), alpha=weight)
+
+
+def _positions(L: Layer, shp_in: torch.Size, shp_out: torch.Size) -> int:
+    m = L.module
+    if L.kind == "linear":
+        return math.prod(shp_out[:-1])  # the batch-of-one axis and any leading dims
+    if L.kind == "embedding":
+        return math.prod(shp_in)
+    nd = len(m.kernel_size)
+    return math.prod(shp_out) // m.out_channels  # B′·L: every position of every image in the call
+
+
+def _fans(L: Layer) -> tuple[int, int]:
+    m = L.module
+    if L.kind == "linear":
+        return m.in_features, m.out_features
+    if L.kind == "embedding":
+        return m.num_embeddings, m.embedding_dim
+    return m.in_channels // m.groups * math.prod(m.kernel_size), m.out_channels // m.groups
+
+
+def _unfold(L: Layer, inp: torch.Tensor, grad: torch.Tensor, n: int, C: int, dtype: torch.dtype):
+    """One call's (A [n, S, I·g] or ids [n, S], Δ [n, C, S, O·g]) from its per-sample input and output gradient."""
+    m = L.module
+    if L.kind == "linear":
+        return inp.reshape(n, -1, m.in_features).to(dtype), grad.reshape(n, C, -1, m.out_features)
+    if L.kind == "embedding":
+        return inp.reshape(n, -1), grad.reshape(n, C, -1, m.embedding_dim)
+    nd = len(m.kernel_size)
+    sp_in = inp.shape[-nd:]
+    x = inp.reshape(-1, m.in_channels, *sp_in).to(dtype)  # [n·B′, Cin, *spatial]
+    nb = x.shape[0]
+    pad = m.padding
+    if isinstance(pad, str) or m.padding_mode != "zeros":
+        mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+        x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
+        pad = (0,) * nd
+    if nd == 1:
+        x = x.unsqueeze(2)
+        ks, dil, st, pad = (1, m.kernel_size[0]), (1, m.dilation[0]), (1, m.stride[0]), (0, pad[0])
+    else:
+        ks, dil, st = m.kernel_size, m.dilation, m.stride
+    cols = F.unfold(x, ks, dilation=dil, padding=pad, stride=st)  # [n·B′, Cin·k, Lpos]
+    Lpos = cols.shape[-1]
+    A = cols.view(n, nb // n, cols.shape[1], Lpos).transpose(2, 3).reshape(n, -1, cols.shape[1])
+    D = grad.reshape(n, C, nb // n, m.out_channels, Lpos).transpose(3, 4).reshape(n, C, -1, m.out_channels)
+    return A, D
