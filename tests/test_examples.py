@@ -1,0 +1,60 @@
+"""The worked examples run end to end and report what they claim (examples/kernel_machine.py, --quick)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def test_kernel_machine_example_quick(tmp_path):
+    out = tmp_path / "km"
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "kernel_machine.py"), "--quick", "--no-progress",
+                        "--out", str(out)], env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("SUMMARY ")]
+    assert len(lines) == 1, r.stdout
+    S = json.loads(lines[0][len("SUMMARY "):])
+    assert S == json.loads((out / "summary.json").read_text())
+    assert S["ok"] and all(S["checks"].values())
+
+    # 1. the exact kernel machine rebuilds the network: same class everywhere, logits to quadrature precision
+    ex = S["exact"]
+    assert ex["class_agreement"] == 1.0
+    assert ex["max_abs_diff"] < 1e-6 and ex["rel_error"] < 1e-7
+    assert ex["certificate_max_quadrature"] < 1e-6 and ex["certificate_max_update_residual"] < 1e-10
+
+    # 2. Domingos' left rule is first order: halving the lr (same lr·T) halves the error; the exact rule is far below
+    rows = S["left_rule"]["rows"]
+    assert len(rows) >= 3
+    for r_ in rows[1:]:
+        assert 1.7 < r_["left_ratio"] < 2.3, rows
+    assert 0.85 < S["left_rule"]["slope"] < 1.15
+    assert all(r_["exact_max_abs"] < 1e-4 * r_["left_max_abs"] for r_ in rows)
+
+    # 3. explanations: k distinct proponents/opponents, scores ordered
+    e = S["explain"]
+    k = S["config"]["k"]
+    assert len(set(e["proponents"])) == k and len(set(e["opponents"])) == k
+    assert e["proponent_scores"] == sorted(e["proponent_scores"], reverse=True)
+    assert e["opponent_scores"] == sorted(e["opponent_scores"])
+
+    # 4. the path kernel is a usable kernel: well above chance (10%) even on the tiny quick configuration
+    acc = S["kernels"]["test_accuracy"]
+    assert set(acc) == {"network", "path_kernel_svc", "path_kernel_krr", "rbf_svc"}
+    assert acc["path_kernel_svc"] > 0.5 and acc["path_kernel_krr"] > 0.5
+
+    names = ("explain_digit.png", "gram_heatmap.png", "left_rule_error.png")
+    if importlib.util.find_spec("matplotlib") is not None:
+        for n in names:
+            p = out / n
+            assert p.exists() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", n
+        assert sorted(Path(f).name for f in S["figures"]) == sorted(names)
+    else:
+        assert S["figures"] == [] and "figures skipped" in r.stdout
