@@ -11,6 +11,7 @@ Public surface:
     TrajectoryRecorder   records a trajectory to disk during training (weights, lr, batches, loss, optimizer)
     KernelMachine        the trained network as f(x) = b(x) + Σ_i c_i(x) over its training points: predictions,
                          per-point contributions, explanations, Domingos coefficients, exactness certificate
+    sketch, PathFeatures random JL path features Φ(x) = Σ_s √ε_s J_s(x) R_s (N×C×k, saved and reused for Grams)
     LossSpec             a training loss convention (per-sample loss and batch weights)
     reference            the float64 oracle every fast path is tested against (module)
 """
@@ -21,9 +22,10 @@ from pkfast.loss import LossSpec
 from pkfast.machine import KernelMachine
 from pkfast.recorder import TrajectoryRecorder
 from pkfast.store import open_gram
+from pkfast.sketch import PathFeatures, sketch
 from pkfast.trajectory import Trajectory
 
 __version__ = "0.1.0"
 
-__all__ = ["gram", "plan", "open_gram", "Trajectory", "TrajectoryRecorder", "KernelMachine", "LossSpec", "reference",
-           "__version__"]
+__all__ = ["gram", "plan", "open_gram", "Trajectory", "TrajectoryRecorder", "KernelMachine", "LossSpec", "sketch",
+           "PathFeatures", "reference", "__version__"]

@@ -364,31 +364,33 @@ class Engine:
 
     # ------------------------------------------------------------------ products
     def accumulate(self, acc: torch.Tensor, fr: dict[str, list], fc: dict[str, list], weight: float, *,
-                   full: bool, diagonal: bool) -> None:
-        """``acc += weight · Σ_layers K_l(rows, cols)`` from the factors of the rows (``fr``) and columns (``fc``)."""
+                   full: bool, diagonal: bool, upper_only: bool = False) -> None:
+        """``acc += weight · Σ_layers K_l(rows, cols)`` from the factors of the rows (``fr``) and columns (``fc``).
+        ``upper_only`` (rows are the columns, a symmetric term): only the upper triangle of ``acc`` is valid
+        afterwards (blocks below the diagonal are skipped, as :func:`pkfast.accumulate.accumulate` does)."""
         for L in self.factorized:
             for (Ar, Dr), (Ac, Dc) in zip(fr[L.name], fc[L.name]):
                 if diagonal:
                     _diag_product(acc, L, Ar, Dr, Ac, Dc, weight, full)
                 else:
-                    self._pair_product(acc, L, Ar, Dr, Ac, Dc, weight, full)
+                    self._pair_product(acc, L, Ar, Dr, Ac, Dc, weight, full, upper_only)
 
-    def _mm(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    def _mm(self, A: torch.Tensor, B: torch.Tensor, upper: bool = False) -> torch.Tensor:
         out = torch.zeros(A.shape[0], B.shape[0], dtype=A.dtype, device=A.device)
-        accumulate(out, A, B, 1.0, backend=self.backend, upper_only=False, precision=self.precision)
+        accumulate(out, A, B, 1.0, backend=self.backend, upper_only=upper, precision=self.precision)
         return out
 
-    def _pair_product(self, acc, L, Ar, Dr, Ac, Dc, weight, full):
+    def _pair_product(self, acc, L, Ar, Dr, Ac, Dc, weight, full, upper=False):
         r, C, S, O = Dr.shape
         c = Dc.shape[0]
         emb = L.kind == "embedding"
         if S == 1:
-            AA = (Ar[:, :1] == Ac[:, 0][None, :]).to(acc.dtype) if emb else self._mm(Ar[:, 0], Ac[:, 0])
-            if full:
-                DD = self._mm(Dr.reshape(r * C, O), Dc.reshape(c * C, O)).view(r, C, c, C)
+            AA = (Ar[:, :1] == Ac[:, 0][None, :]).to(acc.dtype) if emb else self._mm(Ar[:, 0], Ac[:, 0], upper)
+            if full:  # (the upper triangle of the (r·C)² block needs only the upper triangle of AA's r×r)
+                DD = self._mm(Dr.reshape(r * C, O), Dc.reshape(c * C, O), upper).view(r, C, c, C)
                 acc.view(r, C, c, C).add_(DD.mul_(AA[:, None, :, None]), alpha=weight)
             else:
-                DD = self._mm(Dr.reshape(r, C * O), Dc.reshape(c, C * O))
+                DD = self._mm(Dr.reshape(r, C * O), Dc.reshape(c, C * O), upper)
                 acc.add_(DD.mul_(AA), alpha=weight)
             return
         per_pair = S * S * acc.element_size() * (2 + (2 * C * C if full else 1))
@@ -396,7 +398,7 @@ class Engine:
         accv = acc.view(r, C, c, C) if full else acc
         for i0 in range(0, r, side):
             i1 = min(r, i0 + side)
-            for j0 in range(0, c, side):
+            for j0 in range(i0 if upper else 0, c, side):
                 j1 = min(c, j0 + side)
                 rb, cb = i1 - i0, j1 - j0
                 if emb:

@@ -67,6 +67,8 @@ def gram(
     y: Any = None,
     y2: Any = None,
     method: str = "auto",
+    k: int | None = None,
+    seed: int | None = None,
 ) -> torch.Tensor | np.memmap:
     r"""The path-kernel Gram matrix of ``model`` along ``trajectory`` between samples ``X`` (and ``X2``).
 
@@ -122,6 +124,21 @@ def gram(
             ``torch.distributed`` (e.g. ``torchrun``) every rank computes a disjoint, equal-work share of the
             tiles into the same file. See :mod:`pkfast.store`.
         overwrite: with ``out``, discard an existing output (and its progress) and start afresh.
+        method: how the Jacobian products are formed (:func:`pkfast.plan` shows the choice per layer):
+
+            - ``"auto"`` (default): per supported layer (``nn.Linear``, also over extra leading dimensions;
+              ``nn.Conv1d``/``nn.Conv2d``; ``nn.Embedding``) the cheaper exact route by the cost model —
+              ``factorized`` (Σ_{s,t} (a_s·a′_t + 1)(δ_s·δ′_t) from the layer's inputs and output gradients, never
+              forming its P-dimensional Jacobian) or ``materialized`` (its per-sample gradient Δᵀ A); every
+              other parameter (norm affines, custom parameters, tied weights) through ``torch.func.jacrev``.
+              A model with no supported layer runs exactly the ``"jacobian"`` route.
+            - ``"factorized"``: factorise every supported layer, whatever the cost model says.
+            - ``"jacobian"``: materialise every Jacobian with ``vmap(jacrev)``, as in the torch.func tutorial.
+            - ``"sketch"``: approximate and unbiased: Gram of the random path features
+              Φ(x) = Σ_s √ε_s J_s(x) R_s (:func:`pkfast.sketch`), with ``k`` columns (default 1024; the standard
+              deviation of an entry is √((K(x,x)·K(x′,x′) + K(x,x′)²)/k)) from the random ``seed`` (default 0).
+              Symmetric rules only; computed in memory (no ``out``).
+        k, seed: the sketch's dimension and seed (``method="sketch"`` only).
 
     Returns:
         A CPU ``torch.Tensor`` of dtype ``dtype``: ``[N, M]``, ``[N, M, C, C]``, ``[N]`` or ``[N, C, C]``; with
@@ -138,6 +155,13 @@ def gram(
         >>> K.shape, bool(torch.allclose(K, K.T))
         (torch.Size([5, 5]), True)
     """
+    if method == "sketch":
+        return _sketch(model, trajectory, X, X2, outputs=outputs, rule=rule, diagonal=diagonal, dtype=dtype,
+                       memory_budget=memory_budget, progress=progress, of=of, loss=loss, y=y, y2=y2, k=k, seed=seed,
+                       refused={"backend": (backend, "auto"), "precision": (precision, "ieee"), "out": (out, None),
+                                "overwrite": (overwrite, False), "nodes": (nodes, DEFAULT_NODES)})
+    if k is not None or seed is not None:
+        raise ValueError(f"{_FN}: k and seed set the random projection of method='sketch'; found method={method!r}")
     job = GramJob.create(model, trajectory, X, X2, outputs=outputs, rule=rule, diagonal=diagonal,
                          backend=backend, dtype=dtype, memory_budget=memory_budget, precision=precision,
                          nodes=nodes, of=of, loss=loss, y=y, y2=y2, method=method)
@@ -267,6 +291,9 @@ class GramJob:
 
         of = _checks.check_choice(_FN, "of", of, OF)
         method = _checks.check_choice(_FN, "method", method, _fz.METHODS)
+        if method == "sketch":
+            raise ValueError(f"{_FN}: method='sketch' has no tile plan or layer routes (it is a Gram of random "
+                             "features: see pkfast.sketch); expected 'auto', 'jacobian' or 'factorized'")
         nodes = _checks.check_nodes(_FN, nodes)
         if nodes != DEFAULT_NODES and rule != "exact":
             raise ValueError(f"{_FN}: nodes={nodes} applies to rule='exact'; found rule={rule!r}")
@@ -540,7 +567,8 @@ class GramJob:
                                upper_only=same, precision=self.precision)
             for om, f1 in fr:
                 for om2, f2 in fc:
-                    eng.accumulate(acc, f1, f2, term.weight * om * om2, full=full, diagonal=self.diagonal)
+                    eng.accumulate(acc, f1, f2, term.weight * om * om2, full=full, diagonal=self.diagonal,
+                                   upper_only=same and not self.diagonal)
             if bar is not None:
                 bar.update(r if self.diagonal else r * c)
         return acc
@@ -608,6 +636,18 @@ def _symmetrize_upper_(acc: torch.Tensor) -> None:
             acc[j0:j1, :j0].copy_(acc[:j0, j0:j1].T)  # disjoint regions: below and above the diagonal
         d = acc[j0:j1, j0:j1]
         d.copy_(torch.triu(d) + torch.triu(d, 1).T)
+
+
+def _sketch(model, trajectory, X, X2, *, k, seed, refused, **kw) -> torch.Tensor:
+    """``method="sketch"``: :func:`pkfast.sketch.sketch_gram` (options without meaning for a sketch refused)."""
+    from pkfast.sketch import sketch_gram  # sketch imports this module
+
+    for name, (value, default) in refused.items():
+        if value is not default and value != default:
+            raise ValueError(f"{_FN}: {name}={value!r} does not apply to method='sketch' (an in-memory Gram of "
+                             f"random features); expected the default {default!r}")
+    return sketch_gram(model, trajectory, X, X2, k=1024 if k is None else k, seed=0 if seed is None else seed,
+                       _fn=_FN, **kw)
 
 
 def _loss_spec(loss: Any, trajectory: Trajectory) -> LossSpec:

@@ -290,3 +290,20 @@ def test_method_errors():
         pkfast.gram(net, traj, X, method="fast")
     with pytest.raises(TypeError, match="'out' is an option of the computation"):
         pkfast.plan(net, traj, X, out="x.npy")
+
+
+def test_gram_method_sketch_is_the_sketch_module():
+    """gram(method="sketch") is pkfast.sketch's Gram (tested in test_sketch.py) with the same k and seed."""
+    net, traj, X, X2 = _setup("mlp")
+    for kw in (dict(), dict(outputs="full"), dict(diagonal=True)):
+        x2 = None if kw else X2
+        K = pkfast.gram(net, traj, X, x2, method="sketch", k=64, seed=3, dtype=F64, progress=False, **kw)
+        F1 = pkfast.sketch(net, traj, X, k=64, seed=3, dtype=F64, progress=False)
+        F2 = F1 if x2 is None else pkfast.sketch(net, traj, x2, k=64, seed=3, dtype=F64, progress=False)
+        assert torch.equal(K, F1.gram(None if x2 is None else F2, **kw))
+    with pytest.raises(ValueError, match=r"out='g.npy' does not apply to method='sketch'"):
+        pkfast.gram(net, traj, X, method="sketch", out="g.npy")
+    with pytest.raises(ValueError, match=r"k and seed set the random projection of method='sketch'; found method='auto'"):
+        pkfast.gram(net, traj, X, k=8)
+    with pytest.raises(ValueError, match="method='sketch' has no tile plan"):
+        pkfast.plan(net, traj, X, method="sketch")

@@ -5,6 +5,7 @@ Statistical tests use fixed seeds (deterministic) and tolerances derived from th
 numbers: "within 5 standard errors" over a few dozen entries fails by chance with probability ≲ 1e-5."""
 
 import copy
+import importlib
 import logging
 import math
 import re
@@ -14,10 +15,11 @@ import pytest
 import torch
 
 import pkfast
-from pkfast import sketch as sketch_mod
 from pkfast.reference import _load_point, jacobian_reference
 from pkfast.sketch import PathFeatures, projection_block, required_k, sketch, sketch_gram
 from tests.models import mlp, random_trajectory
+
+sketch_mod = importlib.import_module("pkfast.sketch")  # the module (pkfast.sketch is the function)
 
 F64 = torch.float64
 SEEDS = 200  # sketches per mean/variance estimate
