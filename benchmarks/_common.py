@@ -185,10 +185,48 @@ def workload_wide_mlp(n: int = 512, steps: int = 1, *, device: str | torch.devic
     return Workload("c", f"wide mlp 64-{width}-{width}-10 random", model.to(device).eval(), traj, X)
 
 
+class TinyTransformer(nn.Module):
+    """A transformer-style block on the digits read as 8 tokens (rows) of 8 pixels: token embedding + learned
+    positions, pre-LayerNorm single-head self-attention (q, k, v, o projections) and a tanh MLP, both residual,
+    mean-pooled into a linear head. P = 9,418 (the positions and the LayerNorm affines are parameters of no
+    factorisable layer: they take pkfast's Jacobian route)."""
+
+    def __init__(self, d: int = 32, hidden: int = 64, classes: int = 10, tokens: int = 8, width: int = 8) -> None:
+        super().__init__()
+        self.tokens, self.width, self.d = tokens, width, d
+        self.embed = nn.Linear(width, d)
+        self.pos = nn.Parameter(0.02 * torch.randn(tokens, d))
+        self.ln1 = nn.LayerNorm(d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.ln2 = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, hidden)
+        self.fc2 = nn.Linear(hidden, d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x.reshape(x.shape[0], self.tokens, self.width)) + self.pos
+        a = self.ln1(h)
+        att = torch.softmax(self.q(a) @ self.k(a).transpose(-1, -2) / self.d ** 0.5, dim=-1)
+        h = h + self.o(att @ self.v(a))
+        h = h + self.fc2(torch.tanh(self.fc1(self.ln2(h))))
+        return self.head(h.mean(dim=1))
+
+
+def workload_transformer_digits(n: int = 512, steps: int = 1, *, device: str | torch.device = "cpu",
+                                seed: int = SEED) -> Workload:
+    """(d) :class:`TinyTransformer` on the digits (8 row tokens of 8 pixels)."""
+    X, y = load_digits_data()
+    torch.manual_seed(seed)
+    model = TinyTransformer()
+    traj = sgd_trajectory(model, X, y, steps, seed=seed)
+    return Workload("d", "transformer block d32 digits", model.to(device).eval(), traj, X[_subset(n, X.shape[0], seed)])
+
+
 WORKLOADS: dict[str, Callable[..., Workload]] = {
     "a": workload_mlp_digits,
     "b": workload_cnn_digits,
     "c": workload_wide_mlp,
+    "d": workload_transformer_digits,
 }
 
 

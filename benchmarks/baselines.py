@@ -37,7 +37,7 @@ from torch.func import functional_call, jacrev, vmap
 
 import pkfast
 
-from _common import available_bytes
+from _common import TinyTransformer, available_bytes
 
 __all__ = ["Skipped", "BASELINES", "prepare", "torch_func_tutorial", "naive_autograd", "neural_tangents",
            "NAIVE_MAX_N"]
@@ -161,6 +161,8 @@ def _jax_function(model: nn.Module) -> Callable[[dict, Any], Any]:
     import jax.numpy as jnp
     from jax import lax
 
+    if isinstance(model, TinyTransformer):
+        return _jax_tiny_transformer(model)
     if not isinstance(model, nn.Sequential):
         raise Skipped(f"skipped (no JAX translation for {type(model).__name__}; expected an nn.Sequential)")
     ops: list[Callable[[dict, Any], Any]] = []
@@ -199,6 +201,33 @@ def _jax_function(model: nn.Module) -> Callable[[dict, Any], Any]:
         for op in ops:
             x = op(params, x)
         return x
+
+    return f
+
+
+def _jax_tiny_transformer(model: TinyTransformer) -> Callable[[dict, Any], Any]:
+    """:class:`TinyTransformer`'s forward in JAX (same parameter names; LayerNorm with the module's eps)."""
+    import jax
+    import jax.numpy as jnp
+
+    T, W, d = model.tokens, model.width, model.d
+    eps1, eps2 = model.ln1.eps, model.ln2.eps
+
+    def lin(p, n, x):
+        return x @ p[f"{n}.weight"].T + p[f"{n}.bias"]
+
+    def ln(p, n, x, eps):
+        mu = x.mean(-1, keepdims=True)
+        var = ((x - mu) ** 2).mean(-1, keepdims=True)
+        return (x - mu) / jnp.sqrt(var + eps) * p[f"{n}.weight"] + p[f"{n}.bias"]
+
+    def f(p, x):
+        h = lin(p, "embed", x.reshape(x.shape[0], T, W)) + p["pos"]
+        a = ln(p, "ln1", h, eps1)
+        att = jax.nn.softmax(lin(p, "q", a) @ jnp.swapaxes(lin(p, "k", a), -1, -2) / d ** 0.5, axis=-1)
+        h = h + lin(p, "o", att @ lin(p, "v", a))
+        h = h + lin(p, "fc2", jnp.tanh(lin(p, "fc1", ln(p, "ln2", h, eps2))))
+        return lin(p, "head", h.mean(axis=1))
 
     return f
 
@@ -244,6 +273,13 @@ def prepare_neural_tangents(model: nn.Module, traj: pkfast.Trajectory, X: torch.
             K.block_until_ready()
         return torch.from_numpy(np.asarray(K, dtype=np.float32).copy())
 
+    def warm() -> None:
+        """One step: compiles the jitted function (reused by every step of ``run``)."""
+        if points:
+            with jax.default_matmul_precision("float32"):
+                ntk(x1, x2, points[0][1]).block_until_ready()
+
+    run.warm = warm  # type: ignore[attr-defined]
     return run
 
 

@@ -53,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n", default=None, help="override the N values (comma-separated) for every workload")
     p.add_argument("--steps", default=None, help="override the T values (comma-separated) for every workload")
     p.add_argument("--repeat", type=int, default=3, help="timed runs per method (default 3)")
+    p.add_argument("--method", default="jacobian", choices=("jacobian", "auto", "factorized"),
+                   help="pkfast.gram's method (default jacobian: the floor is that of materialised Jacobians; "
+                        "methods.py compares the methods)")
     p.add_argument("--stat", choices=("best", "median"), default="best", help="statistic shown in the table")
     p.add_argument("--csv", default=None, help="CSV to append to (default benchmarks/results/gram_<device>.csv); "
                    "'none' to write nothing")
@@ -121,7 +124,8 @@ def run_case(key: str, n: int, T: int, args, specs, mm_best: dict[str, float], n
     dev = torch.device(args.device)
     stat = args.stat
     wl = make_workload(key, n, T, device=dev)
-    job = GramJob.create(wl.model, wl.traj, wl.X, outputs="trace", rule="left", memory_budget=args.memory_budget)
+    job = GramJob.create(wl.model, wl.traj, wl.X, outputs="trace", rule="left", memory_budget=args.memory_budget,
+                         method=args.method)
     C, P, plan = job.num_outputs, job.fm.num_params, job.plan
     exec_flops = job.flops()
     del job
@@ -129,7 +133,7 @@ def run_case(key: str, n: int, T: int, args, specs, mm_best: dict[str, float], n
     # pkfast
     def pk():
         return pkfast.gram(wl.model, wl.traj, wl.X, outputs="trace", rule="left", memory_budget=args.memory_budget,
-                           progress=False)
+                           method=args.method, progress=False)
 
     t_pk = timeit(pk, repeat=args.repeat, warmup=1, device=dev)
     K = t_pk.result
