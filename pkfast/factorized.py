@@ -132,9 +132,9 @@ def find_layers(model: nn.Module, fm: FunctionalModel) -> list[Layer]:
 
 
 # ---------------------------------------------------------------------------------------------- cost model
-def _route_costs(layer: Layer, C: int, full: bool) -> tuple[float, float, float, float]:
-    """(factorised FLOPs per pair, materialised FLOPs per pair, materialised FLOPs per sample, factorised
-    FLOPs per sample) for one kernel term; sums over groups."""
+def _route_costs(layer: Layer, C: int, full: bool) -> tuple[float, float, float]:
+    """(factorised FLOPs per pair, materialised FLOPs per pair, materialised FLOPs per sample) for one kernel
+    term, summed over groups. Both routes share the pass that yields A and Δ, so it is not counted."""
     S, g, Ip, O = layer.positions, layer.groups, layer.factor_in, layer.fan_out
     if layer.kind == "embedding":
         aa = S * S  # token comparisons
@@ -147,7 +147,7 @@ def _route_costs(layer: Layer, C: int, full: bool) -> tuple[float, float, float,
     cc = C * C if full else C
     fact_pair = aa + 2.0 * S * S * cc * O * g + S * S * cc * g
     mat_pair = 2.0 * cc * width
-    return fact_pair, mat_pair, mat_sample, 0.0
+    return fact_pair, mat_pair, mat_sample
 
 
 def choose(layers: list[Layer], *, method: str, C: int, full: bool, pairs: float, samples: float, terms: int,
@@ -170,8 +170,8 @@ def choose(layers: list[Layer], *, method: str, C: int, full: bool, pairs: float
             L.bytes_per_sample = C * L.size * itemsize
             L.options = {"jacobian": L.flops}
             continue
-        fp, mp, ms, fs = _route_costs(L, C, full)
-        fact = terms * (fp * pairs + fs * samples)
+        fp, mp, ms = _route_costs(L, C, full)
+        fact = terms * fp * pairs
         mat = terms * (mp * pairs + ms * samples)
         L.options = {"factorized": fact, "materialized": mat}
         if method == "factorized" or fact <= mat:
@@ -192,6 +192,7 @@ class _Capture:
         self.count: dict[str, int] = {}
         self.inputs: dict[str, torch.Tensor] = {}
         self.shapes: dict[str, tuple[torch.Size, torch.Size]] = {}
+        self.unusable: dict[str, str] = {}
 
 
 class Engine:
@@ -233,6 +234,10 @@ class Engine:
             cap = self._capture
             if cap is None:
                 return None
+            if cap.probes is None and (not args or not isinstance(args[0], torch.Tensor)
+                                       or not isinstance(output, torch.Tensor)):
+                cap.unusable[layer.name] = "called without a positional tensor input (cannot capture it)"
+                return None
             k = cap.count.get(layer.name, 0)
             cap.count[layer.name] = k + 1
             key = f"{layer.name}#{k}"
@@ -262,6 +267,9 @@ class Engine:
         with torch.no_grad():
             self._run(candidates, cap, lambda: functional_call(fm.model, (fm.params(flat), statics), (fm.prepare(X[:1]),)))
         for L in candidates:
+            if L.name in cap.unusable:  # the Jacobian route takes it
+                L.kind, L.module, L.reason = "other", None, cap.unusable[L.name]
+                continue
             keys = [k for k in cap.shapes if k.rsplit("#", 1)[0] == L.name]
             L.calls = len(keys)
             L.positions = 0
@@ -453,7 +461,6 @@ def _positions(L: Layer, shp_in: torch.Size, shp_out: torch.Size) -> int:
         return math.prod(shp_out[:-1])  # the batch-of-one axis and any leading dims
     if L.kind == "embedding":
         return math.prod(shp_in)
-    nd = len(m.kernel_size)
     return math.prod(shp_out) // m.out_channels  # B′·L: every position of every image in the call
 
 

@@ -137,7 +137,8 @@ def gram(
             - ``"sketch"``: approximate and unbiased: Gram of the random path features
               Φ(x) = Σ_s √ε_s J_s(x) R_s (:func:`pkfast.sketch`), with ``k`` columns (default 1024; the standard
               deviation of an entry is √((K(x,x)·K(x′,x′) + K(x,x′)²)/k)) from the random ``seed`` (default 0).
-              Symmetric rules only; computed in memory (no ``out``).
+              Symmetric rules only. The features of X (and X2) are computed once, then the tiles are their
+              products, in memory or stored with ``out`` and shared across ranks like any Gram.
         k, seed: the sketch's dimension and seed (``method="sketch"`` only).
 
     Returns:
@@ -155,16 +156,12 @@ def gram(
         >>> K.shape, bool(torch.allclose(K, K.T))
         (torch.Size([5, 5]), True)
     """
-    if method == "sketch":
-        return _sketch(model, trajectory, X, X2, outputs=outputs, rule=rule, diagonal=diagonal, dtype=dtype,
-                       memory_budget=memory_budget, progress=progress, of=of, loss=loss, y=y, y2=y2, k=k, seed=seed,
-                       refused={"backend": (backend, "auto"), "precision": (precision, "ieee"), "out": (out, None),
-                                "overwrite": (overwrite, False), "nodes": (nodes, DEFAULT_NODES)})
-    if k is not None or seed is not None:
+    if (k is not None or seed is not None) and method != "sketch":
         raise ValueError(f"{_FN}: k and seed set the random projection of method='sketch'; found method={method!r}")
     job = GramJob.create(model, trajectory, X, X2, outputs=outputs, rule=rule, diagonal=diagonal,
                          backend=backend, dtype=dtype, memory_budget=memory_budget, precision=precision,
-                         nodes=nodes, of=of, loss=loss, y=y, y2=y2, method=method)
+                         nodes=nodes, of=of, loss=loss, y=y, y2=y2, method=method, k=k, seed=seed,
+                         progress=progress)
     if out is not None:
         return job.run_stored(out, overwrite=overwrite, progress=progress)
     if overwrite:
@@ -197,6 +194,9 @@ def plan(
     for k in ("out", "overwrite", "progress"):
         if k in options:
             raise TypeError(f"pkfast.plan: {k!r} is an option of the computation, not of the plan; drop it")
+    if options.get("method") == "sketch":
+        raise ValueError("pkfast.plan: method='sketch' has no layer routes (it is a Gram of random features: see "
+                         "pkfast.sketch); expected 'auto', 'jacobian' or 'factorized'")
     job = GramJob.create(model, trajectory, X, X2, **options)
     return GramPlan(job)
 
@@ -263,6 +263,9 @@ class GramJob:
     layers: list | None = None
     engine: Any = None
     requested_method: str = "auto"
+    sketcher: Any = None
+    k: int | None = None
+    seed: int | None = None
 
     # ------------------------------------------------------------------ construction and validation
     @classmethod
@@ -270,7 +273,8 @@ class GramJob:
                rule: str = "left", diagonal: bool = False, backend: str = "auto", dtype: Any = None,
                memory_budget: Any = None, precision: str = "ieee", nodes: int = DEFAULT_NODES,
                of: str = "output", loss: Any = None, y: Any = None, y2: Any = None,
-               method: str = "auto") -> "GramJob":
+               method: str = "auto", k: int | None = None, seed: int | None = None,
+               progress: bool = False) -> "GramJob":
         model = _checks.check_model(_FN, model)
         if not isinstance(trajectory, Trajectory):
             raise TypeError(f"{_FN}: trajectory must be a pkfast.Trajectory; found {type(trajectory).__name__}")
@@ -291,9 +295,6 @@ class GramJob:
 
         of = _checks.check_choice(_FN, "of", of, OF)
         method = _checks.check_choice(_FN, "method", method, _fz.METHODS)
-        if method == "sketch":
-            raise ValueError(f"{_FN}: method='sketch' has no tile plan or layer routes (it is a Gram of random "
-                             "features: see pkfast.sketch); expected 'auto', 'jacobian' or 'factorized'")
         nodes = _checks.check_nodes(_FN, nodes)
         if nodes != DEFAULT_NODES and rule != "exact":
             raise ValueError(f"{_FN}: nodes={nodes} applies to rule='exact'; found rule={rule!r}")
@@ -310,6 +311,11 @@ class GramJob:
         elif loss is not None or y is not None or y2 is not None:
             raise ValueError(f"{_FN}: loss, y and y2 apply to of='loss'; found of={of!r}")
 
+        if method == "sketch":
+            return cls._create_sketch(model, trajectory, X, X2, outputs=outputs, rule=rule, diagonal=diagonal,
+                                      backend=backend, dtype=dtype, budget=budget, precision=precision, of=of,
+                                      loss=loss, spec=spec, y=y, y2=y2, k=1024 if k is None else k,
+                                      seed=0 if seed is None else seed)
         device = next(iter(model.parameters()), torch.empty(0)).device
         fm = FunctionalModel(model, trajectory, dtype=dtype, device=device, fn=_FN, loss=spec)
         C = fm.probe(X, _FN, "X")
@@ -360,9 +366,88 @@ class GramJob:
                                  budget=budget, chunk=chunk, fn=_FN)
         else:
             plan = plan_tiles(N, M, symmetric=symmetric, bytes_per_sample=u, acc_bytes_per_pair=block * itemsize * acc_mult,
-                              budget=budget, chunk=chunk, fn=_FN)
+                              budget=budget, chunk=chunk, fn=_FN, reuse_rows=len(terms) == 1)
         return cls(fm, X, X2, outputs, rule, diagonal, backend, dtype, terms, plan, C, precision, nodes, of, y, y2,
                    "jacobian" if engine is None else "factorized", layers, engine, method)
+
+    @classmethod
+    def _create_sketch(cls, model, trajectory, X, X2, *, outputs, rule, diagonal, backend, dtype, budget, precision,
+                       of, loss, spec, y, y2, k, seed) -> "GramJob":
+        """``method="sketch"``: the features Φ of X (and X2) are computed once (:mod:`pkfast.sketch`), then the
+        tiles are products Φ_rows Φ_colsᵀ on the accumulation backend, stored and shared like any Gram."""
+        from pkfast.sketch import _Sketcher  # pkfast.sketch imports this module
+
+        device = next(iter(model.parameters()), torch.empty(0)).device
+        budget = budget if budget is not None else default_memory_budget(device)
+        sk = _Sketcher(model, trajectory, X, k=k, seed=seed, rule=rule, of=of, loss=loss, dtype=dtype,
+                       memory_budget=budget, device=device, fn=_FN)
+        fm, C = sk.fm, sk.C
+        if X2 is not None:
+            sk.check_samples(X2, "X2")
+        if spec is not None:
+            spec.check_targets(y, fm.model_outputs, "y", _FN)
+            if y2 is not None:
+                spec.check_targets(y2, fm.model_outputs, "y2", _FN)
+        backend = select_backend(backend, device, precision=precision, fn=_FN)
+        if precision != "ieee" and dtype == torch.float64:
+            raise ValueError(f"{_FN}: precision={precision!r} applies to float32; dtype=torch.float64 computes in ieee fp64")
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        N = X.shape[0]
+        M = N if X2 is None else X2.shape[0]
+        u = C * sk.k * itemsize
+        held = (N + (0 if X2 is None else M)) * u  # the features, kept on the host for the whole run
+        block = C * C if outputs == "full" else 1
+        room = max(budget - (held if device.type != "cpu" else 0), 1)
+        if diagonal:
+            plan = plan_diagonal(N, bytes_per_sample=u, acc_bytes_per_sample=block * itemsize, budget=room,
+                                 chunk=1, fn=_FN)  # (no vmap chunks: the tiles read features)
+        else:
+            plan = plan_tiles(N, M, symmetric=X2 is None, bytes_per_sample=u, acc_bytes_per_pair=block * itemsize,
+                              budget=room, chunk=1, fn=_FN)
+        return cls(fm, X, X2, outputs, rule, diagonal, backend, dtype, sk.terms, plan, C, precision, DEFAULT_NODES,
+                   of, y, y2, "sketch", [], None, "sketch", sketcher=sk, k=sk.k, seed=sk.seed)
+
+    def _sketch_features(self, progress: bool) -> None:
+        """Φ of X (and X2) into ``self._phi``/``self._phi2`` (CPU). Under torch.distributed each rank projects
+        an equal slice of the samples and the slices are all-gathered (the projections depend only on the seed)."""
+        rank, world = _distributed()
+        sk = self.sketcher
+
+        def feats(X, Y, what):
+            if world == 1:
+                return sk.features(X, Y, progress=progress, what=what).features
+            n = X.shape[0]
+            per = -(-n // world)
+            a, b = min(n, rank * per), min(n, (rank + 1) * per)
+            part = torch.zeros(per, self.num_outputs, sk.k, dtype=self.dtype)
+            if b > a:
+                part[: b - a] = sk.features(X[a:b], None if Y is None else Y[a:b], progress=progress, what=what).features
+            dev = self.fm.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+            parts = [torch.empty_like(part, device=dev) for _ in range(world)]
+            torch.distributed.all_gather(parts, part.to(dev))
+            return torch.cat([q.cpu() for q in parts])[:n]
+
+        self._phi = feats(self.X, self.Y, "X")
+        self._phi2 = None if self.X2 is None else feats(self.X2, self.Y2, "X2")
+
+    def _compute_tile_sketch(self, tile: Tile, bar: Any = None) -> torch.Tensor:
+        C, k, dev = self.num_outputs, self.k, self.fm.device
+        r, c = tile.shape
+        acc = self._zero_acc(tile)
+        A = self._phi[tile.rows].to(dev)
+        same = tile.diagonal or self.diagonal
+        B = A if same else (self._phi if self._phi2 is None else self._phi2)[tile.cols].to(dev)
+        if self.diagonal:
+            accumulate_diagonal(acc, A, B, 1.0, full=self.outputs == "full")
+        elif self.outputs == "full":
+            accumulate(acc, A.view(r * C, k), B.view(c * C, k), 1.0, backend=self.backend, upper_only=same,
+                       precision=self.precision)
+        else:
+            accumulate(acc, A.view(r, C * k), B.view(c, C * k), 1.0, backend=self.backend, upper_only=same,
+                       precision=self.precision)
+        if bar is not None:
+            bar.update((r if self.diagonal else r * c) * len(self.terms))
+        return acc
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -392,6 +477,8 @@ class GramJob:
         total = (self.X.shape[0] if self.diagonal else self.plan.num_pairs) * len(self.terms)
         bar = tqdm(total=total, unit="pair", unit_scale=True, desc=self._desc(), disable=not progress, leave=False)
         t0 = time.perf_counter()
+        if self.sketcher is not None:
+            self._sketch_features(progress)
         with reuse_freed_memory(self.fm.device.type == "cpu"):
             self._buffers()
             try:
@@ -433,6 +520,8 @@ class GramJob:
                 done = set(box[0])
             todo = [t for t in self.plan.tiles if t.index not in done]
             mine = _store.shares(todo, world)[rank]
+            if self.sketcher is not None and todo and self.terms:
+                self._sketch_features(progress)  # every rank takes part (the features are all-gathered)
             if done:
                 log.info("pkfast.gram: resuming %s: %d of %d tiles already finished", path, len(done), len(self.plan.tiles))
             desc = self._desc() + (f" rank {rank}/{world}" if world > 1 else "")
@@ -481,9 +570,12 @@ class GramJob:
     def width(self) -> int:
         """Columns per output of a Jacobian panel: every trainable parameter on the Jacobian route; on the
         factorised route the ``"jacobian"`` parameters plus the ``"materialized"`` layers (maybe 0)."""
+        if self.sketcher is not None:
+            return 0  # the tiles read the features; no Jacobian panels
         return self.fm.num_params if self.engine is None else self.engine.panel_width
 
     def _buffers(self) -> None:
+        self._A_rows = None
         C, P = self.num_outputs, self.width
         dev = self.fm.device
         self._A = torch.empty(self.plan.row_block, C, P, dtype=self.dtype, device=dev)
@@ -496,9 +588,13 @@ class GramJob:
 
     def _free(self) -> None:
         self._A = self._B = self._acc = None  # type: ignore[assignment]
+        self._A_rows = None
+        self._phi = self._phi2 = None
 
     def compute_tile(self, tile: Tile, bar: Any = None) -> torch.Tensor:
         """Σ over terms of weight · A Bᵀ for this tile, as the accumulator (on the compute device)."""
+        if self.sketcher is not None:
+            return self._compute_tile_sketch(tile, bar)
         if self.engine is not None:
             return self._compute_tile_factorized(tile, bar)
         C, P = self.num_outputs, self.fm.num_params
@@ -511,7 +607,13 @@ class GramJob:
         Yr = None if self.Y is None else self.Y[tile.rows]
         Yc = None if self.Y is None else (self.Y if self.Y2 is None else self.Y2)[tile.cols]
         for term in self.terms:
-            A = self.fm.jacobian(term.left, Xr, out=self._A[:r], chunk=chunk, Y=Yr)
+            # one term: a tile-row's panel is kept for the next tile of the same rows (see tiles.plan_tiles)
+            key = (tile.rows.start, tile.rows.stop) if len(self.terms) == 1 else None
+            if key is not None and key == getattr(self, "_A_rows", None):
+                A = self._A[:r]
+            else:
+                A = self.fm.jacobian(term.left, Xr, out=self._A[:r], chunk=chunk, Y=Yr)
+                self._A_rows = key
             same = (tile.diagonal or self.diagonal) and term.symmetric
             B = A if same else self.fm.jacobian(term.right_combo, Xc, out=self._B[:c], chunk=chunk, Y=Yc)
             if self.diagonal:
@@ -636,18 +738,6 @@ def _symmetrize_upper_(acc: torch.Tensor) -> None:
             acc[j0:j1, :j0].copy_(acc[:j0, j0:j1].T)  # disjoint regions: below and above the diagonal
         d = acc[j0:j1, j0:j1]
         d.copy_(torch.triu(d) + torch.triu(d, 1).T)
-
-
-def _sketch(model, trajectory, X, X2, *, k, seed, refused, **kw) -> torch.Tensor:
-    """``method="sketch"``: :func:`pkfast.sketch.sketch_gram` (options without meaning for a sketch refused)."""
-    from pkfast.sketch import sketch_gram  # sketch imports this module
-
-    for name, (value, default) in refused.items():
-        if value is not default and value != default:
-            raise ValueError(f"{_FN}: {name}={value!r} does not apply to method='sketch' (an in-memory Gram of "
-                             f"random features); expected the default {default!r}")
-    return sketch_gram(model, trajectory, X, X2, k=1024 if k is None else k, seed=0 if seed is None else seed,
-                       _fn=_FN, **kw)
 
 
 def _loss_spec(loss: Any, trajectory: Trajectory) -> LossSpec:

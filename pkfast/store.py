@@ -111,7 +111,8 @@ def options(job: Any) -> dict[str, Any]:
             "backend": job.backend, "precision": job.precision, "device": job.fm.device.type,
             "of": job.of, "nodes": job.nodes if job.rule == "exact" else None,
             "loss": None if job.fm.loss is None else job.fm.loss.to_meta(), "symmetric": job.plan.symmetric,
-            "method": job.method,
+            "method": job.method, "k": job.k, "seed": job.seed,
+            "rng": None if job.sketcher is None else job.sketcher.parts["rng"],
             "routes": None if job.engine is None else [f"{L.name}:{L.method}" for L in job.layers]}
 
 

@@ -87,6 +87,17 @@ def _panel_sizes(budget: int, fixed: int, u: int, k: int, n_rows: int, n_cols: i
     return br, bc
 
 
+def _reuse_sizes(room: int, u: int, k: int, n: int) -> tuple[int, int]:
+    """Largest b_r with b_c = ⌈b_r/2⌉ and (b_r + b_c)·u + b_r²·k ≤ room (the diagonal tile's accumulator)."""
+    if room <= 0:
+        return 0, 0
+    b = int((-1.5 * u + math.sqrt(2.25 * u * u + 4 * k * room)) / (2 * k)) if k else int(room // (1.5 * u))
+    while b > 0 and (b + -(-b // 2)) * u + b * b * k > room:
+        b -= 1
+    b = min(b, n)
+    return b, max(1, -(-b // 2)) if b else 0
+
+
 def plan_tiles(
     n_rows: int,
     n_cols: int,
@@ -97,8 +108,14 @@ def plan_tiles(
     budget: int,
     chunk: int,
     fn: str = "pkfast.gram",
+    reuse_rows: bool = False,
 ) -> TilePlan:
     """Plan tiles for an ``n_rows × n_cols`` Gram.
+
+    With ``reuse_rows`` (a symmetric Gram whose engine keeps a tile-row's panel across consecutive tiles, i.e.
+    one kernel term) the plan is row panels of b_r samples, each a diagonal tile followed by tiles of
+    b_c = ⌈b_r/2⌉ columns: the row panel is computed once per tile-row and only the column panels are
+    recomputed, ≈ N + N²/(2 b_r) panel rows in all instead of ≈ N²/b for square tiles of side b.
 
     Args:
         symmetric: compute only tiles with ``col ≥ row`` (square tiles; requires ``n_rows == n_cols``).
@@ -117,7 +134,10 @@ def plan_tiles(
         tiles = [Tile(0, slice(0, n_rows), slice(0, n_rows), diagonal=True)]
         used = fixed + n_rows * u + n_rows * n_rows * k
         return TilePlan(n_rows, n_cols, n_rows, n_rows, True, chunk, u, used, budget, tiles)
-    br, bc = _panel_sizes(budget, fixed, u, k, n_rows, n_cols, square=symmetric)
+    if symmetric and reuse_rows:
+        br, bc = _reuse_sizes(budget - fixed, u, k, n_rows)
+    else:
+        br, bc = _panel_sizes(budget, fixed, u, k, n_rows, n_cols, square=symmetric)
     if br < 1 or bc < 1:
         need = fixed + 2 * u + k
         raise ValueError(
@@ -129,11 +149,15 @@ def plan_tiles(
     tiles: list[Tile] = []
     for r0 in range(0, n_rows, br):
         rows = slice(r0, min(n_rows, r0 + br))
-        c_start = r0 if symmetric else 0
+        if symmetric and reuse_rows:
+            tiles.append(Tile(len(tiles), rows, rows, diagonal=True))
+            c_start = rows.stop
+        else:
+            c_start = r0 if symmetric else 0
         for c0 in range(c_start, n_cols, bc):
             cols = slice(c0, min(n_cols, c0 + bc))
             tiles.append(Tile(len(tiles), rows, cols, diagonal=symmetric and c0 == r0))
-    used = fixed + (br + bc) * u + br * bc * k
+    used = fixed + (br + bc) * u + br * max(br if symmetric and reuse_rows else 0, bc) * k
     return TilePlan(n_rows, n_cols, br, bc, symmetric, chunk, u, used, budget, tiles)
 
 

@@ -2,6 +2,7 @@
 one rank of a torch.distributed (gloo) group.
 
     python tests/store_worker.py OUT [--kill-at K] [--when before-journal|after-journal] [--dist]
+                                     [--method jacobian|auto|factorized] [--budget BYTES]
 
 The problem (model, trajectory, X, memory budget) is fixed by seeds: see :func:`problem`. With ``--dist`` the
 rank and world come from the RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT environment variables.
@@ -47,6 +48,8 @@ def main() -> None:
     p.add_argument("--kill-at", type=int, default=None, help="SIGKILL this process at its K-th tile (0-based)")
     p.add_argument("--when", choices=("before-journal", "after-journal"), default="before-journal")
     p.add_argument("--dist", action="store_true")
+    p.add_argument("--method", default="jacobian", help="pkfast.gram's method (default jacobian)")
+    p.add_argument("--budget", type=int, default=BUDGET, help="memory budget in bytes")
     a = p.parse_args()
     torch.set_num_threads(1)
     if a.dist:
@@ -69,7 +72,8 @@ def main() -> None:
 
         store.GramStore.write_tile = write_tile
     model, traj, X = problem()
-    pkfast.gram(model, traj, X, out=a.out, memory_budget=BUDGET, method="jacobian", progress=False)
+    sk = dict(k=8, seed=5) if a.method == "sketch" else {}
+    pkfast.gram(model, traj, X, out=a.out, memory_budget=a.budget, method=a.method, progress=False, **sk)
     if a.dist:
         torch.distributed.destroy_process_group()
 

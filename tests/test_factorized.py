@@ -292,18 +292,52 @@ def test_method_errors():
         pkfast.plan(net, traj, X, out="x.npy")
 
 
-def test_gram_method_sketch_is_the_sketch_module():
-    """gram(method="sketch") is pkfast.sketch's Gram (tested in test_sketch.py) with the same k and seed."""
-    net, traj, X, X2 = _setup("mlp")
-    for kw in (dict(), dict(outputs="full"), dict(diagonal=True)):
-        x2 = None if kw else X2
-        K = pkfast.gram(net, traj, X, x2, method="sketch", k=64, seed=3, dtype=F64, progress=False, **kw)
-        F1 = pkfast.sketch(net, traj, X, k=64, seed=3, dtype=F64, progress=False)
-        F2 = F1 if x2 is None else pkfast.sketch(net, traj, x2, k=64, seed=3, dtype=F64, progress=False)
-        assert torch.equal(K, F1.gram(None if x2 is None else F2, **kw))
-    with pytest.raises(ValueError, match=r"out='g.npy' does not apply to method='sketch'"):
-        pkfast.gram(net, traj, X, method="sketch", out="g.npy")
+def test_gram_method_sketch_is_the_sketch_module(tmp_path):
+    """gram(method="sketch") is the Gram of pkfast.sketch's features (tested in test_sketch.py) with the same k
+    and seed, tiled (many tiles under a small budget), stored and resumable like any Gram."""
+    net, traj, X, X2 = _setup("mlp", n=60)
+    F1 = pkfast.sketch(net, traj, X, k=64, seed=3, dtype=F64, progress=False)
+    F2 = pkfast.sketch(net, traj, X2, k=64, seed=3, dtype=F64, progress=False)
+    for kw in (dict(), dict(outputs="full"), dict(diagonal=True), dict(outputs="mean", diagonal=True)):
+        for x2, other in ((None, None), (X2, F2)):
+            if x2 is not None and kw.get("diagonal"):
+                continue
+            for budget in (None, 90_000):
+                K = pkfast.gram(net, traj, X, x2, method="sketch", k=64, seed=3, dtype=F64, progress=False,
+                                memory_budget=budget, **kw)
+                assert rel_err(K, F1.gram(other, **kw)) <= RTOL[F64], (kw, budget)
+    job = pkfast.gram.__globals__["GramJob"].create(net, traj, X, method="sketch", k=64, seed=3,
+                                                    memory_budget=90_000, dtype=F64)
+    assert len(job.plan.tiles) > 1
+    out = tmp_path / "s.npy"
+    S = pkfast.gram(net, traj, X, method="sketch", k=64, seed=3, dtype=F64, progress=False, out=out, memory_budget=90_000)
+    assert rel_err(torch.from_numpy(np.asarray(S)), F1.gram()) <= RTOL[F64]
+    opts = pkfast.open_gram(out).options
+    assert (opts["method"], opts["k"], opts["seed"]) == ("sketch", 64, 3)
+    with pytest.raises(pkfast.store.StoreError, match="options"):  # another seed is another Gram
+        pkfast.gram(net, traj, X, method="sketch", k=64, seed=4, dtype=F64, progress=False, out=out)
     with pytest.raises(ValueError, match=r"k and seed set the random projection of method='sketch'; found method='auto'"):
         pkfast.gram(net, traj, X, k=8)
-    with pytest.raises(ValueError, match="method='sketch' has no tile plan"):
+    with pytest.raises(ValueError, match="method='sketch' has no layer routes"):
         pkfast.plan(net, traj, X, method="sketch")
+    with pytest.raises(ValueError, match="rule='exact' cannot be sketched"):
+        pkfast.gram(net, traj, X, method="sketch", rule="exact")
+
+
+def test_layer_called_with_keyword_input_takes_the_jacobian_route():
+    class KwNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 4)
+            self.b = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(input=x)))  # the hook cannot see a keyword input
+
+    net = KwNet().to(F64)
+    traj = random_trajectory(net, steps=2)
+    X = torch.randn(5, 3, dtype=F64)
+    p = pkfast.plan(net, traj, X)
+    assert _routes(p) == {"a": "jacobian", "b": "factorized"}
+    assert "positional" in {L.name: L.reason for L in p.layers}["a"]
+    assert rel_err(pkfast.gram(net, traj, X, dtype=F64, progress=False), gram_reference(net, traj, X)) <= RTOL[F64]

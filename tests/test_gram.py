@@ -262,3 +262,29 @@ def test_large_diagonal_tile_blocked_syrk_matches_reference(outputs):
     assert len(job.plan.tiles) == 1 and job.plan.tiles[0].diagonal
     K = job.run(progress=False)
     assert rel_err(K, gram_reference(net, traj, X, outputs=outputs)) < 1e-10
+
+
+def test_one_term_gram_reuses_each_row_panel(monkeypatch):
+    """A one-step trajectory on a budget that forces tiles: each tile-row's Jacobian panel is computed once and
+    kept for the next tiles of that row (tiles.plan_tiles(reuse_rows=True)); the Gram equals the reference."""
+    from pkfast.jacobians import FunctionalModel
+
+    net = mlp().double()
+    traj = random_trajectory(net, steps=1)
+    X = torch.randn(40, 5, dtype=torch.float64)
+    job = GramJob.create(net, traj, X, method="jacobian", dtype=torch.float64, memory_budget=40_000)
+    tiles = job.plan.tiles
+    assert len(tiles) > 3 and len({t.rows.start for t in tiles}) < len(tiles)
+    rows = []
+    orig = FunctionalModel.jacobian
+
+    def counting(self, combo, Xc, *a, **kw):
+        rows.append(Xc.shape[0])
+        return orig(self, combo, Xc, *a, **kw)
+
+    monkeypatch.setattr(FunctionalModel, "jacobian", counting)
+    K = job.run(progress=False)
+    expected = sum(t.rows.stop - t.rows.start for t in tiles if t.diagonal) + \
+        sum(t.cols.stop - t.cols.start for t in tiles if not t.diagonal)
+    assert sum(rows) == expected  # each row panel once, plus the column panels
+    assert rel_err(K, gram_reference(net, traj, X)) <= 1e-10

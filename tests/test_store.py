@@ -284,13 +284,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_ranks(out, world=2, kill_rank=None, kill_at=None):
+def _run_ranks(out, world=2, kill_rank=None, kill_at=None, extra=()):
     port = _free_port()
     procs = []
     for rank in range(world):
         env = {**ENV, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        args = [sys.executable, WORKER, str(out), "--dist"]
+        args = [sys.executable, WORKER, str(out), "--dist", *extra]
         if rank == kill_rank:
             args += ["--kill-at", str(kill_at)]
         procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
@@ -313,6 +313,38 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, reference):
     side = store.sidecar(out)
     counts = [len((side / f"tiles.{r}.log").read_text().splitlines()) for r in range(2)]
     assert min(counts) > 0  # both ranks did work
+
+
+def test_two_gloo_ranks_factorized_route(tmp_path):
+    """The factorised route shares tiles across ranks too: two ranks write the bytes of one process."""
+    extra = ("--method", "factorized", "--budget", "8000")
+    ref = tmp_path / "one.npy"
+    subprocess.run([sys.executable, WORKER, str(ref), *extra], check=True, env=ENV, timeout=300)
+    g = pkfast.open_gram(ref)
+    assert g.options["method"] == "factorized" and g.num_tiles > 2
+    out = tmp_path / "gram.npy"
+    res = _run_ranks(out, extra=extra)
+    assert [r for r, _ in res] == [0, 0], res
+    assert _bytes(out) == _bytes(ref)
+    counts = [len((store.sidecar(out) / f"tiles.{r}.log").read_text().splitlines()) for r in range(2)]
+    assert min(counts) > 0
+
+
+def test_two_gloo_ranks_sketch(tmp_path):
+    """method='sketch' under two ranks: each projects half of the samples, the features are all-gathered, and
+    the tiles are shared; the Gram equals one process's (to float32 rounding: the projections' GEMMs see
+    other chunk sizes)."""
+    extra = ("--method", "sketch", "--budget", "14000")
+    ref = tmp_path / "one.npy"
+    subprocess.run([sys.executable, WORKER, str(ref), *extra], check=True, env=ENV, timeout=300)
+    assert pkfast.open_gram(ref).num_tiles > 2
+    out = tmp_path / "gram.npy"
+    res = _run_ranks(out, extra=extra)
+    assert [r for r, _ in res] == [0, 0], res
+    a, b = np.load(out), np.load(ref)
+    assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b)
+    counts = [len((store.sidecar(out) / f"tiles.{r}.log").read_text().splitlines()) for r in range(2)]
+    assert min(counts) > 0
 
 
 def test_killed_two_rank_run_resumes_to_the_same_bytes(tmp_path, reference):

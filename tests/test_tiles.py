@@ -46,3 +46,35 @@ def test_diagonal_plan_covers_rows_once():
     rows = [i for t in plan.tiles for i in range(t.rows.start, t.rows.stop)]
     assert rows == list(range(41)) and len(plan.tiles) > 1
     assert plan.tile_bytes <= 5_000
+
+
+@pytest.mark.parametrize("n", [37, 64, 1])
+@pytest.mark.parametrize("budget", [3_000, 20_000, 10**9])
+def test_row_reuse_plan_covers_once_within_budget(n, budget):
+    """reuse_rows: per row panel a diagonal tile then column tiles of half its height; the panel rows every
+    tile-row computes (its own panel once, then the columns) stay below the square plan's."""
+    plan = plan_tiles(n, n, symmetric=True, bytes_per_sample=120, acc_bytes_per_pair=4, budget=budget, chunk=8,
+                      reuse_rows=True)
+    assert all(c == 1 for row in coverage(plan) for c in row)
+    assert plan.tile_bytes <= budget
+    assert all(t.cols.start >= t.rows.start for t in plan.tiles)
+    for t in plan.tiles:
+        if t.diagonal:
+            assert t.rows == t.cols
+        else:
+            assert t.cols.stop - t.cols.start <= plan.col_block <= -(-plan.row_block // 2)
+
+    def panel_rows(p, reuse):
+        rows, last = 0, None
+        for t in p.tiles:
+            if not (reuse and t.rows == last):
+                rows += t.rows.stop - t.rows.start
+            last = t.rows
+            if not t.diagonal:
+                rows += t.cols.stop - t.cols.start
+        return rows
+
+    square = plan_tiles(n, n, symmetric=True, bytes_per_sample=120, acc_bytes_per_pair=4, budget=budget, chunk=8)
+    assert panel_rows(plan, True) <= panel_rows(square, False)
+    if len(square.tiles) > 3:
+        assert panel_rows(plan, True) < 0.8 * panel_rows(square, False)
