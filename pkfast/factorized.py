@@ -72,11 +72,6 @@ class Layer:
         """Columns of A per group (the bias adds one)."""
         return self.fan_in + (1 if self.bias else 0)
 
-    @property
-    def panel_width(self) -> int:
-        """Columns this layer takes in a Jacobian panel (per output): its parameter count."""
-        return self.size
-
 
 _KINDS = {nn.Linear: "linear", nn.Conv1d: "conv", nn.Conv2d: "conv", nn.Embedding: "embedding"}
 
@@ -94,8 +89,9 @@ def _kind_of(m: nn.Module) -> tuple[str | None, str]:
 
 
 def find_layers(model: nn.Module, fm: FunctionalModel) -> list[Layer]:
-    """Every module owning trainable parameters, as a :class:`Layer` (supported kinds first found candidates;
-    the rest ``kind="other"``, method ``"jacobian"``). Parameters are assigned to their owning module."""
+    """Every module owning trainable parameters, as a :class:`Layer`: supported kinds (Linear, Conv1d/2d,
+    Embedding with their own forward, untied, unparametrized) are candidates for the factorised routes; the
+    rest are ``kind="other"`` with the reason, for the Jacobian route. Parameters belong to their owning module."""
     trainable = set(fm.names)
     owners: dict[int, set[int]] = {}
     for _, mod in model.named_modules(remove_duplicate=False):
