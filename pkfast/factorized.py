@@ -275,6 +275,65 @@ class Engine:
             if L.calls:
                 L.fan_in, L.fan_out = _fans(L)
         self._shapes = {k: v for k, v in cap.shapes.items()}
+        self._verify(X, [L for L in candidates if L.kind != "other"])
+
+    def _verify(self, X: torch.Tensor, candidates: list[Layer]) -> None:
+        """Check on a few samples that each candidate's parameter gradient is exactly what its calls explain
+        (Σ over calls and positions of δ aᵀ). A parameter also used outside the module's forward (e.g. a weight
+        tied in through ``F.linear``) fails the check and its layer takes the Jacobian route; a layer whose
+        parameters the forward pass never reaches is ``unused``."""
+        if not candidates:
+            return
+        fm = self.fm
+        flat, statics = fm.state(EvalPoint(0))
+        names = {p for L in candidates for p in L.params}
+        params = {n: (t.detach().clone().requires_grad_(True) if n in names else t) for n, t in fm.params(flat).items()}
+        x = fm.prepare(X[: min(3, X.shape[0])])
+        made: dict[str, torch.Tensor] = {}
+        inputs: dict[str, torch.Tensor] = {}
+        count: dict[str, int] = {}
+
+        def hook_for(L):
+            def hook(mod, args, output):
+                k = count.get(L.name, 0)
+                count[L.name] = k + 1
+                key = f"{L.name}#{k}"
+                inputs[key] = args[0].detach()
+                made[key] = torch.zeros_like(output, requires_grad=True)
+                return output + made[key]
+            return hook
+
+        handles = [L.module.register_forward_hook(hook_for(L)) for L in candidates]
+        try:
+            with torch.enable_grad():
+                out = functional_call(fm.model, (params, statics), (x,))
+                f = out.reshape(x.shape[0], -1)
+                g = torch.Generator(device="cpu").manual_seed(12345)
+                v = torch.randn(f.shape, generator=g, dtype=torch.float64).to(f.device, f.dtype)
+                keys = list(made)
+                pn = sorted(names)
+                grads = torch.autograd.grad((f * v).sum(), [params[n] for n in pn] + [made[k] for k in keys],
+                                            allow_unused=True)
+        finally:
+            for h in handles:
+                h.remove()
+        true = dict(zip(pn, grads[: len(pn)]))
+        jz = {k: (torch.zeros_like(made[k]) if gk is None else gk)[None, None] for k, gk in zip(keys, grads[len(pn):])}
+        aux = {k: t[None] for k, t in inputs.items()}
+        for L in candidates:
+            reached = any(true[p] is not None for p in L.params)
+            if L.calls == 0:
+                if reached:
+                    L.kind, L.module, L.calls = "other", None, 0
+                    L.reason = "its parameters are used without calling the module"
+                continue
+            rebuilt = _materialize(L, self._factors(L, jz, aux, 1, C=1), 1).reshape(-1)
+            expect = _gradient_layout(L, {p.rsplit(".", 1)[-1]: true[p] for p in L.params})
+            scale = float(expect.abs().max()) + float(rebuilt.abs().max()) + 1e-30
+            tol = 1e-9 if fm.dtype == torch.float64 else 1e-4
+            if float((rebuilt - expect).abs().max()) > tol * scale:
+                L.kind, L.module, L.calls = "other", None, 0
+                L.reason = "its parameters are also used outside its forward (e.g. tied through F.linear)"
 
     # ------------------------------------------------------------------ one pass: Jacobian part and factors
     def evaluate(self, point: EvalPoint, X: torch.Tensor, Y: torch.Tensor | None, chunk: int,
@@ -340,9 +399,9 @@ class Engine:
             feats[L.name] = [tuple(torch.cat([c[g][i] for c in chunks]) for i in range(2)) for g in range(len(chunks[0]))]
         return feats
 
-    def _factors(self, L: Layer, jz: dict, aux: dict, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _factors(self, L: Layer, jz: dict, aux: dict, n: int, C: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """[(A_g [n, S, I_g(+1)] or token ids [n, S], Δ_g [n, C, S, O_g]) per group] of layer L."""
-        C = self.fm.num_outputs
+        C = self.fm.num_outputs if C is None else C
         As, Ds = [], []
         for k in range(L.calls):
             key = f"{L.name}#{k}"
@@ -437,6 +496,29 @@ def _materialize(L: Layer, groups: list, n: int) -> torch.Tensor:
         G.scatter_add_(2, idx[:, None, :, None].expand(n, C, S, O), D)
         return G.reshape(n, C, -1)
     return torch.cat([torch.einsum("ncso,nsi->ncoi", D, A).reshape(n, D.shape[1], -1) for A, D in groups], dim=2)
+
+
+def _gradient_layout(L: Layer, grads: dict[str, torch.Tensor | None]) -> torch.Tensor:
+    """A layer's parameter gradient (``{"weight": …, "bias": …}``, None for unreached) flattened in the layout of
+    :func:`_materialize`: per group, the [O_g, I_g] weight block with the bias as a last column."""
+    m = L.module
+    W = grads.get("weight")
+    if W is None:
+        W = torch.zeros_like(m.weight)
+    if L.kind == "embedding":
+        return W.reshape(-1)
+    b = grads.get("bias") if L.bias else None
+    if L.bias and b is None:
+        b = torch.zeros_like(m.bias)
+    W = W.reshape(W.shape[0], -1)
+    parts = []
+    Og = L.fan_out
+    for gi in range(L.groups):
+        blk = W[gi * Og:(gi + 1) * Og]
+        if L.bias:
+            blk = torch.cat([blk, b[gi * Og:(gi + 1) * Og, None]], dim=1)
+        parts.append(blk.reshape(-1))
+    return torch.cat(parts)
 
 
 def _diag_product(acc, L, Ar, Dr, Ac, Dc, weight, full):

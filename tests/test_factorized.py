@@ -311,7 +311,7 @@ def test_gram_method_sketch_is_the_sketch_module(tmp_path):
     assert len(job.plan.tiles) > 1
     out = tmp_path / "s.npy"
     S = pkfast.gram(net, traj, X, method="sketch", k=64, seed=3, dtype=F64, progress=False, out=out, memory_budget=90_000)
-    assert rel_err(torch.from_numpy(np.asarray(S)), F1.gram()) <= RTOL[F64]
+    assert rel_err(torch.from_numpy(np.array(S)), F1.gram()) <= RTOL[F64]
     opts = pkfast.open_gram(out).options
     assert (opts["method"], opts["k"], opts["seed"]) == ("sketch", 64, 3)
     with pytest.raises(pkfast.store.StoreError, match="options"):  # another seed is another Gram
@@ -341,3 +341,32 @@ def test_layer_called_with_keyword_input_takes_the_jacobian_route():
     assert _routes(p) == {"a": "jacobian", "b": "factorized"}
     assert "positional" in {L.name: L.reason for L in p.layers}["a"]
     assert rel_err(pkfast.gram(net, traj, X, dtype=F64, progress=False), gram_reference(net, traj, X)) <= RTOL[F64]
+
+
+def test_weight_also_used_outside_the_module_takes_the_jacobian_route():
+    """A weight reached both through its module and through F.linear (an output projection tied to the input
+    embedding, as language models do): the factorisation of the module's calls alone would miss the second
+    use, so the gradient check at planning time sends the layer to the Jacobian route; a module never called
+    whose weight is used functionally likewise. The Gram stays exact."""
+    class TiedLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(7, 4)
+            self.mix = nn.Linear(4, 4)
+            self.proj = nn.Linear(4, 3)  # never called: its weight is used through F.linear
+
+        def forward(self, ids):
+            h = torch.tanh(self.mix(self.emb(ids).mean(1)))
+            return torch.nn.functional.linear(h, self.emb.weight) + torch.nn.functional.linear(h, self.proj.weight).sum(1, keepdim=True)
+
+    net = TiedLM().to(F64)
+    traj = random_trajectory(net, steps=2)
+    X = torch.randint(0, 7, (5, 3))
+    p = pkfast.plan(net, traj, X)
+    r = _routes(p)
+    assert r["emb"] == "jacobian" and r["proj"] == "jacobian" and r["mix"] == "factorized", r
+    reasons = {L.name: L.reason for L in p.layers}
+    assert "outside its forward" in reasons["emb"] and "without calling" in reasons["proj"]
+    for method in ("auto", "factorized"):
+        K = pkfast.gram(net, traj, X, method=method, dtype=F64, progress=False)
+        assert rel_err(K, gram_reference(net, traj, X)) <= RTOL[F64]
