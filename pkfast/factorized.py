@@ -314,6 +314,11 @@ class Engine:
                 pn = sorted(names)
                 grads = torch.autograd.grad((f * v).sum(), [params[n] for n in pn] + [made[k] for k in keys],
                                             allow_unused=True)
+        except RuntimeError as e:  # e.g. an in-place change of a layer's input: no factorisation is safe then
+            for L in candidates:
+                L.kind, L.module, L.calls = "other", None, 0
+                L.reason = f"the gradient check failed ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
+            return
         finally:
             for h in handles:
                 h.remove()

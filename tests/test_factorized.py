@@ -370,3 +370,4 @@ def test_weight_also_used_outside_the_module_takes_the_jacobian_route():
     for method in ("auto", "factorized"):
         K = pkfast.gram(net, traj, X, method=method, dtype=F64, progress=False)
         assert rel_err(K, gram_reference(net, traj, X)) <= RTOL[F64]
+
