@@ -85,6 +85,23 @@ class TiedNet(nn.Module):
         return self.out(torch.tanh(self.mid(self.emb(ids).mean(1))))
 
 
+class AttentionNet(nn.Module):
+    """nn.MultiheadAttention between Linear layers: its out_proj (a Linear subclass) is never called as a module
+    (the attention uses its weight through F.multi_head_attention_forward), which the planning-time gradient
+    check must notice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(3, 8)
+        self.att = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.inp(x)
+        a, _ = self.att(h, h, h)
+        return self.head(torch.tanh(a).mean(1))
+
+
 def _seq_ids(n: int, seed: int = 0, vocab: int = 9) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (n, 6), generator=g)
@@ -99,6 +116,7 @@ CASES = {
     "seq": (SeqNet, _seq_ids),
     "twice": (TwiceNet, lambda n, s: torch.randn(n, 4, 3, generator=torch.Generator().manual_seed(s))),
     "tied": (TiedNet, lambda n, s: torch.randint(0, 7, (n, 3), generator=torch.Generator().manual_seed(s))),
+    "attention": (lambda: AttentionNet().eval(), lambda n, s: torch.randn(n, 5, 3, generator=torch.Generator().manual_seed(s))),
 }
 
 
@@ -251,6 +269,9 @@ def test_plan_routes_unsupported_to_jacobian():
     assert r["emb"] == "jacobian" and r["out"] == "jacobian" and r["mid"] == "jacobian"
     reasons = {L.name: L.reason for L in p.layers}
     assert "tied" in reasons["emb"] and "overrides" in reasons["mid"]
+    net, traj, X, _ = _setup("attention")
+    r = _routes(pkfast.plan(net, traj, X))
+    assert r["att.out_proj"] == "jacobian" and r["att"] == "jacobian" and r["head"] == "factorized", r
     net, traj, X, _ = _setup("seq")
     p = pkfast.plan(net, traj, X)
     assert _routes(p)["norm"] == "jacobian"
