@@ -1,8 +1,11 @@
-"""cli: the ``pkfast`` command — ``pkfast gram …`` computes a stored Gram, ``pkfast info …`` describes one.
+"""cli: the ``pkfast`` command — ``pkfast gram …`` computes a stored Gram, ``pkfast plan …`` shows how it would
+be computed, ``pkfast info …`` describes a stored one.
 
     pkfast gram --model MODULE:FACTORY --trajectory PATH --data X.npy [--data2 X2.npy] --out gram.npy
                 [--outputs trace|mean|full] [--rule left|trapezoid] [--diagonal] [--memory 4GiB]
-                [--dtype float32|float64] [--backend auto|torch|triton] [--overwrite] [--no-progress]
+                [--dtype float32|float64] [--backend auto|torch|triton] [--method auto|jacobian|factorized|sketch]
+                [--k 1024] [--seed 0] [--overwrite] [--no-progress]
+    pkfast plan --model MODULE:FACTORY --trajectory PATH --data X.npy [--data2 X2.npy] [the options of gram]
     pkfast info gram.npy [--verify] [--json]
 
 ``MODULE:FACTORY`` names a zero-argument callable returning the ``torch.nn.Module`` (``MODULE`` is an importable
@@ -36,21 +39,29 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pkfast", description="Path-kernel Gram matrices of neural networks.")
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("gram", help="compute a path-kernel Gram into a .npy file (resumable)")
-    g.add_argument("--model", required=True, metavar="MODULE:FACTORY",
-                   help="zero-argument callable returning the model, e.g. mypkg.models:make_net or nets.py:make_net")
-    g.add_argument("--trajectory", required=True, metavar="PATH", help="trajectory directory (Trajectory.save)")
-    g.add_argument("--data", required=True, metavar="X.npy", help="samples X [N, *features] (.npy)")
-    g.add_argument("--data2", default=None, metavar="X2.npy", help="samples X2 for a cross-Gram (.npy)")
+    pl = sub.add_parser("plan", help="print how pkfast.gram would compute it: each layer's route, FLOPs, tiles")
+    for q in (g, pl):
+        q.add_argument("--model", required=True, metavar="MODULE:FACTORY",
+                       help="zero-argument callable returning the model, e.g. mypkg.models:make_net or nets.py:make_net")
+        q.add_argument("--trajectory", required=True, metavar="PATH", help="trajectory directory (Trajectory.save)")
+        q.add_argument("--data", required=True, metavar="X.npy", help="samples X [N, *features] (.npy)")
+        q.add_argument("--data2", default=None, metavar="X2.npy", help="samples X2 for a cross-Gram (.npy)")
+        q.add_argument("--outputs", default="trace", choices=("trace", "mean", "full"))
+        q.add_argument("--rule", default="left", choices=("left", "trapezoid"))
+        q.add_argument("--diagonal", action="store_true", help="only K(x, x): [N] (or [N, C, C])")
+        q.add_argument("--memory", default=None, metavar="BYTES", help="working-memory budget, e.g. 4GiB (default: "
+                       "half of the free memory)")
+        q.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+        q.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"))
+        q.add_argument("--method", default="auto", choices=("auto", "jacobian", "factorized", "sketch"),
+                       help="auto (default): each supported layer factorised or materialised by the cost model; "
+                       "jacobian: every Jacobian materialised; factorized: every supported layer factorised; "
+                       "sketch: random JL features (approximate, unbiased)")
+        q.add_argument("--device", default=None, help="move the model to this device (default: where the factory put "
+                       "it; under torchrun with CUDA: cuda:LOCAL_RANK)")
+    g.add_argument("--k", type=int, default=None, help="sketch dimension for --method sketch (default 1024)")
+    g.add_argument("--seed", type=int, default=None, help="sketch seed for --method sketch (default 0)")
     g.add_argument("--out", required=True, metavar="gram.npy", help="output .npy (manifest in <out>.pkfast/)")
-    g.add_argument("--outputs", default="trace", choices=("trace", "mean", "full"))
-    g.add_argument("--rule", default="left", choices=("left", "trapezoid"))
-    g.add_argument("--diagonal", action="store_true", help="only K(x, x): [N] (or [N, C, C])")
-    g.add_argument("--memory", default=None, metavar="BYTES", help="working-memory budget, e.g. 4GiB (default: half "
-                   "of the free memory)")
-    g.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    g.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"))
-    g.add_argument("--device", default=None, help="move the model to this device (default: where the factory put it; "
-                   "under torchrun with CUDA: cuda:LOCAL_RANK)")
     g.add_argument("--overwrite", action="store_true", help="discard an existing output and start afresh")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     i = sub.add_parser("info", help="describe a stored Gram: shape, options, progress, validity")
@@ -125,13 +136,32 @@ def _gram(a: argparse.Namespace) -> int:
         X2 = _load_array("--data2", a.data2) if a.data2 else None
         K = pkfast.gram(model, traj, X, X2, outputs=a.outputs, rule=a.rule, diagonal=a.diagonal, backend=a.backend,
                         dtype=getattr(torch, a.dtype), memory_budget=a.memory, out=a.out, overwrite=a.overwrite,
-                        progress=not a.no_progress)
+                        progress=not a.no_progress, method=a.method, k=a.k, seed=a.seed)
         rank = torch.distributed.get_rank() if dist else 0
         if rank == 0:
             print(f"pkfast: wrote {a.out}: shape {tuple(K.shape)} {K.dtype}")
     finally:
         if dist:
             torch.distributed.destroy_process_group()
+    return 0
+
+
+def _plan(a: argparse.Namespace) -> int:
+    import torch
+
+    import pkfast
+
+    model = _load_factory(a.model)()
+    if not isinstance(model, torch.nn.Module):
+        raise _UserError(f"--model: {a.model} returned {type(model).__name__}; expected a torch.nn.Module")
+    if a.device is not None:
+        model = model.to(a.device)
+    model.eval()
+    traj = pkfast.Trajectory.load(a.trajectory)
+    X = _load_array("--data", a.data)
+    X2 = _load_array("--data2", a.data2) if a.data2 else None
+    print(pkfast.plan(model, traj, X, X2, outputs=a.outputs, rule=a.rule, diagonal=a.diagonal, backend=a.backend,
+                      dtype=getattr(torch, a.dtype), memory_budget=a.memory, method=a.method))
     return 0
 
 
@@ -164,7 +194,9 @@ def _info(a: argparse.Namespace) -> int:
         o = d["options"]
         print(f"{d['path']}: {'×'.join(map(str, d['shape']))} {d['dtype']} ({d['size_bytes'] / 2**20:.1f} MiB)")
         print(f"  options: outputs={o['outputs']} rule={o['rule']} diagonal={o['diagonal']} backend={o['backend']} "
-              f"precision={o['precision']} device={o['device']}{' (symmetric: upper tiles mirrored)' if d['symmetric'] else ''}")
+              f"precision={o['precision']} device={o['device']} method={o.get('method', 'jacobian')}"
+              f"{' k=%s seed=%s' % (o.get('k'), o.get('seed')) if o.get('method') == 'sketch' else ''}"
+              f"{' (symmetric: upper tiles mirrored)' if d['symmetric'] else ''}")
         print(f"  progress: {d['tiles_done']}/{d['tiles']} tiles ({pct:.1f}%){' — complete' if d['complete'] else ''}")
         print(f"  plan: tiles of ≤{d['plan']['row_block']}×{d['plan']['col_block']}, vmap chunk {d['plan']['chunk']}")
         print("  fingerprints: " + ", ".join(f"{k} {v[:12]}" for k, v in d["fingerprints"].items()))
@@ -181,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     from pkfast.store import StoreError
 
     try:
-        return _gram(args) if args.command == "gram" else _info(args)
+        return {"gram": _gram, "plan": _plan, "info": _info}[args.command](args)
     except KeyboardInterrupt:
         print("pkfast: interrupted; finished tiles are kept — run the same command again to resume", file=sys.stderr)
         return 130

@@ -126,3 +126,29 @@ def test_mismatched_data_is_refused_in_one_line(digits_run, tmp_path):
     r = _cli(*base, "--data", "X2.npy", cwd=d)
     assert r.returncode == 2 and "differs: the data X" in r.stderr and "overwrite" in r.stderr
     assert _cli(*base, "--data", "X2.npy", "--overwrite", cwd=d).returncode == 0
+
+
+def test_plan_and_methods_from_the_command_line(digits_run):
+    d = digits_run
+    r = _cli("plan", "--model", "nets.py:make_net", "--trajectory", "traj", "--data", "X.npy", cwd=d)
+    assert r.returncode == 0, r.stderr
+    assert "pkfast.plan: 50×50 trace Gram" in r.stdout and "factorized" in r.stdout and "Linear" in r.stdout
+    ns = {}
+    exec(FACTORY, ns)
+    traj = pkfast.Trajectory.load(d / "traj")
+    X = np.load(d / "X.npy")
+    r = _cli("gram", "--model", "nets.py:make_net", "--trajectory", "traj", "--data", "X.npy", "--out", "J.npy",
+             "--method", "jacobian", "--no-progress", cwd=d)
+    assert r.returncode == 0, r.stderr
+    J = pkfast.gram(ns["make_net"]().eval(), traj, X, method="jacobian", progress=False)
+    np.testing.assert_allclose(np.load(d / "J.npy"), J.numpy(), rtol=1e-5, atol=1e-6 * float(J.abs().max()))
+    r = _cli("gram", "--model", "nets.py:make_net", "--trajectory", "traj", "--data", "X.npy", "--out", "S.npy",
+             "--method", "sketch", "--k", "32", "--seed", "7", "--no-progress", cwd=d)
+    assert r.returncode == 0, r.stderr
+    S = pkfast.gram(ns["make_net"]().eval(), traj, X, method="sketch", k=32, seed=7, progress=False)
+    np.testing.assert_allclose(np.load(d / "S.npy"), S.numpy(), rtol=1e-5, atol=1e-6 * float(S.abs().max()))
+    r = _cli("info", "S.npy", cwd=d)
+    assert "method=sketch k=32 seed=7" in r.stdout
+    r = _cli("gram", "--model", "nets.py:make_net", "--trajectory", "traj", "--data", "X.npy", "--out", "T.npy",
+             "--k", "32", cwd=d)
+    assert r.returncode == 2 and "k and seed set the random projection of method='sketch'" in r.stderr
