@@ -23,7 +23,9 @@ Gradient clipping or noise that the recording does not show appear as a large up
 
 from __future__ import annotations
 
+
 import logging
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -171,6 +173,21 @@ class KernelMachine:
         per_query = 3 * self.C * self.fm.num_params * torch.empty((), dtype=self.dtype).element_size()
         self.query_chunk = max(1, int(budget // max(1, per_query)))
         self._grad_cache: dict[int, torch.Tensor] = {}
+        #: ``[T]`` max |g_stored − g_recomputed| / max |g_stored| per step, where the recording stored the
+        #: training forward pass's loss derivatives (``TrajectoryRecorder(store_output_grads=True)``; NaN for
+        #: steps without them), else None. Rounding-level values mean the model's forward pass reproduces the
+        #: training one; larger ones (augmentation, dropout, train-mode normalisation) mean the decomposition —
+        #: which uses the recomputed derivatives — describes the model, not the training run.
+        self.output_grad_mismatch = self._output_grad_mismatch()
+        if self.output_grad_mismatch is not None:
+            worst = float(torch.nan_to_num(self.output_grad_mismatch, nan=0.0).max())
+            if worst > 1e-6:
+                warnings.warn(
+                    f"{_FN}: the loss derivatives recorded during training differ from those recomputed from the model "
+                    f"by up to {worst:.2e} (relative): the training forward pass was not the model's (data "
+                    "augmentation, dropout or train-mode normalisation?), so the kernel machine reproduces the "
+                    "trajectory's weights through the model's own gradients, not the training run's",
+                    stacklevel=2)
 
     # ------------------------------------------------------------------ recorded metadata
     def _read_optimizer(self, traj: Trajectory) -> list[dict[str, Any]]:
@@ -379,6 +396,25 @@ class KernelMachine:
         quad_t = torch.stack(quad).cpu()
         scale = float((f_prev - f0).abs().max()) or 1.0
         return Certificate(quad_t, self._update_residuals(), float(quad_t.abs().max()) / scale)
+
+    def _output_grad_mismatch(self) -> torch.Tensor | None:
+        traj = self.trajectory
+        T = traj.num_steps
+        stored = [traj.output_grads(s) for s in range(T)]
+        if all(g is None for g in stored):
+            return None
+        out = torch.full((T,), float("nan"), dtype=torch.float64)
+        for s, g in enumerate(stored):
+            b = self._batches[s]
+            if g is None or b.numel() == 0:
+                continue
+            if g.shape != (b.numel(), self.C):
+                raise ValueError(f"{_FN}: step {s} stored output gradients of shape {tuple(g.shape)}; expected "
+                                 f"({b.numel()}, {self.C}) for its batch of {b.numel()}")
+            f = self.fm.outputs(EvalPoint(s), self.X[b]).to("cpu", torch.float64)
+            rec = self.loss.output_grad(f, self.y[b])
+            out[s] = float((rec - g).abs().max() / g.abs().max().clamp_min(1e-300))
+        return out
 
     def _update_residuals(self) -> torch.Tensor:
         """‖Δ_s − Δ̂_s‖/‖Δ_s‖ with Δ̂_s from the recomputed batch gradients through PyTorch's SGD rule."""

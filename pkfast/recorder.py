@@ -170,6 +170,12 @@ class TrajectoryRecorder:
             exact kernel machine (:class:`pkfast.KernelMachine`) can recompute per-sample loss derivatives.
         targets: the training targets (``[N]`` class indices or ``[N, C]``), saved as ``targets.npy`` in the
             recording (:attr:`pkfast.Trajectory.targets`).
+        store_output_grads: also store, per step, the per-sample loss derivatives g_{i,s} = ∂ℓ_i/∂f at the
+            outputs the training forward pass produced (pass them as ``rec.step(..., outputs=logits)``); needs
+            ``loss`` and ``targets``. |B_s|·C numbers per step, in the step log. The kernel machine compares them
+            with the derivatives it recomputes from the model, which exposes a training forward pass that
+            differs from the model's (augmentation, dropout, train-mode normalisation): see
+            :attr:`pkfast.KernelMachine.output_grad_mismatch`.
 
     Each step records the applied lr, the ordered ``batch_indices`` passed to :meth:`step` and the optimizer's
     hyperparameters at that step (momentum, dampening, nesterov, weight_decay, …), which the exact
@@ -202,6 +208,7 @@ class TrajectoryRecorder:
         meta: Mapping[str, Any] | None = None,
         loss: Any = None,
         targets: Any = None,
+        store_output_grads: bool = False,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"pkfast.TrajectoryRecorder: model must be a torch.nn.Module; found {type(model).__name__}")
@@ -226,10 +233,19 @@ class TrajectoryRecorder:
         dtype = storage_dtype([t.dtype for _, t in self._tensors])
         self._dtype = dtype
         full_meta = {"optimizer": _optimizer_meta(optimizer), "buffers_recorded": bool(buffers)}
+        self._loss_spec = None
         if loss is not None:
             from pkfast.loss import LossSpec
 
-            full_meta["loss"] = LossSpec.from_module(loss, fn="pkfast.TrajectoryRecorder").to_meta()
+            self._loss_spec = LossSpec.from_module(loss, fn="pkfast.TrajectoryRecorder")
+            full_meta["loss"] = self._loss_spec.to_meta()
+        if store_output_grads and (loss is None or targets is None):
+            raise ValueError("pkfast.TrajectoryRecorder: store_output_grads=True needs the loss and the targets "
+                             f"(found loss={'set' if loss is not None else None}, "
+                             f"targets={'set' if targets is not None else None})")
+        self._store_g = bool(store_output_grads)
+        self._targets_t = (targets.detach().cpu() if isinstance(targets, torch.Tensor)
+                           else torch.as_tensor(np.asarray(targets))) if targets is not None else None
         full_meta.update(dict(meta or {}))
 
         if resume and (self.path / MANIFEST).exists():
@@ -301,11 +317,14 @@ class TrajectoryRecorder:
         return TrajectoryWriter(self.path, spec, dtype, _append=True)
 
     # ------------------------------------------------------------------ public
-    def step(self, batch_indices: Sequence[int] | np.ndarray | torch.Tensor | None = None, **extra: Any) -> None:
+    def step(self, batch_indices: Sequence[int] | np.ndarray | torch.Tensor | None = None, *,
+             outputs: torch.Tensor | None = None, **extra: Any) -> None:
         """Record w_{s+1} after one ``optimizer.step()``, with the lr that step applied.
 
         Args:
             batch_indices: the ordered indices of the training points in this step's mini-batch.
+            outputs: with ``store_output_grads=True``: the batch's outputs ``[|B|, C]`` from the training forward
+                pass of this step (before ``optimizer.step()``); g = ∂ℓ/∂f per sample is stored from them.
             **extra: JSON-serialisable per-step metadata (e.g. ``loss=...``).
         """
         if self._writer is None:
@@ -329,6 +348,18 @@ class TrajectoryRecorder:
                 if not isinstance(batch_indices, np.ndarray) else batch_indices,
                 dtype=np.int64,
             ).reshape(-1)
+        if self._store_g:
+            if outputs is None or batch_indices is None:
+                raise ValueError("pkfast.TrajectoryRecorder.step: store_output_grads=True needs outputs= (the batch's "
+                                 "training outputs) and batch_indices=; found "
+                                 f"outputs={'set' if outputs is not None else None}, "
+                                 f"batch_indices={'set' if batch_indices is not None else None}")
+            f = outputs.detach().to("cpu", torch.float64).reshape(len(batch_indices), -1)
+            y = self._targets_t[torch.as_tensor(batch_indices)]
+            extra = {"output_grads": self._loss_spec.output_grad(f, y).tolist(), **extra}
+        elif outputs is not None:
+            raise ValueError("pkfast.TrajectoryRecorder.step: outputs= is stored only with "
+                             "TrajectoryRecorder(store_output_grads=True)")
         if hyper:
             extra = {"optimizer": hyper, **extra}
         self._writer.append_step(self._parts(), lrs[0] if lrs else 0.0, batch_indices, **extra)

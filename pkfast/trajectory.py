@@ -254,6 +254,12 @@ class Trajectory:
         """Per-step metadata (e.g. ``{"optimizer": {"momentum": 0.9, …}}`` from the recorder); {} if none."""
         return dict(self._step_meta[step])
 
+    def output_grads(self, step: int) -> torch.Tensor | None:
+        """The stored per-sample loss derivatives g_{i,s} = ∂ℓ_i/∂f of step ``step``'s batch, ``[|B_s|, C]``
+        float64 (``TrajectoryRecorder(store_output_grads=True)``), or None if the step has none."""
+        g = self._step_meta[step].get("output_grads")
+        return None if g is None else torch.tensor(g, dtype=torch.float64)
+
     @property
     def targets(self) -> torch.Tensor | None:
         """The training targets recorded with the trajectory (``TrajectoryRecorder(targets=…)``), or None."""

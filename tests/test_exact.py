@@ -382,3 +382,81 @@ def test_more_error_messages(tmp_path):
                                batch_indices=[t.batch_indices(s) for s in range(2)], step_meta=meta, targets=y)
         with pytest.raises(ValueError, match=says):
             pkfast.KernelMachine(model, t2, X, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- stored g_{i,s}
+def _record_with_grads(path, model, X, y, *, steps=5, batch=4, lr=0.2, train_mode_dropout=False):
+    o = torch.optim.SGD(model.parameters(), lr=lr)
+    lossf = nn.CrossEntropyLoss()
+    g = torch.Generator().manual_seed(0)
+    with pkfast.TrajectoryRecorder(model, o, path, loss=lossf, targets=y, store_output_grads=True) as rec:
+        for _ in range(steps):
+            idx = torch.randperm(X.shape[0], generator=g)[:batch]
+            if train_mode_dropout:
+                model.train()
+            out = model(X[idx])
+            model.eval()
+            o.zero_grad()
+            lossf(out, y[idx]).backward()
+            o.step()
+            rec.step(batch_indices=idx, outputs=out)
+    return pkfast.Trajectory.load(path)
+
+
+def test_stored_output_grads_match_the_recomputed_ones(tmp_path):
+    """g_{i,s} stored on request (|B_s|×C per step) equals ∂ℓ/∂f recomputed at w_s; the kernel machine checks
+    them (rounding-level mismatch, no warning) and stays exact; save/load keeps them."""
+    model = tanh_mlp()
+    X, y = data(12)
+    traj = _record_with_grads(tmp_path / "t", model, X, y)
+    for s in range(traj.num_steps):
+        g = traj.output_grads(s)
+        b = traj.batch_indices(s)
+        net = tanh_mlp()
+        net.load_state_dict(traj.point(s))
+        f = net(X[b]).detach()
+        expect = torch.softmax(f, 1) - nn.functional.one_hot(y[b], C).double()  # mean reduction: ×1/|B| is λ
+        assert g.shape == (len(b), C) and torch.allclose(g, expect, atol=1e-14)
+    import warnings as _w
+
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        km = pkfast.KernelMachine(model, traj, X, nodes=4, progress=False)
+    assert float(km.output_grad_mismatch.max()) < 1e-12
+    assert rel(km.predict(X), model(X).detach()) < 1e-8
+    traj.save(tmp_path / "copy")
+    assert torch.equal(pkfast.Trajectory.load(tmp_path / "copy").output_grads(2), traj.output_grads(2))
+    plain = train(tmp_path, tanh_mlp(), X, y, steps=2, lr=0.1, loss=nn.CrossEntropyLoss(), name="plain")
+    assert plain.output_grads(0) is None
+    assert pkfast.KernelMachine(tanh_mlp(), plain, X, progress=False).output_grad_mismatch is None
+
+
+def test_a_training_forward_unlike_the_model_is_flagged(tmp_path):
+    """Dropout active during training: the stored derivatives disagree with the model's, and the kernel
+    machine says so."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, H), nn.Tanh(), nn.Dropout(0.5), nn.Linear(H, C)).double()
+    X, y = data(12)
+    traj = _record_with_grads(tmp_path / "t", model, X, y, train_mode_dropout=True)
+    model.eval()
+    with pytest.warns(UserWarning, match="training forward pass was not the model's"):
+        km = pkfast.KernelMachine(model, traj, X, progress=False)
+    assert float(km.output_grad_mismatch.max()) > 1e-3
+
+
+def test_stored_output_grads_errors(tmp_path):
+    model = tanh_mlp()
+    X, y = data(6)
+    o = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="store_output_grads=True needs the loss and the targets"):
+        pkfast.TrajectoryRecorder(model, o, tmp_path / "a", store_output_grads=True)
+    with pkfast.TrajectoryRecorder(model, o, tmp_path / "b", loss=nn.CrossEntropyLoss(), targets=y,
+                                   store_output_grads=True) as rec:
+        o.zero_grad(); nn.functional.cross_entropy(model(X), y).backward(); o.step()  # noqa: E702
+        with pytest.raises(ValueError, match="needs outputs="):
+            rec.step(batch_indices=range(6))
+    with pkfast.TrajectoryRecorder(model, o, tmp_path / "c", loss=nn.CrossEntropyLoss(), targets=y) as rec:
+        out = model(X)
+        o.zero_grad(); nn.functional.cross_entropy(out, y).backward(); o.step()  # noqa: E702
+        with pytest.raises(ValueError, match="outputs= is stored only with"):
+            rec.step(batch_indices=range(6), outputs=out)
