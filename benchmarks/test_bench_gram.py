@@ -26,7 +26,7 @@ import baselines as bl  # noqa: E402
 from _common import TOLERANCE_F32, make_workload, rel_fro_error  # noqa: E402
 
 #: workload → (N, T) for the pytest runs: small enough for a busy two-core machine.
-CASES = {"a": (128, 2), "b": (128, 2), "c": (32, 1)}
+CASES = {"a": (128, 2), "b": (128, 2), "c": (32, 1), "d": (128, 2)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -35,8 +35,8 @@ def _workload(key: str):
     return make_workload(key, n, T)
 
 
-def _pkfast(wl) -> torch.Tensor:
-    return pkfast.gram(wl.model, wl.traj, wl.X, outputs="trace", rule="left", progress=False)
+def _pkfast(wl, method: str = "auto") -> torch.Tensor:
+    return pkfast.gram(wl.model, wl.traj, wl.X, outputs="trace", rule="left", progress=False, method=method)
 
 
 @functools.lru_cache(maxsize=None)
@@ -56,11 +56,14 @@ def _info(benchmark, wl) -> None:
                                 threads=torch.get_num_threads())
 
 
+@pytest.mark.parametrize("method", ["auto", "jacobian"])
 @pytest.mark.parametrize("key", list(CASES))
-def test_pkfast_gram(benchmark, key):
+def test_pkfast_gram(benchmark, key, method):
+    """pkfast.gram with the default route (per-layer factorised/materialised) and with every Jacobian materialised."""
     wl = _workload(key)
     _info(benchmark, wl)
-    K = benchmark.pedantic(_pkfast, args=(wl,), rounds=1, iterations=1, warmup_rounds=1)
+    benchmark.extra_info["method"] = method
+    K = benchmark.pedantic(_pkfast, args=(wl, method), rounds=1, iterations=1, warmup_rounds=1)
     err = rel_fro_error(K, _tutorial_result(key))
     benchmark.extra_info["rel_err_vs_torch_func_tutorial"] = err
     assert K.shape == (wl.N, wl.N)
