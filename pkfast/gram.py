@@ -345,28 +345,47 @@ class GramJob:
             engine.discover(X)
         pairs = N if diagonal else (N * (N + 1) / 2 if symmetric else N * M)
         nodes_left = max((len(t.left) for t in terms), default=1)
-        _fz.choose(layers, method=method, C=C, full=full, pairs=pairs * nodes_left, samples=N + (0 if diagonal else M),
-                   terms=len(terms), itemsize=itemsize)
-        if engine is not None:
-            engine.route()
-            if not engine.hooked:  # nothing to factorise: the plain Jacobian route, unchanged
-                engine = None
-        if engine is None:
-            u = C * fm.num_params * itemsize
-            chunk = fm.default_chunk()
-            acc_mult = 1
-        else:
-            feat = sum(L.bytes_per_sample for L in engine.factorized) * nodes_left
-            u = C * engine.panel_width * itemsize + feat
-            chunk = max(1, min(1024, DEFAULT_CHUNK_BYTES // max(1, u)))
-            acc_mult = 3 if engine.factorized else 1
         block = C * C if full else 1
-        if diagonal:
-            plan = plan_diagonal(N, bytes_per_sample=u, acc_bytes_per_sample=block * itemsize * acc_mult,
-                                 budget=budget, chunk=chunk, fn=_FN)
-        else:
-            plan = plan_tiles(N, M, symmetric=symmetric, bytes_per_sample=u, acc_bytes_per_pair=block * itemsize * acc_mult,
-                              budget=budget, chunk=chunk, fn=_FN, reuse_rows=len(terms) == 1)
+
+        def route_and_plan(samples: float):
+            """Choose each layer's route for ``samples`` panel rows per term, then plan the tiles."""
+            eng = engine
+            _fz.choose(layers, method=method, C=C, full=full, pairs=pairs * nodes_left, samples=samples,
+                       terms=len(terms), itemsize=itemsize)
+            if eng is not None:
+                eng.route()
+                if not eng.hooked:  # nothing to factorise: the plain Jacobian route, unchanged
+                    eng = None
+            if eng is None:
+                u = C * fm.num_params * itemsize
+                chunk = fm.default_chunk()
+                acc_mult = 1
+            else:
+                feat = sum(L.bytes_per_sample for L in eng.factorized) * nodes_left
+                u = C * eng.panel_width * itemsize + feat
+                chunk = max(1, min(1024, DEFAULT_CHUNK_BYTES // max(1, u)))
+                acc_mult = 3 if eng.factorized else 1
+            if diagonal:
+                p = plan_diagonal(N, bytes_per_sample=u, acc_bytes_per_sample=block * itemsize * acc_mult,
+                                  budget=budget, chunk=chunk, fn=_FN)
+            else:
+                p = plan_tiles(N, M, symmetric=symmetric, bytes_per_sample=u,
+                               acc_bytes_per_pair=block * itemsize * acc_mult, budget=budget, chunk=chunk, fn=_FN,
+                               reuse_rows=len(terms) == 1)
+            return eng, p
+
+        samples = N + (0 if diagonal else M)
+        engine, plan = route_and_plan(samples)
+        if engine is not None and len(plan.tiles) > 1:
+            # the tile shape sets how often each sample's panel rows are formed: re-choose once with that count
+            touched = sum((t.rows.stop - t.rows.start) + (0 if (t.diagonal or diagonal) else t.cols.stop - t.cols.start)
+                          for t in plan.tiles)
+            before = [L.method for L in layers]
+            engine2, plan2 = route_and_plan(touched)
+            if [L.method for L in layers] != before:
+                engine, plan = engine2, plan2
+            else:
+                engine, plan = engine2, plan
         return cls(fm, X, X2, outputs, rule, diagonal, backend, dtype, terms, plan, C, precision, nodes, of, y, y2,
                    "jacobian" if engine is None else "factorized", layers, engine, method)
 
