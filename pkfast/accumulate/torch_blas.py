@@ -16,7 +16,14 @@ SYRK_MIN_BLOCK = 256
 SYRK_MAX_BLOCKS = 4
 
 
+#: Row blocks are at least this tall below SYRK_MIN_BLOCK·2 rows: a 176-row diagonal tile with K = 11.3 M took
+#: 2.20 s as one GEMM and 1.90 s as two 88-row blocks (csrc/README.md, stop 10).
+SYRK_SMALL_BLOCK = 88
+
+
 def syrk_blocks(n: int) -> int:
+    if n < 2 * SYRK_MIN_BLOCK:
+        return max(1, min(2, n // SYRK_SMALL_BLOCK))
     return max(1, min(SYRK_MAX_BLOCKS, n // SYRK_MIN_BLOCK))
 
 
