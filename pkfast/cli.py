@@ -109,15 +109,34 @@ def _load_array(flag: str, path: str):
     return torch.from_numpy(np.array(a))
 
 
+def _model(a: argparse.Namespace):
+    import torch
+
+    model = _load_factory(a.model)()
+    if not isinstance(model, torch.nn.Module):
+        raise _UserError(f"--model: {a.model} returned {type(model).__name__}; expected a torch.nn.Module")
+    return model
+
+
+def _inputs(a: argparse.Namespace, model):
+    """The model (on --device, in eval mode), the trajectory, X and X2 of a gram/plan command."""
+    import pkfast
+
+    if a.device is not None:
+        model = model.to(a.device)
+    model.eval()
+    traj = pkfast.Trajectory.load(a.trajectory)
+    X = _load_array("--data", a.data)
+    X2 = _load_array("--data2", a.data2) if a.data2 else None
+    return model, traj, X, X2
+
+
 def _gram(a: argparse.Namespace) -> int:
     import torch
 
     import pkfast
 
-    factory = _load_factory(a.model)
-    model = factory()
-    if not isinstance(model, torch.nn.Module):
-        raise _UserError(f"--model: {a.model} returned {type(model).__name__}; expected a torch.nn.Module")
+    model = _model(a)
     dist = False
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         cuda = torch.cuda.is_available()
@@ -128,12 +147,7 @@ def _gram(a: argparse.Namespace) -> int:
         torch.distributed.init_process_group("nccl" if cuda else "gloo")
         dist = True
     try:
-        if a.device is not None:
-            model = model.to(a.device)
-        model.eval()
-        traj = pkfast.Trajectory.load(a.trajectory)
-        X = _load_array("--data", a.data)
-        X2 = _load_array("--data2", a.data2) if a.data2 else None
+        model, traj, X, X2 = _inputs(a, model)
         K = pkfast.gram(model, traj, X, X2, outputs=a.outputs, rule=a.rule, diagonal=a.diagonal, backend=a.backend,
                         dtype=getattr(torch, a.dtype), memory_budget=a.memory, out=a.out, overwrite=a.overwrite,
                         progress=not a.no_progress, method=a.method, k=a.k, seed=a.seed)
@@ -151,15 +165,7 @@ def _plan(a: argparse.Namespace) -> int:
 
     import pkfast
 
-    model = _load_factory(a.model)()
-    if not isinstance(model, torch.nn.Module):
-        raise _UserError(f"--model: {a.model} returned {type(model).__name__}; expected a torch.nn.Module")
-    if a.device is not None:
-        model = model.to(a.device)
-    model.eval()
-    traj = pkfast.Trajectory.load(a.trajectory)
-    X = _load_array("--data", a.data)
-    X2 = _load_array("--data2", a.data2) if a.data2 else None
+    model, traj, X, X2 = _inputs(a, _model(a))
     print(pkfast.plan(model, traj, X, X2, outputs=a.outputs, rule=a.rule, diagonal=a.diagonal, backend=a.backend,
                       dtype=getattr(torch, a.dtype), memory_budget=a.memory, method=a.method))
     return 0

@@ -380,12 +380,7 @@ class GramJob:
             # the tile shape sets how often each sample's panel rows are formed: re-choose once with that count
             touched = sum((t.rows.stop - t.rows.start) + (0 if (t.diagonal or diagonal) else t.cols.stop - t.cols.start)
                           for t in plan.tiles)
-            before = [L.method for L in layers]
-            engine2, plan2 = route_and_plan(touched)
-            if [L.method for L in layers] != before:
-                engine, plan = engine2, plan2
-            else:
-                engine, plan = engine2, plan
+            engine, plan = route_and_plan(touched)
         return cls(fm, X, X2, outputs, rule, diagonal, backend, dtype, terms, plan, C, precision, nodes, of, y, y2,
                    "jacobian" if engine is None else "factorized", layers, engine, method)
 
@@ -450,20 +445,13 @@ class GramJob:
         self._phi2 = None if self.X2 is None else feats(self.X2, self.Y2, "X2")
 
     def _compute_tile_sketch(self, tile: Tile, bar: Any = None) -> torch.Tensor:
-        C, k, dev = self.num_outputs, self.k, self.fm.device
+        dev = self.fm.device
         r, c = tile.shape
         acc = self._zero_acc(tile)
         A = self._phi[tile.rows].to(dev)
         same = tile.diagonal or self.diagonal
         B = A if same else (self._phi if self._phi2 is None else self._phi2)[tile.cols].to(dev)
-        if self.diagonal:
-            accumulate_diagonal(acc, A, B, 1.0, full=self.outputs == "full")
-        elif self.outputs == "full":
-            accumulate(acc, A.view(r * C, k), B.view(c * C, k), 1.0, backend=self.backend, upper_only=same,
-                       precision=self.precision)
-        else:
-            accumulate(acc, A.view(r, C * k), B.view(c, C * k), 1.0, backend=self.backend, upper_only=same,
-                       precision=self.precision)
+        self._accumulate_panels(acc, A, B, 1.0, same)
         if bar is not None:
             bar.update((r if self.diagonal else r * c) * len(self.terms))
         return acc
@@ -616,9 +604,7 @@ class GramJob:
             return self._compute_tile_sketch(tile, bar)
         if self.engine is not None:
             return self._compute_tile_factorized(tile, bar)
-        C, P = self.num_outputs, self.fm.num_params
         r, c = tile.shape
-        full = self.outputs == "full"
         Xr = self.X[tile.rows]
         Xc = (self.X if self.X2 is None else self.X2)[tile.cols]
         chunk = self.plan.chunk
@@ -635,14 +621,7 @@ class GramJob:
                 self._A_rows = key
             same = (tile.diagonal or self.diagonal) and term.symmetric
             B = A if same else self.fm.jacobian(term.right_combo, Xc, out=self._B[:c], chunk=chunk, Y=Yc)
-            if self.diagonal:
-                accumulate_diagonal(acc, A, B, term.weight, full=full)
-            elif full:
-                accumulate(acc, A.view(r * C, P), B.view(c * C, P), term.weight, backend=self.backend,
-                           upper_only=same, precision=self.precision)
-            else:
-                accumulate(acc, A.view(r, C * P), B.view(c, C * P), term.weight, backend=self.backend,
-                           upper_only=same, precision=self.precision)
+            self._accumulate_panels(acc, A, B, term.weight, same)
             if bar is not None:
                 bar.update(r if self.diagonal else r * c)
         return acc
@@ -651,7 +630,7 @@ class GramJob:
         """:meth:`compute_tile` on the factorised route: per term, one pass per evaluation point gives the panel
         part (``"jacobian"`` parameters and ``"materialized"`` layers, multiplied as usual) and the factors of
         the ``"factorized"`` layers (multiplied pairwise)."""
-        eng, C, P = self.engine, self.num_outputs, self.width
+        eng, P = self.engine, self.width
         r, c = tile.shape
         full = self.outputs == "full"
         Xr = self.X[tile.rows]
@@ -678,14 +657,7 @@ class GramJob:
                 B = self._B[:c] if P else None
                 fc = side(term.right_combo, Xc, Yc, B)
             if P:
-                if self.diagonal:
-                    accumulate_diagonal(acc, A, B, term.weight, full=full)
-                elif full:
-                    accumulate(acc, A.view(r * C, P), B.view(c * C, P), term.weight, backend=self.backend,
-                               upper_only=same, precision=self.precision)
-                else:
-                    accumulate(acc, A.view(r, C * P), B.view(c, C * P), term.weight, backend=self.backend,
-                               upper_only=same, precision=self.precision)
+                self._accumulate_panels(acc, A, B, term.weight, same)
             for om, f1 in fr:
                 for om2, f2 in fc:
                     eng.accumulate(acc, f1, f2, term.weight * om * om2, full=full, diagonal=self.diagonal,
@@ -693,6 +665,20 @@ class GramJob:
             if bar is not None:
                 bar.update(r if self.diagonal else r * c)
         return acc
+
+    def _accumulate_panels(self, acc: torch.Tensor, A: torch.Tensor, B: torch.Tensor, weight: float,
+                           same: bool) -> None:
+        """``acc += weight · A Bᵀ`` for ``[r, C, K]`` panels in the accumulator's layout (diagonal, full block or
+        trace); ``same``: a symmetric diagonal tile, only its upper triangle is needed."""
+        (r, C, K), c = A.shape, B.shape[0]
+        if self.diagonal:
+            accumulate_diagonal(acc, A, B, weight, full=self.outputs == "full")
+        elif self.outputs == "full":
+            accumulate(acc, A.view(r * C, K), B.view(c * C, K), weight, backend=self.backend, upper_only=same,
+                       precision=self.precision)
+        else:
+            accumulate(acc, A.view(r, C * K), B.view(c, C * K), weight, backend=self.backend, upper_only=same,
+                       precision=self.precision)
 
     def _acc_shape(self, tile: Tile) -> tuple[int, ...]:
         C, (r, c) = self.num_outputs, tile.shape
