@@ -338,6 +338,24 @@ def jacobian_time(model: nn.Module, traj: pkfast.Trajectory, X: torch.Tensor, *,
         return timeit(run, repeat=repeat, warmup=warmup, device=fm.device).best
 
 
+def route_jacobian_time(model: nn.Module, traj: pkfast.Trajectory, X: torch.Tensor, *, method: str, repeat: int = 1,
+                        warmup: int = 1, memory_budget: int | str | None = None) -> float:
+    """Seconds (best of ``repeat``) of ``pkfast.gram(..., method=method)`` with its Jacobian-panel products
+    switched off: everything the route does to form its per-sample Jacobians (for ``"materialized"``: the
+    pass for the layer factors and the slices of per-sample gradients, in the tile plan of the real call),
+    without the Gram's GEMMs. It gives the route's own floor (its Jacobians + the Gram's FLOPs at peak), which
+    is lower than :func:`jacobian_time`'s when the route forms its Jacobians faster than ``vmap(jacrev)``."""
+    job = GramJob.create(model, traj, X, outputs="trace", rule="left", memory_budget=memory_budget, method=method)
+    if job.engine is not None and job.engine.factorized:
+        raise ValueError(f"route_jacobian_time: method={method!r} factorises layers; their products are not Jacobian panels")
+    job._accumulate_panels = lambda *a, **k: None  # the panel products (Jacobian and streamed slices) only
+
+    def run() -> None:
+        job.run(progress=False)
+
+    return timeit(run, repeat=repeat, warmup=warmup, device=job.fm.device).best
+
+
 def floor_seconds(flops: float, gflops: float, jac_seconds: float) -> float:
     """The floor: the Gram's FLOPs at ``gflops`` (the best measured matmul throughput) + the Jacobian time."""
     return flops / (gflops * 1e9) + jac_seconds

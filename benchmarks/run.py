@@ -5,12 +5,15 @@
 For each workload (see ``_common.py``) and size (N samples, T steps) it times, with ``time.perf_counter``
 after one untimed warm-up run, the best (``--stat median``: the median) of ``--repeat`` runs of
 
-* ``pkfast.gram(model, traj, X, outputs="trace", rule="left", progress=False)`` (the symmetric Gram),
+* ``pkfast.gram(model, traj, X, outputs="trace", rule="left", method=M, progress=False)`` (the symmetric Gram;
+  ``--method``, default ``materialized``: every supported layer's per-sample gradient formed from its factors
+  and multiplied as Jacobian panels — the materialised route the floor is for; ``jacobian``: vmap(jacrev)),
 * each baseline of ``baselines.py`` computing the same Gram (its result checked against pkfast's: relative
   Frobenius error; above 1e-4 the row is marked FAIL and the script exits with status 1),
 * the floor: ``T·N²·C·P`` FLOPs (one triangle, as SYRK) at the best fp32 matmul throughput measured in this run
   (a large torch.mm and the Gram's own product shape) + the per-sample Jacobian time alone (pkfast's Jacobian
-  code, every sample once per step).
+  code, every sample once per step); and the route's own floor, with the time of the same ``pkfast.gram`` call
+  with its panel products switched off in place of the ``vmap(jacrev)`` time (``own jac s``, ``pk/own``).
 
 Columns: ``pkfast s``, ``floor s``, ``pk/floor``; then per baseline its seconds, ``×pk`` = baseline seconds /
 pkfast seconds (> 1: pkfast is faster) and ``err`` = its relative Frobenius error against pkfast. Rows are
@@ -40,7 +43,8 @@ from pkfast.gram import GramJob  # noqa: E402
 import baselines as bl  # noqa: E402
 from _common import (  # noqa: E402
     RESULTS_DIR, SIZES, TOLERANCE_F32, WORKLOADS, append_csv, available_bytes, environment, floor_seconds,
-    format_environment, gram_flops, jacobian_time, make_workload, measure_matmul_gflops, rel_fro_error, timeit,
+    format_environment, gram_flops, jacobian_time, make_workload, measure_matmul_gflops, rel_fro_error,
+    route_jacobian_time, timeit,
 )
 
 SHORT = {"torch_func_tutorial": "torch.func", "naive_autograd": "naive", "neural_tangents": "nt"}
@@ -53,9 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n", default=None, help="override the N values (comma-separated) for every workload")
     p.add_argument("--steps", default=None, help="override the T values (comma-separated) for every workload")
     p.add_argument("--repeat", type=int, default=3, help="timed runs per method (default 3)")
-    p.add_argument("--method", default="jacobian", choices=("jacobian", "auto", "factorized"),
-                   help="pkfast.gram's method (default jacobian: the floor is that of materialised Jacobians; "
-                        "methods.py compares the methods)")
+    p.add_argument("--method", default="materialized", choices=("materialized", "jacobian", "auto", "factorized"),
+                   help="pkfast.gram's method (default materialized: the materialised route the floor is for — "
+                        "per-sample gradients formed from layer factors and multiplied as panels; jacobian: every "
+                        "Jacobian by vmap(jacrev); methods.py compares the methods)")
     p.add_argument("--stat", choices=("best", "median"), default="best", help="statistic shown in the table")
     p.add_argument("--csv", default=None, help="CSV to append to (default benchmarks/results/gram_<device>.csv); "
                    "'none' to write nothing")
@@ -141,6 +146,10 @@ def run_case(key: str, n: int, T: int, args, specs, mm_best: dict[str, float], n
 
     # the floor: Jacobians alone + the Gram's FLOPs at the best measured matmul throughput
     jac_s = jacobian_time(wl.model, wl.traj, wl.X, repeat=args.repeat, memory_budget=args.memory_budget)
+    own_s = None  # the route's own Jacobian work (no products), for the route's own floor
+    if args.method in ("materialized", "jacobian"):
+        own_s = route_jacobian_time(wl.model, wl.traj, wl.X, method=args.method, repeat=args.repeat,
+                                    memory_budget=args.memory_budget)
     rows_n = plan.row_block
     K_len = C * P
     cap = min(available_bytes(dev) // 4, 8 * 2**30) // (4 * rows_n)  # keep the probe's A within memory
@@ -150,13 +159,17 @@ def run_case(key: str, n: int, T: int, args, specs, mm_best: dict[str, float], n
     best_thr = max(gram_thr, mm_best["best"])
     flops = gram_flops(n, None, C, P, T)
     floor = floor_seconds(flops, best_thr, jac_s)
+    own_floor = None if own_s is None else floor_seconds(flops, best_thr, own_s)
 
     row: dict[str, Any] = {"workload": key, "N": n, "T": T, "P": P, "C": C, "pkfast s": pk_s, "floor s": floor,
-                           "pk/floor": pk_s / floor, "jac s": jac_s}
+                           "pk/floor": pk_s / floor, "jac s": jac_s, "own jac s": own_s, "own floor s": own_floor,
+                           "pk/own": None if own_floor is None else pk_s / own_floor}
     base = {"workload": key, "model": wl.name, "N": n, "T": T, "P": P, "C": C, "tiles": len(plan.tiles),
             "row_block": plan.row_block, "gram_flops": flops, "pkfast_exec_flops": exec_flops,
             "jacobian_s": jac_s, "mm_gflops": mm_best["best"], "gram_shape": f"{rows_n}x{K_probe}x{rows_n}",
-            "gram_shape_gflops": gram_thr, "floor_s": floor, "repeat": args.repeat, "stat": stat}
+            "gram_shape_gflops": gram_thr, "floor_s": floor, "pkfast_method": args.method,
+            "route_jacobian_s": "" if own_s is None else own_s, "route_floor_s": "" if own_floor is None else own_floor,
+            "repeat": args.repeat, "stat": stat}
     csv_rows = [{**base, "method": "pkfast", "status": "ok", "best_s": t_pk.best, "median_s": t_pk.median,
                  "ratio_to_pkfast": 1.0, "rel_err_vs_pkfast": 0.0}]
     failed = False
@@ -198,14 +211,15 @@ def run_case(key: str, n: int, T: int, args, specs, mm_best: dict[str, float], n
 
 
 def format_table(rows: list[dict], specs) -> str:
-    head = ["workload", "N", "T", "P", "C", "pkfast s", "floor s", "pk/floor", "jac s"]
+    head = ["workload", "N", "T", "P", "C", "pkfast s", "floor s", "pk/floor", "jac s", "own jac s", "pk/own"]
     for label, _, _ in specs:
         head += [f"{label} s", f"{label} ×pk", f"{label} err"]
     lines = []
     body = []
     for r in rows:
         cells = [r["workload"], str(r["N"]), str(r["T"]), f"{r['P']:,}", str(r["C"]), _fmt_s(r["pkfast s"]),
-                 _fmt_s(r["floor s"]), f"{r['pk/floor']:.2f}", _fmt_s(r["jac s"])]
+                 _fmt_s(r["floor s"]), f"{r['pk/floor']:.2f}", _fmt_s(r["jac s"]), _fmt_s(r["own jac s"]),
+                 "-" if r["pk/own"] is None else f"{r['pk/own']:.2f}"]
         for label, _, _ in specs:
             s, ratio, err, flag = r.get(label, (None, None, None, "-"))
             if s is None:
@@ -254,8 +268,12 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(format_table(rows, specs))
     print()
-    print("pkfast s / floor s: seconds (best of repeats unless --stat median). floor = T·N²·C·P FLOPs at the best "
-          "measured fp32 matmul throughput + the Jacobian time alone (jac s).")
+    print(f"pkfast s / floor s: pkfast.gram(method={args.method!r}) seconds (best of repeats unless --stat median). "
+          "floor = T·N²·C·P FLOPs at the best measured fp32 matmul throughput + the Jacobian time alone (jac s: "
+          "vmap(jacrev), every sample once per step).")
+    print("own jac s: the same pkfast.gram call with its panel products switched off (the route's own Jacobian "
+          "work); pk/own = pkfast s / (the Gram's FLOPs at peak + own jac s), the stricter ratio when the route "
+          "forms its Jacobians faster than vmap(jacrev).")
     print("×pk = baseline seconds / pkfast seconds (> 1: pkfast faster); err = ‖K_baseline − K_pkfast‖_F / "
           "‖K_pkfast‖_F (must be ≤ 1e-4).")
     thr = {r["workload"] + f" N={r['N']} T={r['T']}": r for r in csv_rows if r["method"] == "pkfast"}

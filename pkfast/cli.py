@@ -3,7 +3,7 @@ be computed, ``pkfast info …`` describes a stored one.
 
     pkfast gram --model MODULE:FACTORY --trajectory PATH --data X.npy [--data2 X2.npy] --out gram.npy
                 [--outputs trace|mean|full] [--rule left|trapezoid] [--diagonal] [--memory 4GiB]
-                [--dtype float32|float64] [--backend auto|torch|triton] [--method auto|jacobian|factorized|sketch]
+                [--dtype float32|float64] [--backend auto|torch|triton] [--method auto|jacobian|factorized|materialized|sketch]
                 [--k 1024] [--seed 0] [--overwrite] [--no-progress]
     pkfast plan --model MODULE:FACTORY --trajectory PATH --data X.npy [--data2 X2.npy] [the options of gram]
     pkfast info gram.npy [--verify] [--json]
@@ -53,10 +53,11 @@ def _parser() -> argparse.ArgumentParser:
                        "half of the free memory)")
         q.add_argument("--dtype", default="float32", choices=("float32", "float64"))
         q.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"))
-        q.add_argument("--method", default="auto", choices=("auto", "jacobian", "factorized", "sketch"),
+        q.add_argument("--method", default="auto", choices=("auto", "jacobian", "factorized", "materialized", "sketch"),
                        help="auto (default): each supported layer factorised or materialised by the cost model; "
-                       "jacobian: every Jacobian materialised; factorized: every supported layer factorised; "
-                       "sketch: random JL features (approximate, unbiased)")
+                       "jacobian: every Jacobian materialised by vmap(jacrev); factorized: every supported layer "
+                       "factorised; materialized: every supported layer's per-sample gradient formed from its "
+                       "factors; sketch: random JL features (approximate, unbiased)")
         q.add_argument("--device", default=None, help="move the model to this device (default: where the factory put "
                        "it; under torchrun with CUDA: cuda:LOCAL_RANK)")
     g.add_argument("--k", type=int, default=None, help="sketch dimension for --method sketch (default 1024)")

@@ -13,7 +13,11 @@ token]). Each supported layer takes one of three routes, chosen from the cost mo
 - ``"factorized"``: the pairwise form above — GEMMs of the S×S position blocks (``A Aᵀ`` and the Δ-Gram) and
   an elementwise product; per pair ``S²(I + C·O)`` multiply-adds for the trace, ``S²(I + C²·O)`` for the block;
 - ``"materialized"``: the layer's per-sample gradient ``G = Δᵀ A`` (``C × O × I`` per sample) formed from the
-  same factors — no per-parameter backward pass — and multiplied like any Jacobian panel;
+  same factors — no per-parameter backward pass — and multiplied like any Jacobian panel. When the factors
+  are smaller than the gradient (``S·(I + C·O) ≤ C·O·I``, every dense layer) it is *streamed*: only the
+  factors are kept for a tile, and the gradient is formed and multiplied a slice of output units at a time
+  in a small reused workspace (:data:`STREAM_BYTES`), so the tile's Jacobian panel is never held whole
+  (no page faults on a fresh multi-GB buffer, no recomputation when N·C·P exceeds the memory budget);
 - ``"jacobian"``: parameters of other modules (norm affines, custom parameters, tied weights, unsupported
   layer options) go through ``torch.func.jacrev`` and are added; ``"unused"`` layers (never called) add 0.
 
@@ -39,10 +43,15 @@ from pkfast.jacobians import EvalPoint, FunctionalModel
 __all__ = ["METHODS", "Layer", "Engine", "find_layers", "choose"]
 
 #: ``method=`` values of :func:`pkfast.gram`.
-METHODS = ("auto", "jacobian", "factorized", "sketch")
+METHODS = ("auto", "jacobian", "factorized", "materialized", "sketch")
 
 #: Bytes of S×S temporaries one factorised product may hold at a time (row/column sub-blocks are cut to fit).
 WORKSPACE_BYTES = 64 * 2**20
+
+#: Bytes of the reused workspace in which streamed layers' per-sample gradients are formed, a slice of output
+#: units at a time (rows' and columns' slices together). The Gram product's speed does not depend on the slice
+#: width down to a few thousand columns (csrc/README.md), and a small workspace stays warm in memory.
+STREAM_BYTES = 32 * 2**20
 
 
 @dataclass
@@ -62,6 +71,7 @@ class Layer:
     fan_in: int = 0                # I per group (without the bias column); vocabulary size for an embedding
     fan_out: int = 0               # O per group
     method: str = "jacobian"
+    stream: bool = False           # "materialized" and streamed in slices (its factors are the smaller)
     reason: str = ""
     flops: float = 0.0             # estimated multiply-add FLOPs of its share of the Gram (all terms)
     bytes_per_sample: int = 0      # working memory per sample of its share
@@ -149,7 +159,8 @@ def _route_costs(layer: Layer, C: int, full: bool) -> tuple[float, float, float]
 def choose(layers: list[Layer], *, method: str, C: int, full: bool, pairs: float, samples: float, terms: int,
            itemsize: int) -> None:
     """Set each layer's route and cost estimate: ``method="auto"`` takes the cheaper route per supported layer
-    (ties go to ``"factorized"``), ``"factorized"`` factorises every supported layer, ``"jacobian"`` none.
+    (ties go to ``"factorized"``), ``"factorized"`` factorises every supported layer, ``"materialized"``
+    materialises every supported layer's per-sample gradient from its factors, ``"jacobian"`` none.
 
     ``pairs``/``samples``: kernel entries and Jacobian rows (rows + columns, summed over tiles) per term."""
     for L in layers:
@@ -170,13 +181,16 @@ def choose(layers: list[Layer], *, method: str, C: int, full: bool, pairs: float
         fact = terms * fp * pairs
         mat = terms * (mp * pairs + ms * samples)
         L.options = {"factorized": fact, "materialized": mat}
-        if method == "factorized" or fact <= mat:
+        a_cols = 1 if L.kind == "embedding" else L.factor_in * L.groups
+        factor_bytes = L.positions * (a_cols + C * L.fan_out * L.groups) * itemsize
+        L.stream = False
+        if method == "factorized" or (method == "auto" and fact <= mat):
             L.method, L.flops = "factorized", fact
-            a_cols = 1 if L.kind == "embedding" else L.factor_in * L.groups
-            L.bytes_per_sample = L.positions * (a_cols + C * L.fan_out * L.groups) * itemsize
+            L.bytes_per_sample = factor_bytes
         else:
             L.method, L.flops = "materialized", mat
-            L.bytes_per_sample = C * L.size * itemsize
+            L.stream = factor_bytes <= C * L.size * itemsize
+            L.bytes_per_sample = factor_bytes if L.stream else C * L.size * itemsize
 
 
 # ---------------------------------------------------------------------------------------------- engine
@@ -194,9 +208,10 @@ class _Capture:
 class Engine:
     """Jacobian panels and factorised products of a model whose supported layers are routed per :class:`Layer`.
 
-    ``panel(point, X)`` gives ``[n, C, P_panel]``: the ``"jacobian"`` parameters' Jacobian followed by the
-    ``"materialized"`` layers' per-sample gradients; ``features`` gives the factors (A, Δ) of the
-    ``"factorized"`` layers, which :meth:`accumulate` multiplies pairwise into a tile accumulator.
+    :meth:`evaluate` fills a ``[n, C, P_panel]`` panel — the ``"jacobian"`` parameters' Jacobian followed by
+    the per-sample gradients of the ``"materialized"`` layers that are not streamed — and returns the factors
+    (A, Δ) of the ``"factorized"`` layers, which :meth:`accumulate` multiplies pairwise into a tile
+    accumulator, and of the streamed layers, whose gradients :meth:`accumulate_streamed` forms slice by slice.
     """
 
     def __init__(self, fm: FunctionalModel, layers: list[Layer], *, backend: str = "torch", precision: str = "ieee",
@@ -206,6 +221,7 @@ class Engine:
         self.backend = backend
         self.precision = precision
         self.workspace_bytes = WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes
+        self.stream_bytes: int | None = None  # the planner's share of the budget (None: STREAM_BYTES)
         self._capture: _Capture | None = None
         self._shapes: dict[str, tuple[torch.Size, torch.Size]] = {}
         self.route()
@@ -216,13 +232,16 @@ class Engine:
         self.hooked = [L for L in layers if L.method in ("factorized", "materialized")]
         self.factorized = [L for L in layers if L.method == "factorized"]
         self.materialized = [L for L in layers if L.method == "materialized"]
+        self.streamed = [L for L in self.materialized if L.stream]
+        self.paneled = [L for L in self.materialized if not L.stream]
+        self.with_factors = self.factorized + self.streamed
         routed = {p for L in self.hooked for p in L.params}
         self.jac_names = [n for n in fm.names if n not in routed]  # parameters of unused layers give zeros
         unused = {p for L in layers if L.method == "unused" for p in L.params}
         self.jac_names = [n for n in self.jac_names if n not in unused]
         sizes = dict(zip(fm.names, fm.sizes))
         self.jac_width = sum(sizes[n] for n in self.jac_names)
-        self.panel_width = self.jac_width + sum(L.size for L in self.materialized)
+        self.panel_width = self.jac_width + sum(L.size for L in self.paneled)
 
     # ------------------------------------------------------------------ hooks
     def _hook(self, layer: Layer):
@@ -344,7 +363,8 @@ class Engine:
     def evaluate(self, point: EvalPoint, X: torch.Tensor, Y: torch.Tensor | None, chunk: int,
                  panel: torch.Tensor | None, weight: float = 1.0, add: bool = False) -> dict[str, list]:
         """Fill ``panel[:, :, :]`` (overwrite, or add when ``add``) with ``weight ×`` the panel at ``point`` and
-        return the factors ``{layer name: [(A_g, Δ_g) per group]}`` of the factorised layers (unweighted)."""
+        return the factors ``{layer name: [(A_g, Δ_g) per group]}`` of the factorised and streamed layers
+        (unweighted)."""
         fm = self.fm
         flat, statics = fm.state(point)
         params = fm.params(flat)
@@ -370,8 +390,8 @@ class Engine:
         jf = vmap(jacrev(per_sample, argnums=argnums, has_aux=True), in_dims=(None, None, 0) + ((0,) if Y is not None else ()),
                   randomness="error")
         n = X.shape[0]
-        feats: dict[str, list] = {L.name: [] for L in self.factorized}
-        parts: dict[str, list] = {L.name: [] for L in self.factorized}
+        feats: dict[str, list] = {L.name: [] for L in self.with_factors}
+        parts: dict[str, list] = {L.name: [] for L in self.with_factors}
         Yd = None if Y is None else Y.to(fm.device)
         for a in range(0, n, chunk):
             b = min(n, a + chunk)
@@ -392,14 +412,14 @@ class Engine:
                     blk = torch.cat([jp[nm].flatten(2) for nm in self.jac_names], dim=2)
                     _put(dst[:, :, : self.jac_width], blk, weight, add)
                     off = self.jac_width
-                for L in self.materialized:
+                for L in self.paneled:
                     groups = self._factors(L, jz, aux, b - a)
                     G = _materialize(L, groups, b - a)
                     _put(dst[:, :, off: off + L.size], G, weight, add)
                     off += L.size
-            for L in self.factorized:
+            for L in self.with_factors:
                 parts[L.name].append(self._factors(L, jz, aux, b - a))
-        for L in self.factorized:
+        for L in self.with_factors:
             chunks = parts[L.name]
             feats[L.name] = [tuple(torch.cat([c[g][i] for c in chunks]) for i in range(2)) for g in range(len(chunks[0]))]
         return feats
@@ -442,6 +462,43 @@ class Engine:
                     _diag_product(acc, L, Ar, Dr, Ac, Dc, weight, full)
                 else:
                     self._pair_product(acc, L, Ar, Dr, Ac, Dc, weight, full, upper_only)
+
+    def accumulate_streamed(self, acc: torch.Tensor, left: list, right: list, weight: float, *, same: bool,
+                            product) -> None:
+        """``acc += weight · G_rows G_colsᵀ`` for the streamed layers, where ``G = Σ_q ω_q Δ_qᵀ A_q`` is a layer's
+        per-sample gradient summed over the evaluation points of a side (``left``/``right``: ``[(ω_q, factors
+        of the point)]``). Each gradient is formed a slice of output units at a time (vocabulary rows for an
+        embedding) into a reused workspace of :data:`STREAM_BYTES` and handed to ``product(acc, A, B, weight,
+        same)`` as ``[n, C, K]`` panel slices; ``same``: the columns are the rows (a symmetric diagonal tile)."""
+        if not self.streamed:
+            return
+        fm = self.fm
+        C = fm.num_outputs
+        name0 = self.streamed[0].name
+        r = left[0][1][name0][0][1].shape[0]
+        c = 0 if same else right[0][1][name0][0][1].shape[0]
+        item = torch.empty((), dtype=fm.dtype).element_size()
+        budget = min(STREAM_BYTES, self.stream_bytes or STREAM_BYTES)
+        for L in self.streamed:
+            units, width = (L.fan_in, L.fan_out) if L.kind == "embedding" else (L.fan_out, L.factor_in)
+            per_unit = (r + c) * C * width * item
+            step = max(1, min(units, budget // max(1, per_unit)))  # at least one unit, whatever the budget
+            need = (r + c) * C * step * width
+            ws = getattr(self, "_ws", None)
+            if ws is None or ws.numel() < need or ws.device != fm.device:
+                ws = self._ws = torch.empty(max(need, budget // item), dtype=fm.dtype, device=fm.device)
+            for g in range(len(left[0][1][L.name])):
+                for u0 in range(0, units, step):
+                    u1 = min(units, u0 + step)
+                    k = (u1 - u0) * width
+                    A = _gradient_slice(L, left, g, u0, u1, ws[: r * C * k].view(r, C, u1 - u0, width))
+                    B = A if same else _gradient_slice(L, right, g, u0, u1,
+                                                       ws[r * C * k: (r + c) * C * k].view(c, C, u1 - u0, width))
+                    product(acc, A.view(r, C, k), B.view(B.shape[0], C, k), weight, same)
+
+    def release(self) -> None:
+        """Drop the streaming workspace (kept across tiles while a Gram runs)."""
+        self._ws = None
 
     def _mm(self, A: torch.Tensor, B: torch.Tensor, upper: bool = False) -> torch.Tensor:
         out = torch.zeros(A.shape[0], B.shape[0], dtype=A.dtype, device=A.device)
@@ -501,6 +558,36 @@ def _materialize(L: Layer, groups: list, n: int) -> torch.Tensor:
         G.scatter_add_(2, idx[:, None, :, None].expand(n, C, S, O), D)
         return G.reshape(n, C, -1)
     return torch.cat([torch.einsum("ncso,nsi->ncoi", D, A).reshape(n, D.shape[1], -1) for A, D in groups], dim=2)
+
+
+def _gradient_slice(L: Layer, nodes: list, g: int, u0: int, u1: int, out: torch.Tensor) -> torch.Tensor:
+    """``out[n, C, u1-u0, width] = Σ_q ω_q`` (group ``g``'s per-sample gradient at point q, output units
+    ``u0:u1``): ``Δ[..., u]ᵀ A`` for Linear/Conv (width: the input columns, bias last); for an embedding the
+    vocabulary rows ``u0:u1`` (width: the embedding dimension), scattered from the tokens that fall in them."""
+    for qi, (om, feats) in enumerate(nodes):
+        A, D = feats[L.name][g]
+        n, C, S, _ = D.shape
+        if L.kind == "embedding":
+            if qi == 0:
+                out.zero_()
+            inside = (A >= u0) & (A < u1)
+            idx = torch.where(inside, A - u0, torch.zeros_like(A))
+            src = D * (inside.to(D.dtype) * om)[:, None, :, None]
+            out.scatter_add_(2, idx[:, None, :, None].expand(n, C, S, D.shape[3]), src)
+            continue
+        Du = D[..., u0:u1]
+        if S == 1:  # an outer product per sample, written in place
+            d, a = Du[:, :, 0, :, None], A[:, None, 0:1, :]
+            if qi == 0:
+                torch.mul(d, a, out=out)
+                if om != 1.0:
+                    out.mul_(om)
+            else:
+                out.addcmul_(d, a, value=om)
+        else:
+            Dt = Du.transpose(2, 3).reshape(n, C * (u1 - u0), S)
+            out.view(n, C * (u1 - u0), -1).baddbmm_(Dt, A, beta=0.0 if qi == 0 else 1.0, alpha=om)
+    return out
 
 
 def _gradient_layout(L: Layer, grads: dict[str, torch.Tensor | None]) -> torch.Tensor:

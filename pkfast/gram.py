@@ -133,6 +133,11 @@ def gram(
               other parameter (norm affines, custom parameters, tied weights) through ``torch.func.jacrev``.
               A model with no supported layer runs exactly the ``"jacobian"`` route.
             - ``"factorized"``: factorise every supported layer, whatever the cost model says.
+            - ``"materialized"``: materialise every supported layer's per-sample gradient from its factors and
+              multiply the panels (the Gram's full N²·C·P product, as SYRK on symmetric tiles). A layer whose
+              factors are smaller than its gradient (every dense layer) is streamed: its gradient is formed a
+              slice of output units at a time in a small reused workspace, so no tile-sized Jacobian panel is
+              held and none is recomputed when the Jacobians exceed ``memory_budget``.
             - ``"jacobian"``: materialise every Jacobian with ``vmap(jacrev)``, as in the torch.func tutorial.
             - ``"sketch"``: approximate and unbiased: Gram of the random path features
               Φ(x) = Σ_s √ε_s J_s(x) R_s (:func:`pkfast.sketch`), with ``k`` columns (default 1024; the standard
@@ -196,7 +201,7 @@ def plan(
             raise TypeError(f"pkfast.plan: {k!r} is an option of the computation, not of the plan; drop it")
     if options.get("method") == "sketch":
         raise ValueError("pkfast.plan: method='sketch' has no layer routes (it is a Gram of random features: see "
-                         "pkfast.sketch); expected 'auto', 'jacobian' or 'factorized'")
+                         "pkfast.sketch); expected 'auto', 'jacobian', 'factorized' or 'materialized'")
     job = GramJob.create(model, trajectory, X, X2, **options)
     return GramPlan(job)
 
@@ -230,7 +235,7 @@ class GramPlan:
                 if L.groups > 1:
                     I, O = f"{I}×{L.groups}g", f"{O}×{L.groups}g"
             rows.append((L.name or "(root)", L.type, L.method, S, I, O, f"{L.size:,}", f"{L.flops / 1e9:.3g}", others or "-",
-                         f"{L.bytes_per_sample / 1024:.3g}", L.reason))
+                         f"{L.bytes_per_sample / 1024:.3g}", L.reason or ("streamed in slices" if L.stream else "")))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = [head] + ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.append(f"total ≈ {self.flops / 1e9:.3g} GFLOP in {self.tiles!r}")
@@ -349,7 +354,7 @@ class GramJob:
 
         def route_and_plan(samples: float):
             """Choose each layer's route for ``samples`` panel rows per term, then plan the tiles."""
-            eng = engine
+            eng, reserved = engine, 0
             _fz.choose(layers, method=method, C=C, full=full, pairs=pairs * nodes_left, samples=samples,
                        terms=len(terms), itemsize=itemsize)
             if eng is not None:
@@ -361,17 +366,19 @@ class GramJob:
                 chunk = fm.default_chunk()
                 acc_mult = 1
             else:
-                feat = sum(L.bytes_per_sample for L in eng.factorized) * nodes_left
+                feat = sum(L.bytes_per_sample for L in eng.with_factors) * nodes_left
                 u = C * eng.panel_width * itemsize + feat
                 chunk = max(1, min(1024, DEFAULT_CHUNK_BYTES // max(1, u)))
                 acc_mult = 3 if eng.factorized else 1
+                if eng.streamed:  # the streaming workspace is held besides the tiles: at most a quarter of the budget
+                    eng.stream_bytes = reserved = max(1, min(_fz.STREAM_BYTES, budget // 4))
             if diagonal:
                 p = plan_diagonal(N, bytes_per_sample=u, acc_bytes_per_sample=block * itemsize * acc_mult,
-                                  budget=budget, chunk=chunk, fn=_FN)
+                                  budget=budget, chunk=chunk, fn=_FN, reserved=reserved)
             else:
                 p = plan_tiles(N, M, symmetric=symmetric, bytes_per_sample=u,
                                acc_bytes_per_pair=block * itemsize * acc_mult, budget=budget, chunk=chunk, fn=_FN,
-                               reuse_rows=len(terms) == 1)
+                               reuse_rows=len(terms) == 1, reserved=reserved)
             return eng, p
 
         samples = N + (0 if diagonal else M)
@@ -382,7 +389,7 @@ class GramJob:
                           for t in plan.tiles)
             engine, plan = route_and_plan(touched)
         return cls(fm, X, X2, outputs, rule, diagonal, backend, dtype, terms, plan, C, precision, nodes, of, y, y2,
-                   "jacobian" if engine is None else "factorized", layers, engine, method)
+                   _route_label(engine), layers, engine, method)
 
     @classmethod
     def _create_sketch(cls, model, trajectory, X, X2, *, outputs, rule, diagonal, backend, dtype, budget, precision,
@@ -595,6 +602,8 @@ class GramJob:
 
     def _free(self) -> None:
         self._A = self._B = self._acc = None  # type: ignore[assignment]
+        if self.engine is not None:
+            self.engine.release()
         self._A_rows = None
         self._phi = self._phi2 = None
 
@@ -658,6 +667,7 @@ class GramJob:
                 fc = side(term.right_combo, Xc, Yc, B)
             if P:
                 self._accumulate_panels(acc, A, B, term.weight, same)
+            eng.accumulate_streamed(acc, fr, fc, term.weight, same=same, product=self._accumulate_panels)
             for om, f1 in fr:
                 for om2, f2 in fc:
                     eng.accumulate(acc, f1, f2, term.weight * om * om2, full=full, diagonal=self.diagonal,
@@ -731,6 +741,14 @@ class GramJob:
 
 #: Rows copied at a time when a square accumulator is symmetrised in place.
 _SYM_SLAB = 256
+
+
+def _route_label(engine: "_fz.Engine | None") -> str:
+    """The resolved route of a job: ``"jacobian"`` (no engine), ``"materialized"`` (every supported layer's
+    per-sample gradient formed from its factors) or ``"factorized"`` (at least one layer factorised)."""
+    if engine is None:
+        return "jacobian"
+    return "factorized" if engine.factorized else "materialized"
 
 
 def _symmetrize_upper_(acc: torch.Tensor) -> None:

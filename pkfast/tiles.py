@@ -109,6 +109,7 @@ def plan_tiles(
     chunk: int,
     fn: str = "pkfast.gram",
     reuse_rows: bool = False,
+    reserved: int = 0,
 ) -> TilePlan:
     """Plan tiles for an ``n_rows × n_cols`` Gram.
 
@@ -123,11 +124,13 @@ def plan_tiles(
         acc_bytes_per_pair: bytes per Gram entry in the tile accumulator (C² or 1, × accumulator itemsize).
         budget: working-memory budget in bytes.
         chunk: the preferred samples per ``vmap`` call; reduced if the budget needs it.
+        reserved: bytes held besides the tiles whatever their size (the streaming workspace of
+            :mod:`pkfast.factorized`).
     """
     u, k = int(bytes_per_sample), int(acc_bytes_per_pair)
     # the vmap chunk's output and the concatenated copy: ≤ a quarter of the budget
     chunk = max(1, min(chunk, budget // (8 * u) if u else chunk))
-    fixed = 2 * chunk * u
+    fixed = 2 * chunk * u + int(reserved)
     if symmetric and fixed + n_rows * u + n_rows * n_rows * k <= budget:
         # one diagonal tile: its column panel is its row panel, so only one panel is held
         chunk = min(chunk, n_rows)
@@ -142,7 +145,7 @@ def plan_tiles(
         need = fixed + 2 * u + k
         raise ValueError(
             f"{fn}: memory_budget of {budget:,} bytes is too small for one tile; a 1×1 tile needs {need:,} bytes "
-            f"(one sample's Jacobian is {u:,} bytes = outputs × trainable parameters × itemsize). "
+            f"(one sample's Jacobian panel and layer factors take {u:,} bytes{_reserved_note(reserved)}). "
             f"Raise memory_budget to at least {need:,}."
         )
     chunk = min(chunk, max(br, bc))
@@ -161,18 +164,23 @@ def plan_tiles(
     return TilePlan(n_rows, n_cols, br, bc, symmetric, chunk, u, used, budget, tiles)
 
 
+def _reserved_note(reserved: int) -> str:
+    return f", besides a {reserved:,}-byte workspace" if reserved else ""
+
+
 def plan_diagonal(n: int, *, bytes_per_sample: int, acc_bytes_per_sample: int, budget: int, chunk: int,
-                  fn: str = "pkfast.gram") -> TilePlan:
+                  fn: str = "pkfast.gram", reserved: int = 0) -> TilePlan:
     """Row panels for the diagonal K(x_a, x_a): one (or two, for asymmetric rules) panels per block."""
     u = int(bytes_per_sample)
     chunk = max(1, min(chunk, budget // (8 * u) if u else chunk))
-    fixed = 2 * chunk * u
+    fixed = 2 * chunk * u + int(reserved)
     b = min(n, (budget - fixed) // (2 * u + acc_bytes_per_sample))
     if b < 1:
         need = fixed + 2 * u + acc_bytes_per_sample
         raise ValueError(
             f"{fn}: memory_budget of {budget:,} bytes is too small; one sample needs {need:,} bytes "
-            f"(one sample's Jacobian is {u:,} bytes). Raise memory_budget to at least {need:,}."
+            f"(one sample's Jacobian panel and layer factors take {u:,} bytes{_reserved_note(reserved)}). "
+            f"Raise memory_budget to at least {need:,}."
         )
     chunk = min(chunk, b)
     tiles = [Tile(i, slice(a, min(n, a + b)), slice(a, min(n, a + b)), diagonal=True)

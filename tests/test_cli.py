@@ -142,6 +142,15 @@ def test_plan_and_methods_from_the_command_line(digits_run):
     assert r.returncode == 0, r.stderr
     J = pkfast.gram(ns["make_net"]().eval(), traj, X, method="jacobian", progress=False)
     np.testing.assert_allclose(np.load(d / "J.npy"), J.numpy(), rtol=1e-5, atol=1e-6 * float(J.abs().max()))
+    r = _cli("plan", "--model", "nets.py:make_net", "--trajectory", "traj", "--data", "X.npy", "--method",
+             "materialized", cwd=d)
+    assert r.returncode == 0, r.stderr
+    assert "method='materialized' → materialized route" in r.stdout and "streamed in slices" in r.stdout
+    r = _cli("gram", "--model", "nets.py:make_net", "--trajectory", "traj", "--data", "X.npy", "--out", "M.npy",
+             "--method", "materialized", "--no-progress", cwd=d)
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_allclose(np.load(d / "M.npy"), J.numpy(), rtol=1e-5, atol=1e-6 * float(J.abs().max()))
+    assert "method=materialized" in _cli("info", "M.npy", cwd=d).stdout
     r = _cli("gram", "--model", "nets.py:make_net", "--trajectory", "traj", "--data", "X.npy", "--out", "S.npy",
              "--method", "sketch", "--k", "32", "--seed", "7", "--no-progress", cwd=d)
     assert r.returncode == 0, r.stderr

@@ -392,3 +392,119 @@ def test_weight_also_used_outside_the_module_takes_the_jacobian_route():
         K = pkfast.gram(net, traj, X, method=method, dtype=F64, progress=False)
         assert rel_err(K, gram_reference(net, traj, X)) <= RTOL[F64]
 
+
+
+# ---------------------------------------------------------------------------------------------- method="materialized"
+class GroupedConvNet(nn.Module):
+    """A grouped, strided conv whose factors are smaller than its gradient (S = 4 positions): streamed with S > 1
+    (the batched Δᵀ A product per slice), then a Linear head (S = 1: the outer-product slices)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, stride=2, padding=1, groups=2)
+        self.head = nn.Linear(8 * 2 * 2, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv(x)).flatten(1))
+
+
+STREAM_CASES = {**CASES, "grouped": (GroupedConvNet, lambda n, s: torch.randn(n, 4, 4, 4, generator=torch.Generator().manual_seed(s)))}
+
+
+def _setup_any(name, n=6, m=4):
+    if name != "grouped":
+        return _setup(name, n, m)
+    make, data = STREAM_CASES[name]
+    torch.manual_seed(0)
+    net = make().to(F64)
+    return net, random_trajectory(net, steps=2, scale=0.2), data(n, 1).to(F64), data(m, 2).to(F64)
+
+
+@pytest.mark.parametrize("name", list(STREAM_CASES))
+@pytest.mark.parametrize("outputs", ["trace", "full"])
+def test_materialized_equals_reference(name, outputs, monkeypatch):
+    """Every supported layer materialised from its factors (streamed where its factors are the smaller), with
+    the default workspace and with one so small that every slice is a single output unit (ragged last slices)."""
+    net, traj, X, X2 = _setup_any(name)
+    for ws in (fz.STREAM_BYTES, 1):
+        monkeypatch.setattr(fz, "STREAM_BYTES", ws)
+        for x2 in (None, X2):
+            ref = gram_reference(net, traj, X, x2, outputs=outputs)
+            K = pkfast.gram(net, traj, X, x2, outputs=outputs, method="materialized", dtype=F64, progress=False)
+            assert rel_err(K, ref) <= RTOL[F64], (ws, x2 is not None, rel_err(K, ref))
+
+
+def test_materialized_plan_streams_the_layers_whose_factors_are_smaller():
+    net, traj, X, _ = _setup_any("grouped")
+    p = pkfast.plan(net, traj, X, method="materialized")
+    assert p.method == "materialized" and _routes(p) == {"conv": "materialized", "head": "materialized"}
+    conv, head = p.layers
+    assert (conv.positions, conv.groups, conv.stream, head.stream) == (4, 2, True, True)
+    assert "streamed in slices" in str(p)
+    assert p.job.engine.panel_width == 0  # nothing goes through a tile-sized panel
+    # a 3×3 conv over 32×32 positions: its factors (S·(I + C·O) per sample) exceed its gradient: kept in the panel
+    big = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(16 * 32 * 32, 10))
+    pb = pkfast.plan(big, random_trajectory(big, steps=1), torch.randn(8, 3, 32, 32), method="materialized")
+    c0, h = pb.layers
+    assert (c0.method, c0.stream, h.method, h.stream) == ("materialized", False, "materialized", True)
+    assert pb.job.engine.panel_width == c0.size
+    assert c0.bytes_per_sample == 10 * c0.size * 4  # its gradient; the head's: its factors
+    assert h.bytes_per_sample == (16 * 32 * 32 + 1 + 10 * 10) * 4
+    # mixed with factorised layers under auto: the seq model's 9-word embedding is materialised and streamed
+    net, traj, X, X2 = _setup("seq")
+    p = pkfast.plan(net, traj, X)
+    emb = {L.name: L for L in p.layers}["emb"]
+    assert (emb.method, emb.stream, p.method) == ("materialized", True, "factorized")
+
+
+@pytest.mark.parametrize("name", ["mlp", "grouped", "seq"])
+def test_materialized_rules_diagonal_and_loss(name, monkeypatch):
+    """Diagonal, trapezoid, the exact rule (m nodes: a side's gradient is the ω-weighted sum over its nodes,
+    formed in the workspace) and the loss kernel, against the reference or the Jacobian route."""
+    monkeypatch.setattr(fz, "STREAM_BYTES", 300)  # several slices per layer
+    net, traj, X, X2 = _setup_any(name)
+    for outputs in ("trace", "full"):
+        ref = gram_reference(net, traj, X, outputs=outputs, rule="trapezoid")
+        K = pkfast.gram(net, traj, X, outputs=outputs, rule="trapezoid", method="materialized", dtype=F64, progress=False)
+        assert rel_err(K, ref) <= RTOL[F64]
+        refd = gram_reference(net, traj, X, outputs=outputs, diagonal=True)
+        Kd = pkfast.gram(net, traj, X, outputs=outputs, diagonal=True, method="materialized", dtype=F64, progress=False)
+        assert rel_err(Kd, refd) <= RTOL[F64]
+        for x2 in (None, X2):
+            J = pkfast.gram(net, traj, X, x2, outputs=outputs, rule="exact", nodes=3, method="jacobian", dtype=F64,
+                            progress=False)
+            K = pkfast.gram(net, traj, X, x2, outputs=outputs, rule="exact", nodes=3, method="materialized", dtype=F64,
+                            progress=False)
+            assert rel_err(K, J) <= RTOL[F64]
+    if name == "mlp":
+        y, y2 = torch.tensor([0, 1, 2, 0, 1, 2]), torch.tensor([2, 2, 1, 0])
+        for X2_, y2_ in ((None, None), (X2, y2)):
+            kw = dict(of="loss", loss="cross_entropy", y=y, y2=y2_, dtype=F64, progress=False)
+            assert rel_err(pkfast.gram(net, traj, X, X2_, method="materialized", **kw),
+                           pkfast.gram(net, traj, X, X2_, method="jacobian", **kw)) <= RTOL[F64]
+
+
+def test_materialized_float32_many_tiles_stored_and_triton(tmp_path):
+    """float32 with a budget forcing many tiles (the workspace is reused across them), stored and resumed, and
+    the slices multiplied by the Triton kernel under the interpreter."""
+    net, traj, X, X2 = _setup_any("grouped", n=9, m=5)
+    ref = gram_reference(net, traj, X, X2)
+    net32, X32, X232 = net.float(), X.float(), X2.float()
+    job = pkfast.gram.__globals__["GramJob"].create(net32, traj, X32, X232, method="materialized", memory_budget=12_000)
+    assert len(job.plan.tiles) > 1
+    K = pkfast.gram(net32, traj, X32, X232, method="materialized", memory_budget=12_000, progress=False)
+    assert rel_err(K, ref) <= RTOL[torch.float32]
+    S = pkfast.gram(net32, traj, X32, method="materialized", memory_budget=12_000, progress=False, out=tmp_path / "m.npy")
+    assert rel_err(torch.from_numpy(np.array(S)), gram_reference(net, traj, X)) <= RTOL[torch.float32]
+    opts = pkfast.open_gram(tmp_path / "m.npy").options
+    assert opts["method"] == "materialized" and "conv:materialized" in opts["routes"]
+    with pytest.raises(pkfast.store.StoreError, match="options"):
+        pkfast.gram(net32, traj, X32, method="factorized", memory_budget=12_000, progress=False, out=tmp_path / "m.npy")
+    from pkfast.accumulate.triton_launch import triton_status
+
+    ok, why = triton_status()
+    if not ok:
+        pytest.skip(why)
+    Kt = pkfast.gram(net32, traj, X32[:4], X232[:3], outputs="full", method="materialized", backend="triton",
+                     progress=False)
+    assert rel_err(Kt, gram_reference(net, traj, X[:4], X2[:3], outputs="full")) <= RTOL[torch.float32]
