@@ -1,5 +1,5 @@
-"""pkfast's routes side by side — method="auto" (default), "factorized", "jacobian" — and the baselines, on one
-workload at a time, same weights, results checked.
+"""pkfast's routes side by side — method="auto" (default), "factorized", "materialized", "jacobian" — and the
+baselines, on one workload at a time, same weights, results checked.
 
     python benchmarks/methods.py [--workloads a,b,d] [--n 1797] [--steps 8] [--baselines ...] [--csv PATH]
 
@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workloads", default="a,b,d", help="comma-separated workload keys (default a,b,d)")
     p.add_argument("--n", type=int, default=1797, help="samples N (default 1797: all digits)")
     p.add_argument("--steps", type=int, default=8, help="trajectory steps T (default 8)")
-    p.add_argument("--methods", default="auto,factorized,jacobian", help="pkfast methods to time")
+    p.add_argument("--methods", default="auto,factorized,materialized,jacobian", help="pkfast methods to time")
     p.add_argument("--baselines", default="torch_func_tutorial,neural_tangents",
                    help="baselines (subset of torch_func_tutorial,neural_tangents, or none)")
     p.add_argument("--nt-impl", default="1,3", help="neural-tangents implementations (default 1,3)")

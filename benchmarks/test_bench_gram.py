@@ -56,10 +56,11 @@ def _info(benchmark, wl) -> None:
                                 threads=torch.get_num_threads())
 
 
-@pytest.mark.parametrize("method", ["auto", "jacobian"])
+@pytest.mark.parametrize("method", ["auto", "materialized", "jacobian"])
 @pytest.mark.parametrize("key", list(CASES))
 def test_pkfast_gram(benchmark, key, method):
-    """pkfast.gram with the default route (per-layer factorised/materialised) and with every Jacobian materialised."""
+    """pkfast.gram with the default route (per-layer factorised/materialised), with every supported layer's
+    per-sample gradient materialised from its factors, and with every Jacobian from vmap(jacrev)."""
     wl = _workload(key)
     _info(benchmark, wl)
     benchmark.extra_info["method"] = method
