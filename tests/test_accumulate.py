@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from pkfast.accumulate import accumulate, accumulate_diagonal
-from pkfast.accumulate.torch_blas import SYRK_MIN_BLOCK, syrk_blocks
+from pkfast.accumulate.torch_blas import syrk_blocks
 
 
-@pytest.mark.parametrize("n", [1, 37, SYRK_MIN_BLOCK * 2 + 3, SYRK_MIN_BLOCK * 5 + 1])
+@pytest.mark.parametrize("n", [1, 37, 65, 201, 515, 1281])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_upper_only_matches_gemm_on_the_upper_triangle(n, dtype):
     A = torch.randn(n, 29, dtype=dtype)
@@ -18,6 +18,7 @@ def test_upper_only_matches_gemm_on_the_upper_triangle(n, dtype):
     iu = torch.triu_indices(n, n)
     tol = 1e-12 if dtype == torch.float64 else 1e-4
     torch.testing.assert_close(acc.double()[iu[0], iu[1]], expected[iu[0], iu[1]], rtol=tol, atol=tol)
+    assert syrk_blocks(n) == {1: 1, 37: 1, 65: 2, 201: 2, 515: 2, 1281: 4}[n]  # the measured rule (csrc/README.md)
     if syrk_blocks(n) > 1:  # blocks strictly below the block diagonal were skipped
         il = torch.tril_indices(n, n, offset=-(n // syrk_blocks(n) + 1))
         assert torch.equal(acc[il[0], il[1]], acc0[il[0], il[1]])

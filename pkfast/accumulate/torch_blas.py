@@ -16,9 +16,10 @@ SYRK_MIN_BLOCK = 256
 SYRK_MAX_BLOCKS = 4
 
 
-#: Row blocks are at least this tall below SYRK_MIN_BLOCK·2 rows: a 176-row diagonal tile with K = 11.3 M took
-#: 2.20 s as one GEMM and 1.90 s as two 88-row blocks (csrc/README.md, stop 10).
-SYRK_SMALL_BLOCK = 88
+#: Below SYRK_MIN_BLOCK·2 rows a diagonal tile is two row blocks once they are at least this tall: two blocks
+#: beat one GEMM from 64 rows up (n = 64–160: 5–17 % faster; 176 rows with K = 11.3 M: 2.20 → 1.90 s), and three
+#: or four blocks do not (csrc/README.md, stops 10 and 11).
+SYRK_SMALL_BLOCK = 32
 
 
 def syrk_blocks(n: int) -> int:
