@@ -480,7 +480,7 @@ class Engine:
         item = torch.empty((), dtype=fm.dtype).element_size()
         budget = min(STREAM_BYTES, self.stream_bytes or STREAM_BYTES)
         for L in self.streamed:
-            units, width = (L.fan_in, L.fan_out) if L.kind == "embedding" else (L.fan_out, L.factor_in)
+            units, width = _units(L)
             per_unit = (r + c) * C * width * item
             step = max(1, min(units, budget // max(1, per_unit)))  # at least one unit, whatever the budget
             need = (r + c) * C * step * width
@@ -549,15 +549,20 @@ def _put(dst: torch.Tensor, src: torch.Tensor, weight: float, add: bool) -> None
 
 
 def _materialize(L: Layer, groups: list, n: int) -> torch.Tensor:
-    """The layer's per-sample gradient ``[n, C, size]`` in the layout (weight rows, then bias) of no particular
-    convention — panels only need rows and columns to agree."""
-    if L.kind == "embedding":
-        (idx, D), = groups
-        C, S, O = D.shape[1:]
-        G = D.new_zeros(n, C, L.fan_in, O)
-        G.scatter_add_(2, idx[:, None, :, None].expand(n, C, S, O), D)
-        return G.reshape(n, C, -1)
-    return torch.cat([torch.einsum("ncso,nsi->ncoi", D, A).reshape(n, D.shape[1], -1) for A, D in groups], dim=2)
+    """The layer's per-sample gradient ``[n, C, size]``, every group's :func:`_gradient_slice` over all its units
+    — a layout (per group: output units × (inputs, bias)) of no particular convention: panels only need rows and
+    columns to agree."""
+    units, width = _units(L)
+    nodes = [(1.0, {L.name: groups})]
+    parts = [_gradient_slice(L, nodes, g, 0, units, D.new_empty(n, D.shape[1], units, width)).reshape(n, D.shape[1], -1)
+             for g, (_, D) in enumerate(groups)]
+    return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+
+
+def _units(L: Layer) -> tuple[int, int]:
+    """(units, width) of a layer's per-sample gradient: output units × input columns (bias last) for Linear/Conv
+    (per group), vocabulary rows × embedding dimension for an embedding."""
+    return (L.fan_in, L.fan_out) if L.kind == "embedding" else (L.fan_out, L.factor_in)
 
 
 def _gradient_slice(L: Layer, nodes: list, g: int, u0: int, u1: int, out: torch.Tensor) -> torch.Tensor:
