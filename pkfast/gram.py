@@ -165,8 +165,7 @@ def gram(
         raise ValueError(f"{_FN}: k and seed set the random projection of method='sketch'; found method={method!r}")
     job = GramJob.create(model, trajectory, X, X2, outputs=outputs, rule=rule, diagonal=diagonal,
                          backend=backend, dtype=dtype, memory_budget=memory_budget, precision=precision,
-                         nodes=nodes, of=of, loss=loss, y=y, y2=y2, method=method, k=k, seed=seed,
-                         progress=progress)
+                         nodes=nodes, of=of, loss=loss, y=y, y2=y2, method=method, k=k, seed=seed)
     if out is not None:
         return job.run_stored(out, overwrite=overwrite, progress=progress)
     if overwrite:
@@ -278,8 +277,7 @@ class GramJob:
                rule: str = "left", diagonal: bool = False, backend: str = "auto", dtype: Any = None,
                memory_budget: Any = None, precision: str = "ieee", nodes: int = DEFAULT_NODES,
                of: str = "output", loss: Any = None, y: Any = None, y2: Any = None,
-               method: str = "auto", k: int | None = None, seed: int | None = None,
-               progress: bool = False) -> "GramJob":
+               method: str = "auto", k: int | None = None, seed: int | None = None) -> "GramJob":
         model = _checks.check_model(_FN, model)
         if not isinstance(trajectory, Trajectory):
             raise TypeError(f"{_FN}: trajectory must be a pkfast.Trajectory; found {type(trajectory).__name__}")
@@ -316,29 +314,25 @@ class GramJob:
         elif loss is not None or y is not None or y2 is not None:
             raise ValueError(f"{_FN}: loss, y and y2 apply to of='loss'; found of={of!r}")
 
+        if precision != "ieee" and dtype == torch.float64:
+            raise ValueError(f"{_FN}: precision={precision!r} applies to float32; dtype=torch.float64 computes in ieee fp64")
+        device = next(iter(model.parameters()), torch.empty(0)).device
+        budget = budget if budget is not None else default_memory_budget(device)
         if method == "sketch":
             return cls._create_sketch(model, trajectory, X, X2, outputs=outputs, rule=rule, diagonal=diagonal,
                                       backend=backend, dtype=dtype, budget=budget, precision=precision, of=of,
                                       loss=loss, spec=spec, y=y, y2=y2, k=1024 if k is None else k,
-                                      seed=0 if seed is None else seed)
-        device = next(iter(model.parameters()), torch.empty(0)).device
+                                      seed=0 if seed is None else seed, device=device)
         fm = FunctionalModel(model, trajectory, dtype=dtype, device=device, fn=_FN, loss=spec)
         C = fm.probe(X, _FN, "X")
         if X2 is not None:
             fm.probe(X2, _FN, "X2")
-        if spec is not None:
-            spec.check_targets(y, fm.model_outputs, "y", _FN)
-            if y2 is not None:
-                spec.check_targets(y2, fm.model_outputs, "y2", _FN)
+        _check_targets(spec, fm, y, y2)
         terms = terms_for(rule, trajectory.step_sizes, nodes)
         if not is_symmetric(terms) and X2 is None and not diagonal:
             log.info("pkfast.gram: rule=%r is asymmetric: computing every tile of the %d×%d Gram (no mirroring)",
                      rule, X.shape[0], X.shape[0])
-        if precision != "ieee" and dtype == torch.float64:
-            raise ValueError(f"{_FN}: precision={precision!r} applies to float32; dtype=torch.float64 computes in ieee fp64")
         backend = select_backend(backend, device, precision=precision, fn=_FN)
-
-        budget = budget if budget is not None else default_memory_budget(device)
         itemsize = torch.empty((), dtype=dtype).element_size()
         full = outputs == "full"
         N = X.shape[0]
@@ -393,25 +387,18 @@ class GramJob:
 
     @classmethod
     def _create_sketch(cls, model, trajectory, X, X2, *, outputs, rule, diagonal, backend, dtype, budget, precision,
-                       of, loss, spec, y, y2, k, seed) -> "GramJob":
+                       of, loss, spec, y, y2, k, seed, device) -> "GramJob":
         """``method="sketch"``: the features Φ of X (and X2) are computed once (:mod:`pkfast.sketch`), then the
         tiles are products Φ_rows Φ_colsᵀ on the accumulation backend, stored and shared like any Gram."""
         from pkfast.sketch import _Sketcher  # pkfast.sketch imports this module
 
-        device = next(iter(model.parameters()), torch.empty(0)).device
-        budget = budget if budget is not None else default_memory_budget(device)
         sk = _Sketcher(model, trajectory, X, k=k, seed=seed, rule=rule, of=of, loss=loss, dtype=dtype,
                        memory_budget=budget, device=device, fn=_FN)
         fm, C = sk.fm, sk.C
         if X2 is not None:
             sk.check_samples(X2, "X2")
-        if spec is not None:
-            spec.check_targets(y, fm.model_outputs, "y", _FN)
-            if y2 is not None:
-                spec.check_targets(y2, fm.model_outputs, "y2", _FN)
+        _check_targets(spec, fm, y, y2)
         backend = select_backend(backend, device, precision=precision, fn=_FN)
-        if precision != "ieee" and dtype == torch.float64:
-            raise ValueError(f"{_FN}: precision={precision!r} applies to float32; dtype=torch.float64 computes in ieee fp64")
         itemsize = torch.empty((), dtype=dtype).element_size()
         N = X.shape[0]
         M = N if X2 is None else X2.shape[0]
@@ -436,13 +423,13 @@ class GramJob:
 
         def feats(X, Y, what):
             if world == 1:
-                return sk.features(X, Y, progress=progress, what=what).features
+                return sk.project(X, Y, progress=progress, what=what)
             n = X.shape[0]
             per = -(-n // world)
             a, b = min(n, rank * per), min(n, (rank + 1) * per)
             part = torch.zeros(per, self.num_outputs, sk.k, dtype=self.dtype)
             if b > a:
-                part[: b - a] = sk.features(X[a:b], None if Y is None else Y[a:b], progress=progress, what=what).features
+                part[: b - a] = sk.project(X[a:b], None if Y is None else Y[a:b], progress=progress, what=what)
             dev = self.fm.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
             parts = [torch.empty_like(part, device=dev) for _ in range(world)]
             torch.distributed.all_gather(parts, part.to(dev))
@@ -743,6 +730,14 @@ class GramJob:
 _SYM_SLAB = 256
 
 
+def _check_targets(spec: LossSpec | None, fm: FunctionalModel, y: torch.Tensor | None, y2: torch.Tensor | None) -> None:
+    """For ``of="loss"``: the targets fit the loss and the model's outputs (probed)."""
+    if spec is not None:
+        spec.check_targets(y, fm.model_outputs, "y", _FN)
+        if y2 is not None:
+            spec.check_targets(y2, fm.model_outputs, "y2", _FN)
+
+
 def _route_label(engine: "_fz.Engine | None") -> str:
     """The resolved route of a job: ``"jacobian"`` (no engine), ``"materialized"`` (every supported layer's
     per-sample gradient formed from its factors) or ``"factorized"`` (at least one layer factorised)."""
@@ -763,14 +758,15 @@ def _symmetrize_upper_(acc: torch.Tensor) -> None:
         d.copy_(torch.triu(d) + torch.triu(d, 1).T)
 
 
-def _loss_spec(loss: Any, trajectory: Trajectory) -> LossSpec:
+def _loss_spec(loss: Any, trajectory: Trajectory, fn: str = _FN) -> LossSpec:
+    """The loss of ``of="loss"``: ``loss`` as a :class:`LossSpec`, else the one recorded with the trajectory."""
     if loss is None:
         rec = trajectory.meta.get("loss")
         if rec is None:
-            raise ValueError(f"{_FN}: of='loss' needs a loss (nn.CrossEntropyLoss(), nn.MSELoss(), a pkfast.LossSpec "
+            raise ValueError(f"{fn}: of='loss' needs a loss (nn.CrossEntropyLoss(), nn.MSELoss(), a pkfast.LossSpec "
                              "or 'cross_entropy'/'mse'); none was passed and the trajectory recorded none")
-        return LossSpec.from_module(rec, fn=_FN)
-    return LossSpec.from_module(loss, fn=_FN)
+        return LossSpec.from_module(rec, fn=fn)
+    return LossSpec.from_module(loss, fn=fn)
 
 
 def _distributed() -> tuple[int, int]:

@@ -57,6 +57,7 @@ every block's generator is reseeded from (seed, point, block).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -74,7 +75,7 @@ from pkfast import _checks
 from pkfast.gram import OF, OUTPUTS, _loss_spec
 from pkfast.jacobians import FunctionalModel
 from pkfast.rules import RULES, Term, terms_for
-from pkfast.store import _digest, _hash_tensor
+from pkfast.store import _digest, model_fingerprint, trajectory_fingerprint
 from pkfast.tiles import default_memory_budget
 from pkfast.trajectory import Trajectory
 
@@ -345,10 +346,7 @@ class _Sketcher:
             device = torch.device("cuda", torch.cuda.current_device())
         spec = None
         if of == "loss":
-            try:
-                spec = _loss_spec(loss, trajectory)
-            except (ValueError, TypeError) as e:  # the helper names pkfast.gram; this call is a sketch
-                raise type(e)(str(e).replace("pkfast.gram", fn)) from None
+            spec = _loss_spec(loss, trajectory, fn)
         elif loss is not None:
             raise ValueError(f"{fn}: loss applies to of='loss'; found of={of!r}")
 
@@ -358,24 +356,15 @@ class _Sketcher:
             spec, int(k), int(seed), rule, of, dtype, device)
         self.terms: list[Term] = terms_for(rule, trajectory.step_sizes)
         self.budget = budget if budget is not None else default_memory_budget(device)
-        self.parts = self._parts(model, trajectory)
+        self.rng = _rng_identity(device)
 
-    def _parts(self, model: torch.nn.Module, trajectory: Trajectory) -> dict[str, Any]:
-        fm = self.fm
-        statics = sorted(fm._statics_fixed.items())
-        model_fp = _digest(type(model).__qualname__, repr(model), fm.names, [tuple(s) for s in fm.shapes],
-                           [n for n, _ in statics], *[t for _, t in statics])
-        h = hashlib.blake2b(digest_size=16)
-        h.update(repr([(n, tuple(s)) for n, s in trajectory.spec]).encode())
-        _hash_tensor(h, trajectory.step_sizes.to(torch.float64))
-        w = trajectory._weights  # one point at a time: a memory-mapped trajectory is never read whole
-        h.update(f"{tuple(w.shape)}|{w.dtype}|".encode())
-        for i in range(w.shape[0]):
-            _hash_tensor(h, w[i:i + 1])
-        return {"model": model_fp, "trajectory": h.hexdigest(), "rule": self.rule, "k": self.k, "seed": self.seed,
-                "of": self.of, "loss": None if self.spec is None else self.spec.to_meta(),
-                "dtype": str(self.dtype).replace("torch.", ""), "rng": _rng_identity(self.device),
-                "block_elems": _BLOCK_ELEMS}
+    @functools.cached_property
+    def parts(self) -> dict[str, Any]:
+        """The fingerprint's components; hashing the trajectory's weights is left until features are returned."""
+        return {"model": model_fingerprint(self.fm), "trajectory": trajectory_fingerprint(self.fm.trajectory),
+                "rule": self.rule, "k": self.k, "seed": self.seed, "of": self.of,
+                "loss": None if self.spec is None else self.spec.to_meta(),
+                "dtype": str(self.dtype).replace("torch.", ""), "rng": self.rng, "block_elems": _BLOCK_ELEMS}
 
     def check_samples(self, X: torch.Tensor, name: str) -> None:
         self.fm.probe(X, self.fn, name)
@@ -416,6 +405,12 @@ class _Sketcher:
         return "chunks", n, min(vchunk, n)
 
     def features(self, X: torch.Tensor, Y: torch.Tensor | None, *, progress: bool, what: str = "X") -> PathFeatures:
+        """:meth:`project` as :class:`PathFeatures`, with the fingerprint."""
+        return PathFeatures(self.project(X, Y, progress=progress, what=what), k=self.k, seed=self.seed, rule=self.rule,
+                            of=self.of, parts=self.parts)
+
+    def project(self, X: torch.Tensor, Y: torch.Tensor | None, *, progress: bool, what: str = "X") -> torch.Tensor:
+        """The features Φ(X), a CPU ``[N, C, k]`` tensor."""
         C, P, k = self.C, self.fm.num_params, self.k
         N = X.shape[0]
         out = torch.zeros(N, C, k, dtype=self.dtype)
@@ -425,9 +420,8 @@ class _Sketcher:
         blocks = [(p0, min(P, p0 + rows)) for p0 in range(0, P, rows)]
         log.info("%s: %s: %d samples in %d chunk(s) of ≤%d, %d terms, %d block(s) of R (P=%d, k=%d), %s outermost",
                  self.fn, what, N, len(chunks), n, len(self.terms), len(blocks), P, k, order)
-        done = PathFeatures(out, k=k, seed=self.seed, rule=self.rule, of=self.of, parts=self.parts)
         if not self.terms:
-            return done
+            return out
         dev = self.device
         J = torch.empty(n, C, P, dtype=self.dtype, device=dev)
         gen = torch.Generator(device=dev)
@@ -472,7 +466,7 @@ class _Sketcher:
                     out.copy_(phi)
         finally:
             bar.close()
-        return done
+        return out
 
 
 def _targets_or_refuse(fn: str, of: str, y: Any, y2: Any, has_x2: bool) -> None:

@@ -81,24 +81,31 @@ def _digest(*parts: Any) -> str:
     return h.hexdigest()
 
 
-def fingerprints(job: Any) -> dict[str, str]:
-    """What a Gram depends on, as short digests: ``model`` (architecture and every value not taken from the
-    trajectory), ``trajectory`` (spec, step sizes, all weights), ``X``, ``X2`` and ``options``."""
-    fm = job.fm
-    model = fm.model
+def model_fingerprint(fm: Any) -> str:
+    """Digest of a :class:`~pkfast.jacobians.FunctionalModel`'s architecture and every value not taken from the
+    trajectory (buffers, frozen parameters)."""
     statics = sorted(fm._statics_fixed.items())
-    model_fp = _digest(type(model).__qualname__, repr(model), fm.names, [tuple(s) for s in fm.shapes],
-                       [n for n, _ in statics], *[t for _, t in statics])
-    traj = fm.trajectory
+    return _digest(type(fm.model).__qualname__, repr(fm.model), fm.names, [tuple(s) for s in fm.shapes],
+                   [n for n, _ in statics], *[t for _, t in statics])
+
+
+def trajectory_fingerprint(traj: Any) -> str:
+    """Digest of a trajectory's spec, step sizes and all weights, read one point at a time (a memory-mapped
+    trajectory is never copied whole)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(repr([(n, tuple(s)) for n, s in traj.spec]).encode())
     _hash_tensor(h, traj.step_sizes.to(torch.float64))
-    w = traj._weights
-    _hash_tensor(h, w)
+    _hash_tensor(h, traj._weights, rows=1)
+    return h.hexdigest()
+
+
+def fingerprints(job: Any) -> dict[str, str]:
+    """What a Gram depends on, as short digests: ``model`` (architecture and every value not taken from the
+    trajectory), ``trajectory`` (spec, step sizes, all weights), ``X``, ``X2`` and ``options``."""
     opts = options(job)
     return {
-        "model": model_fp,
-        "trajectory": h.hexdigest(),
+        "model": model_fingerprint(job.fm),
+        "trajectory": trajectory_fingerprint(job.fm.trajectory),
         "X": _digest(job.X) if job.Y is None else _digest(job.X, job.Y),
         "X2": "none" if job.X2 is None else _digest(job.X2) if job.Y2 is None else _digest(job.X2, job.Y2),
         "options": _digest(sorted(opts.items())),
@@ -112,7 +119,7 @@ def options(job: Any) -> dict[str, Any]:
             "of": job.of, "nodes": job.nodes if job.rule == "exact" else None,
             "loss": None if job.fm.loss is None else job.fm.loss.to_meta(), "symmetric": job.plan.symmetric,
             "method": job.method, "k": job.k, "seed": job.seed,
-            "rng": None if job.sketcher is None else job.sketcher.parts["rng"],
+            "rng": None if job.sketcher is None else job.sketcher.rng,
             "routes": None if job.engine is None else [f"{L.name}:{L.method}" for L in job.layers]}
 
 
