@@ -365,7 +365,8 @@ class KernelMachine:
 
         X = self._queries(X)
         c = self.contributions(X)
-        kp = gram(self.fm.model, self.trajectory, X, self.X, rule=self.rule, nodes=self.nodes, dtype=self.dtype,
+        nodes = self.nodes if self.rule == "exact" else DEFAULT_NODES  # (nodes means nothing to the left rule)
+        kp = gram(self.fm.model, self.trajectory, X, self.X, rule=self.rule, nodes=nodes, dtype=self.dtype,
                   progress=False)
         ok = kp.abs() > tol * kp.abs().max()
         a = c / kp.unsqueeze(-1)

@@ -289,6 +289,9 @@ def test_domingos_coefficients(tmp_path):
     ok = ~torch.isnan(a[..., 0])
     assert ok.any()
     assert torch.allclose((a * kp.unsqueeze(-1))[ok], km.contributions(Xq)[ok], rtol=1e-10, atol=1e-14)
+    # nodes is accepted and ignored by the left rule: coefficients() must not pass it on to gram()
+    a3 = pkfast.KernelMachine(model, traj, X, rule="left", nodes=3, progress=False).coefficients(Xq)
+    assert torch.equal(torch.isnan(a3), torch.isnan(a)) and torch.allclose(a3[ok], a[ok], rtol=1e-12)
 
 
 def test_certificate_flags_an_unrecorded_gradient_clip(tmp_path):
