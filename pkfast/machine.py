@@ -270,8 +270,9 @@ class KernelMachine:
         contrib = None
         if samples:
             contrib = torch.zeros((T, M, N, C) if per_step else (M, N, C), dtype=dt, device=dev)
-        S = torch.zeros(M, C, P, dtype=dt, device=dev)  # S_r = Σ_{s≥r} ε_s μ^{s−r} J̄_s (momentum recursion)
         mu, damp, nesterov = self._momentum
+        # S_r = Σ_{s≥r} ε_s μ^{s−r} J̄_s (momentum recursion; plain SGD needs none)
+        S = torch.zeros(M, C, P, dtype=dt, device=dev) if mu else None
         bar = tqdm(range(T - 1, -1, -1), desc="pkfast.KernelMachine steps", disable=not self.progress, leave=False)
         for r in bar:
             h = self._steps[r]

@@ -255,9 +255,8 @@ class TrajectoryRecorder:
             self._writer.append_point(self._parts())
         self._writer.fsync = fsync
         if targets is not None:
-            t = targets.detach().cpu().numpy() if isinstance(targets, torch.Tensor) else np.asarray(targets)
             tmp = self.path / (TARGETS + ".tmp.npy")
-            np.save(tmp, t)
+            np.save(tmp, self._targets_t.numpy())
             os.replace(tmp, self.path / TARGETS)
         self._applied_lrs: list[list[float]] = []
         self._applied_hyper: list[dict[str, Any]] = []

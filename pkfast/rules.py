@@ -18,6 +18,7 @@ compute only upper-triangle tiles.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,7 @@ class Term:
         return self.left if self.right is None else self.right
 
 
+@functools.lru_cache(maxsize=None)  # called per step by KernelMachine sweeps
 def gauss_legendre(nodes: int) -> tuple[tuple[float, float], ...]:
     """(τ_q, ω_q) on [0, 1]: Gauss–Legendre nodes and weights (Σ ω_q = 1); ``nodes=1`` is the midpoint."""
     import numpy as np
