@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     import pkfast
 
     g = pkfast.open_gram(d / "two.npy")
-    one, one1, two = (np.load(d / f, mmap_mode="r") for f in ("one.npy", "one1.npy", "two.npy"))
+    one, two = (np.load(d / f, mmap_mode="r") for f in ("one.npy", "two.npy"))
     same = (d / "one1.npy").read_bytes() == (d / "two.npy").read_bytes()
     rel = float(np.linalg.norm(np.asarray(one) - np.asarray(two)) / np.linalg.norm(np.asarray(one)))
     print(f"  {g.num_tiles} tiles; 2-rank file == 1-thread single-process file byte for byte: {same}; "
