@@ -36,8 +36,8 @@ from torch import nn
 
 import pkfast
 from pkfast._alloc import reuse_freed_memory
-from pkfast.gram import GramJob
-from pkfast.jacobians import EvalPoint
+from pkfast.driver import GramJob
+from pkfast.rules import EvalPoint
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -346,9 +346,10 @@ def route_jacobian_time(model: nn.Module, traj: pkfast.Trajectory, X: torch.Tens
     without the Gram's GEMMs. It gives the route's own floor (its Jacobians + the Gram's FLOPs at peak), which
     is lower than :func:`jacobian_time`'s when the route forms its Jacobians faster than ``vmap(jacrev)``."""
     job = GramJob.create(model, traj, X, outputs="trace", rule="left", memory_budget=memory_budget, method=method)
-    if job.engine is not None and job.engine.factorized:
+    if job.method == "factorized":
         raise ValueError(f"route_jacobian_time: method={method!r} factorises layers; their products are not Jacobian panels")
-    job._accumulate_panels = lambda *a, **k: None  # the panel products (Jacobian and streamed slices) only
+    # the panel products (Jacobian and streamed slices) only: the route multiplies through its layout
+    object.__setattr__(job.layout, "panel_product", lambda *a, **k: None)
 
     def run() -> None:
         job.run(progress=False)

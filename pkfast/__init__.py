@@ -13,19 +13,23 @@ Public surface:
                          per-point contributions, explanations, Domingos coefficients, exactness certificate
     sketch, PathFeatures random JL path features Φ(x) = Σ_s √ε_s J_s(x) R_s (N×C×k, saved and reused for Grams)
     LossSpec             a training loss convention (per-sample loss and batch weights)
+    layers               the registry of layer rules (module) — register a rule for your own layer type
     reference            the float64 oracle every fast path is tested against (module)
+
+The package, in the direction of its imports (docs/architecture.md): base modules (checks, options, loss, rules,
+formats, tiles, accumulate) ← trajectory and its files ← the functional model ← layers ← routes ← store, sinks,
+driver ← the public doors (gram, plan, sketch, KernelMachine, recorder, CLI).
 """
 
-from pkfast import reference
+from pkfast import layers, reference
+from pkfast._version import __version__
 from pkfast.gram import gram, plan
 from pkfast.loss import LossSpec
 from pkfast.machine import KernelMachine
 from pkfast.recorder import TrajectoryRecorder
-from pkfast.store import open_gram
 from pkfast.sketch import PathFeatures, sketch
+from pkfast.store import open_gram
 from pkfast.trajectory import Trajectory
 
-__version__ = "0.1.0"
-
 __all__ = ["gram", "plan", "open_gram", "Trajectory", "TrajectoryRecorder", "KernelMachine", "LossSpec", "sketch",
-           "PathFeatures", "reference", "__version__"]
+           "PathFeatures", "layers", "reference", "__version__"]

@@ -204,6 +204,8 @@ def _info(a: argparse.Namespace) -> int:
               f"precision={o['precision']} device={o['device']} method={o.get('method', 'jacobian')}"
               f"{' k=%s seed=%s' % (o.get('k'), o.get('seed')) if o.get('method') == 'sketch' else ''}"
               f"{' (symmetric: upper tiles mirrored)' if d['symmetric'] else ''}")
+        # format version 2 records the routes used; version 1 the resolved method only
+        print(f"  routes: {o.get('summary') or str(o.get('method', 'jacobian')) + ' (recorded by pkfast 0.1)'}")
         print(f"  progress: {d['tiles_done']}/{d['tiles']} tiles ({pct:.1f}%){' — complete' if d['complete'] else ''}")
         print(f"  plan: tiles of ≤{d['plan']['row_block']}×{d['plan']['col_block']}, vmap chunk {d['plan']['chunk']}")
         print("  fingerprints: " + ", ".join(f"{k} {v[:12]}" for k, v in d["fingerprints"].items()))

@@ -8,15 +8,17 @@ the Gram GEMM (sample-major, outputs, then parameters in ``named_parameters`` or
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch.func import functional_call, jacrev, vmap
 
+from pkfast import formats
 from pkfast._checks import preview
+from pkfast.rules import EvalPoint
 from pkfast.trajectory import Trajectory
 
 __all__ = ["FunctionalModel", "EvalPoint"]
@@ -25,14 +27,6 @@ __all__ = ["FunctionalModel", "EvalPoint"]
 #: 3.4 MB per sample) on a 2-core AVX-512 machine: 32–64 samples per call (110–220 MB) ran 1.45 ms/sample,
 #: 256 per call 2.0 ms/sample (the output no longer stays in cache-friendly pieces). Callers may override.
 DEFAULT_CHUNK_BYTES = 128 * 2**20
-
-
-@dataclass(frozen=True)
-class EvalPoint:
-    """The weights ``w_step + tau · (w_{step+1} − w_step)`` (``tau=0`` is the recorded point ``w_step``)."""
-
-    step: int
-    tau: float = 0.0
 
 
 class FunctionalModel:
@@ -120,6 +114,18 @@ class FunctionalModel:
         self._cache_key: object = None
         self._cache: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
         self.num_outputs: int | None = None
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes per value in the compute dtype."""
+        return _itemsize(self.dtype)
+
+    def fingerprint(self) -> str:
+        """Digest of the architecture and of every value not taken from the trajectory (buffers, frozen
+        parameters): with the trajectory's fingerprint, what fixes the function whose kernel is computed."""
+        statics = sorted(self._statics_fixed.items())
+        return formats.digest(type(self.model).__qualname__, repr(self.model), self.names,
+                              [tuple(s) for s in self.shapes], [n for n, _ in statics], *[t for _, t in statics])
 
     @staticmethod
     def _check_static_shape(fn, n, t, shape) -> None:
@@ -240,16 +246,8 @@ class FunctionalModel:
             params = self.params(flat)
             for a in range(0, n, chunk):
                 b = min(n, a + chunk)
-                try:
+                with self.random_forward_refused():
                     jac = jf(params, statics, self.prepare(X[a:b]), *(() if Yd is None else (Yd[a:b],)))
-                except RuntimeError as e:
-                    if "randomness" in str(e):
-                        raise ValueError(
-                            "pkfast: the model draws random numbers in its forward pass (e.g. F.dropout with "
-                            "training=True), so the kernel is undefined; make the forward pass deterministic "
-                            "(model.eval())"
-                        ) from e
-                    raise
                 dst = out[a:b]
                 parts = [jac[nm].flatten(2) for nm in self.names]
                 if qi == 0:
@@ -259,6 +257,20 @@ class FunctionalModel:
                 else:
                     dst.add_(torch.cat(parts, dim=2), alpha=weight)
         return out
+
+    @staticmethod
+    @contextlib.contextmanager
+    def random_forward_refused() -> Iterator[None]:
+        """Turn ``vmap``'s refusal of random operations into the user's error: the kernel is undefined."""
+        try:
+            yield
+        except RuntimeError as e:
+            if "randomness" in str(e):
+                raise ValueError(
+                    "pkfast: the model draws random numbers in its forward pass (e.g. F.dropout with "
+                    "training=True), so the kernel is undefined; make the forward pass deterministic (model.eval())"
+                ) from e
+            raise
 
     def default_chunk(self) -> int:
         per_sample = max(1, (self.num_outputs or 1) * self.num_params * _itemsize(self.dtype))

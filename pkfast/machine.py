@@ -2,7 +2,7 @@
 
 For a network trained by (mini-batch) SGD, optionally with momentum, Nesterov and weight decay, and recorded
 by :class:`pkfast.TrajectoryRecorder` (weights, applied lr, ordered batch indices, loss convention, optimizer
-hyperparameters), path-kernel-math.md §2.4, §2.7 and §3 give
+hyperparameters), docs/math.md §3 and §6 give
 
     f(x; w_T) = b(x) + Σ_i c_i(x),      c_i(x) = −Σ_r Ψ_r(x) λ_{r,i} ∇_w ℓ(x_i; w_r)   (i ∈ B_r)
 
@@ -35,9 +35,12 @@ from torch.func import functional_call, jvp
 from tqdm.auto import tqdm
 
 from pkfast import _checks
-from pkfast.jacobians import EvalPoint, FunctionalModel
+from pkfast.driver import check_model_and_trajectory
+from pkfast.gram import gram
+from pkfast.jacobians import FunctionalModel
 from pkfast.loss import LossSpec
-from pkfast.rules import DEFAULT_NODES, gauss_legendre
+from pkfast.options import Options, model_device
+from pkfast.rules import DEFAULT_NODES, EvalPoint, gauss_legendre
 from pkfast.trajectory import Trajectory
 
 log = logging.getLogger("pkfast")
@@ -101,7 +104,8 @@ class KernelMachine:
             (Jacobians at w_s: Domingos' Riemann reading, error O(lr)).
         nodes: Gauss–Legendre nodes per step for ``rule="exact"`` (default 2).
         dtype: computation dtype (default ``torch.float64``).
-        memory_budget: bytes (or ``"2GiB"``) for the query-side accumulators; sets the query chunk.
+        memory_budget: bytes (or ``"2GiB"``) for the query-side accumulators; sets the query chunk. Default: half
+            of the free memory of the compute device (the rule of every pkfast computation).
         progress: progress bars over steps.
 
     Example:
@@ -128,12 +132,10 @@ class KernelMachine:
     def __init__(self, model: torch.nn.Module, trajectory: Trajectory, X_train: Any, y_train: Any = None,
                  loss: Any = None, *, rule: str = "exact", nodes: int = DEFAULT_NODES, dtype: Any = torch.float64,
                  memory_budget: Any = None, progress: bool = True) -> None:
-        model = _checks.check_model(_FN, model)
-        if not isinstance(trajectory, Trajectory):
-            raise TypeError(f"{_FN}: trajectory must be a pkfast.Trajectory; found {type(trajectory).__name__}")
-        self.rule = _checks.check_choice(_FN, "rule", rule, ("exact", "left"))
-        self.nodes = _checks.check_nodes(_FN, nodes)
-        self.dtype = _checks.check_dtype(_FN, dtype)
+        model = check_model_and_trajectory(_FN, model, trajectory)
+        self.opts = Options.check(_FN, rules=("exact", "left"), strict_nodes=False, rule=rule, nodes=nodes, dtype=dtype,
+                                  memory_budget=memory_budget)
+        self.rule, self.nodes, self.dtype = self.opts.rule, self.opts.nodes, self.opts.dtype
         self.progress = progress
         self.trajectory = trajectory
         self.X = _checks.as_input_tensor(_FN, "X_train", X_train)
@@ -163,13 +165,13 @@ class KernelMachine:
         self._momentum = kinds.pop() if kinds else (0.0, 0.0, False)
         self._batches = self._read_batches(trajectory, N)
 
-        device = next(iter(model.parameters()), torch.empty(0)).device
+        device = model_device(model)
         self.fm = FunctionalModel(model, trajectory, dtype=self.dtype, device=device, fn=_FN)
         self.fm_loss = FunctionalModel(model, trajectory, dtype=self.dtype, device=device, fn=_FN, loss=self.loss)
         self.C = self.fm.probe(self.X, _FN, "X_train")
         self.fm_loss.probe(self.X, _FN, "X_train")
         self.loss.check_targets(self.y, self.C, "y_train", _FN)
-        budget = _checks.check_memory_budget(_FN, memory_budget) or 2 * 2**30
+        budget = self.opts.budget(device)
         per_query = 3 * self.C * self.fm.num_params * torch.empty((), dtype=self.dtype).element_size()
         self.query_chunk = max(1, int(budget // max(1, per_query)))
         self._grad_cache: dict[int, torch.Tensor] = {}
@@ -199,7 +201,7 @@ class KernelMachine:
                 "(plain, momentum, Nesterov, weight decay). For Adam/AdamW the update is a kernel machine only "
                 "given the per-step preconditioner D_s = diag(1/((1−β1^{s+1})(√v̂_s + eps))), which is not "
                 "recorded, and the data influence flowing through D_s is attributed to no training point "
-                "(path-kernel-math.md §2.7). Use pkfast.gram(rule='left') for the path kernel itself"
+                "(docs/math.md §6). Use pkfast.gram(rule='left') for the path kernel itself"
             )
         if opt and opt.get("state_before_recording"):
             hyper0 = traj.step_meta(0).get("optimizer", {})
@@ -362,8 +364,6 @@ class KernelMachine:
     def coefficients(self, X: Any, *, tol: float = 1e-12) -> torch.Tensor:
         """Domingos' a_i(x) = c_i(x) / k_p(x, x_i) ∈ R^C, with k_p the output-trace path kernel of the same rule
         (Σ_s ε_s tr J̄_s(x) J(x_i; w_s)ᵀ): ``[M, N, C]``; NaN where |k_p| ≤ tol·max|k_p| (a_i undefined)."""
-        from pkfast.gram import gram
-
         X = self._queries(X)
         c = self.contributions(X)
         nodes = self.nodes if self.rule == "exact" else DEFAULT_NODES  # (nodes means nothing to the left rule)

@@ -1,14 +1,12 @@
 """TrajectoryRecorder: appends a model's weights after every optimizer step to an on-disk trajectory.
 
-The format is described in :mod:`pkfast.trajectory`. Appending never rewrites earlier steps, and a crash
+The format is described in :mod:`pkfast.trajectory_files`. Appending never rewrites earlier steps, and a crash
 loses at most the step being written.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,118 +14,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from pkfast.trajectory import (
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    MANIFEST,
-    STEPS,
-    TARGETS,
-    WEIGHTS,
-    Trajectory,
-    _dtype_name,
-    read_steps,
-    storage_dtype,
-)
+from pkfast import formats
+from pkfast.loss import LossSpec
+from pkfast.trajectory import Trajectory
+from pkfast.trajectory_files import (MANIFEST, STEPS, WEIGHTS, TrajectoryWriter, complete_rows, dtype_name, jsonable,
+                                     read_manifest, read_steps, save_targets, storage_dtype)
 
 __all__ = ["TrajectoryRecorder"]
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, torch.Tensor):
-        return v.tolist()
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    if isinstance(v, (np.integer, np.floating)):
-        return v.item()
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, Mapping):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (str, int, float, bool)) or v is None:
-        return v
-    return repr(v)
-
-
-class TrajectoryWriter:
-    """Low-level append-only writer of the trajectory directory format (used by the recorder and ``save``)."""
-
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        spec: Sequence[tuple[str, Sequence[int]]],
-        dtype: torch.dtype,
-        *,
-        meta: Mapping[str, Any] | None = None,
-        overwrite: bool = False,
-        fsync: bool = False,
-        _append: bool = False,
-    ) -> None:
-        self.path = Path(path)
-        self.dtype = dtype
-        self.fsync = fsync
-        self.num_params = int(sum(int(np.prod(s, dtype=np.int64)) for _, s in spec))
-        if not _append:
-            if self.path.exists() and any(self.path.iterdir()):
-                if not overwrite:
-                    raise FileExistsError(
-                        f"pkfast: {str(self.path)!r} already exists and is not empty; pass overwrite=True to "
-                        "replace it (or resume=True to the recorder to continue a recording)"
-                    )
-                if not (self.path / MANIFEST).exists():
-                    raise FileExistsError(
-                        f"pkfast: refusing to overwrite {str(self.path)!r}: it is not a pkfast trajectory"
-                    )
-                shutil.rmtree(self.path)
-            self.path.mkdir(parents=True, exist_ok=True)
-            manifest = {
-                "format": FORMAT_NAME,
-                "version": FORMAT_VERSION,
-                "dtype": _dtype_name(dtype),
-                "spec": [[n, list(s)] for n, s in spec],
-                "num_params": self.num_params,
-                "meta": _jsonable(dict(meta or {})),
-            }
-            tmp = self.path / (MANIFEST + ".tmp")
-            tmp.write_text(json.dumps(manifest, indent=1))
-            os.replace(tmp, self.path / MANIFEST)
-        self._w = open(self.path / WEIGHTS, "ab")
-        self._s = open(self.path / STEPS, "ab")
-        self.rows = self._w.tell() // (self.num_params * torch.empty((), dtype=dtype).element_size())
-
-    def _flush(self, f) -> None:
-        f.flush()
-        if self.fsync:
-            os.fsync(f.fileno())
-
-    def append_point(self, flat: torch.Tensor | Sequence[torch.Tensor]) -> None:
-        """Append one weight row, given flat or as its parts in spec order (written without concatenating)."""
-        parts = [flat] if isinstance(flat, torch.Tensor) else list(flat)
-        n = sum(p.numel() for p in parts)
-        if n != self.num_params:
-            raise ValueError(f"pkfast: weight row has {n} values; expected {self.num_params}")
-        for p in parts:
-            p = p.detach()
-            if p.device.type != "cpu" or p.dtype != self.dtype:
-                p = p.to("cpu", self.dtype)
-            # the tensor's own memory goes to the file: no intermediate bytes object
-            self._w.write(memoryview(p.contiguous().numpy()).cast("B"))
-        self._flush(self._w)
-        self.rows += 1
-
-    def append_step(self, flat: torch.Tensor | Sequence[torch.Tensor], lr: float, batch_indices: Any = None,
-                    **extra: Any) -> None:
-        """Write w_{s+1}, then commit step s (its line in steps.jsonl)."""
-        self.append_point(flat)
-        rec = {"lr": float(lr), "batch_indices": _jsonable(batch_indices)}
-        rec.update({k: _jsonable(v) for k, v in extra.items()})
-        self._s.write((json.dumps(rec, separators=(",", ":")) + "\n").encode())
-        self._flush(self._s)
-
-    def close(self) -> None:
-        for f in (self._w, self._s):
-            if not f.closed:
-                f.close()
-
 
 #: Per-step optimizer hyperparameters recorded with every step (those the exact decomposition reads).
 STEP_HYPER = ("momentum", "dampening", "nesterov", "weight_decay", "maximize", "betas", "eps", "amsgrad")
@@ -136,7 +29,7 @@ STEP_HYPER = ("momentum", "dampening", "nesterov", "weight_decay", "maximize", "
 def _optimizer_meta(opt: torch.optim.Optimizer) -> dict[str, Any]:
     groups = []
     for g in opt.param_groups:
-        groups.append({k: _jsonable(v) for k, v in g.items() if k != "params"})
+        groups.append({k: jsonable(v) for k, v in g.items() if k != "params"})
     # a momentum buffer (or Adam moments) from before the recording make the first recorded updates depend on
     # unrecorded history: the exact kernel machine refuses such a recording
     had_state = any(bool(st) for st in opt.state.values())
@@ -179,7 +72,7 @@ class TrajectoryRecorder:
 
     Each step records the applied lr, the ordered ``batch_indices`` passed to :meth:`step` and the optimizer's
     hyperparameters at that step (momentum, dampening, nesterov, weight_decay, …), which the exact
-    decomposition needs (path-kernel-math.md §2.6).
+    decomposition needs (docs/math.md §8).
 
     Example:
         >>> import torch, pkfast, tempfile
@@ -235,8 +128,6 @@ class TrajectoryRecorder:
         full_meta = {"optimizer": _optimizer_meta(optimizer), "buffers_recorded": bool(buffers)}
         self._loss_spec = None
         if loss is not None:
-            from pkfast.loss import LossSpec
-
             self._loss_spec = LossSpec.from_module(loss, fn="pkfast.TrajectoryRecorder")
             full_meta["loss"] = self._loss_spec.to_meta()
         if store_output_grads and (loss is None or targets is None):
@@ -255,9 +146,7 @@ class TrajectoryRecorder:
             self._writer.append_point(self._parts())
         self._writer.fsync = fsync
         if targets is not None:
-            tmp = self.path / (TARGETS + ".tmp.npy")
-            np.save(tmp, self._targets_t.numpy())
-            os.replace(tmp, self.path / TARGETS)
+            save_targets(self.path, self._targets_t.numpy())
         self._applied_lrs: list[list[float]] = []
         self._applied_hyper: list[dict[str, Any]] = []
         self._hook = optimizer.register_step_post_hook(self._after_optimizer_step)
@@ -275,27 +164,27 @@ class TrajectoryRecorder:
         for g in optimizer.param_groups:
             if any(id(p) in self._trainable_ids for p in g["params"]):
                 lrs.append(float(g["lr"]))
-                hyper.append({k: _jsonable(g[k]) for k in STEP_HYPER if k in g})
+                hyper.append({k: jsonable(g[k]) for k in STEP_HYPER if k in g})
         self._applied_lrs.append(lrs)
         # groups with different hyperparameters cannot be one step of one decomposition: keep them all then
         self._applied_hyper.append(hyper[0] if all(h == hyper[0] for h in hyper) else {"groups": hyper})
 
     def _resume(self, spec, dtype) -> TrajectoryWriter:
-        manifest = json.loads((self.path / MANIFEST).read_text())
+        manifest = read_manifest(self.path)
         if [[n, list(s)] for n, s in spec] != manifest["spec"]:
             raise ValueError(
                 f"pkfast.TrajectoryRecorder: cannot resume {str(self.path)!r}: the model's entries differ from "
                 "the recorded ones"
             )
-        if manifest["dtype"] != _dtype_name(dtype):
+        if manifest["dtype"] != dtype_name(dtype):
             raise ValueError(
                 f"pkfast.TrajectoryRecorder: cannot resume {str(self.path)!r}: recorded dtype {manifest['dtype']}, "
-                f"model dtype {_dtype_name(dtype)}"
+                f"model dtype {dtype_name(dtype)}"
             )
         P = int(manifest["num_params"])
         itemsize = torch.empty((), dtype=dtype).element_size()
         wpath = self.path / WEIGHTS
-        rows = wpath.stat().st_size // (P * itemsize) if wpath.exists() else 0
+        rows = complete_rows(self.path, P, itemsize)
         steps = read_steps(self.path)
         n_points = min(rows, len(steps) + 1)
         current = self._flat().numpy()
@@ -310,10 +199,8 @@ class TrajectoryRecorder:
         with open(wpath, "r+b") as f:
             f.truncate((k + 1) * P * itemsize)
         lines = (self.path / STEPS).read_bytes().splitlines(keepends=True)[:k] if k else []
-        tmp = self.path / (STEPS + ".tmp")
-        tmp.write_bytes(b"".join(lines))
-        os.replace(tmp, self.path / STEPS)
-        return TrajectoryWriter(self.path, spec, dtype, _append=True)
+        formats.atomic_write(self.path / STEPS, b"".join(lines))
+        return TrajectoryWriter(self.path, spec, dtype, append=True)
 
     # ------------------------------------------------------------------ public
     def step(self, batch_indices: Sequence[int] | np.ndarray | torch.Tensor | None = None, *,

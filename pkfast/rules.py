@@ -13,7 +13,7 @@ compute only upper-triangle tiles.
 - ``"exact"``: Σ_s ε_s J̄_s(x) J(x′; w_s)ᵀ — the exact discrete path kernel of Bell et al. (2023): the row
   side averages the Jacobian over the segment w_s → w_{s+1} by Gauss–Legendre quadrature with ``nodes``
   points (τ_q = (1+ξ_q)/2, ω_q = η_q/2), the column side is the segment start. T asymmetric terms: a Gram of
-  X with itself is not symmetric and is never mirrored (path-kernel-math.md §2.4).
+  X with itself is not symmetric and is never mirrored (docs/math.md §3).
 """
 
 from __future__ import annotations
@@ -23,13 +23,19 @@ from dataclasses import dataclass
 
 import torch
 
-from pkfast.jacobians import EvalPoint
-
-__all__ = ["Term", "RULES", "terms_for", "gauss_legendre"]
+__all__ = ["EvalPoint", "Term", "RULES", "terms_for", "gauss_legendre", "is_symmetric"]
 
 RULES = ("left", "trapezoid", "exact")
 #: Gauss–Legendre nodes per segment for ``rule="exact"`` unless told otherwise.
 DEFAULT_NODES = 2
+
+
+@dataclass(frozen=True)
+class EvalPoint:
+    """The weights ``w_step + tau · (w_{step+1} − w_step)`` (``tau=0`` is the recorded point ``w_step``)."""
+
+    step: int
+    tau: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,6 @@ finished tiles whose bytes no longer match their CRC are reported and recomputed
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -28,7 +27,7 @@ import shutil
 import time
 import warnings
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,15 +35,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from pkfast import formats
 from pkfast._checks import preview
+from pkfast._version import __version__
 from pkfast.tiles import Tile, TilePlan
 
-__all__ = ["GramStore", "StoredGram", "open_gram", "StoreError", "fingerprints"]
+__all__ = ["GramStore", "StoredGram", "open_gram", "StoreError", "sidecar"]
 
 log = logging.getLogger("pkfast")
 
 FORMAT = "pkfast-gram"
-VERSION = 1
+#: Version 2 (pkfast 0.2): the options record the requested method and the routes used ("summary"). Version 1
+#: stores open read-only (open_gram, pkfast info); resuming one is refused with what to do.
+VERSION = 2
+READABLE = (1, 2)
 #: Bytes of a tile copied contiguous at a time while it is written (bounds the writer's extra memory).
 WRITE_SLAB = 1 << 20
 SIDE = ".pkfast"
@@ -52,121 +56,6 @@ SIDE = ".pkfast"
 
 class StoreError(RuntimeError):
     """A stored Gram cannot be used as asked: mismatched restart, corruption, lock held, disk full."""
-
-
-# ---------------------------------------------------------------------------------------------- fingerprints
-def _hash_tensor(h: "hashlib._Hash", t: torch.Tensor | np.ndarray, rows: int = 4096) -> None:
-    """Feed shape, dtype and the bytes of ``t`` to ``h`` in row blocks (never a full copy of a memmap)."""
-    if isinstance(t, torch.Tensor):
-        t = t.detach().to("cpu")
-        h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
-        flat = t.contiguous().reshape(t.shape[0] if t.ndim else 1, -1)
-        for a in range(0, flat.shape[0], rows):
-            h.update(flat[a:a + rows].contiguous().view(torch.uint8).numpy().tobytes())
-    else:
-        h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
-        flat = t.reshape(t.shape[0] if t.ndim else 1, -1)
-        for a in range(0, flat.shape[0], rows):
-            h.update(np.ascontiguousarray(flat[a:a + rows]).tobytes())
-
-
-def _digest(*parts: Any) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for p in parts:
-        if isinstance(p, (torch.Tensor, np.ndarray)):
-            _hash_tensor(h, p)
-        else:
-            h.update(repr(p).encode())
-            h.update(b"\x00")
-    return h.hexdigest()
-
-
-def model_fingerprint(fm: Any) -> str:
-    """Digest of a :class:`~pkfast.jacobians.FunctionalModel`'s architecture and every value not taken from the
-    trajectory (buffers, frozen parameters)."""
-    statics = sorted(fm._statics_fixed.items())
-    return _digest(type(fm.model).__qualname__, repr(fm.model), fm.names, [tuple(s) for s in fm.shapes],
-                   [n for n, _ in statics], *[t for _, t in statics])
-
-
-def trajectory_fingerprint(traj: Any) -> str:
-    """Digest of a trajectory's spec, step sizes and all weights, read one point at a time (a memory-mapped
-    trajectory is never copied whole)."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(repr([(n, tuple(s)) for n, s in traj.spec]).encode())
-    _hash_tensor(h, traj.step_sizes.to(torch.float64))
-    _hash_tensor(h, traj._weights, rows=1)
-    return h.hexdigest()
-
-
-def fingerprints(job: Any) -> dict[str, str]:
-    """What a Gram depends on, as short digests: ``model`` (architecture and every value not taken from the
-    trajectory), ``trajectory`` (spec, step sizes, all weights), ``X``, ``X2`` and ``options``."""
-    opts = options(job)
-    return {
-        "model": model_fingerprint(job.fm),
-        "trajectory": trajectory_fingerprint(job.fm.trajectory),
-        "X": _digest(job.X) if job.Y is None else _digest(job.X, job.Y),
-        "X2": "none" if job.X2 is None else _digest(job.X2) if job.Y2 is None else _digest(job.X2, job.Y2),
-        "options": _digest(sorted(opts.items())),
-    }
-
-
-def options(job: Any) -> dict[str, Any]:
-    """The options that change the stored numbers (``memory_budget`` does not: the plan is stored)."""
-    return {"outputs": job.outputs, "rule": job.rule, "diagonal": job.diagonal, "dtype": str(job.dtype),
-            "backend": job.backend, "precision": job.precision, "device": job.fm.device.type,
-            "of": job.of, "nodes": job.nodes if job.rule == "exact" else None,
-            "loss": None if job.fm.loss is None else job.fm.loss.to_meta(), "symmetric": job.plan.symmetric,
-            "method": job.method, "k": job.k, "seed": job.seed,
-            "rng": None if job.sketcher is None else job.sketcher.rng,
-            "routes": None if job.engine is None else [f"{L.name}:{L.method}" for L in job.layers]}
-
-
-# ---------------------------------------------------------------------------------------------- small file helpers
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _crc_line(body: str) -> str:
-    return f"{body} {zlib.crc32(body.encode()):08x}\n"
-
-
-def _parse_line(line: str) -> list[str] | None:
-    """Fields of a journal line, or None if it is torn or corrupted."""
-    if not line.endswith("\n"):
-        return None
-    body, _, crc = line[:-1].rpartition(" ")
-    try:
-        if int(crc, 16) != zlib.crc32(body.encode()):
-            return None
-    except ValueError:
-        return None
-    return body.split(" ")
-
-
-def _manifest_checksum(m: dict[str, Any]) -> str:
-    body = {k: v for k, v in m.items() if k != "checksum"}
-    return hashlib.blake2b(json.dumps(body, sort_keys=True).encode(), digest_size=16).hexdigest()
 
 
 def sidecar(path: str | os.PathLike) -> Path:
@@ -241,20 +130,25 @@ class GramStore:
 
     # ------------------------------------------------------------------ create / validate
     @staticmethod
-    def new_manifest(job: Any, plan: TilePlan, shape: tuple[int, ...], dtype: np.dtype) -> dict[str, Any]:
+    def new_manifest(*, shape: tuple[int, ...], dtype: np.dtype, options: dict[str, Any],
+                     fingerprints: dict[str, str], plan: TilePlan, diagonal: bool, num_outputs: int,
+                     scale: float) -> dict[str, Any]:
+        """The manifest of a new stored Gram, from explicit values: ``options`` (what changes the numbers, the
+        routes used among them) and ``fingerprints`` (digests of model, trajectory, X, X2 and options)."""
         tiles = [[t.rows.start, t.rows.stop, t.cols.start, t.cols.stop, int(t.diagonal)] for t in plan.tiles]
         m = {
-            "format": FORMAT, "version": VERSION, "shape": list(shape), "dtype": dtype.str,
-            "options": options(job), "fingerprints": fingerprints(job),
-            "symmetric": bool(plan.symmetric and not job.diagonal), "diagonal": bool(job.diagonal),
+            "format": FORMAT, "version": VERSION, "shape": list(shape), "dtype": np.dtype(dtype).str,
+            "options": options, "fingerprints": fingerprints,
+            "symmetric": bool(plan.symmetric and not diagonal), "diagonal": bool(diagonal),
             "plan": {"row_block": plan.row_block, "col_block": plan.col_block, "chunk": plan.chunk,
                      "tiles": tiles},
-            "num_outputs": job.num_outputs, "scale": 1.0 / job.num_outputs if job.outputs == "mean" else 1.0,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "torch": torch.__version__,
+            "num_outputs": num_outputs, "scale": scale,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "pkfast": __version__, "torch": torch.__version__,
             "threads": torch.get_num_threads(),
         }
-        m["checksum"] = _manifest_checksum(m)
+        m["checksum"] = formats.manifest_checksum(m)
         return m
+
 
     @classmethod
     def prepare(cls, path: str | os.PathLike, manifest: dict[str, Any], *, overwrite: bool = False,
@@ -273,6 +167,11 @@ class GramStore:
                 path.unlink()
         if side.exists() or path.exists():
             old = read_manifest(path, fn=fn)
+            if old["version"] != VERSION:
+                raise StoreError(
+                    f"{fn}: {path} was written by an earlier pkfast (Gram format version {old['version']}); this "
+                    f"pkfast {__version__} resumes only version {VERSION}. Pass overwrite=True to recompute it, or "
+                    "finish it with the pkfast that started it (pkfast.open_gram still reads it)")
             _compare(old, manifest, path, fn)
             _check_data_file(path, old, fn)
             return old
@@ -295,8 +194,8 @@ class GramStore:
             finally:
                 os.close(fd)
             manifest = dict(manifest, data_offset=int(offset))
-            manifest["checksum"] = _manifest_checksum(manifest)
-            _atomic_write(side / "manifest.json", json.dumps(manifest, indent=1))
+            manifest["checksum"] = formats.manifest_checksum(manifest)
+            formats.atomic_write(side / "manifest.json", json.dumps(manifest, indent=1))
         except BaseException:
             shutil.rmtree(side, ignore_errors=True)
             path.unlink(missing_ok=True)
@@ -368,7 +267,7 @@ class GramStore:
             crc_b = self._write_block(mirror, tile.cols, tile.rows) if mirror is not None else None
             os.fdatasync(self._fd)
             mirror_crc = "-" if crc_b is None else f"{crc_b:08x}"
-            self._journal.write(_crc_line(f"tile {tile.index} {crc_a:08x} {mirror_crc} {time.time_ns()}"))
+            self._journal.write(formats.crc_line(f"tile {tile.index} {crc_a:08x} {mirror_crc} {time.time_ns()}"))
             self._journal.flush()
             os.fsync(self._journal.fileno())
         except OSError as e:
@@ -472,9 +371,9 @@ def read_manifest(path: str | os.PathLike, *, fn: str = "pkfast") -> dict[str, A
         raise StoreError(f"{fn}: the manifest {mpath} is corrupted ({e}); pass overwrite=True to start afresh") from e
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise StoreError(f"{fn}: {mpath} is not a pkfast Gram manifest (format {m.get('format') if isinstance(m, dict) else None!r})")
-    if m.get("version") != VERSION:
-        raise StoreError(f"{fn}: {mpath} has format version {m.get('version')!r}; this pkfast reads version {VERSION}")
-    if m.get("checksum") != _manifest_checksum(m):
+    formats.check_format(m, name=FORMAT, readable=READABLE, current=VERSION, where=str(mpath), fn=fn, error=StoreError,
+                         advice="pass overwrite=True to recompute it")
+    if m.get("checksum") != formats.manifest_checksum(m):
         raise StoreError(f"{fn}: the manifest {mpath} is corrupted (its checksum does not match its contents); "
                          f"pass overwrite=True to start afresh")
     return m
@@ -526,7 +425,7 @@ def journal_entries(side: Path) -> dict[int, tuple[int, int | None]]:
     for j in sorted(side.glob("tiles.*.log")):
         with open(j, errors="replace", newline="") as f:
             for line in f:
-                fields = _parse_line(line)
+                fields = formats.parse_crc_line(line)
                 if fields is None or len(fields) != 5 or fields[0] != "tile":
                     continue
                 try:
@@ -641,31 +540,10 @@ def open_gram(path: str | os.PathLike) -> StoredGram:
     return StoredGram(path, m, done)
 
 
-# ---------------------------------------------------------------------------------------------- sharing tiles
-def tile_cost(tile: Tile, jacobian_pairs: float = 64.0) -> float:
-    """Relative work of a tile: its products (a diagonal tile computes one triangle) plus its Jacobians, each
-    sample's Jacobian weighted as ``jacobian_pairs`` Gram entries."""
-    r, c = tile.shape
-    if tile.diagonal:
-        return r * c / 2 + jacobian_pairs * r
-    return r * c + jacobian_pairs * (r + c)
-
-
-def shares(tiles: Sequence[Tile], world: int) -> list[list[Tile]]:
-    """Split ``tiles`` into ``world`` deterministic shares of about equal :func:`tile_cost` (largest first to the
-    least-loaded rank, ties to the lower index); each share in tile order."""
-    load = [0.0] * world
-    out: list[list[Tile]] = [[] for _ in range(world)]
-    for t in sorted(tiles, key=lambda t: (-tile_cost(t), t.index)):
-        r = min(range(world), key=lambda k: (load[k], k))
-        load[r] += tile_cost(t)
-        out[r].append(t)
-    return [sorted(s, key=lambda t: t.index) for s in out]
-
-
 def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} TiB"  # pragma: no cover
+

@@ -4,21 +4,13 @@ A trajectory is a ``[T+1, P]`` matrix of flattened weights (one row per point, e
 :attr:`Trajectory.spec`) plus ``T`` non-negative step sizes. It lives either in memory (a tensor) or on
 disk as a memory-mapped file written by :class:`pkfast.TrajectoryRecorder` or :meth:`Trajectory.save`.
 
-On-disk format (a directory)::
-
-    manifest.json   {"format": "pkfast-trajectory", "version": 1, "dtype": "float32",
-                     "spec": [[name, [shape...]], ...], "num_params": P, "meta": {...}}
-    weights.bin     raw row-major [T+1, P] array in ``dtype`` (native little-endian), appended row by row
-    steps.jsonl     one JSON object per step s: {"lr": ε_s, "batch_indices": [...] | null, ...}
-
-``steps.jsonl`` is the commit log: step ``s`` exists once its line is complete *and* row ``s+1`` of
-``weights.bin`` is complete. A crash while writing therefore loses at most the step being written, and
-earlier steps are never rewritten.
+The on-disk format (a directory with a manifest, a raw weight file and a step log) is described and read
+and written in :mod:`pkfast.trajectory_files`.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import math
 import numbers
 import os
@@ -29,38 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from pkfast import formats
+from pkfast.trajectory_files import (MANIFEST, TARGETS, TORCH_FROM_NAME, WEIGHTS, TrajectoryWriter, complete_rows,
+                                     dtype_name, read_manifest, read_steps, storage_dtype)
+
 __all__ = ["Trajectory"]
-
-FORMAT_NAME = "pkfast-trajectory"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-WEIGHTS = "weights.bin"
-STEPS = "steps.jsonl"
-TARGETS = "targets.npy"
-
-_NP_DTYPES = {
-    torch.float16: np.float16,
-    torch.float32: np.float32,
-    torch.float64: np.float64,
-}
-_TORCH_FROM_NAME = {"float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
-def storage_dtype(dtypes: Sequence[torch.dtype]) -> torch.dtype:
-    """The dtype in which a set of floating tensors is stored losslessly (bfloat16 widens to float32)."""
-    out = None
-    for dt in dtypes:
-        out = dt if out is None else torch.promote_types(out, dt)
-    if out is None or out == torch.bfloat16:
-        return torch.float32
-    if out not in _NP_DTYPES:
-        raise TypeError(f"pkfast.Trajectory: cannot store weights of dtype {out}; expected a floating dtype")
-    return out
-
 
 def _load_checkpoint_file(path: Path) -> Mapping[str, Any]:
     if not path.exists():
@@ -238,7 +203,7 @@ class Trajectory:
         w = self._weights
         if isinstance(w, torch.Tensor):
             return w.dtype
-        return _TORCH_FROM_NAME[np.dtype(w.dtype).name]
+        return TORCH_FROM_NAME[np.dtype(w.dtype).name]
 
     @property
     def is_memory_mapped(self) -> bool:
@@ -278,7 +243,7 @@ class Trajectory:
         mm = ", memory-mapped" if self.is_memory_mapped else ""
         return (
             f"Trajectory(T={self.num_steps}, P={self.num_params}, entries={len(self._spec)}, "
-            f"dtype={_dtype_name(self.dtype)}, sum_lr={float(self._eps.sum()):.6g}{mm}{where})"
+            f"dtype={dtype_name(self.dtype)}, sum_lr={float(self._eps.sum()):.6g}{mm}{where})"
         )
 
     # ------------------------------------------------------------------ access
@@ -410,8 +375,7 @@ class Trajectory:
         np_dtype = np.dtype(manifest["dtype"])
         steps = read_steps(path)
         wpath = path / WEIGHTS
-        nbytes = wpath.stat().st_size if wpath.exists() else 0
-        rows = nbytes // (P * np_dtype.itemsize)
+        rows = complete_rows(path, P, np_dtype.itemsize)
         if rows < 1:
             raise ValueError(f"pkfast.Trajectory.load: {str(path)!r} holds no complete weight row (w_0 is missing)")
         T = min(len(steps), rows - 1)
@@ -437,8 +401,6 @@ class Trajectory:
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write this trajectory in the on-disk format (readable lazily with :meth:`load`)."""
-        from pkfast.recorder import TrajectoryWriter
-
         writer = TrajectoryWriter(path, self.spec, self.dtype, meta=self.meta, overwrite=overwrite)
         try:
             writer.append_point(self.flat(0))
@@ -451,6 +413,15 @@ class Trajectory:
         if self.targets is not None:
             np.save(Path(path) / TARGETS, self.targets.numpy())
         return Path(path)
+
+    def fingerprint(self) -> str:
+        """A digest of the spec, the step sizes and every weight point, read one point at a time (a
+        memory-mapped trajectory is never copied whole): what a stored Gram or a sketch depends on."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(repr([(n, tuple(s)) for n, s in self._spec]).encode())
+        formats.hash_tensor(h, self._eps.to(torch.float64))
+        formats.hash_tensor(h, self._weights, rows=1)
+        return h.hexdigest()
 
 
 def _compare_spec(ref: list[tuple[str, torch.Size]], got: list[tuple[str, torch.Size]], i: int) -> None:
@@ -469,35 +440,3 @@ def _compare_spec(ref: list[tuple[str, torch.Size]], got: list[tuple[str, torch.
                 f"pkfast.Trajectory.from_checkpoints: {n!r} has shape {tuple(s)} in checkpoint #{i} but "
                 f"{tuple(shapes[n])} in checkpoint #0"
             )
-
-
-def read_manifest(path: Path) -> dict[str, Any]:
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"pkfast.Trajectory.load: {str(path / MANIFEST)!r} is corrupt: {e}") from e
-    if manifest.get("format") != FORMAT_NAME:
-        raise ValueError(f"pkfast.Trajectory.load: {str(path)!r} is not a pkfast trajectory (format={manifest.get('format')!r})")
-    if int(manifest.get("version", -1)) > FORMAT_VERSION:
-        raise ValueError(
-            f"pkfast.Trajectory.load: {str(path)!r} has format version {manifest['version']}; this pkfast reads "
-            f"up to version {FORMAT_VERSION} (upgrade pkfast)"
-        )
-    return manifest
-
-
-def read_steps(path: Path) -> list[dict[str, Any]]:
-    """Complete step records; a partial trailing line (crash mid-write) is dropped."""
-    p = path / STEPS
-    if not p.exists():
-        return []
-    out = []
-    with open(p, "rb") as f:
-        for line in f:
-            if not line.endswith(b"\n"):
-                break
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-    return out

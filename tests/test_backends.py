@@ -8,7 +8,7 @@ import torch
 
 import pkfast
 from pkfast.accumulate import select_backend
-from pkfast.gram import GramJob
+from pkfast.driver import GramJob
 from pkfast.reference import gram_reference
 from tests._util import rel_err
 from tests.models import SmallCNN, mlp, random_trajectory

@@ -145,7 +145,7 @@ def test_plan_and_methods_from_the_command_line(digits_run):
     r = _cli("plan", "--model", "nets.py:make_net", "--trajectory", "traj", "--data", "X.npy", "--method",
              "materialized", cwd=d)
     assert r.returncode == 0, r.stderr
-    assert "method='materialized' → materialized route" in r.stdout and "streamed in slices" in r.stdout
+    assert "method='materialized' → materialized: materialized 2 layers" in r.stdout and "streamed in slices" in r.stdout
     r = _cli("gram", "--model", "nets.py:make_net", "--trajectory", "traj", "--data", "X.npy", "--out", "M.npy",
              "--method", "materialized", "--no-progress", cwd=d)
     assert r.returncode == 0, r.stderr

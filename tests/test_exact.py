@@ -210,7 +210,7 @@ def test_full_batch_gd_is_reproduced_exactly_and_telescopes_per_step(tmp_path):
     assert rel(km.predict(Xq), fT) <= 1e-8
     per = km.contributions(Xq, per_step=True)  # [T, M, N, C]
     fm = km.fm
-    from pkfast.jacobians import EvalPoint
+    from pkfast.rules import EvalPoint
 
     for s in range(traj.num_steps):
         step = fm.outputs(EvalPoint(s + 1), Xq) - fm.outputs(EvalPoint(s), Xq)

@@ -3,7 +3,7 @@
 Tolerance: float64, relative Frobenius ≤ 1e-10 (RTOL[float64]) against :func:`pkfast.reference.gram_reference`;
 float32 ≤ 1e-5. Models cover every supported layer kind and option: Linear (also over sequence positions),
 Conv1d/Conv2d (stride, padding incl. 'same' and reflect, dilation, groups), Embedding (padding_idx), a
-LayerNorm mixed with Linear layers (its affine goes through the Jacobian route), a layer called twice, tied
+LayerNorm mixed with Linear layers (its affine through the norm rule), a layer called twice, tied
 weights and a Linear subclass with its own forward (both routed to the Jacobian).
 """
 
@@ -15,7 +15,9 @@ import torch
 from torch import nn
 
 import pkfast
-from pkfast import factorized as fz
+from pkfast import options as pk_options
+from pkfast.driver import GramJob
+from pkfast.routes import layered
 from pkfast.reference import gram_reference
 from tests._util import RTOL, rel_err
 from tests.models import SmallCNN, mlp, random_trajectory
@@ -181,7 +183,7 @@ def test_float32_and_tiny_tiles():
     ref = gram_reference(net, traj, X, X2)
     net32 = net.float()
     K = pkfast.gram(net32, traj, X.float(), X2.float(), method="factorized", memory_budget=40_000, progress=False)
-    job = pkfast.gram.__globals__["GramJob"].create(net32, traj, X.float(), X2.float(), method="factorized",
+    job = GramJob.create(net32, traj, X.float(), X2.float(), method="factorized",
                                                     memory_budget=40_000)
     assert len(job.plan.tiles) > 1
     assert rel_err(K, ref) <= RTOL[torch.float32]
@@ -189,7 +191,7 @@ def test_float32_and_tiny_tiles():
 
 def test_subblocked_products(monkeypatch):
     """Positions S > 1 with a workspace of a few pairs: the products are cut into many sub-blocks."""
-    monkeypatch.setattr(fz, "WORKSPACE_BYTES", 4000)
+    monkeypatch.setattr(layered, "WORKSPACE_BYTES", 4000)
     for name in ("cnn", "seq"):
         net, traj, X, X2 = _setup(name)
         for outputs in ("trace", "full"):
@@ -274,7 +276,7 @@ def test_plan_routes_unsupported_to_jacobian():
     assert r["att.out_proj"] == "jacobian" and r["att"] == "jacobian" and r["head"] == "factorized", r
     net, traj, X, _ = _setup("seq")
     p = pkfast.plan(net, traj, X)
-    assert _routes(p)["norm"] == "jacobian"
+    assert _routes(p)["norm"] == "materialized"  # its affine through the norm rule (pkfast.layers.norm)
     for L in p.layers:  # auto takes the cheaper route of each supported layer (a 9-word vocabulary: materialise)
         if L.kind != "other":
             assert L.method == min(L.options, key=L.options.get), L
@@ -301,8 +303,8 @@ def test_plan_unused_layer_and_no_candidates():
     K = pkfast.gram(net, traj, X, dtype=F64, progress=False)
     assert rel_err(K, gram_reference(net, traj, X)) <= RTOL[F64]
     # a model with no supported layer runs the plain Jacobian route
-    ln = nn.LayerNorm(3).to(F64)
-    assert pkfast.plan(ln, random_trajectory(ln, steps=1), X).method == "jacobian"
+    pr = nn.PReLU(3).to(F64)
+    assert pkfast.plan(pr, random_trajectory(pr, steps=1), X).method == "jacobian"
 
 
 def test_method_errors():
@@ -327,7 +329,7 @@ def test_gram_method_sketch_is_the_sketch_module(tmp_path):
                 K = pkfast.gram(net, traj, X, x2, method="sketch", k=64, seed=3, dtype=F64, progress=False,
                                 memory_budget=budget, **kw)
                 assert rel_err(K, F1.gram(other, **kw)) <= RTOL[F64], (kw, budget)
-    job = pkfast.gram.__globals__["GramJob"].create(net, traj, X, method="sketch", k=64, seed=3,
+    job = GramJob.create(net, traj, X, method="sketch", k=64, seed=3,
                                                     memory_budget=90_000, dtype=F64)
     assert len(job.plan.tiles) > 1
     out = tmp_path / "s.npy"
@@ -426,8 +428,8 @@ def test_materialized_equals_reference(name, outputs, monkeypatch):
     """Every supported layer materialised from its factors (streamed where its factors are the smaller), with
     the default workspace and with one so small that every slice is a single output unit (ragged last slices)."""
     net, traj, X, X2 = _setup_any(name)
-    for ws in (fz.STREAM_BYTES, 1):
-        monkeypatch.setattr(fz, "STREAM_BYTES", ws)
+    for ws in (pk_options.STREAM_BYTES, 1):
+        monkeypatch.setattr(pk_options, "STREAM_BYTES", ws)
         for x2 in (None, X2):
             ref = gram_reference(net, traj, X, x2, outputs=outputs)
             K = pkfast.gram(net, traj, X, x2, outputs=outputs, method="materialized", dtype=F64, progress=False)
@@ -441,13 +443,13 @@ def test_materialized_plan_streams_the_layers_whose_factors_are_smaller():
     conv, head = p.layers
     assert (conv.positions, conv.groups, conv.stream, head.stream) == (4, 2, True, True)
     assert "streamed in slices" in str(p)
-    assert p.job.engine.panel_width == 0  # nothing goes through a tile-sized panel
+    assert p.job.route.panel_width == 0  # nothing goes through a tile-sized panel
     # a 3×3 conv over 32×32 positions: its factors (S·(I + C·O) per sample) exceed its gradient: kept in the panel
     big = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(16 * 32 * 32, 10))
     pb = pkfast.plan(big, random_trajectory(big, steps=1), torch.randn(8, 3, 32, 32), method="materialized")
     c0, h = pb.layers
     assert (c0.method, c0.stream, h.method, h.stream) == ("materialized", False, "materialized", True)
-    assert pb.job.engine.panel_width == c0.size
+    assert pb.job.route.panel_width == c0.size
     assert c0.bytes_per_sample == 10 * c0.size * 4  # its gradient; the head's: its factors
     assert h.bytes_per_sample == (16 * 32 * 32 + 1 + 10 * 10) * 4
     # mixed with factorised layers under auto: the seq model's 9-word embedding is materialised and streamed
@@ -461,7 +463,7 @@ def test_materialized_plan_streams_the_layers_whose_factors_are_smaller():
 def test_materialized_rules_diagonal_and_loss(name, monkeypatch):
     """Diagonal, trapezoid, the exact rule (m nodes: a side's gradient is the ω-weighted sum over its nodes,
     formed in the workspace) and the loss kernel, against the reference or the Jacobian route."""
-    monkeypatch.setattr(fz, "STREAM_BYTES", 300)  # several slices per layer
+    monkeypatch.setattr(pk_options, "STREAM_BYTES", 300)  # several slices per layer
     net, traj, X, X2 = _setup_any(name)
     for outputs in ("trace", "full"):
         ref = gram_reference(net, traj, X, outputs=outputs, rule="trapezoid")
@@ -490,7 +492,7 @@ def test_materialized_float32_many_tiles_stored_and_triton(tmp_path):
     net, traj, X, X2 = _setup_any("grouped", n=9, m=5)
     ref = gram_reference(net, traj, X, X2)
     net32, X32, X232 = net.float(), X.float(), X2.float()
-    job = pkfast.gram.__globals__["GramJob"].create(net32, traj, X32, X232, method="materialized", memory_budget=12_000)
+    job = GramJob.create(net32, traj, X32, X232, method="materialized", memory_budget=12_000)
     assert len(job.plan.tiles) > 1
     K = pkfast.gram(net32, traj, X32, X232, method="materialized", memory_budget=12_000, progress=False)
     assert rel_err(K, ref) <= RTOL[torch.float32]

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import pkfast
-from pkfast.gram import GramJob
+from pkfast.driver import GramJob
 from pkfast.reference import gram_reference
 from tests._util import RTOL, rel_err
 from tests.models import SmallCNN, mlp, random_trajectory
@@ -213,7 +213,7 @@ def test_memory_mapped_trajectory_gives_same_gram(tmp_path):
 def test_jacobian_chunking_does_not_change_result():
     net, traj, X, _ = _case("cnn")
     job = GramJob.create(net, traj, X, dtype=torch.float64)
-    from pkfast.jacobians import EvalPoint
+    from pkfast.rules import EvalPoint
 
     combo = ((EvalPoint(1), 1.0),)
     J1 = job.fm.jacobian(combo, X, chunk=1)

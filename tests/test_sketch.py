@@ -16,10 +16,10 @@ import torch
 
 import pkfast
 from pkfast.reference import _load_point, jacobian_reference
-from pkfast.sketch import PathFeatures, projection_block, required_k, sketch, sketch_gram
+from pkfast.sketch import PathFeatures, projection_block, required_k, sketch
 from tests.models import mlp, random_trajectory
 
-sketch_mod = importlib.import_module("pkfast.sketch")  # the module (pkfast.sketch is the function)
+sketch_route = importlib.import_module("pkfast.routes.sketch")  # the projection (pkfast.sketch is the function)
 
 F64 = torch.float64
 SEEDS = 200  # sketches per mean/variance estimate
@@ -116,10 +116,10 @@ def test_loss_features_are_unbiased_for_the_loss_kernel():
     se = G.std(0) / math.sqrt(SEEDS)
     assert _within(G.mean(0), K, se) <= Z
     assert _within(G.mean(0), 0.8 * K, se) > Z
-    # cross-entropy through sketch_gram, with y2 for X2: the cross block of the joint features
+    # cross-entropy through gram(method="sketch"), with y2 for X2: the cross block of the joint features
     yc = torch.tensor([0, 1, 1, 0, 1])
-    Kx = sketch_gram(net, traj, X, X[:2], k=16, seed=3, of="loss", loss="cross_entropy", y=yc, y2=yc[:2], dtype=F64,
-                     outputs="full", progress=False)
+    Kx = pkfast.gram(net, traj, X, X[:2], method="sketch", k=16, seed=3, of="loss", loss="cross_entropy", y=yc,
+                     y2=yc[:2], dtype=F64, outputs="full", progress=False)
     phi = sketch(net, traj, X, k=16, seed=3, of="loss", loss="cross_entropy", y=yc, dtype=F64, progress=False)
     torch.testing.assert_close(Kx, phi.gram()[:, :2], rtol=1e-12, atol=1e-14)
 
@@ -161,7 +161,7 @@ def _explicit_features(net, traj, X, k, seed, rule, rows):
 def test_features_are_the_explicit_projection_whatever_the_loop_order(monkeypatch, caplog, budget, order, chunks):
     """Φ(x) = Σ_s √(w_s/k) J_s(x) R_s exactly (to rounding), with P split into ragged blocks of R and the sample
     chunking and loop order forced by the memory budget: "chunks" regenerates R per chunk, "terms" holds R_s."""
-    monkeypatch.setattr(sketch_mod, "_BLOCK_ELEMS", 24 * 64)  # k = 64 → 24 rows per block: 80 = 24+24+24+8
+    monkeypatch.setattr(sketch_route, "BLOCK_ELEMS", 24 * 64)  # k = 64 → 24 rows per block: 80 = 24+24+24+8
     net, traj, X, _ = _problem(n=40)
     k, seed = 64, 11
     for rule in ("left", "trapezoid"):
@@ -230,8 +230,9 @@ def test_cross_gram_is_the_block_of_the_joint_gram(outputs):
     assert cross.shape == ((5, 3, 2, 2) if outputs == "full" else (5, 3))
     torch.testing.assert_close(cross, joint[:5, 5:], rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(b.gram(a, outputs=outputs), joint[5:, :5], rtol=1e-12, atol=1e-14)
-    # sketch_gram is exactly features-then-gram, with X2 sketched by the same projections
-    assert torch.equal(sketch_gram(net, traj, X, X2, k=48, seed=4, outputs=outputs, dtype=F64, progress=False), cross)
+    # gram(method="sketch") is features-then-gram (up to the GEMMs' rounding), X2 sketched by the same projections
+    torch.testing.assert_close(pkfast.gram(net, traj, X, X2, method="sketch", k=48, seed=4, outputs=outputs, dtype=F64,
+                                           progress=False), cross, rtol=1e-12, atol=1e-14)
     # diagonal, mean and trace agree with the full Gram
     full = a.gram(outputs="full")
     diag = a.gram(outputs=outputs, diagonal=True)
@@ -239,8 +240,8 @@ def test_cross_gram_is_the_block_of_the_joint_gram(outputs):
     if outputs != "full":
         want = torch.diagonal(want, dim1=1, dim2=2).sum(-1) / (2 if outputs == "mean" else 1)
     torch.testing.assert_close(diag, want, rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(sketch_gram(net, traj, X, k=48, seed=4, outputs=outputs, diagonal=True, dtype=F64,
-                                           progress=False), diag, rtol=0, atol=0)
+    torch.testing.assert_close(pkfast.gram(net, traj, X, method="sketch", k=48, seed=4, outputs=outputs, diagonal=True,
+                                           dtype=F64, progress=False), diag, rtol=1e-12, atol=1e-14)
 
 
 # ---------------------------------------------------------------------------------------------- refusals
@@ -275,7 +276,7 @@ def test_invalid_arguments_say_what_was_expected():
     with pytest.raises(ValueError, match=r"rule='exact' cannot be sketched: the exact path kernel is asymmetric"):
         sketch(net, traj, X, rule="exact", **kw)
     with pytest.raises(ValueError, match=r"^pkfast.gram: rule='exact' cannot be sketched"):
-        sketch_gram(net, traj, X, rule="exact", _fn="pkfast.gram", **kw)  # as pkfast.gram(method="sketch") will
+        pkfast.gram(net, traj, X, rule="exact", method="sketch", **kw)
     for bad in (0, -3, 2.5, True, "64"):
         with pytest.raises(ValueError, match=r"pkfast.sketch: k \(the sketch size.*\) must be an integer ≥ 1; found"):
             sketch(net, traj, X, k=bad, **kw)
@@ -291,8 +292,8 @@ def test_invalid_arguments_say_what_was_expected():
         sketch(lambda x: x, traj, X, **kw)
     with pytest.raises(ValueError, match=r"of='loss' needs the targets: y for X; found None"):
         sketch(net, traj, X, of="loss", loss="mse", **kw)
-    with pytest.raises(ValueError, match=r"pkfast.sketch_gram: of='loss' needs the targets: y for X and y2 for X2"):
-        sketch_gram(net, traj, X, X2, of="loss", loss="mse", y=torch.zeros(5, 2), **kw)
+    with pytest.raises(ValueError, match=r"pkfast.gram: of='loss' needs the targets: y for X and y2 for X2"):
+        pkfast.gram(net, traj, X, X2, method="sketch", of="loss", loss="mse", y=torch.zeros(5, 2), **kw)
     with pytest.raises(ValueError, match=r"pkfast.sketch: of='loss' needs a loss .* the trajectory recorded none"):
         sketch(net, traj, X, of="loss", y=[0, 1, 0, 1, 1], **kw)
     with pytest.raises(ValueError, match=r"y and y2 apply to of='loss'"):
@@ -300,9 +301,9 @@ def test_invalid_arguments_say_what_was_expected():
     with pytest.raises(ValueError, match=r"y holds class 7; the model has 2 outputs"):
         sketch(net, traj, X, of="loss", loss="cross_entropy", y=[0, 1, 7, 1, 1], **kw)
     with pytest.raises(ValueError, match=r"diagonal=True computes K\(x_a, x_a\) over X alone"):
-        sketch_gram(net, traj, X, X2, diagonal=True, **kw)
+        pkfast.gram(net, traj, X, X2, method="sketch", diagonal=True, **kw)
     with pytest.raises(ValueError, match=r"X and X2 must have the same per-sample shape"):
-        sketch_gram(net, traj, X, torch.randn(3, 4, dtype=F64), **kw)
+        pkfast.gram(net, traj, X, torch.randn(3, 4, dtype=F64), method="sketch", **kw)
     with pytest.raises(ValueError, match=r"pkfast.sketch: the model cannot be applied to X: per-sample shape \(4,\)"):
         sketch(net, traj, torch.randn(3, 4, dtype=F64), **kw)
     with pytest.raises(ValueError, match=r"unknown outputs='diag'"):

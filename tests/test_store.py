@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import pkfast
-from pkfast import store
+from pkfast import distributed, store
 
 from . import store_worker as sw
 from .models import mlp, random_trajectory
@@ -82,7 +82,7 @@ def test_rerun_of_a_finished_gram_computes_nothing(tmp_path, monkeypatch):
     out = tmp_path / "g.npy"
     pkfast.gram(model, traj, X, out=out, progress=False)
     before = _bytes(out)
-    from pkfast.gram import GramJob
+    from pkfast.driver import GramJob
 
     monkeypatch.setattr(GramJob, "compute_tile", lambda *a, **k: pytest.fail("recomputed a finished tile"))
     pkfast.gram(model, traj, X, out=out, progress=False)
@@ -270,12 +270,12 @@ def test_shares_are_disjoint_complete_and_balanced():
 
     plan = plan_tiles(1000, 1000, symmetric=True, bytes_per_sample=1000, acc_bytes_per_pair=4, budget=400_000, chunk=4)
     for world in (1, 2, 3, 5):
-        parts = store.shares(plan.tiles, world)
+        parts = distributed.shares(plan.tiles, world)
         flat = sorted(t.index for p in parts for t in p)
         assert flat == [t.index for t in plan.tiles]
-        loads = [sum(store.tile_cost(t) for t in p) for p in parts]
-        assert max(loads) - min(loads) <= max(store.tile_cost(t) for t in plan.tiles)
-        assert store.shares(plan.tiles, world) == parts  # deterministic
+        loads = [sum(distributed.tile_cost(t) for t in p) for p in parts]
+        assert max(loads) - min(loads) <= max(distributed.tile_cost(t) for t in plan.tiles)
+        assert distributed.shares(plan.tiles, world) == parts  # deterministic
 
 
 def _free_port() -> int:

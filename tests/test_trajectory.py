@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pkfast import Trajectory
-from pkfast.recorder import TrajectoryWriter
+from pkfast.trajectory_files import TrajectoryWriter
 
 
 # ---------------------------------------------------------------------- helpers

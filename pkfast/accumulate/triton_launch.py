@@ -51,7 +51,7 @@ def triton_status() -> tuple[bool, str]:
     except Exception as e:  # ImportError, or a broken install raising something else
         return False, f"triton is not importable ({type(e).__name__}: {e}); install triton to use this backend"
     try:
-        from pkfast.accumulate import triton_kernel
+        import pkfast.accumulate.triton_kernel as triton_kernel
     except Exception as e:
         return False, f"the pkfast Triton kernel failed to import ({type(e).__name__}: {e})"
     if _kernel_interpreted(triton_kernel):
@@ -188,7 +188,7 @@ def accumulate_triton(G: torch.Tensor, A: torch.Tensor, B: torch.Tensor, alpha: 
     ok, why = triton_status()
     if not ok:
         raise RuntimeError(f"{_FN}: the Triton backend cannot run here: {why}")
-    from pkfast.accumulate import triton_kernel as tk
+    import pkfast.accumulate.triton_kernel as tk
 
     interpreted = _kernel_interpreted(tk)
 

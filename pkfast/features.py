@@ -1,0 +1,174 @@
+"""features: :class:`PathFeatures`, random path features of a sample set with the fingerprint of the sketch that
+made them — their products estimate the path kernel — and their file format (one ``.npz``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pkfast import _checks, formats
+from pkfast.options import OUTPUTS
+
+__all__ = ["PathFeatures"]
+
+FORMAT = "pkfast-path-features"
+VERSION = 1
+
+
+class PathFeatures:
+    """Sketched path features Φ ∈ R^{N×C×k} of N samples (see :mod:`pkfast.sketch`): Φ(x)Φ(x′)ᵀ estimates
+    the path kernel K(x, x′) without bias.
+
+    Attributes:
+        features: ``[N, C, k]`` CPU tensor.
+        k, seed, rule, of: how the sketch was made.
+        num_outputs: C (1 for ``of="loss"``).
+        fingerprint: a digest of the model's architecture and trainable parameter names/shapes, the
+            trajectory's weights and step sizes, rule, k, seed, of, loss, dtype and random stream. Features
+            are multiplied together only when their fingerprints agree.
+        parts: the fingerprint's components (which one differs is named when a product is refused).
+
+    Example:
+        >>> import torch, pkfast
+        >>> from pkfast.sketch import sketch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+        >>> w0 = {k: v.clone() for k, v in net.state_dict().items()}
+        >>> traj = pkfast.Trajectory.from_checkpoints([w0, {k: v * 0.9 for k, v in w0.items()}], lr=0.1)
+        >>> X, X2 = torch.randn(5, 3), torch.randn(4, 3)
+        >>> phi = sketch(net, traj, X, k=256, seed=1, progress=False)
+        >>> phi  # doctest: +ELLIPSIS
+        PathFeatures(N=5, C=2, k=256, seed=1, rule='left', of='output', dtype=float32, fingerprint='...')
+        >>> phi.gram().shape, phi.gram(outputs="full").shape, phi.gram(diagonal=True).shape
+        (torch.Size([5, 5]), torch.Size([5, 5, 2, 2]), torch.Size([5]))
+        >>> phi.gram(sketch(net, traj, X2, k=256, seed=1, progress=False)).shape  # cross-Gram: same seed
+        torch.Size([5, 4])
+    """
+
+    def __init__(self, features: torch.Tensor, *, k: int, seed: int, rule: str, of: str,
+                 parts: dict[str, Any]) -> None:
+        if not isinstance(features, torch.Tensor) or features.ndim != 3 or features.shape[2] != k:
+            raise ValueError(f"pkfast.PathFeatures: features must be a [N, C, k={k}] tensor; found "
+                             f"{type(features).__name__} of shape {tuple(getattr(features, 'shape', ()))}")
+        self.features = features
+        self.k = int(k)
+        self.seed = int(seed)
+        self.rule = rule
+        self.of = of
+        self.parts = dict(parts)
+        self.fingerprint = formats.digest(sorted(self.parts.items()))
+
+    @property
+    def num_outputs(self) -> int:
+        return int(self.features.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+    def __repr__(self) -> str:
+        N, C, k = self.features.shape
+        dt = str(self.features.dtype).replace("torch.", "")
+        return (f"PathFeatures(N={N}, C={C}, k={k}, seed={self.seed}, rule={self.rule!r}, of={self.of!r}, "
+                f"dtype={dt}, fingerprint='{self.fingerprint[:12]}…')")
+
+    # ------------------------------------------------------------------ products
+    def _check_compatible(self, other: "PathFeatures", fn: str) -> None:
+        if not isinstance(other, PathFeatures):
+            raise TypeError(f"{fn}: other must be PathFeatures (from pkfast.sketch.sketch or PathFeatures.load); "
+                            f"found {type(other).__name__}")
+        if other.fingerprint == self.fingerprint:
+            return
+        diffs = []
+        for key in sorted(set(self.parts) | set(other.parts)):
+            a, b = self.parts.get(key), other.parts.get(key)
+            if a == b:
+                continue
+            if key in ("model", "trajectory"):
+                what = {"model": "model (architecture, trainable parameter names/shapes, fixed values)",
+                        "trajectory": "trajectory (weights or step sizes)"}[key]
+                diffs.append(f"{what} differs")
+            else:
+                diffs.append(f"{key} differs ({a!r} vs {b!r})")
+        raise ValueError(
+            f"{fn}: these features come from different sketches, so their product estimates no kernel: "
+            f"{'; '.join(diffs) or 'fingerprints differ'}. Sketch both sample sets with the same model, "
+            "trajectory, rule, k, seed, of, loss, dtype and device kind")
+
+    def gram(self, other: "PathFeatures | None" = None, *, outputs: str = "trace",
+             diagonal: bool = False) -> torch.Tensor:
+        """The sketched Gram Φ Φ′ᵀ (an unbiased estimate of :func:`pkfast.gram` with the same options).
+
+        Args:
+            other: features of a second sample set from the same sketch (same fingerprint) for a cross-Gram
+                ``[N, M]``; ``None``: the Gram of these samples with themselves.
+            outputs: ``"trace"`` → ``[N, M]`` (Σ_c Φ_c(x)·Φ_c(x′)); ``"mean"`` → the trace / C;
+                ``"full"`` → ``[N, M, C, C]``. For ``of="loss"`` (one output) all three give ``[N, M]``, as
+                in :func:`pkfast.gram`.
+            diagonal: only K̂(x_a, x_a): ``[N]`` or ``[N, C, C]`` (requires ``other=None``).
+        """
+        fn = "pkfast.PathFeatures.gram"
+        outputs = _checks.check_choice(fn, "outputs", outputs, OUTPUTS)
+        if not isinstance(diagonal, bool):
+            raise TypeError(f"{fn}: diagonal must be True or False; found {diagonal!r}")
+        if other is not None:
+            self._check_compatible(other, fn)
+            if diagonal:
+                raise ValueError(f"{fn}: diagonal=True computes K(x_a, x_a) of these features alone; expected "
+                                 "other=None, found other")
+        if self.of == "loss" and outputs == "full":
+            outputs = "trace"  # one output: the three modes coincide (as pkfast.gram does)
+        A = self.features
+        N, C, k = A.shape
+        if diagonal:
+            if outputs == "full":
+                return torch.bmm(A, A.transpose(1, 2))
+            d = A.reshape(N, C * k).square().sum(1)
+            return d / C if outputs == "mean" else d
+        B = A if other is None else other.features
+        M = B.shape[0]
+        if outputs == "full":
+            G = A.reshape(N * C, k) @ B.reshape(M * C, k).T
+            return G.view(N, C, M, C).permute(0, 2, 1, 3).contiguous()
+        G = A.reshape(N, C * k) @ B.reshape(M, C * k).T
+        return G / C if outputs == "mean" else G
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the features and their metadata to one ``.npz`` file at ``path`` (exactly that name; written
+        to a temporary file and renamed). :meth:`load` reads it back bitwise."""
+        path = Path(path)
+        meta = {"format": FORMAT, "version": VERSION, "k": self.k, "seed": self.seed, "rule": self.rule,
+                "of": self.of, "parts": self.parts, "fingerprint": self.fingerprint,
+                "shape": list(self.features.shape), "dtype": str(self.features.dtype).replace("torch.", "")}
+        with formats.atomic_file(path) as f:
+            np.savez(f, features=self.features.detach().cpu().numpy(), meta=np.array(json.dumps(meta)))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "PathFeatures":
+        """Features saved by :meth:`save`."""
+        fn = "pkfast.PathFeatures.load"
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if "features" not in z.files or "meta" not in z.files:
+                    raise ValueError(f"{fn}: {path} holds {sorted(z.files)}; expected 'features' and 'meta' "
+                                     "(a file written by PathFeatures.save)")
+                arr = z["features"]
+                meta = json.loads(str(z["meta"][()]))
+        except (OSError, EOFError) as e:
+            raise ValueError(f"{fn}: cannot read {path} as a .npz file: {e}") from e
+        formats.check_format(meta, name=FORMAT, readable=(VERSION,), current=VERSION, where=str(path), fn=fn)
+        if list(arr.shape) != meta["shape"] or str(arr.dtype) != meta["dtype"]:
+            raise ValueError(f"{fn}: {path}: the array is {arr.dtype} {tuple(arr.shape)} but its metadata says "
+                             f"{meta['dtype']} {tuple(meta['shape'])}")
+        out = cls(torch.from_numpy(arr), k=meta["k"], seed=meta["seed"], rule=meta["rule"], of=meta["of"],
+                  parts=meta["parts"])
+        if out.fingerprint != meta["fingerprint"]:
+            raise ValueError(f"{fn}: {path}: the metadata's fingerprint does not match its contents (edited?)")
+        return out
+
+

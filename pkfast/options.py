@@ -1,0 +1,195 @@
+"""options: every option of a kernel computation, validated once, and the one rule for the memory budget.
+
+:class:`Options` is built by :meth:`Options.check` from the keyword arguments of :func:`pkfast.gram`,
+:func:`pkfast.plan`, :func:`pkfast.sketch` and :class:`pkfast.KernelMachine` (each passes the subset it takes,
+with its own defaults and its own name for the messages). Nothing downstream re-validates an option.
+
+The memory budget (:func:`resolve_budget`): an explicit ``memory_budget`` in bytes (or a string such as
+``"2GiB"``), else half of the memory free on the compute device when the computation starts. Everything a
+computation holds besides its result comes out of it: Jacobian panels, layer factors, tile accumulators, the
+streaming workspace of materialised layers (:func:`stream_bytes`), the sketch's blocks of R, the kernel
+machine's query-side accumulators.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pkfast import _checks
+from pkfast.accumulate import BACKENDS, PRECISIONS
+from pkfast.loss import LossSpec
+from pkfast.rules import DEFAULT_NODES, RULES
+
+__all__ = ["Options", "OUTPUTS", "OF", "METHODS", "BACKENDS", "PRECISIONS", "resolve_budget", "default_memory_budget",
+           "stream_bytes", "model_device"]
+
+#: ``"trace"``: Σ_c ∇f_c(x)·∇f_c(x′), shape [N, M] (the torch.func tutorial's convention);
+#: ``"mean"``: the trace divided by C (neural-tangents' ``trace_axes`` convention);
+#: ``"full"``: the C×C block per pair, shape [N, M, C, C].
+OUTPUTS = ("trace", "mean", "full")
+#: ``"output"``: kernels of the model's outputs; ``"loss"``: of the per-sample loss (TracIn's quantity).
+OF = ("output", "loss")
+#: ``method=`` values of :func:`pkfast.gram`.
+METHODS = ("auto", "jacobian", "factorized", "materialized", "sketch")
+#: Rules a sketch can use: a feature map's Gram is symmetric, the exact rule is not.
+SKETCH_RULES = ("left", "trapezoid")
+#: The streaming workspace of materialised layers: at most this, and at most a quarter of the budget. A slice
+#: of a few thousand columns already multiplies at full speed (csrc/README.md), and a small one stays warm.
+STREAM_BYTES = 32 * 2**20
+
+
+@dataclass(frozen=True)
+class Options:
+    """The validated options of one computation (see :func:`pkfast.gram` for their meaning).
+
+    ``loss`` is resolved to a :class:`~pkfast.LossSpec` (from the argument, else the trajectory's record) when
+    ``of="loss"``; ``memory_budget`` is bytes or None (resolved per device by :func:`resolve_budget`)."""
+
+    fn: str = "pkfast.gram"
+    outputs: str = "trace"
+    rule: str = "left"
+    nodes: int = DEFAULT_NODES
+    diagonal: bool = False
+    backend: str = "auto"
+    precision: str = "ieee"
+    dtype: torch.dtype = torch.float32
+    memory_budget: int | None = None
+    of: str = "output"
+    loss: LossSpec | None = None
+    method: str = "auto"
+    k: int | None = None
+    seed: int | None = None
+
+    @classmethod
+    def check(cls, fn: str, *, trajectory: Any = None, rules: tuple[str, ...] = RULES, strict_nodes: bool = True,
+              **given: Any) -> "Options":
+        """Validate the options in ``given`` (any subset of the fields) for the caller ``fn``; the rest keep their
+        defaults. ``trajectory`` supplies the recorded loss for ``of="loss"`` without ``loss=``; ``rules``
+        restricts the accepted rules (the sketch and the kernel machine take fewer); ``strict_nodes`` refuses
+        ``nodes`` with a rule other than ``"exact"`` (the kernel machine ignores them there)."""
+        unknown = set(given) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:  # a programming error inside pkfast, not a user's
+            raise TypeError(f"{fn}: unknown option(s) {sorted(unknown)}")
+        o = dict(given)
+        if "outputs" in o:
+            _checks.check_choice(fn, "outputs", o["outputs"], OUTPUTS)
+        if "rule" in o:
+            _checks.check_choice(fn, "rule", o["rule"], RULES)
+            if o["rule"] not in rules:
+                raise ValueError(_rule_refusal(fn, o["rule"], rules))
+        if "nodes" in o:
+            _checks.check_nodes(fn, o["nodes"])
+            if strict_nodes and o["nodes"] != DEFAULT_NODES and o.get("rule", "left") != "exact":
+                raise ValueError(f"{fn}: nodes={o['nodes']} applies to rule='exact'; found rule={o.get('rule', 'left')!r}")
+        if "diagonal" in o and not isinstance(o["diagonal"], bool):
+            raise TypeError(f"{fn}: diagonal must be True or False; found {o['diagonal']!r}")
+        if "backend" in o:
+            _checks.check_choice(fn, "backend", o["backend"], BACKENDS)
+        if "precision" in o:
+            _checks.check_choice(fn, "precision", o["precision"], PRECISIONS)
+        if "dtype" in o:
+            o["dtype"] = _checks.check_dtype(fn, o["dtype"])
+        if "memory_budget" in o:
+            o["memory_budget"] = _checks.check_memory_budget(fn, o["memory_budget"])
+        if "method" in o:
+            _checks.check_choice(fn, "method", o["method"], METHODS)
+        if "k" in o and o["k"] is not None:
+            k = o["k"]
+            if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+                raise ValueError(f"{fn}: k (the sketch size, columns of each projection) must be an integer ≥ 1; "
+                                 f"found {k!r}")
+            o["k"] = int(k)
+        if "seed" in o and o["seed"] is not None:
+            if isinstance(o["seed"], bool) or not isinstance(o["seed"], numbers.Integral):
+                raise TypeError(f"{fn}: seed must be an integer; found {o['seed']!r}")
+            o["seed"] = int(o["seed"])
+        if (o.get("k") is not None or o.get("seed") is not None) and o.get("method", "sketch") != "sketch":
+            raise ValueError(f"{fn}: k and seed set the random projection of method='sketch'; found "
+                             f"method={o['method']!r}")
+        if o.get("method") == "sketch" and o.get("rule", "left") not in SKETCH_RULES:
+            raise ValueError(_rule_refusal(fn, o["rule"], SKETCH_RULES))
+        if o.get("precision", "ieee") != "ieee" and o.get("dtype") == torch.float64:
+            raise ValueError(f"{fn}: precision={o['precision']!r} applies to float32; dtype=torch.float64 computes in "
+                             "ieee fp64")
+        if "of" in o:
+            _checks.check_choice(fn, "of", o["of"], OF)
+            if o["of"] == "loss":
+                o["loss"] = _loss_spec(o.get("loss"), trajectory, fn)
+                if o.get("outputs") == "full":
+                    o["outputs"] = "trace"  # one output: the three modes coincide
+            elif o.get("loss") is not None:
+                raise ValueError(f"{fn}: loss applies to of='loss'; found of={o['of']!r}")
+        return cls(fn=fn, **o)
+
+    @property
+    def full(self) -> bool:
+        return self.outputs == "full"
+
+    @property
+    def itemsize(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    def budget(self, device: torch.device) -> int:
+        """The working-memory budget in bytes on ``device`` (:func:`resolve_budget`)."""
+        return resolve_budget(self.memory_budget, device)
+
+    def record(self) -> dict[str, Any]:
+        """The options that change the numbers of a result, JSON-serialisable (``memory_budget`` does not)."""
+        return {"outputs": self.outputs, "rule": self.rule, "diagonal": self.diagonal, "dtype": str(self.dtype),
+                "backend": self.backend, "precision": self.precision, "of": self.of,
+                "nodes": self.nodes if self.rule == "exact" else None,
+                "loss": None if self.loss is None else self.loss.to_meta(), "method": self.method,
+                "k": self.k, "seed": self.seed}
+
+
+def _rule_refusal(fn: str, rule: str, rules: tuple[str, ...]) -> str:
+    if rule == "exact" and "exact" not in rules:
+        return (f"{fn}: rule={rule!r} cannot be sketched: the exact path kernel is asymmetric (K(x, x′) ≠ K(x′, x)), "
+                "while Φ(x)·Φ(x′) is the Gram of one feature map and hence symmetric; expected rule='left' or "
+                "'trapezoid' (use pkfast.gram(..., rule='exact') for the exact kernel)")
+    return f"{fn}: rule={rule!r} is not available here; expected one of {', '.join(map(repr, rules))}"
+
+
+def _loss_spec(loss: Any, trajectory: Any, fn: str) -> LossSpec:
+    """The loss of ``of="loss"``: ``loss`` as a :class:`LossSpec`, else the one recorded with the trajectory."""
+    if loss is None:
+        rec = None if trajectory is None else trajectory.meta.get("loss")
+        if rec is None:
+            raise ValueError(f"{fn}: of='loss' needs a loss (nn.CrossEntropyLoss(), nn.MSELoss(), a pkfast.LossSpec "
+                             "or 'cross_entropy'/'mse'); none was passed and the trajectory recorded none")
+        return LossSpec.from_module(rec, fn=fn)
+    return LossSpec.from_module(loss, fn=fn)
+
+
+# ---------------------------------------------------------------------------------------------- the budget
+def default_memory_budget(device: torch.device) -> int:
+    """Half of the memory currently free on ``device`` (host RAM for CPU)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.5)
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        avail = 8 * 2**30
+    return int(avail * 0.5)
+
+
+def resolve_budget(memory_budget: int | None, device: torch.device) -> int:
+    """The one budget rule: the validated ``memory_budget``, else :func:`default_memory_budget` of ``device``."""
+    return int(memory_budget) if memory_budget is not None else default_memory_budget(device)
+
+
+def stream_bytes(budget: int) -> int:
+    """The streaming workspace held out of ``budget``: :data:`STREAM_BYTES`, at most a quarter of the budget."""
+    return max(1, min(STREAM_BYTES, budget // 4))
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where a model's parameters live (CPU for a model without any): the compute device."""
+    return next(iter(model.parameters()), torch.empty(0)).device

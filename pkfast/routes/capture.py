@@ -1,0 +1,250 @@
+"""routes.capture: the factors (A, Δ) of every layer with a rule, captured by forward hooks in one ``vmap(jacrev)``
+pass per chunk of samples, together with the Jacobian of the parameters no rule covers.
+
+How: a forward hook on each routed module keeps what its rule captures of the call (its input, or the
+normalised input of a norm layer) and adds a zero *probe* to its output; the Jacobian of the model's output
+with respect to the probes is Δ, the output gradient at that layer, per sample and per output. The other
+parameters' Jacobian comes out of the same ``jacrev``. Before any of this is used, :meth:`Capture.discover`
+learns each layer's calls, positions and fans from one sample, and :meth:`Capture.verify` checks on a few
+samples that each rule rebuilds the layer's true parameter gradient (a weight also used outside its module,
+e.g. tied through ``F.linear``, fails and takes the Jacobian route).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.func import functional_call, jacrev, vmap
+
+from pkfast.jacobians import FunctionalModel
+from pkfast.layers.base import Layer, materialize
+from pkfast.rules import EvalPoint
+
+__all__ = ["Capture"]
+
+
+class _Call:
+    """State of one traced forward pass: probes to add, and what was captured and seen, per layer call."""
+
+    def __init__(self, probes: dict[str, torch.Tensor] | None) -> None:
+        self.probes = probes
+        self.count: dict[str, int] = {}
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.shapes: dict[str, tuple[torch.Size, torch.Size]] = {}
+        self.unusable: dict[str, str] = {}
+
+
+class Capture:
+    """Hooks on the layers with a rule; evaluates panels (Jacobian part and in-panel materialised layers) and
+    factors at trajectory points. ``group(layers)`` must be called after the routes are chosen."""
+
+    def __init__(self, fm: FunctionalModel, layers: list[Layer]) -> None:
+        self.fm = fm
+        self.layers = layers
+        self._call: _Call | None = None
+        self._shapes: dict[str, tuple[torch.Size, torch.Size]] = {}
+        self.group()
+
+    def group(self) -> None:
+        """Sort the layers by their chosen method (call again after the cost model re-chooses)."""
+        layers, fm = self.layers, self.fm
+        self.hooked = [L for L in layers if L.method in ("factorized", "materialized")]
+        self.factorized = [L for L in layers if L.method == "factorized"]
+        self.streamed = [L for L in layers if L.method == "materialized" and L.stream]
+        self.paneled = [L for L in layers if L.method == "materialized" and not L.stream]
+        self.with_factors = self.factorized + self.streamed
+        skip = {p for L in layers if L.method in ("factorized", "materialized", "unused") for p in L.params}
+        self.jac_names = [n for n in fm.names if n not in skip]  # parameters of unused layers give zeros
+        sizes = dict(zip(fm.names, fm.sizes))
+        self.jac_width = sum(sizes[n] for n in self.jac_names)
+        self.panel_width = self.jac_width + sum(L.size for L in self.paneled)
+
+    # ------------------------------------------------------------------ hooks
+    def _hook(self, layer: Layer):
+        def hook(mod, args, output):
+            call = self._call
+            if call is None:
+                return None
+            if call.probes is None and (not args or not isinstance(args[0], torch.Tensor)
+                                        or not isinstance(output, torch.Tensor)):
+                call.unusable[layer.name] = "called without a positional tensor input (cannot capture it)"
+                return None
+            k = call.count.get(layer.name, 0)
+            call.count[layer.name] = k + 1
+            key = f"{layer.name}#{k}"
+            call.inputs[key] = layer.rule.capture(mod, args, output)
+            if call.probes is None:
+                call.shapes[key] = (args[0].shape, output.shape)
+                return None
+            return output + call.probes[key]
+        return hook
+
+    def _run(self, layers: list[Layer], call: _Call, fn):
+        handles = [L.module.register_forward_hook(self._hook(L)) for L in layers]
+        self._call = call
+        try:
+            return fn()
+        finally:
+            self._call = None
+            for h in handles:
+                h.remove()
+
+    def discover(self, X: torch.Tensor) -> None:
+        """One forward pass on one sample: calls, positions S, fan-in I and fan-out O of each layer with a rule."""
+        candidates = [L for L in self.layers if L.kind != "other"]
+        fm = self.fm
+        flat, statics = fm.state(EvalPoint(0))
+        call = _Call(None)
+        with torch.no_grad():
+            self._run(candidates, call, lambda: functional_call(fm.model, (fm.params(flat), statics), (fm.prepare(X[:1]),)))
+        for L in candidates:
+            if L.name in call.unusable:  # the Jacobian route takes it
+                L.kind, L.module, L.rule, L.reason = "other", None, None, call.unusable[L.name]
+                continue
+            keys = [k for k in call.shapes if k.rsplit("#", 1)[0] == L.name]
+            L.calls = len(keys)
+            L.positions = sum(L.rule.positions(L.module, *call.shapes[k]) for k in keys)
+            if L.calls:
+                L.fan_in, L.fan_out = L.rule.fans(L.module)
+        self._shapes = dict(call.shapes)
+        self.verify(X, [L for L in candidates if L.kind != "other"])
+
+    def _drop(self, L: Layer, reason: str) -> None:
+        L.kind, L.module, L.rule, L.calls, L.reason = "other", None, None, 0, reason
+
+    def verify(self, X: torch.Tensor, candidates: list[Layer]) -> None:
+        """Check on a few samples that each candidate's parameter gradient is exactly what its rule rebuilds
+        from its calls. A parameter also used outside the module's forward fails the check and its layer takes
+        the Jacobian route; a layer whose parameters the forward pass never reaches is ``unused``."""
+        if not candidates:
+            return
+        fm = self.fm
+        flat, statics = fm.state(EvalPoint(0))
+        names = {p for L in candidates for p in L.params}
+        params = {n: (t.detach().clone().requires_grad_(True) if n in names else t) for n, t in fm.params(flat).items()}
+        x = fm.prepare(X[: min(3, X.shape[0])])
+        made: dict[str, torch.Tensor] = {}
+        inputs: dict[str, torch.Tensor] = {}
+        count: dict[str, int] = {}
+
+        def hook_for(L):
+            def hook(mod, args, output):
+                k = count.get(L.name, 0)
+                count[L.name] = k + 1
+                key = f"{L.name}#{k}"
+                inputs[key] = L.rule.capture(mod, args, output).detach()
+                made[key] = torch.zeros_like(output, requires_grad=True)
+                return output + made[key]
+            return hook
+
+        handles = [L.module.register_forward_hook(hook_for(L)) for L in candidates]
+        try:
+            with torch.enable_grad():
+                out = functional_call(fm.model, (params, statics), (x,))
+                f = out.reshape(x.shape[0], -1)
+                g = torch.Generator(device="cpu").manual_seed(12345)
+                v = torch.randn(f.shape, generator=g, dtype=torch.float64).to(f.device, f.dtype)
+                keys = list(made)
+                pn = sorted(names)
+                grads = torch.autograd.grad((f * v).sum(), [params[n] for n in pn] + [made[k] for k in keys],
+                                            allow_unused=True)
+        except RuntimeError as e:  # e.g. an in-place change of a layer's input: no factorisation is safe then
+            for L in candidates:
+                self._drop(L, f"the gradient check failed ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
+            return
+        finally:
+            for h in handles:
+                h.remove()
+        true = dict(zip(pn, grads[: len(pn)]))
+        jz = {k: (torch.zeros_like(made[k]) if gk is None else gk)[None, None] for k, gk in zip(keys, grads[len(pn):])}
+        aux = {k: t[None] for k, t in inputs.items()}
+        for L in candidates:
+            reached = any(true[p] is not None for p in L.params)
+            if L.calls == 0:
+                if reached:
+                    self._drop(L, "its parameters are used without calling the module")
+                continue
+            rebuilt = materialize(L, self.factors(L, jz, aux, 1, C=1), 1).reshape(-1)
+            expect = L.rule.gradient_layout(L, {p.rsplit(".", 1)[-1]: true[p] for p in L.params})
+            scale = float(expect.abs().max()) + float(rebuilt.abs().max()) + 1e-30
+            tol = 1e-9 if fm.dtype == torch.float64 else 1e-4
+            if float((rebuilt - expect).abs().max()) > tol * scale:
+                self._drop(L, "its parameters are also used outside its forward (e.g. tied through F.linear)")
+
+    # ------------------------------------------------------------------ one pass: Jacobian part and factors
+    def evaluate(self, point: EvalPoint, X: torch.Tensor, Y: torch.Tensor | None, chunk: int,
+                 panel: torch.Tensor | None, weight: float = 1.0, add: bool = False) -> dict[str, list]:
+        """Fill ``panel`` (overwrite, or add when ``add``) with ``weight ×`` the panel at ``point`` — the Jacobian
+        of the parameters without a route, then the in-panel materialised layers' gradients — and return the
+        factors ``{layer name: [(A_g, Δ_g) per group]}`` of the factorised and streamed layers (unweighted)."""
+        fm = self.fm
+        flat, statics = fm.state(point)
+        params = fm.params(flat)
+        pj = {n: params[n] for n in self.jac_names}
+        pk = {n: v for n, v in params.items() if n not in pj}
+        hooked = {L.name for L in self.hooked}
+        keys = [k for k in self._shapes if k.rsplit("#", 1)[0] in hooked]
+        probes = {k: torch.zeros(self._shapes[k][1], dtype=fm.dtype, device=fm.device) for k in keys}
+        loss = fm.loss
+
+        def per_sample(pj_, zs, x, *y):
+            call = _Call(zs)
+            out = self._run(self.hooked, call,
+                            lambda: functional_call(fm.model, ({**pj_, **pk}, statics), (x.unsqueeze(0),)))
+            f = out.reshape(-1)
+            if loss is not None:
+                f = loss.per_sample(f, y[0]).reshape(1)
+            return f, call.inputs
+
+        argnums = (0, 1) if pj else 1
+        jf = vmap(jacrev(per_sample, argnums=argnums, has_aux=True),
+                  in_dims=(None, None, 0) + ((0,) if Y is not None else ()), randomness="error")
+        n = X.shape[0]
+        parts: dict[str, list] = {L.name: [] for L in self.with_factors}
+        Yd = None if Y is None else Y.to(fm.device)
+        for a in range(0, n, chunk):
+            b = min(n, a + chunk)
+            with fm.random_forward_refused():
+                jac, aux = jf(pj, probes, fm.prepare(X[a:b]), *(() if Yd is None else (Yd[a:b],)))
+            jp, jz = (jac if pj else ({}, jac))
+            if panel is not None:
+                dst = panel[a:b]
+                off = 0
+                if pj:
+                    blk = torch.cat([jp[nm].flatten(2) for nm in self.jac_names], dim=2)
+                    _put(dst[:, :, : self.jac_width], blk, weight, add)
+                    off = self.jac_width
+                for L in self.paneled:
+                    G = materialize(L, self.factors(L, jz, aux, b - a), b - a)
+                    _put(dst[:, :, off: off + L.size], G, weight, add)
+                    off += L.size
+            for L in self.with_factors:
+                parts[L.name].append(self.factors(L, jz, aux, b - a))
+        feats: dict[str, list] = {}
+        for L in self.with_factors:
+            chunks = parts[L.name]
+            feats[L.name] = [tuple(torch.cat([c[g][i] for c in chunks]) for i in range(2)) for g in range(len(chunks[0]))]
+        return feats
+
+    def factors(self, L: Layer, jz: dict, aux: dict, n: int, C: int | None = None) -> list[tuple[torch.Tensor, Any]]:
+        """[(A_g, Δ_g [n, C, S, O_g]) per group] of layer L from one pass's output gradients and captures."""
+        C = self.fm.num_outputs if C is None else C
+        As, Ds = [], []
+        for k in range(L.calls):
+            key = f"{L.name}#{k}"
+            A, D = L.rule.unfold(L, aux[key], jz[key], n, C, self.fm.dtype)
+            As.append(A)
+            Ds.append(D)
+        A = torch.cat(As, dim=1) if len(As) > 1 else As[0]
+        D = torch.cat(Ds, dim=2) if len(Ds) > 1 else Ds[0]
+        return L.rule.split(L, A, D)
+
+
+def _put(dst: torch.Tensor, src: torch.Tensor, weight: float, add: bool) -> None:
+    if add:
+        dst.add_(src, alpha=weight)
+    elif weight != 1.0:
+        torch.mul(src, weight, out=dst)
+    else:
+        dst.copy_(src)
