@@ -28,7 +28,7 @@ from pkfast.loss import LossSpec
 from pkfast.machine import KernelMachine
 from pkfast.recorder import TrajectoryRecorder
 from pkfast.sketch import PathFeatures, sketch
-from pkfast.store import open_gram
+from pkfast.stored import open_gram
 from pkfast.trajectory import Trajectory
 
 __all__ = ["gram", "plan", "open_gram", "Trajectory", "TrajectoryRecorder", "KernelMachine", "LossSpec", "sketch",

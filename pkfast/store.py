@@ -1,15 +1,5 @@
-"""store: a Gram written tile by tile into a plain ``.npy`` file, with a manifest, a journal and a lock.
-
-Layout for ``out="gram.npy"``::
-
-    gram.npy                 a standard .npy (``np.load(path, mmap_mode="r")`` reads it without pkfast),
-                             allocated at full size when the run starts (disk full fails then, not later)
-    gram.npy.pkfast/
-        manifest.json        written once, atomically: shape, dtype, options, fingerprints of model,
-                             trajectory and data, the tile plan, and its own checksum
-        tiles.<rank>.log     append-only journal: one line per finished tile with the CRC-32 of the tile's
-                             bytes (and of its mirror block), each line carrying its own CRC
-        lock.<rank>          held (``flock``) while a process writes as that rank
+"""store: a Gram written tile by tile into a plain ``.npy`` file, with a manifest, a journal and a lock (the
+layout and the reading side are in :mod:`pkfast.stored`).
 
 A tile is *finished* only once its bytes are written and flushed (``fdatasync``) **and** its journal line is
 written and flushed, in that order: a process killed at any moment leaves a tile either finished and
@@ -27,8 +17,6 @@ import shutil
 import time
 import warnings
 import zlib
-from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,75 +26,16 @@ import torch
 from pkfast import formats
 from pkfast._checks import preview
 from pkfast._version import __version__
+from pkfast.stored import (FORMAT, SIDE, VERSION, Geometry, StoredGram, StoreError, check_data_file, geometry_of,
+                           journal_entries, open_gram, plan_tiles_of, read_crc, read_manifest, sidecar, tile_of)
 from pkfast.tiles import Tile, TilePlan
 
-__all__ = ["GramStore", "StoredGram", "open_gram", "StoreError", "sidecar"]
+__all__ = ["GramStore", "StoredGram", "open_gram", "StoreError", "sidecar", "plan_tiles_of"]
 
 log = logging.getLogger("pkfast")
 
-FORMAT = "pkfast-gram"
-#: Version 2 (pkfast 0.2): the options record the requested method and the routes used ("summary"). Version 1
-#: stores open read-only (open_gram, pkfast info); resuming one is refused with what to do.
-VERSION = 2
-READABLE = (1, 2)
 #: Bytes of a tile copied contiguous at a time while it is written (bounds the writer's extra memory).
 WRITE_SLAB = 1 << 20
-SIDE = ".pkfast"
-
-
-class StoreError(RuntimeError):
-    """A stored Gram cannot be used as asked: mismatched restart, corruption, lock held, disk full."""
-
-
-def sidecar(path: str | os.PathLike) -> Path:
-    p = Path(path)
-    return p.with_name(p.name + SIDE)
-
-
-# ---------------------------------------------------------------------------------------------- geometry
-@dataclass(frozen=True)
-class _Geometry:
-    """Where a tile's bytes live in the .npy: shape (N, M, *block) in C order after ``offset`` header bytes."""
-
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    offset: int
-    diagonal: bool
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
-
-    @property
-    def row_bytes(self) -> int:
-        """Bytes of one first-axis row."""
-        return int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
-
-    @property
-    def entry_bytes(self) -> int:
-        """Bytes of one (row, col) entry: the C×C block or a scalar (diagonal: one row)."""
-        if self.diagonal:
-            return self.row_bytes
-        return int(np.prod(self.shape[2:], dtype=np.int64)) * self.dtype.itemsize
-
-    def segments(self, rows: slice, cols: slice) -> Iterable[tuple[int, int]]:
-        """(file offset, length) of each row segment of the block ``[rows, cols]``."""
-        if self.diagonal:
-            yield self.offset + rows.start * self.row_bytes, (rows.stop - rows.start) * self.row_bytes
-            return
-        seg = (cols.stop - cols.start) * self.entry_bytes
-        for i in range(rows.start, rows.stop):
-            yield self.offset + i * self.row_bytes + cols.start * self.entry_bytes, seg
-
-
-def _npy_header_size(path: Path) -> tuple[int, tuple[int, ...], np.dtype, bool]:
-    with open(path, "rb") as f:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-        else:
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-        return f.tell(), tuple(shape), np.dtype(dtype), bool(fortran)
 
 
 # ---------------------------------------------------------------------------------------------- the store
@@ -117,7 +46,7 @@ class GramStore:
     prepares, every rank attaches), then :meth:`write_tile` for each tile, then :meth:`close`.
     """
 
-    def __init__(self, path: Path, manifest: dict[str, Any], geometry: _Geometry, rank: int, world: int) -> None:
+    def __init__(self, path: Path, manifest: dict[str, Any], geometry: Geometry, rank: int, world: int) -> None:
         self.path = path
         self.side = sidecar(path)
         self.manifest = manifest
@@ -173,7 +102,7 @@ class GramStore:
                     f"pkfast {__version__} resumes only version {VERSION}. Pass overwrite=True to recompute it, or "
                     "finish it with the pkfast that started it (pkfast.open_gram still reads it)")
             _compare(old, manifest, path, fn)
-            _check_data_file(path, old, fn)
+            check_data_file(path, old, fn)
             return old
         path.parent.mkdir(parents=True, exist_ok=True)
         shape = tuple(manifest["shape"])
@@ -207,7 +136,7 @@ class GramStore:
         """Open a prepared output for writing as ``rank``: takes the lock, opens the data file and the journal."""
         path = Path(path)
         m = read_manifest(path, fn=fn)
-        geo = _geometry(m, path)
+        geo = geometry_of(m, path)
         store = cls(path, m, geo, rank, world)
         store._lock()
         store._fd = os.open(path, os.O_RDWR)
@@ -249,10 +178,10 @@ class GramStore:
         return set(done) - set(bad)
 
     def tile_ok(self, index: int, crcs: tuple[int, int | None]) -> bool:
-        tile = _tile(self.manifest, index)
-        if _read_crc(self.path, self.geometry, tile.rows, tile.cols) != crcs[0]:
+        tile = tile_of(self.manifest, index)
+        if read_crc(self.path, self.geometry, tile.rows, tile.cols) != crcs[0]:
             return False
-        if crcs[1] is not None and _read_crc(self.path, self.geometry, tile.cols, tile.rows) != crcs[1]:
+        if crcs[1] is not None and read_crc(self.path, self.geometry, tile.cols, tile.rows) != crcs[1]:
             return False
         return True
 
@@ -356,50 +285,6 @@ def _refuse_if_locked(side: Path, fn: str) -> None:
             os.close(fd)
 
 
-# ---------------------------------------------------------------------------------------------- reading
-def read_manifest(path: str | os.PathLike, *, fn: str = "pkfast") -> dict[str, Any]:
-    path = Path(path)
-    mpath = sidecar(path) / "manifest.json"
-    if not mpath.exists():
-        if path.exists():
-            raise StoreError(f"{fn}: {path} exists but has no pkfast manifest ({mpath}); it was not written by "
-                             f"pkfast.gram(out=…) or its manifest was deleted — pass overwrite=True to replace it")
-        raise FileNotFoundError(f"{fn}: no stored Gram at {path} (expected {mpath})")
-    try:
-        m = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise StoreError(f"{fn}: the manifest {mpath} is corrupted ({e}); pass overwrite=True to start afresh") from e
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise StoreError(f"{fn}: {mpath} is not a pkfast Gram manifest (format {m.get('format') if isinstance(m, dict) else None!r})")
-    formats.check_format(m, name=FORMAT, readable=READABLE, current=VERSION, where=str(mpath), fn=fn, error=StoreError,
-                         advice="pass overwrite=True to recompute it")
-    if m.get("checksum") != formats.manifest_checksum(m):
-        raise StoreError(f"{fn}: the manifest {mpath} is corrupted (its checksum does not match its contents); "
-                         f"pass overwrite=True to start afresh")
-    return m
-
-
-def _geometry(m: dict[str, Any], path: Path) -> _Geometry:
-    return _Geometry(tuple(m["shape"]), np.dtype(m["dtype"]), int(m["data_offset"]), bool(m["diagonal"]))
-
-
-def _check_data_file(path: Path, m: dict[str, Any], fn: str) -> None:
-    if not path.exists():
-        raise StoreError(f"{fn}: {path} is missing but its manifest exists; pass overwrite=True to start afresh")
-    geo = _geometry(m, path)
-    size = path.stat().st_size
-    if size != geo.offset + geo.nbytes:
-        raise StoreError(f"{fn}: {path} is truncated or damaged: {size:,} bytes, expected {geo.offset + geo.nbytes:,} "
-                         f"for a {tuple(geo.shape)} {geo.dtype} Gram; pass overwrite=True to start afresh")
-    try:
-        offset, shape, dtype, fortran = _npy_header_size(path)
-    except ValueError as e:
-        raise StoreError(f"{fn}: {path} has a damaged .npy header ({e}); pass overwrite=True to start afresh") from e
-    if (offset, shape, dtype, fortran) != (geo.offset, geo.shape, geo.dtype, False):
-        raise StoreError(f"{fn}: {path}'s .npy header ({shape}, {dtype}) disagrees with its manifest "
-                         f"({geo.shape}, {geo.dtype}); pass overwrite=True to start afresh")
-
-
 def _compare(old: dict[str, Any], new: dict[str, Any], path: Path, fn: str) -> None:
     diffs = []
     for k, v in new["fingerprints"].items():
@@ -418,132 +303,11 @@ def _compare(old: dict[str, Any], new: dict[str, Any], path: Path, fn: str) -> N
                          f"Refusing to mix results: pass overwrite=True to start afresh, or choose another out path")
 
 
-def journal_entries(side: Path) -> dict[int, tuple[int, int | None]]:
-    """{tile index: (crc, mirror crc or None)} from every rank's journal; torn or corrupted lines skipped. A tile
-    journaled more than once (recomputed after damage) counts with its latest entry."""
-    latest: dict[int, tuple[int, int, int | None]] = {}
-    for j in sorted(side.glob("tiles.*.log")):
-        with open(j, errors="replace", newline="") as f:
-            for line in f:
-                fields = formats.parse_crc_line(line)
-                if fields is None or len(fields) != 5 or fields[0] != "tile":
-                    continue
-                try:
-                    i, gen = int(fields[1]), int(fields[4])
-                    entry = (gen, int(fields[2], 16), None if fields[3] == "-" else int(fields[3], 16))
-                except ValueError:
-                    continue
-                if i not in latest or gen >= latest[i][0]:
-                    latest[i] = entry
-    return {i: (crc, mirror) for i, (_, crc, mirror) in latest.items()}
-
-
-def _tile(m: dict[str, Any], index: int) -> Tile:
-    r0, r1, c0, c1, d = m["plan"]["tiles"][index]
-    return Tile(index, slice(r0, r1), slice(c0, c1), bool(d))
-
-
-def plan_tiles_of(m: dict[str, Any]) -> list[Tile]:
-    return [_tile(m, i) for i in range(len(m["plan"]["tiles"]))]
-
-
-def _read_crc(path: Path, geo: _Geometry, rows: slice, cols: slice) -> int:
-    crc = 0
-    with open(path, "rb", buffering=0) as f:
-        for off, length in geo.segments(rows, cols):
-            crc = zlib.crc32(os.pread(f.fileno(), length, off), crc)
-    return crc
-
-
-@dataclass
-class StoredGram:
-    """A Gram stored by ``pkfast.gram(..., out=path)``: the array (read-only memmap) and what made it.
-
-    Attributes:
-        path: the ``.npy`` file.
-        manifest: the manifest (shape, dtype, options, fingerprints, tile plan).
-        done: indices of the finished tiles (from the journals; see :meth:`verify` for their bytes).
-    """
-
-    path: Path
-    manifest: dict[str, Any]
-    done: set[int]
-
-    @property
-    def array(self) -> np.memmap:
-        """The Gram as a read-only ``np.memmap`` (unfinished tiles read as zeros)."""
-        return np.load(self.path, mmap_mode="r")
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.manifest["shape"])
-
-    @property
-    def dtype(self) -> np.dtype:
-        return np.dtype(self.manifest["dtype"])
-
-    @property
-    def options(self) -> dict[str, Any]:
-        return dict(self.manifest["options"])
-
-    @property
-    def num_tiles(self) -> int:
-        return len(self.manifest["plan"]["tiles"])
-
-    @property
-    def complete(self) -> bool:
-        return len(self.done) == self.num_tiles
-
-    def verify(self) -> list[int]:
-        """Re-read every finished tile and return the indices whose bytes do not match their CRC ([] = valid)."""
-        geo = _geometry(self.manifest, self.path)
-        entries = journal_entries(sidecar(self.path))
-        bad = []
-        for i in sorted(self.done):
-            t = _tile(self.manifest, i)
-            crc, mirror = entries[i]
-            if _read_crc(self.path, geo, t.rows, t.cols) != crc or (
-                    mirror is not None and _read_crc(self.path, geo, t.cols, t.rows) != mirror):
-                bad.append(i)
-        return bad
-
-    def __array__(self, dtype=None, copy=None):
-        a = self.array
-        return a if dtype is None else a.astype(dtype)
-
-    def __repr__(self) -> str:
-        return (f"StoredGram({str(self.path)!r}, shape={self.shape}, dtype={self.dtype}, "
-                f"{len(self.done)}/{self.num_tiles} tiles{' (complete)' if self.complete else ''})")
-
-
-def open_gram(path: str | os.PathLike) -> StoredGram:
-    """Open a Gram stored by ``pkfast.gram(..., out=path)``: its array, options, fingerprints and progress.
-
-    Checks the manifest's checksum and the data file's size and header; call :meth:`StoredGram.verify` to
-    re-read every finished tile against its CRC.
-
-    Example:
-        >>> import torch, pkfast, tempfile, os
-        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
-        >>> w0 = {k: v.clone() for k, v in net.state_dict().items()}
-        >>> traj = pkfast.Trajectory.from_checkpoints([w0, {k: v * 0.9 for k, v in w0.items()}], lr=0.1)
-        >>> out = os.path.join(tempfile.mkdtemp(), "gram.npy")
-        >>> K = pkfast.gram(net, traj, torch.randn(6, 3), out=out, progress=False)
-        >>> g = pkfast.open_gram(out)
-        >>> g.shape, g.complete, g.verify()
-        ((6, 6), True, [])
-    """
-    path = Path(path)
-    m = read_manifest(path, fn="pkfast.open_gram")
-    _check_data_file(path, m, "pkfast.open_gram")
-    done = set(journal_entries(sidecar(path))) & set(range(len(m["plan"]["tiles"])))
-    return StoredGram(path, m, done)
-
-
 def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} TiB"  # pragma: no cover
+
 
