@@ -385,3 +385,32 @@ def test_small_write_slabs_give_the_same_bytes(tmp_path, monkeypatch):
         assert np.array_equal(np.asarray(M), K.numpy())
         assert pkfast.open_gram(tmp_path / f"{outputs}.npy").verify() == []
         monkeypatch.undo()
+
+
+def test_files_written_by_pkfast_0_1_open_and_resuming_them_is_refused_with_what_to_do(tmp_path, capsys):
+    """tests/data/v0.1 was written by pkfast 0.1.0 (commit 220157a): a recorded trajectory (format 1, unchanged)
+    and a stored Gram (format 1). The trajectory loads; the Gram opens read-only with its numbers; resuming it is
+    refused with the version and the way out; overwrite=True recomputes the same numbers."""
+    import shutil
+
+    src = Path(__file__).parent / "data" / "v0.1"
+    shutil.copytree(src, tmp_path / "v0.1")
+    d = tmp_path / "v0.1"
+    traj = pkfast.Trajectory.load(d / "traj")
+    assert traj.num_steps == 3 and traj.targets is not None and traj.meta["loss"]["kind"] == "cross_entropy"
+    g = pkfast.open_gram(d / "gram.npy")
+    assert g.manifest["version"] == 1 and g.complete and g.verify() == []
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    X = torch.from_numpy(np.load(d / "X.npy"))
+    K = pkfast.gram(net, traj, X, dtype=torch.float64, progress=False)
+    np.testing.assert_allclose(np.asarray(g.array), K.numpy(), rtol=1e-12, atol=1e-14)
+    from pkfast.cli import main
+
+    assert main(["info", str(d / "gram.npy")]) == 0
+    assert "routes: factorized (recorded by pkfast 0.1)" in capsys.readouterr().out
+    with pytest.raises(store.StoreError, match=r"written by an earlier pkfast \(Gram format version 1\).*"
+                                               r"Pass overwrite=True to recompute it"):
+        pkfast.gram(net, traj, X, dtype=torch.float64, memory_budget=3000, progress=False, out=d / "gram.npy")
+    S = pkfast.gram(net, traj, X, dtype=torch.float64, progress=False, out=d / "gram.npy", overwrite=True)
+    np.testing.assert_allclose(np.asarray(S), K.numpy(), rtol=1e-12, atol=1e-14)
+    assert pkfast.open_gram(d / "gram.npy").manifest["version"] == store.VERSION

@@ -104,9 +104,12 @@ class Capture:
                 continue
             keys = [k for k in call.shapes if k.rsplit("#", 1)[0] == L.name]
             L.calls = len(keys)
-            L.positions = sum(L.rule.positions(L.module, *call.shapes[k]) for k in keys)
-            if L.calls:
-                L.fan_in, L.fan_out = L.rule.fans(L.module)
+            try:
+                L.positions = sum(L.rule.positions(L.module, *call.shapes[k]) for k in keys)
+                if L.calls:
+                    L.fan_in, L.fan_out = L.rule.fans(L.module)
+            except (RuntimeError, ValueError, TypeError, AttributeError, IndexError) as e:
+                self._drop(L, f"its rule does not fit the module ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
         self._shapes = dict(call.shapes)
         self.verify(X, [L for L in candidates if L.kind != "other"])
 
@@ -165,12 +168,19 @@ class Capture:
                 if reached:
                     self._drop(L, "its parameters are used without calling the module")
                 continue
-            rebuilt = materialize(L, self.factors(L, jz, aux, 1, C=1), 1).reshape(-1)
-            expect = L.rule.gradient_layout(L, {p.rsplit(".", 1)[-1]: true[p] for p in L.params})
+            try:
+                rebuilt = materialize(L, self.factors(L, jz, aux, 1, C=1), 1).reshape(-1)
+                expect = L.rule.gradient_layout(L, {p.rsplit(".", 1)[-1]: true[p] for p in L.params})
+                if rebuilt.shape != expect.shape:
+                    raise ValueError(f"{rebuilt.numel()} gradient values rebuilt, {expect.numel()} parameters")
+            except (RuntimeError, ValueError, TypeError, AttributeError, IndexError) as e:
+                self._drop(L, f"its rule does not fit the module ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
+                continue
             scale = float(expect.abs().max()) + float(rebuilt.abs().max()) + 1e-30
             tol = 1e-9 if fm.dtype == torch.float64 else 1e-4
             if float((rebuilt - expect).abs().max()) > tol * scale:
-                self._drop(L, "its parameters are also used outside its forward (e.g. tied through F.linear)")
+                self._drop(L, "its gradient is not what its rule rebuilds from its calls: a parameter also used outside "
+                           "its forward (e.g. tied through F.linear), or a rule that does not fit the module")
 
     # ------------------------------------------------------------------ one pass: Jacobian part and factors
     def evaluate(self, point: EvalPoint, X: torch.Tensor, Y: torch.Tensor | None, chunk: int,
