@@ -1,7 +1,7 @@
 """Loss conventions: the per-sample loss ℓ(f, y) and the batch weights λ_{s,i} with L_s = Σ_i λ_{s,i} ℓ_i.
 
 The exact kernel machine needs each step's batch loss written as a weighted sum of per-sample losses, in the
-same convention as training (path-kernel-math.md §2.1). :class:`LossSpec` holds that convention:
+same convention as training (docs/math.md §4). :class:`LossSpec` holds that convention:
 
 - ``kind="cross_entropy"``: ℓ_i is PyTorch's ``F.cross_entropy(..., reduction="none")`` for one sample: with
   class weights ``w`` and label smoothing α, ℓ_i = (1−α)·w_{y_i}·(−log p_{y_i}) + (α/C)·Σ_c w_c·(−log p_c).
@@ -80,7 +80,7 @@ class LossSpec:
         raise TypeError(
             f"{fn}: cannot read a loss convention from {type(loss).__name__}; expected nn.CrossEntropyLoss, "
             "nn.MSELoss, a pkfast.LossSpec or 'cross_entropy'/'mse'. Other losses: write ℓ_i and λ_i yourself "
-            "(path-kernel-math.md §2.1)"
+            "(docs/math.md §4)"
         )
 
     def to_meta(self) -> dict[str, Any]:
