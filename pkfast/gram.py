@@ -105,13 +105,16 @@ def gram(
         overwrite: with ``out``, discard an existing output (and its progress) and start afresh.
         method: how the Jacobian products are formed (:func:`pkfast.plan` shows the choice per layer):
 
-            - ``"auto"`` (default): per supported layer (``nn.Linear``, also over extra leading dimensions;
-              ``nn.Conv1d``/``nn.Conv2d``; ``nn.Embedding``) the cheaper exact route by the cost model —
-              ``factorized`` (Σ_{s,t} (a_s·a′_t + 1)(δ_s·δ′_t) from the layer's inputs and output gradients, never
-              forming its P-dimensional Jacobian) or ``materialized`` (its per-sample gradient Δᵀ A); every
-              other parameter (norm affines, custom parameters, tied weights) through ``torch.func.jacrev``.
-              A model with no supported layer runs exactly the ``"jacobian"`` route.
-            - ``"factorized"``: factorise every supported layer, whatever the cost model says.
+            - ``"auto"`` (default): per layer with a rule (:mod:`pkfast.layers`: ``nn.Linear``, also over extra
+              leading dimensions; ``nn.Conv1d``/``nn.Conv2d``; ``nn.Embedding``; the affine of LayerNorm,
+              GroupNorm, BatchNorm (eval) and RMSNorm; any type registered with ``pkfast.layers.register``) the
+              cheaper exact route by the cost model — ``factorized`` (Σ_{s,t} (a_s·a′_t + 1)(δ_s·δ′_t) from the
+              layer's inputs and output gradients, never forming its P-dimensional Jacobian) or ``materialized``
+              (its per-sample gradient formed from those factors); every other parameter (custom parameters,
+              tied weights) through ``torch.func.jacrev``. A model with no layer rule runs exactly the
+              ``"jacobian"`` route.
+            - ``"factorized"``: factorise every layer whose rule has a factorised form (norm affines have none and
+              are materialised), whatever the cost model says.
             - ``"materialized"``: materialise every supported layer's per-sample gradient from its factors and
               multiply the panels (the Gram's full N²·C·P product, as SYRK on symmetric tiles). A layer whose
               factors are smaller than its gradient (every dense layer) is streamed: its gradient is formed a

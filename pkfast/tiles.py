@@ -9,12 +9,9 @@ Gram (X2 is None and a symmetric rule) only tiles on or above the diagonal are p
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 
-import torch
-
-__all__ = ["Tile", "TilePlan", "plan_tiles", "default_memory_budget"]
+__all__ = ["Tile", "TilePlan", "plan_tiles", "plan_diagonal"]
 
 
 @dataclass(frozen=True)
@@ -56,18 +53,6 @@ class TilePlan:
             f"{self.col_block}, vmap chunk {self.chunk}, ~{self.tile_bytes / 2**20:.1f} MiB of "
             f"{self.budget / 2**20:.1f} MiB budget)"
         )
-
-
-def default_memory_budget(device: torch.device) -> int:
-    """Half of the memory currently free on ``device`` (host RAM for CPU)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * 0.5)
-    try:
-        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
-        avail = 8 * 2**30
-    return int(avail * 0.5)
 
 
 def _panel_sizes(budget: int, fixed: int, u: int, k: int, n_rows: int, n_cols: int, square: bool) -> tuple[int, int]:
@@ -125,7 +110,7 @@ def plan_tiles(
         budget: working-memory budget in bytes.
         chunk: the preferred samples per ``vmap`` call; reduced if the budget needs it.
         reserved: bytes held besides the tiles whatever their size (the streaming workspace of
-            :mod:`pkfast.factorized`).
+            :mod:`pkfast.routes.layered`).
     """
     u, k = int(bytes_per_sample), int(acc_bytes_per_pair)
     # the vmap chunk's output and the concatenated copy: ≤ a quarter of the budget

@@ -23,7 +23,7 @@ import torch
 
 from pkfast import formats
 from pkfast.trajectory_files import (MANIFEST, TARGETS, TORCH_FROM_NAME, WEIGHTS, TrajectoryWriter, complete_rows,
-                                     dtype_name, read_manifest, read_steps, storage_dtype)
+                                     dtype_name, read_manifest, read_steps, save_targets, storage_dtype)
 
 __all__ = ["Trajectory"]
 
@@ -411,7 +411,7 @@ class Trajectory:
         finally:
             writer.close()
         if self.targets is not None:
-            np.save(Path(path) / TARGETS, self.targets.numpy())
+            save_targets(Path(path), self.targets.numpy())
         return Path(path)
 
     def fingerprint(self) -> str:

@@ -193,6 +193,5 @@ class TrajectoryWriter:
 
 def save_targets(path: Path, targets: np.ndarray) -> None:
     """Write ``targets.npy`` into the recording atomically."""
-    tmp = path / (TARGETS + f".tmp{os.getpid()}.npy")
-    np.save(tmp, targets)
-    os.replace(tmp, path / TARGETS)
+    with formats.atomic_file(path / TARGETS) as f:
+        np.save(f, targets)

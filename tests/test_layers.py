@@ -6,8 +6,6 @@ Tolerance: relative Frobenius error ≤ 1e-10 in float64 (tests/_util.RTOL), as 
 
 from __future__ import annotations
 
-import doctest
-
 import pytest
 import torch
 from torch import nn
@@ -260,15 +258,3 @@ def test_register_refuses_what_is_not_a_rule():
         register(nn.Linear, LinearRule())
     assert isinstance(registered()[nn.Linear], LinearRule) and isinstance(registered()[nn.Linear], LayerRule)
 
-
-def test_registry_docstring_example_runs():
-    """The example in pkfast.layers' docstring (the README points to it) runs and prints what it says."""
-    import pkfast.layers as mod
-
-    try:
-        failed, _ = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
-        assert failed == 0
-    finally:
-        for t in list(registered()):
-            if t.__name__ == "TLinear" and t.__module__ != __name__:
-                unregister(t)
