@@ -150,7 +150,8 @@ def test_plan_and_methods_from_the_command_line(digits_run):
              "--method", "materialized", "--no-progress", cwd=d)
     assert r.returncode == 0, r.stderr
     np.testing.assert_allclose(np.load(d / "M.npy"), J.numpy(), rtol=1e-5, atol=1e-6 * float(J.abs().max()))
-    assert "method=materialized" in _cli("info", "M.npy", cwd=d).stdout
+    info = _cli("info", "M.npy", cwd=d).stdout
+    assert "method=materialized" in info and "routes: materialized: materialized 2 layers" in info
     r = _cli("gram", "--model", "nets.py:make_net", "--trajectory", "traj", "--data", "X.npy", "--out", "S.npy",
              "--method", "sketch", "--k", "32", "--seed", "7", "--no-progress", cwd=d)
     assert r.returncode == 0, r.stderr
