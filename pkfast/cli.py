@@ -2,11 +2,12 @@
 be computed, ``pkfast info …`` describes a stored one.
 
     pkfast gram --model MODULE:FACTORY --trajectory PATH --data X.npy [--data2 X2.npy] --out gram.npy
-                [--outputs trace|mean|full] [--rule left|trapezoid] [--diagonal] [--memory 4GiB]
+                [--outputs trace|mean|full] [--rule left|trapezoid|exact] [--nodes 2] [--diagonal] [--memory 4GiB]
                 [--dtype float32|float64] [--backend auto|torch|triton] [--method auto|jacobian|factorized|materialized|sketch]
                 [--k 1024] [--seed 0] [--overwrite] [--no-progress]
     pkfast plan --model MODULE:FACTORY --trajectory PATH --data X.npy [--data2 X2.npy] [the options of gram]
     pkfast info gram.npy [--verify] [--json]
+    pkfast --version
 
 ``MODULE:FACTORY`` names a zero-argument callable returning the ``torch.nn.Module`` (``MODULE`` is an importable
 module such as ``mypkg.models`` or a ``.py`` file path); the trajectory is a directory written by
@@ -23,12 +24,15 @@ import importlib.util
 import json
 import os
 import sys
+import re
 from pathlib import Path
 from typing import Any
 
+from pkfast._version import __version__
+
 __all__ = ["main"]
 
-_USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError, KeyError)
+_USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, KeyError)
 
 
 class _UserError(Exception):
@@ -37,6 +41,7 @@ class _UserError(Exception):
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pkfast", description="Path-kernel Gram matrices of neural networks.")
+    p.add_argument("--version", action="version", version=f"pkfast {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("gram", help="compute a path-kernel Gram into a .npy file (resumable)")
     pl = sub.add_parser("plan", help="print how pkfast.gram would compute it: each layer's route, FLOPs, tiles")
@@ -47,7 +52,11 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--data", required=True, metavar="X.npy", help="samples X [N, *features] (.npy)")
         q.add_argument("--data2", default=None, metavar="X2.npy", help="samples X2 for a cross-Gram (.npy)")
         q.add_argument("--outputs", default="trace", choices=("trace", "mean", "full"))
-        q.add_argument("--rule", default="left", choices=("left", "trapezoid"))
+        q.add_argument("--rule", default="left", choices=("left", "trapezoid", "exact"),
+                       help="left (Riemann sum, default), trapezoid, or exact (Bell et al.'s exact path kernel: "
+                       "asymmetric, Gauss–Legendre quadrature of each step)")
+        q.add_argument("--nodes", type=int, default=None, help="Gauss–Legendre nodes per step for --rule exact "
+                       "(default 2)")
         q.add_argument("--diagonal", action="store_true", help="only K(x, x): [N] (or [N, C, C])")
         q.add_argument("--memory", default=None, metavar="BYTES", help="working-memory budget, e.g. 4GiB (default: "
                        "half of the free memory)")
@@ -119,12 +128,43 @@ def _model(a: argparse.Namespace):
     return model
 
 
+def _device(spec: str):
+    """--device as a torch.device that exists on this machine."""
+    import torch
+
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError) as e:
+        raise _UserError(f"--device: {spec!r} is not a device (expected e.g. cpu, cuda, cuda:1): {e}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch has no CUDA support" if torch.version.cuda is None else "no CUDA device is visible"
+            raise _UserError(f"--device {spec}: CUDA is not available on this machine ({why}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise _UserError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                             f"(cuda:0 … cuda:{torch.cuda.device_count() - 1})")
+    elif dev.type != "cpu" and not getattr(torch, dev.type, None):
+        raise _UserError(f"--device {spec}: device type {dev.type!r} is not available in this torch")
+    return dev
+
+
+def _options(a: argparse.Namespace) -> dict[str, Any]:
+    """The options of gram/plan from the flags (``--nodes`` only when given: it applies to --rule exact)."""
+    import torch
+
+    o = dict(outputs=a.outputs, rule=a.rule, diagonal=a.diagonal, backend=a.backend, dtype=getattr(torch, a.dtype),
+             memory_budget=a.memory, method=a.method)
+    if a.nodes is not None:
+        o["nodes"] = a.nodes
+    return o
+
+
 def _inputs(a: argparse.Namespace, model):
     """The model (on --device, in eval mode), the trajectory, X and X2 of a gram/plan command."""
     import pkfast
 
     if a.device is not None:
-        model = model.to(a.device)
+        model = model.to(_device(a.device))
     model.eval()
     traj = pkfast.Trajectory.load(a.trajectory)
     X = _load_array("--data", a.data)
@@ -149,9 +189,8 @@ def _gram(a: argparse.Namespace) -> int:
         dist = True
     try:
         model, traj, X, X2 = _inputs(a, model)
-        K = pkfast.gram(model, traj, X, X2, outputs=a.outputs, rule=a.rule, diagonal=a.diagonal, backend=a.backend,
-                        dtype=getattr(torch, a.dtype), memory_budget=a.memory, out=a.out, overwrite=a.overwrite,
-                        progress=not a.no_progress, method=a.method, k=a.k, seed=a.seed)
+        K = pkfast.gram(model, traj, X, X2, out=a.out, overwrite=a.overwrite, progress=not a.no_progress, k=a.k,
+                        seed=a.seed, **_options(a))
         rank = torch.distributed.get_rank() if dist else 0
         if rank == 0:
             print(f"pkfast: wrote {a.out}: shape {tuple(K.shape)} {K.dtype}")
@@ -162,13 +201,10 @@ def _gram(a: argparse.Namespace) -> int:
 
 
 def _plan(a: argparse.Namespace) -> int:
-    import torch
-
     import pkfast
 
     model, traj, X, X2 = _inputs(a, _model(a))
-    print(pkfast.plan(model, traj, X, X2, outputs=a.outputs, rule=a.rule, diagonal=a.diagonal, backend=a.backend,
-                      dtype=getattr(torch, a.dtype), memory_budget=a.memory, method=a.method))
+    print(pkfast.plan(model, traj, X, X2, **_options(a)))
     return 0
 
 
@@ -228,8 +264,25 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (_UserError, StoreError, *_USER_ERRORS) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"pkfast: error: {msg}", file=sys.stderr)
+        print(f"pkfast: error: {_in_cli_words(msg)}", file=sys.stderr)
         return 2
+
+
+#: The library's words for an option → the command line's (its messages name Python arguments).
+_FLAGS = {"memory_budget": "--memory", "X2": "--data2", "X": "--data", "out": "--out"}
+_VALUED = ("outputs", "rule", "method", "backend", "dtype", "nodes", "k", "seed", "precision")
+
+
+def _in_cli_words(msg: str) -> str:
+    """A library message in the command line's words: ``overwrite=True`` → ``--overwrite``, ``rule='exact'`` →
+    ``--rule exact``, ``memory_budget`` → ``--memory``, ``X2`` → ``--data2``; the calling function's name
+    (``pkfast.gram:``) is dropped, since the command is the caller."""
+    msg = re.sub(r"^pkfast\.[\w.]+: ", "", msg)
+    msg = re.sub(r"\boverwrite=True\b", "--overwrite", msg)
+    msg = re.sub(r"\bthe data (X2?)\b", lambda m: f"the {_FLAGS[m.group(1)]} samples", msg)
+    msg = re.sub(r"\b(" + "|".join(_VALUED) + r")=(['\"]?)([\w.\-]+)\2", r"--\1 \3", msg)
+    msg = re.sub(r"\b(" + "|".join(_VALUED) + r")=None\b", r"no --\1", msg)
+    return re.sub(r"(?<![\w.\-'])(" + "|".join(_FLAGS) + r")(?![\w'=])", lambda m: _FLAGS[m.group(1)], msg)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -284,14 +284,36 @@ class GramJob:
         terms = self.terms
         for term in terms:
             key = (tile.rows.start, tile.rows.stop) if len(terms) == 1 and r.row_reuse else None
-            if key is None or key != self._rows_key:
-                self._left = r.side(term.left, Xr, Yr, "rows", tile.rows)
+            form_left = key is None or key != self._rows_key
+            same = (tile.diagonal or diag) and term.symmetric
+            progress = _TermProgress(bar, tile.shape[0] if diag else tile.shape[0] * tile.shape[1],
+                                     (tile.shape[0] * len(term.left) if form_left else 0)
+                                     + (0 if same else tile.shape[1] * len(term.right_combo)))
+            if form_left:
+                self._left = r.side(term.left, Xr, Yr, "rows", tile.rows, tick=progress.tick)
                 self._rows_key = key
             left = self._left
-            same = (tile.diagonal or diag) and term.symmetric
-            right = left if same else r.side(term.right_combo, Xc, Yc, "cols", tile.cols)
+            right = left if same else r.side(term.right_combo, Xc, Yc, "cols", tile.cols, tick=progress.tick)
             r.product(acc, left, right, term.weight, same)
-            if bar is not None:
-                bar.update(tile.shape[0] if diag else tile.shape[0] * tile.shape[1])
+            progress.done()
         return acc
+
+
+class _TermProgress:
+    """Moves the bar by one term's kernel entries: half of them as the term's sides are formed (per chunk of
+    samples, so a long tile moves), the rest when their product is added."""
+
+    def __init__(self, bar: Any, entries: int, samples: int) -> None:
+        self.bar, self.entries, self.samples = bar, entries, samples
+        self.shown = 0.0
+
+    def tick(self, n: int) -> None:
+        if self.bar is not None and self.samples:
+            step = 0.5 * self.entries * n / self.samples
+            self.bar.update(step)
+            self.shown += step
+
+    def done(self) -> None:
+        if self.bar is not None:
+            self.bar.update(self.entries - self.shown)
 

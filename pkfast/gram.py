@@ -229,7 +229,10 @@ class GramPlan:
             rows.append((L.name or "(root)", L.type, L.method, S, I, O, f"{L.size:,}", f"{L.flops / 1e9:.3g}", others or "-",
                          f"{L.bytes_per_sample / 1024:.3g}", L.reason or ("streamed in slices" if L.stream else "")))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = [head] + ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines = [head]
+        if j.fm.passes.describe():
+            lines.append(f"per-sample passes: {j.fm.passes.describe()}")
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.append(f"total ≈ {self.flops / 1e9:.3g} GFLOP in {self.tiles!r}")
         return "\n".join(lines)
 

@@ -8,20 +8,22 @@ the Gram GEMM (sample-major, outputs, then parameters in ``named_parameters`` or
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch.func import functional_call, jacrev, vmap
+from torch.func import functional_call
 
-from pkfast import formats
+from pkfast import formats, per_sample
 from pkfast._checks import preview
 from pkfast.rules import EvalPoint
 from pkfast.trajectory import Trajectory
 
 __all__ = ["FunctionalModel", "EvalPoint"]
+
+log = logging.getLogger("pkfast")
 
 #: Bytes of Jacobian produced per ``vmap(jacrev)`` call. Measured on the digits MLP (P = 85,002, C = 10,
 #: 3.4 MB per sample) on a 2-core AVX-512 machine: 32–64 samples per call (110–220 MB) ran 1.45 ms/sample,
@@ -114,6 +116,8 @@ class FunctionalModel:
         self._cache_key: object = None
         self._cache: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
         self.num_outputs: int | None = None
+        #: how per-sample Jacobians are taken: vmap(jacrev), or a loop where vmap/torch.func cannot run the model
+        self.passes = per_sample.Passes()
 
     @property
     def itemsize(self) -> int:
@@ -193,6 +197,14 @@ class FunctionalModel:
             with torch.no_grad():
                 out = functional_call(self.model, (self.params(flat), statics), (x,))
         except Exception as e:  # the model's own error says which layer disagreed
+            if X.shape[0] > 1:  # … unless a batch runs where one sample does not: batch dependence, said as such
+                try:
+                    per_sample.check_independent(self, X, fn, name)
+                except ValueError as dep:
+                    if "depends on the rest of its batch" in str(dep):
+                        raise dep from None
+                except Exception:  # noqa: BLE001 - the batch fails too: the model's own error below
+                    pass
             raise ValueError(
                 f"{fn}: the model cannot be applied to {name}: per-sample shape {tuple(X.shape[1:])}, dtype "
                 f"{X.dtype}; the model raised {type(e).__name__}: {e}"
@@ -205,6 +217,8 @@ class FunctionalModel:
                 f"{tuple(x.shape)} it returned shape {tuple(out.shape)}"
             )
         C = int(out[0].numel())
+        per_sample.check_independent(self, X, fn, name)
+        self.passes.choose(self, X)
         self.model_outputs = C
         if self.loss is not None:
             C = 1  # the function is the per-sample loss
@@ -220,6 +234,7 @@ class FunctionalModel:
         *,
         chunk: int | None = None,
         Y: torch.Tensor | None = None,
+        tick: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         """Σ_q ω_q J(X; w(point_q)) as ``[n, C, P]`` (one term for ordinary rules, m nodes for quadrature).
 
@@ -228,6 +243,7 @@ class FunctionalModel:
             X: the samples ``[n, *features]`` (any device; moved per chunk).
             out: optional preallocated ``[n, C, P]`` buffer (overwritten).
             chunk: samples per ``vmap(jacrev)`` call (default from :data:`DEFAULT_CHUNK_BYTES`).
+            tick: called with the number of samples after each chunk and point (progress inside a tile).
         """
         n = X.shape[0]
         C, P = self.num_outputs, self.num_params
@@ -238,16 +254,15 @@ class FunctionalModel:
             chunk = self.default_chunk()
         if self.loss is not None and Y is None:
             raise ValueError("pkfast: loss-gradient Jacobians need the targets Y of the samples")
-        per_sample = (self._loss_single, (0, 0)) if self.loss is not None else (self._f_single, (0,))
-        jf = vmap(jacrev(per_sample[0]), in_dims=(None, None, *per_sample[1]), randomness="error")
+        f, in_dims = (self._loss_single, (None, None, 0, 0)) if self.loss is not None else (self._f_single, (None, None, 0))
         Yd = None if self.loss is None else Y.to(self.device)
         for qi, (point, weight) in enumerate(combo):
             flat, statics = self.state(point)
             params = self.params(flat)
             for a in range(0, n, chunk):
                 b = min(n, a + chunk)
-                with self.random_forward_refused():
-                    jac = jf(params, statics, self.prepare(X[a:b]), *(() if Yd is None else (Yd[a:b],)))
+                jac = self.passes.jacobian(f, 0, in_dims, params, statics, self.prepare(X[a:b]),
+                                           *(() if Yd is None else (Yd[a:b],)))
                 dst = out[a:b]
                 parts = [jac[nm].flatten(2) for nm in self.names]
                 if qi == 0:
@@ -256,21 +271,9 @@ class FunctionalModel:
                         dst.mul_(weight)
                 else:
                     dst.add_(torch.cat(parts, dim=2), alpha=weight)
+                if tick is not None:
+                    tick(b - a)
         return out
-
-    @staticmethod
-    @contextlib.contextmanager
-    def random_forward_refused() -> Iterator[None]:
-        """Turn ``vmap``'s refusal of random operations into the user's error: the kernel is undefined."""
-        try:
-            yield
-        except RuntimeError as e:
-            if "randomness" in str(e):
-                raise ValueError(
-                    "pkfast: the model draws random numbers in its forward pass (e.g. F.dropout with "
-                    "training=True), so the kernel is undefined; make the forward pass deterministic (model.eval())"
-                ) from e
-            raise
 
     def default_chunk(self) -> int:
         per_sample = max(1, (self.num_outputs or 1) * self.num_params * _itemsize(self.dtype))
@@ -287,3 +290,4 @@ def _contiguous_run(slices: list[slice]) -> slice | None:
         if s0.stop != s1.start:
             return None
     return slice(slices[0].start, slices[-1].stop)
+

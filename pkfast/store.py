@@ -95,7 +95,7 @@ class GramStore:
             if path.exists():
                 path.unlink()
         if side.exists() or path.exists():
-            old = read_manifest(path, fn=fn)
+            old = read_manifest(path, fn=fn, writing=True)
             if old["version"] != VERSION:
                 raise StoreError(
                     f"{fn}: {path} was written by an earlier pkfast (Gram format version {old['version']}); this "
@@ -104,16 +104,25 @@ class GramStore:
             _compare(old, manifest, path, fn)
             check_data_file(path, old, fn)
             return old
-        path.parent.mkdir(parents=True, exist_ok=True)
+        parent = path.parent
+        if not parent.is_dir():  # as numpy.save: a missing directory is the caller's mistake, not created
+            what = "is not a directory" if parent.exists() else "does not exist"
+            raise FileNotFoundError(f"{fn}: cannot write {path}: its directory {parent} {what} (pkfast does not create "
+                                    "directories: create it first, or choose another out path)")
+        try:
+            side.mkdir()
+        except OSError as e:
+            raise StoreError(f"{fn}: cannot create files in {parent} ({e.strerror or e}): it is not a writable location "
+                             "(read-only, no permission, or a pseudo-filesystem such as /proc); choose another out "
+                             "path") from None
         shape = tuple(manifest["shape"])
         dtype = np.dtype(manifest["dtype"])
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        free = shutil.disk_usage(path.parent).free
-        if nbytes > free:
-            raise StoreError(f"{fn}: not enough disk space for {path}: the Gram {shape} {dtype} needs "
-                             f"{_human(nbytes)}, {_human(free)} free on that filesystem")
-        side.mkdir()
         try:
+            free = shutil.disk_usage(parent).free
+            if nbytes > free:
+                raise StoreError(f"{fn}: not enough disk space for {path}: the Gram {shape} {dtype} needs "
+                                 f"{_human(nbytes)}, {_human(free)} free on that filesystem")
             arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
             del arr
             offset = path.stat().st_size - nbytes
@@ -135,7 +144,7 @@ class GramStore:
     def attach(cls, path: str | os.PathLike, *, rank: int = 0, world: int = 1, fn: str = "pkfast.gram") -> "GramStore":
         """Open a prepared output for writing as ``rank``: takes the lock, opens the data file and the journal."""
         path = Path(path)
-        m = read_manifest(path, fn=fn)
+        m = read_manifest(path, fn=fn, writing=True)
         geo = geometry_of(m, path)
         store = cls(path, m, geo, rank, world)
         store._lock()

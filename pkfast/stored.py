@@ -94,13 +94,16 @@ def npy_header(path: Path) -> tuple[int, tuple[int, ...], np.dtype, bool]:
 
 
 # ---------------------------------------------------------------------------------------------- reading
-def read_manifest(path: str | os.PathLike, *, fn: str = "pkfast") -> dict[str, Any]:
+def read_manifest(path: str | os.PathLike, *, fn: str = "pkfast", writing: bool = False) -> dict[str, Any]:
+    """The checked manifest of the stored Gram at ``path``; ``writing``: the caller would write there (its
+    messages then say how to replace a file that is not a stored Gram)."""
     path = Path(path)
     mpath = sidecar(path) / "manifest.json"
     if not mpath.exists():
         if path.exists():
-            raise StoreError(f"{fn}: {path} exists but has no pkfast manifest ({mpath}); it was not written by "
-                             f"pkfast.gram(out=…) or its manifest was deleted — pass overwrite=True to replace it")
+            raise StoreError(f"{fn}: {path} was not written by pkfast.gram(out=…) (it has no pkfast manifest "
+                             f"{mpath.name} in {mpath.parent.name}/, or the manifest was deleted)"
+                             + ("; pass overwrite=True to replace it" if writing else ""))
         raise FileNotFoundError(f"{fn}: no stored Gram at {path} (expected {mpath})")
     try:
         m = json.loads(mpath.read_text())

@@ -14,6 +14,7 @@ import hashlib
 import math
 import numbers
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,47 +23,11 @@ import numpy as np
 import torch
 
 from pkfast import formats
+from pkfast.checkpoints import as_state_dict, compare_spec, load_checkpoint_file
 from pkfast.trajectory_files import (MANIFEST, TARGETS, TORCH_FROM_NAME, WEIGHTS, TrajectoryWriter, complete_rows,
                                      dtype_name, read_manifest, read_steps, save_targets, storage_dtype)
 
 __all__ = ["Trajectory"]
-
-def _load_checkpoint_file(path: Path) -> Mapping[str, Any]:
-    if not path.exists():
-        raise FileNotFoundError(f"pkfast.Trajectory.from_checkpoints: no checkpoint file at {str(path)!r}")
-    if path.suffix == ".safetensors":
-        try:
-            from safetensors.torch import load_file
-        except ImportError as e:  # pragma: no cover - depends on the environment
-            raise ImportError(
-                f"pkfast.Trajectory.from_checkpoints: reading {path.name} needs the 'safetensors' package "
-                "(pip install safetensors, or pip install 'pkfast[safetensors]')"
-            ) from e
-        return load_file(str(path), device="cpu")
-    obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    return _as_state_dict(obj, where=str(path))
-
-
-def _as_state_dict(obj: Any, where: str) -> Mapping[str, Any]:
-    """Accept a state_dict, or a training checkpoint dict holding one under a usual key."""
-    if isinstance(obj, torch.nn.Module):
-        return obj.state_dict()
-    if not isinstance(obj, Mapping):
-        raise TypeError(
-            f"pkfast.Trajectory.from_checkpoints: checkpoint {where} is a {type(obj).__name__}; "
-            "expected a state_dict (a mapping of parameter names to tensors) or a file holding one"
-        )
-    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj
-    for key in ("state_dict", "model_state_dict", "model"):
-        inner = obj.get(key)
-        if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
-            return inner
-    raise TypeError(
-        f"pkfast.Trajectory.from_checkpoints: checkpoint {where} is not a state_dict and holds none under "
-        f"'state_dict', 'model_state_dict' or 'model'; found keys {sorted(map(str, obj))[:8]}"
-    )
-
 
 class Trajectory:
     """Weight points ``w_0 … w_T`` and step sizes ``ε_0 … ε_{T-1}`` of a training run.
@@ -342,9 +307,9 @@ class Trajectory:
         dtype: torch.dtype | None = None
         for i, ck in enumerate(checkpoints):
             if isinstance(ck, (str, os.PathLike)):
-                sd = _load_checkpoint_file(Path(ck))
+                sd = load_checkpoint_file(Path(ck))
             else:
-                sd = _as_state_dict(ck, where=f"#{i}")
+                sd = as_state_dict(ck, where=f"#{i}")
             entries = [(k, v) for k, v in sd.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
             if spec is None:
                 if not entries:
@@ -352,16 +317,23 @@ class Trajectory:
                 spec = [(k, v.shape) for k, v in entries]
                 dtype = storage_dtype([v.dtype for _, v in entries])
             else:
-                _compare_spec(spec, [(k, v.shape) for k, v in entries], i)
+                compare_spec(spec, [(k, v.shape) for k, v in entries], i)
             rows.append(torch.cat([v.detach().reshape(-1).to("cpu", dtype) for _, v in entries]))
         assert spec is not None
         return cls(torch.stack(rows), step_sizes, spec, batch_indices=batch_indices)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Trajectory":
+    def load(cls, path: str | os.PathLike, *, allow_truncated: bool = False) -> "Trajectory":
         """Open a trajectory directory lazily: weights stay on disk (``np.memmap``), rows are read on access.
 
-        Incomplete trailing data left by a crash (a partial weight row or step line) is ignored.
+        Incomplete trailing data left by a crash (a partial weight row or step line) is ignored: a crash loses at
+        most the step being written.
+
+        Args:
+            path: the directory written by :class:`pkfast.TrajectoryRecorder` or :meth:`save`.
+            allow_truncated: a recording whose weight file holds fewer complete rows than its log has steps
+                lost data after it was written (a truncated copy, a full disk): it is refused, saying what is
+                missing, unless this is True — then the complete prefix is loaded, with a warning.
         """
         path = Path(path)
         man_path = path / MANIFEST
@@ -378,6 +350,20 @@ class Trajectory:
         rows = complete_rows(path, P, np_dtype.itemsize)
         if rows < 1:
             raise ValueError(f"pkfast.Trajectory.load: {str(path)!r} holds no complete weight row (w_0 is missing)")
+        # one logged step whose row is torn is a crash at the tail (the step being written is lost, as documented);
+        # fewer complete rows than logged steps means rows were lost after they were written
+        if rows < len(steps):
+            lost = (f"{str(path)!r} is damaged: its step log records {len(steps)} steps, which need "
+                    f"{len(steps) + 1} weight rows (w_0 … w_{len(steps)}), but {WEIGHTS} holds only {rows} complete "
+                    f"row{'s' if rows != 1 else ''} (w_0 … w_{rows - 1})")
+            if not allow_truncated:
+                raise ValueError(
+                    f"pkfast.Trajectory.load: {lost}. The weights of the later steps were lost after they were "
+                    f"recorded. To use the {rows - 1} complete step(s), pass allow_truncated=True; to continue "
+                    f"training from w_{rows - 1}, load those weights into the model and record with "
+                    "TrajectoryRecorder(..., resume=True), which cuts the log at the last complete point")
+            warnings.warn(f"pkfast.Trajectory.load: {lost}; loading the complete prefix of {rows - 1} step(s)",
+                          RuntimeWarning, stacklevel=2)
         T = min(len(steps), rows - 1)
         if T < 1:
             raise ValueError(
@@ -422,21 +408,3 @@ class Trajectory:
         formats.hash_tensor(h, self._eps.to(torch.float64))
         formats.hash_tensor(h, self._weights, rows=1)
         return h.hexdigest()
-
-
-def _compare_spec(ref: list[tuple[str, torch.Size]], got: list[tuple[str, torch.Size]], i: int) -> None:
-    ref_names = [n for n, _ in ref]
-    got_names = [n for n, _ in got]
-    for n in ref_names:
-        if n not in got_names:
-            raise ValueError(f"pkfast.Trajectory.from_checkpoints: checkpoint #{i} lacks {n!r}, present in checkpoint #0")
-    for n in got_names:
-        if n not in ref_names:
-            raise ValueError(f"pkfast.Trajectory.from_checkpoints: checkpoint #{i} has {n!r}, absent from checkpoint #0")
-    shapes = dict(ref)
-    for n, s in got:
-        if shapes[n] != s:
-            raise ValueError(
-                f"pkfast.Trajectory.from_checkpoints: {n!r} has shape {tuple(s)} in checkpoint #{i} but "
-                f"{tuple(shapes[n])} in checkpoint #0"
-            )

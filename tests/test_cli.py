@@ -124,7 +124,7 @@ def test_mismatched_data_is_refused_in_one_line(digits_run, tmp_path):
     base = ["gram", "--model", "nets.py:make_net", "--trajectory", "traj", "--out", out, "--no-progress"]
     assert _cli(*base, "--data", "X.npy", cwd=d).returncode == 0
     r = _cli(*base, "--data", "X2.npy", cwd=d)
-    assert r.returncode == 2 and "differs: the data X" in r.stderr and "overwrite" in r.stderr
+    assert r.returncode == 2 and "differs: the --data samples" in r.stderr and "--overwrite" in r.stderr
     assert _cli(*base, "--data", "X2.npy", "--overwrite", cwd=d).returncode == 0
 
 
@@ -161,4 +161,53 @@ def test_plan_and_methods_from_the_command_line(digits_run):
     assert "method=sketch k=32 seed=7" in r.stdout
     r = _cli("gram", "--model", "nets.py:make_net", "--trajectory", "traj", "--data", "X.npy", "--out", "T.npy",
              "--k", "32", cwd=d)
-    assert r.returncode == 2 and "k and seed set the random projection of method='sketch'" in r.stderr
+    assert r.returncode == 2 and "k and seed set the random projection of --method sketch" in r.stderr
+
+
+def _one_line_error(r) -> str:
+    """The CLI's answer to a user mistake: exit 2 and one line ``pkfast: error: …`` (no traceback)."""
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("pkfast: error: ") and "Traceback" not in r.stderr, r.stderr
+    return lines[0]
+
+
+def test_user_mistakes_are_one_line_in_the_command_line_s_words(digits_run, tmp_path):
+    d = digits_run
+    base = ["gram", "--model", "nets.py:make_net", "--trajectory", "traj", "--data", "X.npy", "--no-progress"]
+    if not torch.cuda.is_available():
+        line = _one_line_error(_cli(*base, "--out", tmp_path / "C.npy", "--device", "cuda", cwd=d))
+        assert "--device cuda: CUDA is not available on this machine" in line and "--device cpu" in line
+    line = _one_line_error(_cli(*base, "--out", tmp_path / "D.npy", "--device", "gpu0", cwd=d))
+    assert "--device: 'gpu0' is not a device" in line
+    line = _one_line_error(_cli(*base, "--out", tmp_path / "N.npy", "--nodes", "3", cwd=d))
+    assert line == "pkfast: error: --nodes 3 applies to --rule exact; found --rule left"
+    line = _one_line_error(_cli(*base, "--out", tmp_path / "nodir" / "K.npy", cwd=d))
+    assert "its directory" in line and "does not exist" in line and "another --out path" in line
+    line = _one_line_error(_cli(*base, "--out", tmp_path / "M.npy", "--memory", "1000", cwd=d))
+    assert "--memory of 1,000 bytes is too small" in line and "memory_budget" not in line
+    # a .npy that pkfast did not write: info says so, and suggests no overwriting
+    np.save(tmp_path / "plain.npy", np.zeros((3, 3)))
+    line = _one_line_error(_cli("info", tmp_path / "plain.npy"))
+    assert "was not written by pkfast.gram" in line and "overwrite" not in line
+    # the same file as a gram output: the CLI says how to replace it, in its words
+    line = _one_line_error(_cli(*base, "--out", tmp_path / "plain.npy", cwd=d))
+    assert "pass --overwrite to replace it" in line
+
+
+def test_version_and_the_exact_rule_from_the_command_line(digits_run, tmp_path):
+    d = digits_run
+    r = _cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"pkfast {pkfast.__version__}"
+    r = _cli("gram", "--model", "nets.py:make_net", "--trajectory", "traj", "--data", "X.npy", "--data2", "X2.npy",
+             "--out", tmp_path / "E.npy", "--rule", "exact", "--nodes", "3", "--dtype", "float64", "--no-progress",
+             cwd=d)
+    assert r.returncode == 0, r.stderr
+    ns = {}
+    exec(FACTORY, ns)
+    traj = pkfast.Trajectory.load(d / "traj")
+    E = pkfast.gram(ns["make_net"]().eval(), traj, np.load(d / "X.npy"), np.load(d / "X2.npy"), rule="exact", nodes=3,
+                    dtype=torch.float64, progress=False)
+    np.testing.assert_allclose(np.load(tmp_path / "E.npy"), E.numpy(), rtol=1e-12, atol=1e-14)
+    info = _cli("info", tmp_path / "E.npy").stdout
+    assert "rule=exact" in info

@@ -15,6 +15,7 @@ the tile → hand it to a sink. Routes:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,9 +94,11 @@ class Route:
     def begin(self, data: Data, row_block: int, col_block: int, progress: bool) -> None:
         """Allocate what the tiles reuse (panels of ``row_block``/``col_block`` samples) before the first tile."""
 
-    def side(self, combo: Combo, X: torch.Tensor, Y: torch.Tensor | None, slot: str, rows: slice) -> Side:
+    def side(self, combo: Combo, X: torch.Tensor, Y: torch.Tensor | None, slot: str, rows: slice,
+             tick: Callable[[int], None] | None = None) -> Side:
         """Σ_q ω_q of the route's quantity for samples ``X`` (``rows``: their indices in the row or column set),
-        into the buffers of ``slot`` (``"rows"`` or ``"cols"``: a row side stays valid while columns are formed)."""
+        into the buffers of ``slot`` (``"rows"`` or ``"cols"``: a row side stays valid while columns are formed).
+        ``tick(n)`` is called as each chunk of n samples is formed at each point (progress inside a tile)."""
         raise NotImplementedError
 
     def product(self, acc: torch.Tensor, left: Side, right: Side, weight: float, same: bool) -> None:

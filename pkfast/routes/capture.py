@@ -12,10 +12,11 @@ e.g. tied through ``F.linear``, fails and takes the Jacobian route).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.func import functional_call, jacrev, vmap
+from torch.func import functional_call
 
 from pkfast.jacobians import FunctionalModel
 from pkfast.layers.base import Layer, materialize
@@ -184,7 +185,8 @@ class Capture:
 
     # ------------------------------------------------------------------ one pass: Jacobian part and factors
     def evaluate(self, point: EvalPoint, X: torch.Tensor, Y: torch.Tensor | None, chunk: int,
-                 panel: torch.Tensor | None, weight: float = 1.0, add: bool = False) -> dict[str, list]:
+                 panel: torch.Tensor | None, weight: float = 1.0, add: bool = False,
+                 tick: Callable[[int], None] | None = None) -> dict[str, list]:
         """Fill ``panel`` (overwrite, or add when ``add``) with ``weight ×`` the panel at ``point`` — the Jacobian
         of the parameters without a route, then the in-panel materialised layers' gradients — and return the
         factors ``{layer name: [(A_g, Δ_g) per group]}`` of the factorised and streamed layers (unweighted)."""
@@ -208,15 +210,14 @@ class Capture:
             return f, call.inputs
 
         argnums = (0, 1) if pj else 1
-        jf = vmap(jacrev(per_sample, argnums=argnums, has_aux=True),
-                  in_dims=(None, None, 0) + ((0,) if Y is not None else ()), randomness="error")
+        in_dims = (None, None, 0) + ((0,) if Y is not None else ())
         n = X.shape[0]
         parts: dict[str, list] = {L.name: [] for L in self.with_factors}
         Yd = None if Y is None else Y.to(fm.device)
         for a in range(0, n, chunk):
             b = min(n, a + chunk)
-            with fm.random_forward_refused():
-                jac, aux = jf(pj, probes, fm.prepare(X[a:b]), *(() if Yd is None else (Yd[a:b],)))
+            jac, aux = fm.passes.jacobian(per_sample, argnums, in_dims, pj, probes, fm.prepare(X[a:b]),
+                                          *(() if Yd is None else (Yd[a:b],)), has_aux=True)
             jp, jz = (jac if pj else ({}, jac))
             if panel is not None:
                 dst = panel[a:b]
@@ -231,6 +232,8 @@ class Capture:
                     off += L.size
             for L in self.with_factors:
                 parts[L.name].append(self.factors(L, jz, aux, b - a))
+            if tick is not None:
+                tick(b - a)
         feats: dict[str, list] = {}
         for L in self.with_factors:
             chunks = parts[L.name]

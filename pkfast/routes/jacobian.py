@@ -4,6 +4,8 @@ symmetric diagonal tiles). The route of models without any layer rule, and of ``
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from pkfast.jacobians import FunctionalModel
@@ -37,10 +39,11 @@ class JacobianRoute(Route):
         self._buf = {"rows": torch.empty(row_block, C, P, dtype=fm.dtype, device=fm.device),
                      "cols": torch.empty(col_block, C, P, dtype=fm.dtype, device=fm.device)}
 
-    def side(self, combo: Combo, X: torch.Tensor, Y: torch.Tensor | None, slot: str, rows: slice) -> Side:
+    def side(self, combo: Combo, X: torch.Tensor, Y: torch.Tensor | None, slot: str, rows: slice,
+             tick: Callable[[int], None] | None = None) -> Side:
         n = X.shape[0]
         out = self._buf[slot][:n]
-        return Side(n, self.fm.jacobian(combo, X, out=out, chunk=self.chunk, Y=Y))
+        return Side(n, self.fm.jacobian(combo, X, out=out, chunk=self.chunk, Y=Y, tick=tick))
 
     def product(self, acc: torch.Tensor, left: Side, right: Side, weight: float, same: bool) -> None:
         self.layout.panel_product(acc, left.panel, right.panel, weight, same)

@@ -14,6 +14,7 @@ the other parameters go through ``jacrev`` (docs/math.md §5).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -158,12 +159,13 @@ class LayeredRoute(Route):
     def end(self) -> None:
         self._buf, self._ws = {}, None
 
-    def side(self, combo: Combo, X: torch.Tensor, Y: torch.Tensor | None, slot: str, rows: slice) -> Side:
+    def side(self, combo: Combo, X: torch.Tensor, Y: torch.Tensor | None, slot: str, rows: slice,
+             tick: Callable[[int], None] | None = None) -> Side:
         n = X.shape[0]
         panel = self._buf[slot][:n] if self.panel_width else None
         factors = []
         for qi, (point, om) in enumerate(combo):
-            f = self.capture.evaluate(point, X, Y, self.chunk, panel, weight=om, add=qi > 0)
+            f = self.capture.evaluate(point, X, Y, self.chunk, panel, weight=om, add=qi > 0, tick=tick)
             factors.append((om, f))
         return Side(n, panel, factors)
 

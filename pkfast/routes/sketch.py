@@ -224,7 +224,8 @@ class SketchRoute(Route):
         self._phi = {"rows": feats(data.X, data.Y, "X")}
         self._phi["cols"] = self._phi["rows"] if data.X2 is None else feats(data.X2, data.Y2, "X2")
 
-    def side(self, combo: Combo, X: torch.Tensor, Y: torch.Tensor | None, slot: str, rows: slice) -> Side:
+    def side(self, combo: Combo, X: torch.Tensor, Y: torch.Tensor | None, slot: str, rows: slice,
+             tick: Any = None) -> Side:
         return Side(X.shape[0], self._phi[slot][rows].to(self.sk.device))
 
     def product(self, acc: torch.Tensor, left: Side, right: Side, weight: float, same: bool) -> None:
