@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.pkfast-installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-slow bench clean
+.PHONY: venv demo test test-slow bench gpu-check clean
 
 venv: $(STAMP)
 
@@ -31,6 +31,11 @@ test-slow: venv
 ## make bench: the benchmark suite (pytest-benchmark), see benchmarks/README.md.
 bench: venv
 	$(PY) -m pytest benchmarks/test_bench_gram.py benchmarks/bench_recorder.py -p no:cacheprovider --benchmark-only $(PYTEST_ARGS)
+
+## make gpu-check: on a machine with a CUDA GPU, the Triton kernel's tests, the kernel vs cuBLAS and gram on CUDA vs CPU
+## (one table, PASS/FAIL, under 8 minutes); without CUDA it says so and exits 0.
+gpu-check: venv
+	$(PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .benchmarks

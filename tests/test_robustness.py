@@ -273,3 +273,13 @@ def test_a_single_tile_moves_the_progress_bar_before_it_ends(monkeypatch, tmp_pa
     assert len(updates) >= 4 and sum(updates[:-1]) > 0  # moved before the tile's product was added
     assert sum(updates) == pytest.approx(24 * 24)  # the whole tile in kernel entries, nothing more
 
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the script runs its checks (make gpu-check)")
+def test_gpu_check_says_there_is_no_gpu_and_exits_0():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py")], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "no CUDA device here" in r.stdout and "nothing to check" in r.stdout
