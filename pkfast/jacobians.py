@@ -217,8 +217,8 @@ class FunctionalModel:
                 f"{tuple(x.shape)} it returned shape {tuple(out.shape)}"
             )
         C = int(out[0].numel())
-        per_sample.check_independent(self, X, fn, name)
-        self.passes.choose(self, X)
+        self.passes.choose(self, X)  # (vmap refuses random operations: a random forward pass is named here)
+        per_sample.check_independent(self, X, fn, name, random_checked=self.passes.mode == "vmap")
         self.model_outputs = C
         if self.loss is not None:
             C = 1  # the function is the per-sample loss

@@ -79,8 +79,8 @@ class Passes:
             return functional_call(fm.model, (p, statics), (xi.unsqueeze(0),)).reshape(-1)
 
         try:
-            with torch.no_grad():
-                vmap(f, in_dims=(None, 0), randomness="different")(params, x)
+            with torch.no_grad(), random_forward_refused():
+                vmap(f, in_dims=(None, 0), randomness="error")(params, x)
             return
         except RuntimeError as e:
             self._fall("loop", _why("vmap", e))
@@ -138,77 +138,95 @@ def _autograd_jacobian(f: Callable, argnums: int | tuple[int, ...], has_aux: boo
 
 
 # ---------------------------------------------------------------------------------------------- independence
-def check_independent(fm: Any, X: torch.Tensor, fn: str, name: str = "X", k: int = 4) -> None:
+def check_independent(fm: Any, X: torch.Tensor, fn: str, name: str = "X", k: int = 4, *,
+                      random_checked: bool = False) -> None:
     """Refuse a model whose output for a sample depends on the rest of its batch: the first ``k`` samples are
-    evaluated together and each alone, and the first module whose output differs is named. A forward pass that
-    differs between two identical calls is random and refused as such."""
+    evaluated together and each alone; on a difference the runs are repeated with hooks to name the first module
+    whose output differs. Unless ``random_checked`` (``vmap`` already refused random operations), a forward pass
+    that differs between two identical calls is refused as random."""
     k = min(k, X.shape[0])
     if k < 2:
         return
     flat, statics = fm.state(EvalPoint(0))
     params = fm.params(flat)
     x = fm.prepare(X[:k])
-    order: list[str] = []
 
-    def run(batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        seen: dict[str, torch.Tensor] = {}
-        entered: list[str] = []
+    def plain(batch: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return functional_call(fm.model, (params, statics), (batch,))
 
-        def pre_for(name):
-            def pre(mod, args):
-                entered.append(name)
-            return pre
-
-        def hook_for(name):
-            def hook(mod, args, output):
-                entered.pop()
-                if isinstance(output, torch.Tensor) and name not in seen:
-                    seen[name] = output.detach()
-                    if name not in order:
-                        order.append(name)
-            return hook
-
-        mods = [(n, m) for n, m in fm.model.named_modules() if n]
-        handles = [m.register_forward_pre_hook(pre_for(n)) for n, m in mods]
-        handles += [m.register_forward_hook(hook_for(n)) for n, m in mods]
-        try:
-            with torch.no_grad():
-                return functional_call(fm.model, (params, statics), (batch,)), seen
-        except Exception as e:  # noqa: BLE001 - any failure alone, but not in a batch, is batch dependence
-            if batch.shape[0] == 1:
-                culprit = entered[-1] if entered else None
-                where = "" if culprit is None else \
-                    f" in module {culprit!r} ({type(fm.model.get_submodule(culprit)).__name__})"
-                raise ValueError(
-                    f"{fn}: the output of a sample depends on the rest of its batch: the model runs on a batch of "
-                    f"{k} samples of {name} but fails on one sample alone{where} ({type(e).__name__}: "
-                    f"{str(e).strip().splitlines()[0][:120]}). The per-sample kernel is undefined for such a model: "
-                    f"{_hint(where)}") from None
-            raise
-        finally:
-            for h in handles:
-                h.remove()
-
-    out, inner = run(x)
-    again, _ = run(x)
+    out = plain(x)
     tol = 1e-9 if fm.dtype == torch.float64 else 1e-4
-    if not _close(out, again, tol):
+    if not random_checked and not _close(out, plain(x), tol):
         raise ValueError(f"{fn}: the model draws random numbers in its forward pass (e.g. F.dropout with "
                          "training=True): two identical calls gave different outputs, so the kernel is undefined; "
                          "make the forward pass deterministic (model.eval())")
-    singles = [run(x[i:i + 1]) for i in range(k)]
-    worst = _first_difference(out, [o for o, _ in singles], tol)
+    singles = []
+    for i in range(k):
+        try:
+            singles.append(plain(x[i:i + 1]))
+        except Exception as e:  # noqa: BLE001 - fails alone but runs in a batch: batch dependence
+            where = _failing_module(fm, params, statics, x[i:i + 1])
+            raise ValueError(
+                f"{fn}: the output of a sample depends on the rest of its batch: the model runs on a batch of {k} "
+                f"samples of {name} but fails on one sample alone{where} ({type(e).__name__}: "
+                f"{str(e).strip().splitlines()[0][:120]}). The per-sample kernel is undefined for such a model: "
+                f"{_hint(where)}") from None
+    worst = _first_difference(out, singles, tol)
     if worst is None:
         return
     i, diff, scale = worst
+    order, inner = _module_outputs(fm, params, statics, x)
+    alone = [_module_outputs(fm, params, statics, x[j:j + 1])[1] for j in range(k)]
     where = ""
     for n in order:  # hooks fire as modules finish: the first to differ is the innermost culprit
-        if n in inner and _first_difference(inner[n], [s.get(n) for _, s in singles], tol) is not None:
+        if _first_difference(inner[n], [s.get(n) for s in alone], tol) is not None:
             where = f"; the first module whose output differs is {n!r} ({type(fm.model.get_submodule(n)).__name__})"
             break
     raise ValueError(f"{fn}: the output of a sample depends on the rest of its batch: evaluated alone and in a "
                      f"batch of {k} samples of {name}, sample {i}'s outputs differ by {diff:.3g} (their scale is "
                      f"{scale:.3g}){where}. The per-sample kernel is undefined for such a model: {_hint(where)}")
+
+
+def _module_outputs(fm: Any, params: dict, statics: dict, batch: torch.Tensor) -> tuple[list[str], dict]:
+    """(module names in the order they finished, {name: first tensor output}) of one forward pass."""
+    order: list[str] = []
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook_for(name):
+        def hook(mod, args, output):
+            if isinstance(output, torch.Tensor) and name not in seen:
+                seen[name] = output.detach()
+                order.append(name)
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(n)) for n, m in fm.model.named_modules() if n]
+    try:
+        with torch.no_grad():
+            functional_call(fm.model, (params, statics), (batch,))
+    finally:
+        for h in handles:
+            h.remove()
+    return order, seen
+
+
+def _failing_module(fm: Any, params: dict, statics: dict, batch: torch.Tensor) -> str:
+    """" in module 'name' (Type)" for the innermost module running when the forward pass on ``batch`` fails."""
+    entered: list[str] = []
+    handles = []
+    for n, m in fm.model.named_modules():
+        if n:
+            handles.append(m.register_forward_pre_hook(lambda mod, args, n=n: entered.append(n)))
+            handles.append(m.register_forward_hook(lambda mod, args, out, n=n: entered.pop()))
+    try:
+        with torch.no_grad():
+            functional_call(fm.model, (params, statics), (batch,))
+    except Exception:  # noqa: BLE001 - the failure is what is being located
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return f" in module {entered[-1]!r} ({type(fm.model.get_submodule(entered[-1])).__name__})" if entered else ""
 
 
 def _hint(where: str) -> str:

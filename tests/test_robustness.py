@@ -167,7 +167,7 @@ def test_a_random_forward_pass_is_named_as_such():
             return nn.functional.dropout(x, 0.5, training=True)
 
     net = nn.Sequential(nn.Linear(4, 3), Noisy())
-    with pytest.raises(ValueError, match=r"draws random numbers in its forward pass.*two identical calls"):
+    with pytest.raises(ValueError, match=r"draws random numbers in its forward pass"):
         pkfast.gram(net, random_trajectory(net, steps=1), torch.randn(5, 4), progress=False)
 
 
