@@ -43,7 +43,7 @@ def load_checkpoint_file(path: Path) -> Mapping[str, Any]:
         # torch's own text advises weights_only=False, i.e. running code from the file: never repeat that advice
         found = _unsafe_globals(str(e))
         if not found:
-            m = re.search(r"WeightsUnpickler error: *([^\n]*)", str(e))
+            m = re.search(r"WeightsUnpickler error:\s*([^\n]*)", str(e))
             raise ValueError(f"{where} is not a PyTorch checkpoint (its contents are not a pickled state_dict"
                              f"{': ' + m.group(1).strip() if m and m.group(1).strip() else ''}); expected a file "
                              "written by torch.save(state_dict) or a .safetensors file") from None

@@ -223,7 +223,7 @@ class GramPlan:
             if L.kind == "other":
                 S = I = O = "-"
             else:
-                S, I, O = str(L.positions), str(L.fan_in) + ("+1" if L.bias else ""), str(L.fan_out)
+                S, (I, O) = str(L.positions), L.rule.fan_labels(L)
                 if L.groups > 1:
                     I, O = f"{I}×{L.groups}g", f"{O}×{L.groups}g"
             rows.append((L.name or "(root)", L.type, L.method, S, I, O, f"{L.size:,}", f"{L.flops / 1e9:.3g}", others or "-",

@@ -116,6 +116,8 @@ class FunctionalModel:
         self._cache_key: object = None
         self._cache: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
         self.num_outputs: int | None = None
+        #: the model's output shape for one sample (known after :meth:`probe`)
+        self.output_shape: tuple[int, ...] | None = None
         #: how per-sample Jacobians are taken: vmap(jacrev), or a loop where vmap/torch.func cannot run the model
         self.passes = per_sample.Passes()
 
@@ -177,7 +179,7 @@ class FunctionalModel:
         return out.reshape(-1)
 
     def _loss_single(self, params, statics, x, y):
-        return self.loss.per_sample(self._f_single(params, statics, x), y).reshape(1)
+        return self.loss.per_sample(self._f_single(params, statics, x), y, self.output_shape).reshape(1)
 
     def outputs(self, point: EvalPoint, X: torch.Tensor) -> torch.Tensor:
         """f(X; w) as [n, C] (the model applied to the batch, outputs flattened per sample)."""
@@ -220,6 +222,7 @@ class FunctionalModel:
         self.passes.choose(self, X)  # (vmap refuses random operations: a random forward pass is named here)
         per_sample.check_independent(self, X, fn, name, random_checked=self.passes.mode == "vmap")
         self.model_outputs = C
+        self.output_shape = tuple(out.shape[1:])
         if self.loss is not None:
             C = 1  # the function is the per-sample loss
         if self.num_outputs is None:

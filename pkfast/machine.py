@@ -171,6 +171,8 @@ class KernelMachine:
         self.C = self.fm.probe(self.X, _FN, "X_train")
         self.fm_loss.probe(self.X, _FN, "X_train")
         self.loss.check_targets(self.y, self.C, "y_train", _FN)
+        self.loss.check_callable(self.fm.outputs(EvalPoint(0), self.X[:1]).reshape(1, *self.fm.output_shape),
+                                 self.y[:1], _FN)
         budget = self.opts.budget(device)
         per_query = 3 * self.C * self.fm.num_params * torch.empty((), dtype=self.dtype).element_size()
         self.query_chunk = max(1, int(budget // max(1, per_query)))
@@ -414,7 +416,7 @@ class KernelMachine:
                 raise ValueError(f"{_FN}: step {s} stored output gradients of shape {tuple(g.shape)}; expected "
                                  f"({b.numel()}, {self.C}) for its batch of {b.numel()}")
             f = self.fm.outputs(EvalPoint(s), self.X[b]).to("cpu", torch.float64)
-            rec = self.loss.output_grad(f, self.y[b])
+            rec = self.loss.output_grad(f, self.y[b], self.fm.output_shape)
             out[s] = float((rec - g).abs().max() / g.abs().max().clamp_min(1e-300))
         return out
 

@@ -242,7 +242,8 @@ class TrajectoryRecorder:
                                  f"batch_indices={'set' if batch_indices is not None else None}")
             f = outputs.detach().to("cpu", torch.float64).reshape(len(batch_indices), -1)
             y = self._targets_t[torch.as_tensor(batch_indices)]
-            extra = {"output_grads": self._loss_spec.output_grad(f, y).tolist(), **extra}
+            g = self._loss_spec.output_grad(f, y, tuple(outputs.shape[1:]))
+            extra = {"output_grads": g.tolist(), **extra}
         elif outputs is not None:
             raise ValueError("pkfast.TrajectoryRecorder.step: outputs= is stored only with "
                              "TrajectoryRecorder(store_output_grads=True)")

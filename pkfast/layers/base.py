@@ -105,6 +105,10 @@ class LayerRule:
         """Values of A per position (all groups): what the factors cost in memory besides Δ."""
         return layer.fan_in * layer.groups
 
+    def fan_labels(self, layer: Layer) -> tuple[str, str]:
+        """How the plan prints the layer's I and O."""
+        return str(layer.fan_in), str(layer.fan_out)
+
     # ------------------------------------------------------------------ the materialised gradient
     def units(self, layer: Layer) -> tuple[int, int]:
         """(units, width) of one group's per-sample gradient: it is formed ``units`` rows at a time."""
@@ -172,6 +176,9 @@ class AffineRule(LayerRule):
 
     def a_columns(self, layer: Layer) -> int:
         return layer.factor_in * layer.groups
+
+    def fan_labels(self, layer: Layer) -> tuple[str, str]:
+        return str(layer.fan_in) + ("+1" if layer.bias else ""), str(layer.fan_out)  # +1: the bias column
 
     def units(self, layer: Layer) -> tuple[int, int]:
         return layer.fan_out, layer.factor_in

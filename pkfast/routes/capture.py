@@ -206,7 +206,7 @@ class Capture:
                             lambda: functional_call(fm.model, ({**pj_, **pk}, statics), (x.unsqueeze(0),)))
             f = out.reshape(-1)
             if loss is not None:
-                f = loss.per_sample(f, y[0]).reshape(1)
+                f = loss.per_sample(f, y[0], fm.output_shape).reshape(1)
             return f, call.inputs
 
         argnums = (0, 1) if pj else 1
