@@ -80,9 +80,13 @@ def gram(
             over checkpoints), with per-sample loss ℓ from ``loss`` and targets ``y`` (and ``y2`` for ``X2``).
             The result has one "output": ``[N, M]``.
         loss: for ``of="loss"``: ``nn.CrossEntropyLoss``/``nn.MSELoss`` (their class weights and label smoothing
-            apply; the reduction does not: ℓ is per sample), a :class:`pkfast.LossSpec`, or
-            ``"cross_entropy"``/``"mse"``. Default: the loss recorded with the trajectory.
-        y, y2: targets of ``X`` and ``X2`` for ``of="loss"``.
+            apply; ℓ is per sample), a :class:`pkfast.LossSpec`, ``"cross_entropy"``/``"mse"``, or a function
+            ``(outputs, targets) -> [n]`` of per-sample losses. Cross-entropy also takes token targets ``[n, L]``
+            for outputs ``[n, L, V]`` (a language model): ℓ is the mean over the sample's tokens that are not
+            ``ignore_index`` (the sum with ``reduction="sum"``), see :mod:`pkfast.loss`. Default: the loss
+            recorded with the trajectory.
+        y, y2: targets of ``X`` and ``X2`` for ``of="loss"`` (``[n]`` classes, ``[n, L]`` tokens, or what the loss
+            function takes).
         diagonal: only K(x_a, x_a): ``[N]`` (trace/mean) or ``[N, C, C]`` (full). Requires ``X2=None``.
         backend: ``"auto"`` (Triton on CUDA when it can run, else torch; the reason is logged to the
             ``pkfast`` logger), ``"torch"`` (BLAS/cuBLAS ``addmm``) or ``"triton"`` (the fused kernel; raises
