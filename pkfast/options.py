@@ -73,9 +73,11 @@ class Options:
         defaults. ``trajectory`` supplies the recorded loss for ``of="loss"`` without ``loss=``; ``rules``
         restricts the accepted rules (the sketch and the kernel machine take fewer); ``strict_nodes`` refuses
         ``nodes`` with a rule other than ``"exact"`` (the kernel machine ignores them there)."""
-        unknown = set(given) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:  # a programming error inside pkfast, not a user's
-            raise TypeError(f"{fn}: unknown option(s) {sorted(unknown)}")
+        known = {f.name for f in dataclasses.fields(cls)} - {"fn"}
+        unknown = set(given) - known
+        if unknown:  # e.g. a misspelt keyword passed through pkfast.plan(**options)
+            raise TypeError(f"{fn}: unknown option(s) {', '.join(map(repr, sorted(unknown)))}; expected some of "
+                            f"{', '.join(sorted(known))}")
         o = dict(given)
         if "outputs" in o:
             _checks.check_choice(fn, "outputs", o["outputs"], OUTPUTS)

@@ -245,3 +245,10 @@ def test_bad_step_sizes():
     sd = {k: v.clone() for k, v in net.state_dict().items()}
     with pytest.raises(ValueError, match=r"step sizes must be finite and >= 0; step 1 has -0.1"):
         pkfast.Trajectory.from_checkpoints([sd, sd, sd], lr=[0.1, -0.1])
+
+
+def test_plan_names_a_misspelt_option():
+    net = torch.nn.Linear(3, 2)
+    traj = pkfast.Trajectory.from_checkpoints([net.state_dict(), net.state_dict()], lr=0.1)
+    with pytest.raises(TypeError, match=r"pkfast.plan: unknown option\(s\) 'outptus'; expected some of .*outputs"):
+        pkfast.plan(net, traj, torch.randn(4, 3), outptus="full")
