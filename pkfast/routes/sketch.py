@@ -181,8 +181,6 @@ class Sketcher:
         return out
 
 
-
-
 # ---------------------------------------------------------------------------------------------- the route
 #: The one evaluation "point" of the sketch route's single term: the features of a sample set.
 FEATURES = EvalPoint(-1)
