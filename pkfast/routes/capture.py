@@ -33,6 +33,7 @@ class _Call:
         self.count: dict[str, int] = {}
         self.inputs: dict[str, torch.Tensor] = {}
         self.shapes: dict[str, tuple[torch.Size, torch.Size]] = {}
+        self.out_shapes: dict[str, torch.Size] = {}
         self.unusable: dict[str, str] = {}
 
 
@@ -45,6 +46,9 @@ class Capture:
         self.layers = layers
         self._call: _Call | None = None
         self._shapes: dict[str, tuple[torch.Size, torch.Size]] = {}
+        #: take factors from batched passes when every parameter has a route (else, or when a call is not
+        #: batch-first, the vmap pass)
+        self.batched = True
         self.group()
 
     def group(self) -> None:
@@ -75,6 +79,7 @@ class Capture:
             call.count[layer.name] = k + 1
             key = f"{layer.name}#{k}"
             call.inputs[key] = layer.rule.capture(mod, args, output)
+            call.out_shapes[key] = output.shape
             if call.probes is None:
                 call.shapes[key] = (args[0].shape, output.shape)
                 return None
@@ -216,8 +221,13 @@ class Capture:
         Yd = None if Y is None else Y.to(fm.device)
         for a in range(0, n, chunk):
             b = min(n, a + chunk)
-            jac, aux = fm.passes.jacobian(per_sample, argnums, in_dims, pj, probes, fm.prepare(X[a:b]),
-                                          *(() if Yd is None else (Yd[a:b],)), has_aux=True)
+            got = self._batched(pk, statics, fm.prepare(X[a:b]), None if Yd is None else Yd[a:b]) \
+                if self.batched and not pj else None
+            if got is None:
+                jac, aux = fm.passes.jacobian(per_sample, argnums, in_dims, pj, probes, fm.prepare(X[a:b]),
+                                              *(() if Yd is None else (Yd[a:b],)), has_aux=True)
+            else:
+                jac, aux = got
             jp, jz = (jac if pj else ({}, jac))
             if panel is not None:
                 dst = panel[a:b]
@@ -239,6 +249,43 @@ class Capture:
             chunks = parts[L.name]
             feats[L.name] = [tuple(torch.cat([c[g][i] for c in chunks]) for i in range(2)) for g in range(len(chunks[0]))]
         return feats
+
+    def _batched(self, params: dict, statics: dict, x: torch.Tensor, y: torch.Tensor | None):
+        """The output gradients and captures of every hooked call from one batched forward and C batched backward
+        passes (samples are independent: :func:`pkfast.per_sample.check_independent`), in the layout the vmap pass
+        gives — or None when a call is not batch-first (its batch axis is elsewhere), to use vmap instead."""
+        fm, n = self.fm, x.shape[0]
+        keys = [k for k in self._shapes if k.rsplit("#", 1)[0] in {L.name for L in self.hooked}]
+        probes = {k: torch.zeros((n, *self._shapes[k][1][1:]), dtype=fm.dtype, device=fm.device, requires_grad=True)
+                  for k in keys}
+        call = _Call(probes)
+        with torch.enable_grad():
+            try:
+                out = self._run(self.hooked, call, lambda: functional_call(fm.model, (params, statics), (x,)))
+            except RuntimeError:  # a probe of the wrong shape: this call's batch axis is not the first
+                self.batched = False
+                return None
+            single = self._shapes
+            if set(call.inputs) != set(keys) or any(
+                    tuple(call.inputs[k].shape) != (n, *single[k][0][1:])
+                    or tuple(call.out_shapes[k]) != (n, *single[k][1][1:]) for k in keys):
+                self.batched = False  # a call whose batch axis is not the first: the vmap pass is right for it
+                return None
+            f = out.reshape(n, -1)
+            if fm.loss is not None:
+                shape = fm.output_shape
+                f = torch.func.vmap(lambda fi, yi: fm.loss.per_sample(fi, yi, shape))(f, y).reshape(n, 1)
+            C = f.shape[1]
+            rows: dict[str, list] = {k: [] for k in keys}
+            for c in range(C):
+                grads = torch.autograd.grad(f[:, c].sum(), [probes[k] for k in keys], retain_graph=c < C - 1,
+                                            allow_unused=True)
+                for k, g in zip(keys, grads):
+                    rows[k].append(torch.zeros_like(probes[k]) if g is None else g)
+        # the vmap layout: per sample, a batch of one — [n, C, 1, *out] for Δ, [n, 1, *in] for the captures
+        jz = {k: torch.stack(r, dim=1).unsqueeze(2) for k, r in rows.items()}
+        aux = {k: v.detach().unsqueeze(1) for k, v in call.inputs.items()}
+        return jz, aux
 
     def factors(self, L: Layer, jz: dict, aux: dict, n: int, C: int | None = None) -> list[tuple[torch.Tensor, Any]]:
         """[(A_g, Δ_g [n, C, S, O_g]) per group] of layer L from one pass's output gradients and captures."""
