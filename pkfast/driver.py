@@ -30,7 +30,7 @@ from pkfast.routes.base import Data, Route
 from pkfast.routes.jacobian import JacobianRoute
 from pkfast.routes.layered import LayeredRoute, choose, find_layers
 from pkfast.routes.sketch import Sketcher, SketchRoute
-from pkfast.rules import EvalPoint, Term, is_symmetric, terms_for
+from pkfast.rules import Term, is_symmetric, terms_for
 from pkfast.sinks import MemorySink, Sink
 from pkfast.tiles import Tile, TilePlan, plan_diagonal, plan_tiles
 from pkfast.trajectory import Trajectory
@@ -77,7 +77,7 @@ def functional_model(fn: str, model: torch.nn.Module, trajectory: Trajectory, op
         opts.loss.check_targets(data.Y, fm.model_outputs, "y", fn)
         if data.Y2 is not None:
             opts.loss.check_targets(data.Y2, fm.model_outputs, "y2", fn)
-        opts.loss.check_callable(fm.outputs(EvalPoint(0), data.X[:1]).reshape(1, *fm.output_shape), data.Y[:1], fn)
+        fm.check_loss_function(data.X, data.Y, fn)
     return fm
 
 

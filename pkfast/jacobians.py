@@ -278,6 +278,12 @@ class FunctionalModel:
                     tick(b - a)
         return out
 
+    def check_loss_function(self, X: torch.Tensor, Y: torch.Tensor, fn: str) -> None:
+        """For a callable loss: it maps one sample's outputs and targets to one loss (checked on the first sample;
+        nothing is evaluated for the built-in losses)."""
+        if self.loss is not None and self.loss.kind == "callable":
+            self.loss.check_callable(self.outputs(EvalPoint(0), X[:1]).reshape(1, *self.output_shape), Y[:1], fn)
+
     def default_chunk(self) -> int:
         per_sample = max(1, (self.num_outputs or 1) * self.num_params * _itemsize(self.dtype))
         return max(1, DEFAULT_CHUNK_BYTES // per_sample)

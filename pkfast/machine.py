@@ -171,8 +171,7 @@ class KernelMachine:
         self.C = self.fm.probe(self.X, _FN, "X_train")
         self.fm_loss.probe(self.X, _FN, "X_train")
         self.loss.check_targets(self.y, self.C, "y_train", _FN)
-        self.loss.check_callable(self.fm.outputs(EvalPoint(0), self.X[:1]).reshape(1, *self.fm.output_shape),
-                                 self.y[:1], _FN)
+        self.fm_loss.check_loss_function(self.X, self.y, _FN)
         budget = self.opts.budget(device)
         per_query = 3 * self.C * self.fm.num_params * torch.empty((), dtype=self.dtype).element_size()
         self.query_chunk = max(1, int(budget // max(1, per_query)))

@@ -57,6 +57,7 @@ class Passes:
     def __init__(self) -> None:
         self.mode = "vmap"
         self.reason: str | None = None
+        self._probed = False
 
     def describe(self) -> str:
         """One line for the plan ("" when vmap runs the model)."""
@@ -69,8 +70,9 @@ class Passes:
     def choose(self, fm: Any, X: torch.Tensor) -> None:
         """Learn up front how the model's passes run: vmap on its forward pass over two samples, else jacrev on
         one sample (so that the plan is right before anything is computed)."""
-        if self.mode != "vmap" or X.shape[0] < 2:
+        if self._probed or self.mode != "vmap" or X.shape[0] < 2:
             return
+        self._probed = True  # (X2 is probed by the same model: once is enough)
         flat, statics = fm.state(EvalPoint(0))
         params = fm.params(flat)
         x = fm.prepare(X[:2])

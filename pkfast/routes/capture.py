@@ -221,11 +221,11 @@ class Capture:
         Yd = None if Y is None else Y.to(fm.device)
         for a in range(0, n, chunk):
             b = min(n, a + chunk)
-            got = self._batched(pk, statics, fm.prepare(X[a:b]), None if Yd is None else Yd[a:b]) \
-                if self.batched and not pj else None
+            x, y = fm.prepare(X[a:b]), None if Yd is None else Yd[a:b]
+            got = self._batched(keys, pk, statics, x, y) if self.batched and not pj else None
             if got is None:
-                jac, aux = fm.passes.jacobian(per_sample, argnums, in_dims, pj, probes, fm.prepare(X[a:b]),
-                                              *(() if Yd is None else (Yd[a:b],)), has_aux=True)
+                jac, aux = fm.passes.jacobian(per_sample, argnums, in_dims, pj, probes, x, *(() if y is None else (y,)),
+                                              has_aux=True)
             else:
                 jac, aux = got
             jp, jz = (jac if pj else ({}, jac))
@@ -250,12 +250,12 @@ class Capture:
             feats[L.name] = [tuple(torch.cat([c[g][i] for c in chunks]) for i in range(2)) for g in range(len(chunks[0]))]
         return feats
 
-    def _batched(self, params: dict, statics: dict, x: torch.Tensor, y: torch.Tensor | None):
+    def _batched(self, keys: list[str], params: dict, statics: dict, x: torch.Tensor, y: torch.Tensor | None):
         """The output gradients and captures of every hooked call from one batched forward and C batched backward
         passes (samples are independent: :func:`pkfast.per_sample.check_independent`), in the layout the vmap pass
-        gives — or None when a call is not batch-first (its batch axis is elsewhere), to use vmap instead."""
+        gives — or None when a call is not batch-first (its batch axis is elsewhere), to use vmap instead.
+        ``keys``: the hooked calls."""
         fm, n = self.fm, x.shape[0]
-        keys = [k for k in self._shapes if k.rsplit("#", 1)[0] in {L.name for L in self.hooked}]
         probes = {k: torch.zeros((n, *self._shapes[k][1][1:]), dtype=fm.dtype, device=fm.device, requires_grad=True)
                   for k in keys}
         call = _Call(probes)
