@@ -88,8 +88,8 @@ def gram(
         y, y2: targets of ``X`` and ``X2`` for ``of="loss"`` (``[n]`` classes, ``[n, L]`` tokens, or what the loss
             function takes).
         diagonal: only K(x_a, x_a): ``[N]`` (trace/mean) or ``[N, C, C]`` (full). Requires ``X2=None``.
-        backend: ``"auto"`` (Triton on CUDA when it can run, else torch; the reason is logged to the
-            ``pkfast`` logger), ``"torch"`` (BLAS/cuBLAS ``addmm``) or ``"triton"`` (the fused kernel; raises
+        backend: ``"auto"`` (torch — cuBLAS on CUDA — for ``precision="ieee"``, the Triton kernel for
+            tf32/bf16 on CUDA; the choice is logged to the ``pkfast`` logger), ``"torch"`` (BLAS/cuBLAS ``addmm``) or ``"triton"`` (the fused kernel; raises
             if it cannot run — except under ``TRITON_INTERPRET=1``, where it runs on CPU tensors, slowly).
         dtype: ``torch.float32`` (default) or ``torch.float64``: the dtype of Jacobians and accumulation.
         memory_budget: bytes (or a string such as ``"2GiB"``) of working memory for Jacobian panels and tile

@@ -1,10 +1,11 @@
 """The Triton accumulation kernel against a float64 reference, and the launcher's error messages.
 
 Runs on CPU under the Triton interpreter (``TRITON_INTERPRET=1``, set in conftest.py when there is no GPU) and
-on CUDA when present. Tolerance (flash-attention's habit, ``tests/ops/triton/test_layer_norm.py``): the
-kernel's max abs error against float64 must be at most 2× torch's own error at the same precision, plus a
-small atol that covers single roundings (``4 u · max α · max|A| · max|B| + u_fp32 · max|ref|``), where u is
-the unit roundoff of the input mode. float64 inputs: error ≤ 1e-12 relative to ``|G0| + Σ α |A||B|ᵀ``.
+on CUDA when present. Tolerance: every element within the a-priori rounding-error bound of
+:func:`rounding_bound` (Higham's γ_n bound, with the input mode's operand rounding), which holds for any
+summation order and so on any hardware; float64 inputs likewise with the fp64 unit roundoff. (An earlier
+"2× torch's own error" criterion failed on an H200 for correct results: the kernel's fp32 FMA chain along K
+and cuBLAS round differently, a few ulps apart.)
 """
 
 from __future__ import annotations
@@ -48,46 +49,46 @@ def reference64(G0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, alphas) -> t
     return out
 
 
-def torch_same_precision(G0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, alphas, mode: str) -> torch.Tensor:
-    """What torch computes at the kernel's precision: fp32 ``addmm_`` (the torch backend's path) of the
-    operands rounded as the mode rounds them."""
-    rnd = {"ieee": lambda x: x, "tf32": round_to_tf32, "bf16": lambda x: x.bfloat16().float()}[mode]
-    out = G0.float().clone()
-    for a, b, al in zip(as_steps(A), as_steps(B), alphas):
-        out.addmm_(rnd(a), rnd(b).T, alpha=al)
-    return out
-
-
 def max_err(x: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None = None) -> float:
     d = (x.double() - ref).abs()
     return float(d[mask].max() if mask is not None else d.max())
 
 
-def assert_close_to_torch(G: torch.Tensor, G0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, alphas, mode: str,
-                          *, upper: bool = False) -> None:
+def rounding_bound(G0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, alphas, mode: str) -> torch.Tensor:
+    """Elementwise a-priori bound on ``|G − (G0 + Σ_s α_s A_s B_sᵀ)|`` for any summation order (Higham,
+    *Accuracy and Stability of Numerical Algorithms*, §3.1 and §3.5):
+
+        |err| ≤ (2 v + v²) · Σ_s |α_s| |A_s| |B_s|ᵀ  +  γ_n · (|G0| + (1 + v)² Σ_s |α_s| |A_s| |B_s|ᵀ),
+
+    ``v`` the relative error of one operand's rounding to the input mode (0 for ieee and fp64; one unit in
+    the last place, 2u, for tf32/bf16, since a GPU's tensor cores may truncate), ``γ_n = n u / (1 − n u)``
+    with ``u`` the accumulator's unit roundoff and ``n = S (K + 2) + 1`` roundings on any path (α_s·a, K
+    multiply-adds per step, the step's sum into the accumulator, the add into ``G``). A correct kernel
+    cannot exceed it on any hardware, whatever its blocking; a dropped K chunk, step or α does by orders of
+    magnitude."""
+    fp64 = A.dtype == torch.float64
+    u = UNIT_ROUNDOFF["fp64" if fp64 else "ieee"]
+    v = 0.0 if fp64 or mode == "ieee" else 2 * UNIT_ROUNDOFF[mode]
+    steps_a, steps_b = as_steps(A), as_steps(B)
+    S, K = steps_a.shape[0], steps_a.shape[-1]
+    n = S * (K + 2) + 1
+    gamma = n * u / (1 - n * u)
+    prod = sum(abs(al) * (a.double().abs() @ b.double().abs().T) for a, b, al in zip(steps_a, steps_b, alphas))
+    return (2 * v + v * v) * prod + gamma * (G0.double().abs() + (1 + v) ** 2 * prod)
+
+
+def assert_within_rounding_bound(G: torch.Tensor, G0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, alphas,
+                                 mode: str, *, upper: bool = False) -> None:
+    """``G`` equals ``G0 + Σ_s α_s A_s B_sᵀ`` (float64) within :func:`rounding_bound`, elementwise (upper
+    triangle only when ``upper``)."""
     ref = reference64(G0, A, B, alphas)
-    mask = torch.ones_like(ref, dtype=torch.bool).triu() if upper else None
-    if A.dtype == torch.float64:
-        scale = G0.double().abs() + sum(al * (a.double().abs() @ b.double().abs().T)
-                                        for a, b, al in zip(as_steps(A), as_steps(B), alphas))
-        err, bound = max_err(G, ref, mask), 1e-12 * float(scale.max())
-        assert err <= bound, f"fp64: max abs error {err:.3e} > 1e-12 × scale = {bound:.3e}"
-        return
-    err = max_err(G, ref, mask)
-    torch_err = max_err(torch_same_precision(G0, A, B, alphas, mode), ref, mask)
-    if mode == "tf32" and DEVICE == "cuda":
-        # On a GPU the tensor cores round tf32 operands themselves (possibly not to nearest): torch's own tf32
-        # matmul is then also "torch at the same precision".
-        prev = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = True
-        try:
-            torch_err = max(torch_err, max_err(torch_same_precision(G0, A, B, alphas, "ieee"), ref, mask))
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = prev
-    atol = (4 * UNIT_ROUNDOFF[mode] * max(alphas) * float(A.abs().max()) * float(B.abs().max())
-            + UNIT_ROUNDOFF["ieee"] * float(ref.abs().max()))
-    assert err <= 2 * torch_err + atol, (
-        f"mode={mode}: kernel max abs error {err:.3e} > 2 × torch's {torch_err:.3e} + atol {atol:.3e}")
+    bound = rounding_bound(G0, A, B, alphas, mode)
+    excess = (G.double() - ref).abs() - bound
+    if upper:
+        excess = excess[torch.ones_like(ref, dtype=torch.bool).triu()]
+    worst = float(excess.max())
+    assert worst <= 0, (f"mode={mode}, {str(A.dtype)[6:]}: an element's error exceeds the a-priori rounding bound "
+                        f"by {worst:.3e} (max abs error {max_err(G, ref):.3e}, max bound {float(bound.max()):.3e})")
 
 
 def make_inputs(S: int, M: int, N: int, K: int, *, symmetric: bool, dtype=torch.float32):
@@ -118,7 +119,7 @@ def test_general_matches_reference(mode, M, N, K):
     G = G0.clone()
     out = accumulate_triton(G, A, B, ALPHAS, input_precision=mode)
     assert out is G
-    assert_close_to_torch(G, G0, A, B, ALPHAS, mode)
+    assert_within_rounding_bound(G, G0, A, B, ALPHAS, mode)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -127,7 +128,7 @@ def test_upper_matches_reference(mode, M, K):
     G0, A, _ = make_inputs(3, M, M, K, symmetric=True)
     G = G0.clone()
     accumulate_triton(G, A, A, torch.tensor(ALPHAS), upper=True, input_precision=mode)
-    assert_close_to_torch(G, G0, A, A, ALPHAS, mode, upper=True)
+    assert_within_rounding_bound(G, G0, A, A, ALPHAS, mode, upper=True)
 
 
 @pytest.mark.parametrize("M", [37, 100])
@@ -143,9 +144,7 @@ def test_upper_leaves_lower_blocks_untouched(M):
     lower_blocks = blk[:, None] > blk[None, :]
     assert bool(lower_blocks.any()), f"M={M} with blocks of {bs} has no block below the diagonal to check"
     assert torch.equal(G[lower_blocks], G0[lower_blocks]), "a block below the block diagonal was written"
-    ref = G0.double() + 0.7 * A.double() @ A.double().T
-    upper = torch.ones(M, M, dtype=torch.bool, device=DEVICE).triu()
-    assert max_err(G, ref, upper) <= 2 * max_err(torch_same_precision(G0, A, A, [0.7], "ieee"), ref, upper) + 1e-5
+    assert_within_rounding_bound(G, G0, A, A, [0.7], "ieee", upper=True)
 
 
 def test_steps_with_different_alphas_including_zero():
@@ -154,11 +153,12 @@ def test_steps_with_different_alphas_including_zero():
     alphas = [0.1, 0.0, 3.0, 1.5]
     G = G0.clone()
     accumulate_triton(G, A, B, alphas)
-    assert_close_to_torch(G, G0, A, B, alphas, "ieee")
+    assert_within_rounding_bound(G, G0, A, B, alphas, "ieee")
     # α = 0 removes the step exactly as if it were not there
     G_drop = G0.clone()
     accumulate_triton(G_drop, A[[0, 2, 3]], B[[0, 2, 3]], [0.1, 3.0, 1.5])
-    assert max_err(G_drop, G.double()) <= 1e-4
+    both = rounding_bound(G0, A, B, alphas, "ieee") + rounding_bound(G0, A[[0, 2, 3]], B[[0, 2, 3]], [0.1, 3.0, 1.5], "ieee")
+    assert bool(((G_drop.double() - G.double()).abs() <= both).all())
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -168,7 +168,7 @@ def test_2d_inputs_with_float_alpha(mode):
     G0 = torch.randn(37, 53, device=DEVICE)
     G = G0.clone()
     accumulate_triton(G, A, B, 0.3, input_precision=mode)
-    assert_close_to_torch(G, G0, A, B, [0.3], mode)
+    assert_within_rounding_bound(G, G0, A, B, [0.3], mode)
 
 
 @pytest.mark.parametrize("mode", ["bf16", "tf32"])
@@ -194,8 +194,9 @@ def test_zero_G_accumulates_twice():
     G = torch.zeros(37, 53, device=DEVICE)
     accumulate_triton(G, A, B, [1.0, 0.5])
     accumulate_triton(G, A, B, [1.0, 0.5])
-    ref = reference64(torch.zeros(37, 53, device=DEVICE), A, B, [2.0, 1.0])
-    assert max_err(G, ref) <= 1e-4
+    zeros = torch.zeros(37, 53, device=DEVICE)
+    A2, B2 = torch.cat([A, A]), torch.cat([B, B])  # the four step updates, as one call would make them
+    assert_within_rounding_bound(G, zeros, A2, B2, [1.0, 0.5, 1.0, 0.5], "ieee")
 
 
 def test_strided_and_transposed_views():
@@ -211,7 +212,7 @@ def test_strided_and_transposed_views():
     G0 = G.clone()
     assert not A.is_contiguous() and not B.is_contiguous() and not G.is_contiguous()
     accumulate_triton(G, A, B, [0.75, 1.5])
-    assert_close_to_torch(G, G0, A, B, [0.75, 1.5], "ieee")
+    assert_within_rounding_bound(G, G0, A, B, [0.75, 1.5], "ieee")
     assert G.data_ptr() == G_store.data_ptr()
     # 2-D: B given as a .T view of a [K, N] tensor
     Bt2 = torch.randn(K, N, device=DEVICE)
@@ -219,7 +220,7 @@ def test_strided_and_transposed_views():
     G2 = torch.randn(M, N, device=DEVICE)
     G20 = G2.clone()
     accumulate_triton(G2, A2, Bt2.T, 2.0, input_precision="bf16")
-    assert_close_to_torch(G2, G20, A2, Bt2.T, [2.0], "bf16")
+    assert_within_rounding_bound(G2, G20, A2, Bt2.T, [2.0], "bf16")
 
 
 def test_upper_with_transposed_self():
@@ -230,7 +231,7 @@ def test_upper_with_transposed_self():
     G0 = torch.randn(M, M, device=DEVICE)
     G = G0.clone()
     accumulate_triton(G, A, A, 1.5, upper=True, input_precision="tf32")
-    assert_close_to_torch(G, G0, A, A, [1.5], "tf32", upper=True)
+    assert_within_rounding_bound(G, G0, A, A, [1.5], "tf32", upper=True)
 
 
 @pytest.mark.parametrize("upper", [False, True])
@@ -239,7 +240,7 @@ def test_float64(M, K, upper):
     G0, A, B = make_inputs(2, M, M if upper else M + 16, K, symmetric=upper, dtype=torch.float64)
     G = G0.clone()
     accumulate_triton(G, A, B, [0.5, 1.25], upper=upper)
-    assert_close_to_torch(G, G0, A, B, [0.5, 1.25], "ieee", upper=upper)
+    assert_within_rounding_bound(G, G0, A, B, [0.5, 1.25], "ieee", upper=upper)
 
 
 def test_float32_inputs_into_float64_G():
@@ -249,7 +250,7 @@ def test_float32_inputs_into_float64_G():
     G = G0.clone()
     accumulate_triton(G, A, B, 0.5)
     assert G.dtype == torch.float64
-    assert_close_to_torch(G, G0, A, B, [0.5], "ieee")
+    assert_within_rounding_bound(G, G0, A, B, [0.5], "ieee")
 
 
 def test_empty_sizes_leave_G_unchanged():
@@ -290,7 +291,7 @@ def test_raw_kernel_other_configs(meta):
     G0, A, B = make_inputs(2, 130, 70, 40, symmetric=False)
     G = G0.clone()
     _launch_raw(G, A, B, [0.5, 2.0], upper=False, mode="ieee", **meta)
-    assert_close_to_torch(G, G0, A, B, [0.5, 2.0], "ieee")
+    assert_within_rounding_bound(G, G0, A, B, [0.5, 2.0], "ieee")
 
 
 @pytest.mark.parametrize("subtile", [False, True])
@@ -305,7 +306,7 @@ def test_raw_kernel_upper_small_blocks(subtile):
     blk = torch.arange(M, device=DEVICE) // bs
     lower_blocks = blk[:, None] > blk[None, :]
     assert torch.equal(G[lower_blocks], G0[lower_blocks])
-    assert_close_to_torch(G, G0, A, A, [1.5], "bf16", upper=True)
+    assert_within_rounding_bound(G, G0, A, A, [1.5], "bf16", upper=True)
 
 
 def test_triton_status_here():
@@ -401,7 +402,7 @@ def test_upper_accepts_two_views_of_one_tensor():
     G0 = torch.randn(37, 37, device=DEVICE)
     G = G0.clone()
     accumulate_triton(G, X.view(37, 33), X.view(37, 33), 0.25, upper=True)
-    assert_close_to_torch(G, G0, X.view(37, 33), X.view(37, 33), [0.25], "ieee", upper=True)
+    assert_within_rounding_bound(G, G0, X.view(37, 33), X.view(37, 33), [0.25], "ieee", upper=True)
 
 
 def test_status_and_error_without_triton(monkeypatch):

@@ -8,7 +8,9 @@ Backends:
                   symmetric diagonal tiles. Works everywhere; the only backend for ``precision="ieee"`` on CPU.
     ``"triton"``  the fused Triton kernel (:mod:`pkfast.accumulate.triton_kernel`): CUDA tensors, or CPU
                   tensors under ``TRITON_INTERPRET=1`` (for testing; very slow). Input modes ieee/tf32/bf16.
-    ``"auto"``    Triton on CUDA when it can run there, else torch; the reason is logged (logger ``pkfast``).
+    ``"auto"``    torch (cuBLAS) for ``precision="ieee"``, which measured 2.6–3.1× faster than the fused kernel on an
+                  H200 (docs/gpu.md); the Triton kernel for tf32/bf16 on CUDA. The choice is logged (logger
+                  ``pkfast``).
 """
 
 from __future__ import annotations
@@ -50,13 +52,16 @@ def select_backend(requested: str, device: torch.device, *, precision: str = "ie
             raise ValueError(f"{fn}: precision={precision!r} needs the Triton backend on a CUDA device; the model is on {device}")
         log.info("pkfast: backend='auto' uses torch: the model is on %s (Triton runs on CUDA devices)", device)
         return "torch"
+    if precision == "ieee":
+        # Measured on an H200 (benchmarks/gpu_check.py, docs/gpu.md): cuBLAS fp32 ran 2.6–3.1× faster than the
+        # fused kernel in ieee mode, the upper-triangle launch included.
+        log.info("pkfast: backend='auto' uses torch (cuBLAS) for precision='ieee' on %s; the fused Triton kernel "
+                 "serves tf32/bf16 (or ask for backend='triton')", device)
+        return "torch"
     ok, why = triton_status()
     if ok:
         return "triton"
-    if precision != "ieee":
-        raise RuntimeError(f"{fn}: precision={precision!r} needs the Triton backend, which cannot run here: {why}")
-    log.info("pkfast: backend='auto' falls back to torch: %s", why)
-    return "torch"
+    raise RuntimeError(f"{fn}: precision={precision!r} needs the Triton backend, which cannot run here: {why}")
 
 
 def accumulate(acc: torch.Tensor, A: torch.Tensor, B: torch.Tensor, alpha: float, *, backend: str,

@@ -49,6 +49,7 @@ __all__ = [
     "prune_configs",
     "pk_accumulate_kernel",
     "pk_accumulate_kernel_autotuned",
+    "loop_probe_kernel",
 ]
 
 #: ``tl.constexpr`` values of ``INPUT_MODE``.
@@ -251,3 +252,15 @@ pk_accumulate_kernel_autotuned = triton.autotune(
     prune_configs_by={"early_config_prune": prune_configs},
     restore_value=["g_ptr"],
 )(pk_accumulate_kernel)
+
+
+@triton.jit
+def loop_probe_kernel(out_ptr, n):
+    """``out[0] = n`` by a loop over a runtime int, as the accumulation kernel loops over steps and K: some
+    Triton interpreters (3.6 with numpy ≥ 2.4) cannot run such a loop (``TypeError: only 0-dimensional
+    arrays can be converted to Python scalars``), which :func:`~pkfast.accumulate.triton_launch.triton_status`
+    detects with this kernel."""
+    acc = 0
+    for _ in range(0, n):
+        acc += 1
+    tl.store(out_ptr, acc)

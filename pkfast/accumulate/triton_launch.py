@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import numbers
 import os
 from collections.abc import Sequence
@@ -47,7 +48,7 @@ def triton_status() -> tuple[bool, str]:
     interpreter, which must be set before ``triton`` is first imported).
     """
     try:
-        import triton  # noqa: F401
+        import triton
     except Exception as e:  # ImportError, or a broken install raising something else
         return False, f"triton is not importable ({type(e).__name__}: {e}); install triton to use this backend"
     try:
@@ -55,6 +56,10 @@ def triton_status() -> tuple[bool, str]:
     except Exception as e:
         return False, f"the pkfast Triton kernel failed to import ({type(e).__name__}: {e})"
     if _kernel_interpreted(triton_kernel):
+        broken = _interpreter_loop_failure()
+        if broken:
+            return False, (f"this Triton's interpreter (triton {triton.__version__}, numpy {np.__version__}) cannot "
+                           f"run the kernel's loops ({broken}); triton 3.9 can")
         return True, "Triton interpreter (TRITON_INTERPRET=1): kernels run on CPU tensors, much slower than torch"
     if _interpret_env():
         return False, ("TRITON_INTERPRET=1 was set after triton compiled the pkfast kernel; set it before "
@@ -63,6 +68,20 @@ def triton_status() -> tuple[bool, str]:
         return False, ("no CUDA device is available (torch.cuda.is_available() is False) and TRITON_INTERPRET "
                        "is not '1'")
     return True, f"CUDA device {torch.cuda.get_device_name()}"
+
+
+@functools.lru_cache(maxsize=1)
+def _interpreter_loop_failure() -> str:
+    """'' when the interpreter runs a loop over a runtime int (the probe kernel), else the error it raised."""
+    import pkfast.accumulate.triton_kernel as tk
+
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        tk.loop_probe_kernel[(1,)](out, 3)
+    except Exception as e:  # the interpreter wraps the TypeError in its own InterpreterError
+        cause = e.__cause__ or e
+        return f"{type(cause).__name__}: {cause}"
+    return "" if int(out[0]) == 3 else f"a loop of 3 counted {int(out[0])}"
 
 
 def _same_tensor(A: torch.Tensor, B: torch.Tensor) -> bool:
