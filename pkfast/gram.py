@@ -236,6 +236,8 @@ class GramPlan:
         lines = [head]
         if j.fm.passes.describe():
             lines.append(f"per-sample passes: {j.fm.passes.describe()}")
+        if j.route.passes():
+            lines.append(j.route.passes())
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.append(f"total ≈ {self.flops / 1e9:.3g} GFLOP in {self.tiles!r}")
         return "\n".join(lines)

@@ -3,8 +3,9 @@ its inputs and output gradients (docs/math.md §5), one file per type.
 
 Built in: ``nn.Linear`` (:mod:`~pkfast.layers.linear`), ``nn.Conv1d``/``nn.Conv2d`` (:mod:`~pkfast.layers.conv`),
 ``nn.Embedding`` (:mod:`~pkfast.layers.embedding`), and the affine parameters of ``nn.LayerNorm``,
-``nn.GroupNorm``, ``nn.BatchNorm1d/2d/3d`` (eval) and ``nn.RMSNorm`` (:mod:`~pkfast.layers.norm`). Parameters of
-any other module take the generic ``torch.func.jacrev`` route.
+``nn.GroupNorm``, ``nn.BatchNorm1d/2d/3d`` (eval) and ``nn.RMSNorm`` (:mod:`~pkfast.layers.norm`), and the packed
+q/k/v input projection of ``nn.MultiheadAttention`` (:mod:`~pkfast.layers.attention`; its ``out_proj`` is a
+Linear). Parameters of any other module take the generic ``torch.func.jacrev`` route.
 
 A rule is found by the module's type: the nearest registered class in its MRO, provided the module does not
 override that class's ``forward`` (a subclass with its own forward computes something else). Register a rule
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from pkfast.layers.attention import MultiheadAttentionRule
 from pkfast.layers.base import AffineRule, Layer, LayerRule
 from pkfast.layers.conv import ConvRule
 from pkfast.layers.embedding import EmbeddingRule
@@ -47,7 +49,7 @@ from pkfast.layers.linear import LinearRule
 from pkfast.layers.norm import NormRule, batch_norm, group_norm, layer_norm, rms_norm
 
 __all__ = ["register", "unregister", "rule_for", "registered", "LayerRule", "AffineRule", "LinearRule", "ConvRule",
-           "EmbeddingRule", "NormRule", "Layer"]
+           "EmbeddingRule", "NormRule", "MultiheadAttentionRule", "Layer"]
 
 _RULES: dict[type, LayerRule] = {}
 
@@ -99,6 +101,7 @@ register(nn.Linear, LinearRule())
 register(nn.Conv1d, ConvRule())
 register(nn.Conv2d, ConvRule())
 register(nn.Embedding, EmbeddingRule())
+register(nn.MultiheadAttention, MultiheadAttentionRule())
 register(nn.LayerNorm, NormRule(layer_norm))
 register(nn.GroupNorm, NormRule(group_norm, channel_dim=1))
 for _bn in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):

@@ -17,6 +17,7 @@ the rule files beside it, found through the registry of :mod:`pkfast.layers`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -68,11 +69,25 @@ class LayerRule:
 
     name: str = "layer"
     factorizable: bool = True
+    #: the module's own parameters the rule covers, in the roles (weight, bias); the bias is optional
+    param_names: tuple[str, str] = ("weight", "bias")
 
     # ------------------------------------------------------------------ what the module is
     def unsupported(self, module: nn.Module) -> str:
         """Why this module cannot use the rule (it then takes the Jacobian route), or "" if it can."""
         return ""
+
+    def site(self, module: nn.Module) -> nn.Module:
+        """The module whose forward hook sees the layer's calls (its input and output): by default the module
+        itself; a rule whose parameters act inside a larger forward returns a helper that its :meth:`patch`
+        calls (see :mod:`pkfast.layers.attention`)."""
+        return module
+
+    def patch(self, module: nn.Module) -> contextlib.AbstractContextManager:
+        """A context in which ``module`` computes its forward so that :meth:`site` is called: by default
+        nothing changes. The engine enters it around the passes that capture factors, after checking once that
+        the patched model gives the original model's output."""
+        return contextlib.nullcontext()
 
     def groups(self, module: nn.Module) -> int:
         return int(getattr(module, "groups", 1))
@@ -120,7 +135,7 @@ class LayerRule:
         raise NotImplementedError
 
     def gradient_layout(self, layer: Layer, grads: dict[str, torch.Tensor | None]) -> torch.Tensor:
-        """A parameter gradient (``{"weight": …, "bias": …}``, None where unreached) flattened in the layout of
+        """A parameter gradient by role (``{"weight": …, "bias": …}``, None where unreached) flattened in the layout of
         :meth:`gradient_slice` over all groups and units (how the engine checks a rule against autograd)."""
         raise NotImplementedError
 
@@ -202,12 +217,12 @@ class AffineRule(LayerRule):
         return out
 
     def gradient_layout(self, layer: Layer, grads: dict[str, torch.Tensor | None]) -> torch.Tensor:
-        m = layer.module
+        m, (wn, bn) = layer.module, self.param_names
         W = grads.get("weight")
-        W = self.weight_matrix(layer, torch.zeros_like(m.weight) if W is None else W)
+        W = self.weight_matrix(layer, torch.zeros_like(getattr(m, wn)) if W is None else W)
         b = grads.get("bias") if layer.bias else None
         if layer.bias and b is None:
-            b = torch.zeros_like(m.bias)
+            b = torch.zeros_like(getattr(m, bn))
         parts = []
         Og = layer.fan_out
         for gi in range(layer.groups):

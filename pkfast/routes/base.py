@@ -87,6 +87,10 @@ class Route:
         """One line: which routes the parameters took (the plan's header, the manifest, ``pkfast info``)."""
         return self.label
 
+    def passes(self) -> str:
+        """One line for the plan: how the per-sample quantities are computed ("" for the model's own passes)."""
+        return ""
+
     def record(self) -> dict[str, Any]:
         """What a stored result records of the route (JSON-serialisable)."""
         return {"summary": self.summary()}

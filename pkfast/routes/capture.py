@@ -12,6 +12,7 @@ e.g. tied through ``F.linear``, fails and takes the Jacobian route).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 from torch.func import functional_call
 
 from pkfast.jacobians import FunctionalModel
-from pkfast.layers.base import Layer, materialize
+from pkfast.layers.base import Layer, LayerRule, materialize
 from pkfast.rules import EvalPoint
 
 __all__ = ["Capture"]
@@ -46,6 +47,7 @@ class Capture:
         self.layers = layers
         self._call: _Call | None = None
         self._shapes: dict[str, tuple[torch.Size, torch.Size]] = {}
+        self._patches: list[tuple[LayerRule, torch.nn.Module]] = []  # forward patches that passed the check
         #: take factors from batched passes when every parameter has a route (else, or when a call is not
         #: batch-first, the vmap pass)
         self.batched = True
@@ -64,6 +66,18 @@ class Capture:
         sizes = dict(zip(fm.names, fm.sizes))
         self.jac_width = sum(sizes[n] for n in self.jac_names)
         self.panel_width = self.jac_width + sum(L.size for L in self.paneled)
+
+    def describe(self) -> str:
+        """How the factors are obtained, for the plan."""
+        if not self.hooked:
+            return ""
+        C = "one backward pass" if self.fm.num_outputs == 1 else f"{self.fm.num_outputs} backward passes"
+        if self.batched and not self.jac_names:
+            return f"factors from one batched forward and {C} per chunk (every trained parameter has a layer rule)"
+        if self.jac_names:
+            names = ", ".join(self.jac_names[:3]) + (", …" if len(self.jac_names) > 3 else "")
+            return f"factors from vmap(jacrev) per sample: parameters without a layer route ({names}) need it"
+        return "factors from vmap(jacrev) per sample: a hooked call's batch axis is not the first"
 
     # ------------------------------------------------------------------ hooks
     def _hook(self, layer: Layer):
@@ -87,18 +101,66 @@ class Capture:
         return hook
 
     def _run(self, layers: list[Layer], call: _Call, fn):
-        handles = [L.module.register_forward_hook(self._hook(L)) for L in layers]
+        handles = [L.rule.site(L.module).register_forward_hook(self._hook(L)) for L in layers]
         self._call = call
         try:
-            return fn()
+            with self._patched():
+                return fn()
         finally:
             self._call = None
             for h in handles:
                 h.remove()
 
+    @contextlib.contextmanager
+    def _patched(self):
+        """The rules' forward patches (:meth:`~pkfast.layers.base.LayerRule.patch`) that passed
+        :meth:`_check_patches`, with PyTorch's fused fast path of attention and transformer layers off: it
+        would bypass the modules' forwards, hence their hooks."""
+        with contextlib.ExitStack() as stack:
+            mha = getattr(torch.backends, "mha", None)
+            if mha is not None and hasattr(mha, "set_fastpath_enabled"):
+                was = mha.get_fastpath_enabled()
+                mha.set_fastpath_enabled(False)
+                stack.callback(mha.set_fastpath_enabled, was)
+            for rule, module in self._patches:
+                stack.enter_context(rule.patch(module))
+            yield
+
+    def _check_patches(self, X: torch.Tensor, candidates: list[Layer]) -> None:
+        """Keep the forward patches of the candidates' rules only if the patched model gives the original output
+        on a few samples (else those layers take the Jacobian route, with the reason)."""
+        patching = [L for L in candidates if type(L.rule).patch is not LayerRule.patch]
+        self._patches = []
+        if not patching:
+            return
+        fm = self.fm
+        flat, statics = fm.state(EvalPoint(0))
+        x = fm.prepare(X[: min(2, X.shape[0])])
+        run = lambda: functional_call(fm.model, (fm.params(flat), statics), (x,))  # noqa: E731
+        with torch.no_grad():
+            ref = run()
+            self._patches = [(L.rule, L.module) for L in patching]
+            try:
+                with self._patched():
+                    got = run()
+                why = "" if got.shape == ref.shape else f"output shape {tuple(got.shape)}, not {tuple(ref.shape)}"
+                if not why:
+                    tol = 1e-9 if fm.dtype == torch.float64 else 1e-4
+                    err = float((got - ref).abs().max()) if ref.numel() else 0.0
+                    if err > tol * (float(ref.abs().max()) + 1e-30):
+                        why = f"output differs by {err:.2e}"
+            except Exception as e:  # the replacement forward does not cover this call (a mask it lacks, …)
+                why = f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+        if why:
+            self._patches = []
+            for L in patching:
+                self._drop(L, f"its rule's replacement forward does not reproduce the model ({why})")
+
     def discover(self, X: torch.Tensor) -> None:
         """One forward pass on one sample: calls, positions S, fan-in I and fan-out O of each layer with a rule."""
         candidates = [L for L in self.layers if L.kind != "other"]
+        self._check_patches(X, candidates)
+        candidates = [L for L in candidates if L.kind != "other"]
         fm = self.fm
         flat, statics = fm.state(EvalPoint(0))
         call = _Call(None)
@@ -147,9 +209,9 @@ class Capture:
                 return output + made[key]
             return hook
 
-        handles = [L.module.register_forward_hook(hook_for(L)) for L in candidates]
+        handles = [L.rule.site(L.module).register_forward_hook(hook_for(L)) for L in candidates]
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), self._patched():
                 out = functional_call(fm.model, (params, statics), (x,))
                 f = out.reshape(x.shape[0], -1)
                 g = torch.Generator(device="cpu").manual_seed(12345)
@@ -176,7 +238,8 @@ class Capture:
                 continue
             try:
                 rebuilt = materialize(L, self.factors(L, jz, aux, 1, C=1), 1).reshape(-1)
-                expect = L.rule.gradient_layout(L, {p.rsplit(".", 1)[-1]: true[p] for p in L.params})
+                own = {p.rsplit(".", 1)[-1]: true[p] for p in L.params}
+                expect = L.rule.gradient_layout(L, dict(zip(("weight", "bias"), map(own.get, L.rule.param_names))))
                 if rebuilt.shape != expect.shape:
                     raise ValueError(f"{rebuilt.numel()} gradient values rebuilt, {expect.numel()} parameters")
             except (RuntimeError, ValueError, TypeError, AttributeError, IndexError) as e:

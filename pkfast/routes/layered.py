@@ -56,14 +56,14 @@ def find_layers(model: torch.nn.Module, fm: FunctionalModel) -> list[Layer]:
                 rule, reason = None, "a parameter shared with another module (tied weights)"
             elif torch.nn.utils.parametrize.is_parametrized(mod):
                 rule, reason = None, "parametrized weight"
-            elif "weight" not in dict(own):
+            elif rule.param_names[0] not in dict(own):
                 rule, reason = None, "frozen weight (only the bias trains)"
-            elif set(pn for pn, _ in own) - {"weight", "bias"}:
+            elif set(pn for pn, _ in own) - set(rule.param_names):
                 rule, reason = None, "extra parameters"
         layer = Layer(mname, rule.name if rule else "other", type(mod).__name__, names, sum(p.numel() for _, p in own),
                       module=mod if rule else None, rule=rule, reason=reason)
         if rule is not None:
-            layer.bias = "bias" in dict(own)
+            layer.bias = rule.param_names[1] in dict(own)
             layer.groups = rule.groups(mod)
         layers.append(layer)
     return layers
@@ -145,6 +145,9 @@ class LayeredRoute(Route):
 
     def summary(self) -> str:
         return f"{self.requested}: {layer_counts(self.layers)}"
+
+    def passes(self) -> str:
+        return self.capture.describe()
 
     def record(self) -> dict:
         return {"summary": self.summary(), "routes": [f"{L.name}:{L.method}" for L in self.layers]}
