@@ -93,3 +93,36 @@ def test_a_call_that_is_not_batch_first_uses_the_vmap_pass(count):
     K = pkfast.gram(net, traj, X, dtype=F64, progress=False)
     assert count["vmap"] >= 1  # the batched pass declined (and stays off for this route)
     assert rel_err(K, gram_reference(net, traj, X)) <= RTOL[F64]
+
+
+class WithPositions(nn.Module):
+    """Tokens plus a positional embedding of ``arange(L)``: a call every sample shares (no batch axis).
+    ``mix=True`` also averages the positional output over its first axis — which, once the batched pass gives
+    that output a batch axis, mixes the samples: the check against the vmap pass must catch it."""
+
+    def __init__(self, mix: bool = False) -> None:
+        super().__init__()
+        self.tok, self.pos, self.out = nn.Embedding(7, 4), nn.Embedding(5, 4), nn.Linear(4, 3)
+        self.mix = mix
+
+    def forward(self, ids):
+        pe = self.pos(torch.arange(ids.shape[1]))
+        if self.mix:
+            pe = pe + pe.mean(dim=0, keepdim=True)
+        return self.out(torch.tanh(self.tok(ids) + pe)).sum(1)
+
+
+@pytest.mark.parametrize("mix", [False, True])
+def test_a_call_shared_by_all_samples(count, mix):
+    """A shared call gets a probe with a batch axis in the batched pass (the same numbers as the reference);
+    where that would mix samples, the first chunk's check against the vmap pass keeps the vmap pass."""
+    torch.manual_seed(0)
+    net = WithPositions(mix).to(F64)
+    traj = random_trajectory(net, steps=2)
+    X, X2 = torch.randint(0, 7, (6, 5)), torch.randint(0, 7, (4, 5))
+    K = pkfast.gram(net, traj, X, X2, outputs="full", dtype=F64, progress=False)
+    assert rel_err(K, gram_reference(net, traj, X, X2, outputs="full")) <= RTOL[F64]
+    if mix:
+        assert count["vmap"] >= 1 and count["batched"] == 0
+    else:
+        assert count["batched"] > 0 and count["vmap"] == 0

@@ -51,6 +51,7 @@ class Capture:
         #: take factors from batched passes when every parameter has a route (else, or when a call is not
         #: batch-first, the vmap pass)
         self.batched = True
+        self._batched_checked = False
         self.group()
 
     def group(self) -> None:
@@ -316,11 +317,21 @@ class Capture:
     def _batched(self, keys: list[str], params: dict, statics: dict, x: torch.Tensor, y: torch.Tensor | None):
         """The output gradients and captures of every hooked call from one batched forward and C batched backward
         passes (samples are independent: :func:`pkfast.per_sample.check_independent`), in the layout the vmap pass
-        gives — or None when a call is not batch-first (its batch axis is elsewhere), to use vmap instead.
-        ``keys``: the hooked calls."""
-        fm, n = self.fm, x.shape[0]
-        probes = {k: torch.zeros((n, *self._shapes[k][1][1:]), dtype=fm.dtype, device=fm.device, requires_grad=True)
-                  for k in keys}
+        gives — or None when a call is neither batch-first nor shared by all samples, to use vmap instead.
+
+        A *shared* call (a positional embedding of ``arange(L)``: the same input for every sample) gets a probe
+        with a batch axis, so that each sample's output gradient is its own. The first use is checked against
+        the vmap pass on two samples (a model that mixes a shared call's output across the batch axis fails it
+        and keeps the vmap pass). ``keys``: the hooked calls."""
+        fm, n, single = self.fm, x.shape[0], self._shapes
+        shared = {k for k in keys if not (single[k][0][:1] == (1,) and single[k][1][:1] == (1,))}
+        probes = {k: torch.zeros((n, *(single[k][1] if k in shared else single[k][1][1:])), dtype=fm.dtype,
+                                 device=fm.device, requires_grad=True) for k in keys}
+
+        def expect(k: str) -> tuple[tuple, tuple]:
+            i, o = tuple(single[k][0]), tuple(single[k][1])
+            return (i, o) if k in shared else ((n, *i[1:]), (n, *o[1:]))
+
         call = _Call(probes)
         with torch.enable_grad():
             try:
@@ -328,10 +339,9 @@ class Capture:
             except RuntimeError:  # a probe of the wrong shape: this call's batch axis is not the first
                 self.batched = False
                 return None
-            single = self._shapes
             if set(call.inputs) != set(keys) or any(
-                    tuple(call.inputs[k].shape) != (n, *single[k][0][1:])
-                    or tuple(call.out_shapes[k]) != (n, *single[k][1][1:]) for k in keys):
+                    (tuple(call.inputs[k].shape), tuple(call.out_shapes[k])) != expect(k) for k in keys) or (
+                    out.shape[:1] != (n,)):
                 self.batched = False  # a call whose batch axis is not the first: the vmap pass is right for it
                 return None
             f = out.reshape(n, -1)
@@ -345,10 +355,44 @@ class Capture:
                                             allow_unused=True)
                 for k, g in zip(keys, grads):
                     rows[k].append(torch.zeros_like(probes[k]) if g is None else g)
-        # the vmap layout: per sample, a batch of one — [n, C, 1, *out] for Δ, [n, 1, *in] for the captures
-        jz = {k: torch.stack(r, dim=1).unsqueeze(2) for k, r in rows.items()}
-        aux = {k: v.detach().unsqueeze(1) for k, v in call.inputs.items()}
+        # the vmap layout: per sample, a batch of one — [n, C, 1, *out] for Δ, [n, 1, *in] for the captures (a
+        # shared call: [n, C, *out] and its input repeated, [n, *in])
+        jz = {k: torch.stack(r, dim=1) if k in shared else torch.stack(r, dim=1).unsqueeze(2) for k, r in rows.items()}
+        aux = {k: (v.detach().expand(n, *v.shape) if k in shared else v.detach().unsqueeze(1))
+               for k, v in call.inputs.items()}
+        if not self._batched_checked:
+            self._batched_checked = True
+            if not self._agrees_with_vmap(keys, params, statics, x, y, jz, aux):
+                self.batched = False
+                return None
         return jz, aux
+
+    def _agrees_with_vmap(self, keys, params, statics, x, y, jz, aux) -> bool:
+        """Whether the batched pass's output gradients and captures of the first two samples are the vmap pass's."""
+        fm, m = self.fm, min(2, x.shape[0])
+        probes = {k: torch.zeros(self._shapes[k][1], dtype=fm.dtype, device=fm.device) for k in keys}
+        loss = fm.loss
+
+        def per_sample(zs, xi, *yi):
+            call = _Call(zs)
+            out = self._run(self.hooked, call, lambda: functional_call(fm.model, (params, statics), (xi.unsqueeze(0),)))
+            f = out.reshape(-1)
+            if loss is not None:
+                f = loss.per_sample(f, yi[0], fm.output_shape).reshape(1)
+            return f, call.inputs
+
+        extra = () if y is None else (y[:m],)
+        jz_v, aux_v = fm.passes.jacobian(per_sample, 0, (None, 0) + ((0,) if y is not None else ()), probes, x[:m],
+                                         *extra, has_aux=True)
+        tol = 1e-9 if fm.dtype == torch.float64 else 1e-4
+        for k in keys:
+            for got, want in ((jz[k][:m], jz_v[k]), (aux[k][:m], aux_v[k])):
+                if got.shape != want.shape:
+                    return False
+                scale = float(want.abs().max()) + 1e-30 if want.is_floating_point() else 1.0
+                if float((got - want).abs().max()) > tol * scale:
+                    return False
+        return True
 
     def factors(self, L: Layer, jz: dict, aux: dict, n: int, C: int | None = None) -> list[tuple[torch.Tensor, Any]]:
         """[(A_g, Δ_g [n, C, S, O_g]) per group] of layer L from one pass's output gradients and captures."""
