@@ -114,7 +114,7 @@ class LayerRule:
 
     def split(self, layer: Layer, A: torch.Tensor, D: torch.Tensor) -> list[Factors]:
         """The factors of all calls (positions concatenated) as one (A_g, Δ_g) per group."""
-        return [(A.contiguous(), D.contiguous())]
+        return [(A, D)]
 
     def a_columns(self, layer: Layer) -> int:
         """Values of A per position (all groups): what the factors cost in memory besides Δ."""
@@ -186,7 +186,7 @@ class AffineRule(LayerRule):
             if layer.bias:
                 Ag = torch.cat([Ag, Ag.new_ones(Ag.shape[0], Ag.shape[1], 1)], dim=2)
             Dg = D[..., g * Og:(g + 1) * Og] if layer.groups > 1 else D
-            out.append((Ag.contiguous(), Dg.contiguous()))
+            out.append((Ag, Dg))  # views where possible: the products take strided operands
         return out
 
     def a_columns(self, layer: Layer) -> int:
