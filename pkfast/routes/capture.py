@@ -52,6 +52,7 @@ class Capture:
         #: batch-first, the vmap pass)
         self.batched = True
         self._batched_checked = False
+        self._grads_batched: bool | None = None  # one batched backward for C outputs works (None: not tried)
         self.group()
 
     def group(self) -> None:
@@ -348,16 +349,10 @@ class Capture:
             if fm.loss is not None:
                 shape = fm.output_shape
                 f = torch.func.vmap(lambda fi, yi: fm.loss.per_sample(fi, yi, shape))(f, y).reshape(n, 1)
-            C = f.shape[1]
-            rows: dict[str, list] = {k: [] for k in keys}
-            for c in range(C):
-                grads = torch.autograd.grad(f[:, c].sum(), [probes[k] for k in keys], retain_graph=c < C - 1,
-                                            allow_unused=True)
-                for k, g in zip(keys, grads):
-                    rows[k].append(torch.zeros_like(probes[k]) if g is None else g)
+            grads = self._output_gradients(f, [probes[k] for k in keys])
         # the vmap layout: per sample, a batch of one — [n, C, 1, *out] for Δ, [n, 1, *in] for the captures (a
         # shared call: [n, C, *out] and its input repeated, [n, *in])
-        jz = {k: torch.stack(r, dim=1) if k in shared else torch.stack(r, dim=1).unsqueeze(2) for k, r in rows.items()}
+        jz = {k: g if k in shared else g.unsqueeze(2) for k, g in zip(keys, grads)}
         aux = {k: (v.detach().expand(n, *v.shape) if k in shared else v.detach().unsqueeze(1))
                for k, v in call.inputs.items()}
         if not self._batched_checked:
@@ -366,6 +361,33 @@ class Capture:
                 self.batched = False
                 return None
         return jz, aux
+
+    def _output_gradients(self, f: torch.Tensor, probes: list[torch.Tensor]) -> list[torch.Tensor]:
+        """∂f[:, c]/∂probe for every output c, as ``[n, C, *probe shape[1:]]`` per probe: C = 1 by one backward
+        pass; more by one batched backward (``is_grads_batched``) where the model's backward ops support it
+        (learnt on the first call), else by C passes stacked."""
+        n, C = f.shape
+        if C == 1:
+            gs = torch.autograd.grad(f[:, 0].sum(), probes, allow_unused=True)
+            return [torch.zeros_like(p).unsqueeze(1) if g is None else g.unsqueeze(1) for p, g in zip(probes, gs)]
+        if self._grads_batched is not False:
+            eye = torch.eye(C, dtype=f.dtype, device=f.device)[:, None, :].expand(C, n, C)
+            try:
+                gs = torch.autograd.grad(f, probes, grad_outputs=eye, is_grads_batched=True, retain_graph=True,
+                                         allow_unused=True)
+                self._grads_batched = True
+                return [torch.zeros((n, C, *p.shape[1:]), dtype=p.dtype, device=p.device) if g is None
+                        else g.transpose(0, 1) for p, g in zip(probes, gs)]
+            except RuntimeError:  # an op without a batching rule for its backward
+                if self._grads_batched:
+                    raise
+                self._grads_batched = False
+        rows: list[list[torch.Tensor]] = [[] for _ in probes]
+        for c in range(C):
+            gs = torch.autograd.grad(f[:, c].sum(), probes, retain_graph=c < C - 1, allow_unused=True)
+            for r, p, g in zip(rows, probes, gs):
+                r.append(torch.zeros_like(p) if g is None else g)
+        return [torch.stack(r, dim=1) for r in rows]
 
     def _agrees_with_vmap(self, keys, params, statics, x, y, jz, aux) -> bool:
         """Whether the batched pass's output gradients and captures of the first two samples are the vmap pass's."""
