@@ -10,7 +10,7 @@ that
   and value's if they are other tensors — so that the layer is a Linear from E to 3E whose factors are the
   inputs and the gradients at ``y``. A cross-attention call also computes the 3E outputs of each input that
   it does not use (the key/value columns of the query's positions, …); their output gradient is zero, so
-  the per-sample gradient Σ_s δ_s a_sᵀ is exact (docs/math.md §5.1);
+  the per-sample gradient Σ_s δ_s a_sᵀ is exact (docs/math.md §5.5);
 - calls ``out_proj`` as a module, so the ordinary Linear rule covers it;
 - computes attention as ``F.multi_head_attention_forward`` does (masks, ``is_causal``, ``need_weights``,
   ``add_zero_attn``, batch-first or not, unbatched inputs).
