@@ -219,7 +219,8 @@ class GramPlan:
         M = N if j.X2 is None else j.X2.shape[0]
         o = j.opts
         shape = f"{N}" if o.diagonal else f"{N}×{M}"
-        head = (f"pkfast.plan: {'diagonal of a ' if o.diagonal else ''}{shape} {o.outputs} Gram, C={j.num_outputs}, "
+        what = "loss kernel" if o.of == "loss" else f"{o.outputs} Gram"
+        head = (f"pkfast.plan: {'diagonal of a ' if o.diagonal else ''}{shape} {what}, C={j.num_outputs}, "
                 f"{len(j.terms)} terms (rule={o.rule!r}), method={self.requested!r} → {self.routes}")
         rows = [("layer", "type", "route", "S", "I", "O", "params", "GFLOP", "other routes (GFLOP)", "KiB/sample", "note")]
         for L in self.layers:

@@ -1,13 +1,15 @@
-"""routes.capture: the factors (A, Δ) of every layer with a rule, captured by forward hooks in one ``vmap(jacrev)``
-pass per chunk of samples, together with the Jacobian of the parameters no rule covers.
+"""routes.capture: the factors (A, Δ) of every layer with a rule, captured by forward hooks — from one batched
+forward and C batched backward passes per chunk when every trained parameter has a rule, else from one
+``vmap(jacrev)`` pass per chunk that also gives the Jacobian of the parameters no rule covers.
 
-How: a forward hook on each routed module keeps what its rule captures of the call (its input, or the
-normalised input of a norm layer) and adds a zero *probe* to its output; the Jacobian of the model's output
-with respect to the probes is Δ, the output gradient at that layer, per sample and per output. The other
-parameters' Jacobian comes out of the same ``jacrev``. Before any of this is used, :meth:`Capture.discover`
-learns each layer's calls, positions and fans from one sample, and :meth:`Capture.verify` checks on a few
-samples that each rule rebuilds the layer's true parameter gradient (a weight also used outside its module,
-e.g. tied through ``F.linear``, fails and takes the Jacobian route).
+How: a forward hook on each routed module (or on the site its rule names) keeps what its rule captures of the
+call (its input, or the normalised input of a norm layer) and adds a zero *probe* to its output; the gradient
+of the model's output with respect to the probes is Δ, the output gradient at that layer, per sample and per
+output. Before any of this is used, :meth:`Capture.discover` checks that rules which swap a module's forward
+reproduce the model's output, learns each layer's calls, positions and fans from one sample, and
+:meth:`Capture.verify` checks on a few samples that each rule rebuilds the layer's true parameter gradient (a
+weight also used outside its module, e.g. tied through ``F.linear``, fails and takes the Jacobian route). The
+first batched chunk is checked against the vmap pass on two samples.
 """
 
 from __future__ import annotations
