@@ -110,3 +110,17 @@ def test_reduced_precision_needs_triton():
         pkfast.gram(net, traj, torch.randn(3, 5), precision="tf32", progress=False)
     with pytest.raises(ValueError, match=r"precision='bf16' applies to float32"):
         pkfast.gram(net, traj, torch.randn(3, 5), precision="bf16", dtype=torch.float64, progress=False)
+
+
+@needs_triton
+def test_an_interpreter_that_cannot_run_the_kernels_loops_is_reported(monkeypatch):
+    """Triton 3.6's interpreter fails on a loop over a runtime int (docs/gpu.md): the status says so up front."""
+    import pkfast.accumulate.triton_launch as tl
+
+    if "interpreter" not in tl.triton_status()[1]:
+        pytest.skip("a GPU runs the compiled kernel here")
+    assert tl._interpreter_loop_failure() == ""  # this interpreter runs the probe kernel
+    monkeypatch.setattr(tl, "_interpreter_loop_failure",
+                        lambda: "TypeError: only 0-dimensional arrays can be converted to Python scalars")
+    ok, why = tl.triton_status()
+    assert not ok and "cannot run the kernel's loops (TypeError: only 0-dimensional arrays" in why

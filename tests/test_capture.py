@@ -126,3 +126,23 @@ def test_a_call_shared_by_all_samples(count, mix):
         assert count["vmap"] >= 1 and count["batched"] == 0
     else:
         assert count["batched"] > 0 and count["vmap"] == 0
+
+
+def test_the_plan_says_how_the_factors_are_obtained():
+    class WithScale(nn.Module):  # a bare parameter: no layer rule, so the vmap pass
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+            self.scale = nn.Parameter(torch.ones(2))
+
+        def forward(self, x):
+            return self.lin(x) * self.scale
+
+    torch.manual_seed(0)
+    X = torch.randn(5, 3)
+    net = mlp(d_in=3, hidden=4, d_out=2)
+    assert "factors from one batched forward and 2 backward passes per chunk" in str(
+        pkfast.plan(net, random_trajectory(net, steps=1), X, outputs="full"))
+    net = WithScale()
+    assert "factors from vmap(jacrev) per sample: parameters without a layer route (scale) need it" in str(
+        pkfast.plan(net, random_trajectory(net, steps=1), X, method="materialized"))
