@@ -149,7 +149,7 @@ class Capture:
                     got = run()
                 why = "" if got.shape == ref.shape else f"output shape {tuple(got.shape)}, not {tuple(ref.shape)}"
                 if not why:
-                    tol = 1e-9 if fm.dtype == torch.float64 else 1e-4
+                    tol = _tolerance(fm.dtype)
                     err = float((got - ref).abs().max()) if ref.numel() else 0.0
                     if err > tol * (float(ref.abs().max()) + 1e-30):
                         why = f"output differs by {err:.2e}"
@@ -250,7 +250,7 @@ class Capture:
                 self._drop(L, f"its rule does not fit the module ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
                 continue
             scale = float(expect.abs().max()) + float(rebuilt.abs().max()) + 1e-30
-            tol = 1e-9 if fm.dtype == torch.float64 else 1e-4
+            tol = _tolerance(fm.dtype)
             if float((rebuilt - expect).abs().max()) > tol * scale:
                 self._drop(L, "its gradient is not what its rule rebuilds from its calls: a parameter also used outside "
                            "its forward (e.g. tied through F.linear), or a rule that does not fit the module")
@@ -270,17 +270,7 @@ class Capture:
         hooked = {L.name for L in self.hooked}
         keys = [k for k in self._shapes if k.rsplit("#", 1)[0] in hooked]
         probes = {k: torch.zeros(self._shapes[k][1], dtype=fm.dtype, device=fm.device) for k in keys}
-        loss = fm.loss
-
-        def per_sample(pj_, zs, x, *y):
-            call = _Call(zs)
-            out = self._run(self.hooked, call,
-                            lambda: functional_call(fm.model, ({**pj_, **pk}, statics), (x.unsqueeze(0),)))
-            f = out.reshape(-1)
-            if loss is not None:
-                f = loss.per_sample(f, y[0], fm.output_shape).reshape(1)
-            return f, call.inputs
-
+        per_sample = self._per_sample(pk, statics)
         argnums = (0, 1) if pj else 1
         in_dims = (None, None, 0) + ((0,) if Y is not None else ())
         n = X.shape[0]
@@ -316,6 +306,21 @@ class Capture:
             chunks = parts[L.name]
             feats[L.name] = [tuple(torch.cat([c[g][i] for c in chunks]) for i in range(2)) for g in range(len(chunks[0]))]
         return feats
+
+    def _per_sample(self, fixed: dict, statics: dict) -> Callable:
+        """``f(jacobian params, probes, x, *y)`` of one sample (with the ``fixed`` parameters): the model's outputs
+        (or its loss) with the probes added at the hooked calls, and the calls' captures as auxiliary output."""
+        fm, loss = self.fm, self.fm.loss
+
+        def per_sample(pj_, zs, x, *y):
+            call = _Call(zs)
+            out = self._run(self.hooked, call,
+                            lambda: functional_call(fm.model, ({**pj_, **fixed}, statics), (x.unsqueeze(0),)))
+            f = out.reshape(-1)
+            if loss is not None:
+                f = loss.per_sample(f, y[0], fm.output_shape).reshape(1)
+            return f, call.inputs
+        return per_sample
 
     def _batched(self, keys: list[str], params: dict, statics: dict, x: torch.Tensor, y: torch.Tensor | None):
         """The output gradients and captures of every hooked call from one batched forward and C batched backward
@@ -395,20 +400,11 @@ class Capture:
         """Whether the batched pass's output gradients and captures of the first two samples are the vmap pass's."""
         fm, m = self.fm, min(2, x.shape[0])
         probes = {k: torch.zeros(self._shapes[k][1], dtype=fm.dtype, device=fm.device) for k in keys}
-        loss = fm.loss
-
-        def per_sample(zs, xi, *yi):
-            call = _Call(zs)
-            out = self._run(self.hooked, call, lambda: functional_call(fm.model, (params, statics), (xi.unsqueeze(0),)))
-            f = out.reshape(-1)
-            if loss is not None:
-                f = loss.per_sample(f, yi[0], fm.output_shape).reshape(1)
-            return f, call.inputs
-
         extra = () if y is None else (y[:m],)
-        jz_v, aux_v = fm.passes.jacobian(per_sample, 0, (None, 0) + ((0,) if y is not None else ()), probes, x[:m],
+        jz_v, aux_v = fm.passes.jacobian(self._per_sample(params, statics), 1,
+                                         (None, None, 0) + ((0,) if y is not None else ()), {}, probes, x[:m],
                                          *extra, has_aux=True)
-        tol = 1e-9 if fm.dtype == torch.float64 else 1e-4
+        tol = _tolerance(fm.dtype)
         for k in keys:
             for got, want in ((jz[k][:m], jz_v[k]), (aux[k][:m], aux_v[k])):
                 if got.shape != want.shape:
@@ -430,6 +426,12 @@ class Capture:
         A = torch.cat(As, dim=1) if len(As) > 1 else As[0]
         D = torch.cat(Ds, dim=2) if len(Ds) > 1 else Ds[0]
         return L.rule.split(L, A, D)
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    """Relative agreement asked of two computations of the same quantity (rule vs autograd, patched vs original
+    forward, batched vs vmap pass)."""
+    return 1e-9 if dtype == torch.float64 else 1e-4
 
 
 def _put(dst: torch.Tensor, src: torch.Tensor, weight: float, add: bool) -> None:
