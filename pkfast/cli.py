@@ -72,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
                        "it; under torchrun with CUDA: cuda:LOCAL_RANK)")
     g.add_argument("--k", type=int, default=None, help="sketch dimension for --method sketch (default 1024)")
     g.add_argument("--seed", type=int, default=None, help="sketch seed for --method sketch (default 0)")
+    g.add_argument("--projection", default="auto", choices=("auto", "dense", "kronecker"),
+                   help="--method sketch: each layer Kronecker-factored where cheaper (auto, default), every "
+                   "parameter dense, or every factorisable layer Kronecker-factored")
     g.add_argument("--out", required=True, metavar="gram.npy", help="output .npy (manifest in <out>.pkfast/)")
     g.add_argument("--overwrite", action="store_true", help="discard an existing output and start afresh")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -191,7 +194,7 @@ def _gram(a: argparse.Namespace) -> int:
     try:
         model, traj, X, X2 = _inputs(a, model)
         K = pkfast.gram(model, traj, X, X2, out=a.out, overwrite=a.overwrite, progress=not a.no_progress, k=a.k,
-                        seed=a.seed, **_options(a))
+                        seed=a.seed, projection=a.projection, **_options(a))
         rank = torch.distributed.get_rank() if dist else 0
         if rank == 0:
             print(f"pkfast: wrote {a.out}: shape {tuple(K.shape)} {K.dtype}")
@@ -237,9 +240,10 @@ def _info(a: argparse.Namespace) -> int:
         pct = 100.0 * d["tiles_done"] / max(1, d["tiles"])
         o = d["options"]
         print(f"{d['path']}: {'×'.join(map(str, d['shape']))} {d['dtype']} ({d['size_bytes'] / 2**20:.1f} MiB)")
+        sk = " k=%s seed=%s projection=%s" % (o.get("k"), o.get("seed"), o.get("projection") or "dense")
         print(f"  options: outputs={o['outputs']} rule={o['rule']} diagonal={o['diagonal']} backend={o['backend']} "
               f"precision={o['precision']} device={o['device']} method={o.get('method', 'jacobian')}"
-              f"{' k=%s seed=%s' % (o.get('k'), o.get('seed')) if o.get('method') == 'sketch' else ''}"
+              f"{sk if o.get('method') == 'sketch' else ''}"
               f"{' (symmetric: upper tiles mirrored)' if d['symmetric'] else ''}")
         # format version 2 records the routes used; version 1 the resolved method only
         print(f"  routes: {o.get('summary') or str(o.get('method', 'jacobian')) + ' (recorded by pkfast 0.1)'}")

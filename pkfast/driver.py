@@ -121,9 +121,10 @@ class GramJob:
         samples = N + (0 if opts.diagonal else M)
         if opts.method == "sketch":
             sk = Sketcher(fm, terms, k=1024 if opts.k is None else opts.k, seed=0 if opts.seed is None else opts.seed,
-                          rule=opts.rule, of=opts.of, loss=opts.loss, budget=budget, fn=fn)
+                          rule=opts.rule, of=opts.of, loss=opts.loss, budget=budget, fn=fn,
+                          projection=opts.projection, X=data.X, samples=N + (0 if data.X2 is None else M))
             route: Route = SketchRoute(layout, sk, N + (0 if data.X2 is None else M))
-            job = cls(opts, fm, data, layout, terms, route, None, [])  # type: ignore[arg-type]
+            job = cls(opts, fm, data, layout, terms, route, None, sk.layers)  # type: ignore[arg-type]
             job.plan = job._plan_tiles(budget, symmetric)
             return job
         layers = find_layers(model, fm)

@@ -48,6 +48,7 @@ def gram(
     method: str = "auto",
     k: int | None = None,
     seed: int | None = None,
+    projection: str = "auto",
 ) -> torch.Tensor | np.memmap:
     r"""The path-kernel Gram matrix of ``model`` along ``trajectory`` between samples ``X`` (and ``X2``).
 
@@ -126,11 +127,15 @@ def gram(
               held and none is recomputed when the Jacobians exceed ``memory_budget``.
             - ``"jacobian"``: materialise every Jacobian with ``vmap(jacrev)``, as in the torch.func tutorial.
             - ``"sketch"``: approximate and unbiased: Gram of the random path features
-              Φ(x) = Σ_s √ε_s J_s(x) R_s (:func:`pkfast.sketch`), with ``k`` columns (default 1024; the standard
-              deviation of an entry is √((K(x,x)·K(x′,x′) + K(x,x′)²)/k)) from the random ``seed`` (default 0).
+              Φ(x) = Σ_s √ε_s J_s(x) R_s (:func:`pkfast.sketch`), with ``k`` columns (default 1024) from the
+              random ``seed`` (default 0); each layer with a factorised rule is projected from its factors by a
+              Kronecker-factored R where that is cheaper (``projection``; :func:`pkfast.plan` shows the choice).
               Symmetric rules only. The features of X (and X2) are computed once, then the tiles are their
               products, in memory or stored with ``out`` and shared across ranks like any Gram.
-        k, seed: the sketch's dimension and seed (``method="sketch"`` only).
+        k, seed, projection: the sketch's dimension, seed and projection — ``"auto"`` (per layer by cost),
+            ``"dense"`` (every parameter by a dense Gaussian: an entry's standard deviation is
+            √((K(x,x)·K(x′,x′) + K(x,x′)²)/k)) or ``"kronecker"`` (every factorisable layer factored) — for
+            ``method="sketch"`` only; see :mod:`pkfast.sketch`.
 
     Returns:
         A CPU ``torch.Tensor`` of dtype ``dtype``: ``[N, M]``, ``[N, M, C, C]``, ``[N]`` or ``[N, C, C]``; with
@@ -149,7 +154,7 @@ def gram(
     """
     job = GramJob.create(model, trajectory, X, X2, y=y, y2=y2, fn=_FN, outputs=outputs, rule=rule, diagonal=diagonal,
                          backend=backend, dtype=dtype, memory_budget=memory_budget, precision=precision, nodes=nodes,
-                         of=of, loss=loss, method=method, k=k, seed=seed)
+                         of=of, loss=loss, method=method, k=k, seed=seed, projection=projection)
     if out is not None:
         return job.run(store_sink(job, out, overwrite=overwrite), progress=progress)
     if overwrite:
@@ -192,9 +197,6 @@ def plan(
     for k in ("out", "overwrite", "progress"):
         if k in options:
             raise TypeError(f"pkfast.plan: {k!r} is an option of the computation, not of the plan; drop it")
-    if options.get("method") == "sketch":
-        raise ValueError("pkfast.plan: method='sketch' has no layer routes (it is a Gram of random features: see "
-                         "pkfast.sketch); expected 'auto', 'jacobian', 'factorized' or 'materialized'")
     job = GramJob.create(model, trajectory, X, X2, fn="pkfast.plan", **options)
     return GramPlan(job)
 

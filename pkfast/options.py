@@ -26,7 +26,7 @@ from pkfast.accumulate import BACKENDS, PRECISIONS
 from pkfast.loss import LossSpec
 from pkfast.rules import DEFAULT_NODES, RULES
 
-__all__ = ["Options", "OUTPUTS", "OF", "METHODS", "BACKENDS", "PRECISIONS", "resolve_budget", "default_memory_budget",
+__all__ = ["Options", "OUTPUTS", "OF", "METHODS", "PROJECTIONS", "BACKENDS", "PRECISIONS", "resolve_budget", "default_memory_budget",
            "stream_bytes", "model_device"]
 
 #: ``"trace"``: Σ_c ∇f_c(x)·∇f_c(x′), shape [N, M] (the torch.func tutorial's convention);
@@ -37,6 +37,9 @@ OUTPUTS = ("trace", "mean", "full")
 OF = ("output", "loss")
 #: ``method=`` values of :func:`pkfast.gram`.
 METHODS = ("auto", "jacobian", "factorized", "materialized", "sketch")
+#: ``projection=`` values of a sketch: per layer by cost (Kronecker-factored where cheaper), every parameter by
+#: the dense Gaussian, every factorisable layer Kronecker-factored (docs/math.md §7).
+PROJECTIONS = ("auto", "dense", "kronecker")
 #: Rules a sketch can use: a feature map's Gram is symmetric, the exact rule is not.
 SKETCH_RULES = ("left", "trapezoid")
 #: The streaming workspace of materialised layers: at most this, and at most a quarter of the budget. A slice
@@ -65,6 +68,7 @@ class Options:
     method: str = "auto"
     k: int | None = None
     seed: int | None = None
+    projection: str = "auto"
 
     @classmethod
     def check(cls, fn: str, *, trajectory: Any = None, rules: tuple[str, ...] = RULES, strict_nodes: bool = True,
@@ -111,8 +115,11 @@ class Options:
             if isinstance(o["seed"], bool) or not isinstance(o["seed"], numbers.Integral):
                 raise TypeError(f"{fn}: seed must be an integer; found {o['seed']!r}")
             o["seed"] = int(o["seed"])
-        if (o.get("k") is not None or o.get("seed") is not None) and o.get("method", "sketch") != "sketch":
-            raise ValueError(f"{fn}: k and seed set the random projection of method='sketch'; found "
+        if "projection" in o:
+            _checks.check_choice(fn, "projection", o["projection"], PROJECTIONS)
+        if (o.get("k") is not None or o.get("seed") is not None or o.get("projection", "auto") != "auto") \
+                and o.get("method", "sketch") != "sketch":
+            raise ValueError(f"{fn}: k, seed and projection set the random projection of method='sketch'; found "
                              f"method={o['method']!r}")
         if o.get("method") == "sketch" and o.get("rule", "left") not in SKETCH_RULES:
             raise ValueError(_rule_refusal(fn, o["rule"], SKETCH_RULES))
@@ -147,7 +154,7 @@ class Options:
                 "backend": self.backend, "precision": self.precision, "of": self.of,
                 "nodes": self.nodes if self.rule == "exact" else None,
                 "loss": None if self.loss is None else self.loss.to_meta(), "method": self.method,
-                "k": self.k, "seed": self.seed}
+                "k": self.k, "seed": self.seed, "projection": self.projection if self.method == "sketch" else None}
 
 
 def _rule_refusal(fn: str, rule: str, rules: tuple[str, ...]) -> str:

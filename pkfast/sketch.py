@@ -107,6 +107,7 @@ def sketch(
     *,
     k: int = 1024,
     seed: int = 0,
+    projection: str = "auto",
     rule: str = "left",
     of: str = "output",
     loss: Any = None,
@@ -158,12 +159,12 @@ def sketch(
     model = check_model_and_trajectory(_FN, model, trajectory)
     opts = Options.check(_FN, trajectory=trajectory, rules=SKETCH_RULES, k=1024 if k is None else k,
                          seed=0 if seed is None else seed, rule=rule, of=of, loss=loss, dtype=dtype,
-                         memory_budget=memory_budget)
+                         memory_budget=memory_budget, projection=projection, method="sketch")
     data = check_data(_FN, opts, X, y=y)
     dev = _device(device, model)
     fm = functional_model(_FN, model, trajectory, opts, data, dev)
     sk = Sketcher(fm, terms_for(opts.rule, trajectory.step_sizes), k=opts.k, seed=opts.seed, rule=opts.rule,
-                  of=opts.of, loss=opts.loss, budget=opts.budget(dev), fn=_FN)
+                  of=opts.of, loss=opts.loss, budget=opts.budget(dev), fn=_FN, projection=opts.projection, X=data.X)
     return PathFeatures(sk.project(data.X, data.Y, progress=progress), k=sk.k, seed=sk.seed, rule=sk.rule, of=sk.of,
                         parts=sk.parts)
 

@@ -161,7 +161,7 @@ def test_plan_and_methods_from_the_command_line(digits_run):
     assert "method=sketch k=32 seed=7" in r.stdout
     r = _cli("gram", "--model", "nets.py:make_net", "--trajectory", "traj", "--data", "X.npy", "--out", "T.npy",
              "--k", "32", cwd=d)
-    assert r.returncode == 2 and "k and seed set the random projection of --method sketch" in r.stderr
+    assert r.returncode == 2 and "k, seed and projection set the random projection of --method sketch" in r.stderr
 
 
 def _one_line_error(r) -> str:

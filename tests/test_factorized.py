@@ -358,10 +358,10 @@ def test_gram_method_sketch_is_the_sketch_module(tmp_path):
     assert (opts["method"], opts["k"], opts["seed"]) == ("sketch", 64, 3)
     with pytest.raises(pkfast.store.StoreError, match="options"):  # another seed is another Gram
         pkfast.gram(net, traj, X, method="sketch", k=64, seed=4, dtype=F64, progress=False, out=out)
-    with pytest.raises(ValueError, match=r"k and seed set the random projection of method='sketch'; found method='auto'"):
+    with pytest.raises(ValueError, match=r"k, seed and projection set the random projection of method='sketch'; found method='auto'"):
         pkfast.gram(net, traj, X, k=8)
-    with pytest.raises(ValueError, match="method='sketch' has no layer routes"):
-        pkfast.plan(net, traj, X, method="sketch")
+    plan = str(pkfast.plan(net, traj, X, method="sketch", k=64))  # the plan shows each layer's projection
+    assert "method='sketch' → sketch: k=64, seed=0" in plan and "projection: kronecker 8×8:" in plan, plan
     with pytest.raises(ValueError, match="rule='exact' cannot be sketched"):
         pkfast.gram(net, traj, X, method="sketch", rule="exact")
 

@@ -48,7 +48,8 @@ def many(request):
     rule = request.param
     net, traj, X, _ = _problem()
     k = 16
-    G = torch.stack([sketch(net, traj, X, k=k, seed=s, rule=rule, dtype=F64, progress=False).gram(outputs="full")
+    G = torch.stack([sketch(net, traj, X, k=k, seed=s, rule=rule, dtype=F64, projection="dense",
+                            progress=False).gram(outputs="full")
                      for s in range(SEEDS)])
     K = pkfast.gram(net, traj, X, outputs="full", rule=rule, dtype=F64, progress=False)
     return rule, k, G, K
@@ -96,8 +97,8 @@ def test_error_falls_like_one_over_sqrt_k():
     ks = (8, 32, 128, 512)
     rms = []
     for k in ks:
-        mse = np.mean([float(((sketch(net, traj, X, k=k, seed=s, dtype=F64, progress=False).gram() - K) ** 2).mean())
-                       for s in range(32)])
+        mse = np.mean([float(((sketch(net, traj, X, k=k, seed=s, dtype=F64, projection="dense",
+                                      progress=False).gram() - K) ** 2).mean()) for s in range(32)])
         rms.append(math.sqrt(mse) / float(K.pow(2).mean().sqrt()))
     slope = np.polyfit(np.log(ks), np.log(rms), 1)[0]
     assert -0.6 <= slope <= -0.4, f"RMS relative errors {rms} give slope {slope:.3f}"
@@ -134,7 +135,8 @@ def test_uniform_error_bound_holds_with_the_promised_probability():
     assert k == math.ceil(6 * math.log(4 * E / delta) / eps**2)
     d = K.diagonal()
     bound = eps * (d[:, None] * d[None, :]).sqrt()
-    fails = sum(bool(((sketch(net, traj, X, k=k, seed=s, dtype=F64, progress=False).gram() - K).abs() > bound).any())
+    fails = sum(bool(((sketch(net, traj, X, k=k, seed=s, dtype=F64, projection="dense", progress=False).gram() - K)
+                      .abs() > bound).any())
                 for s in range(runs))
     assert fails / runs <= delta + 3 * math.sqrt(delta * (1 - delta) / runs), f"{fails} of {runs} seeds broke the bound"
 
@@ -167,7 +169,8 @@ def test_features_are_the_explicit_projection_whatever_the_loop_order(monkeypatc
     for rule in ("left", "trapezoid"):
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="pkfast"):
-            phi = sketch(net, traj, X, k=k, seed=seed, rule=rule, dtype=F64, memory_budget=budget, progress=False)
+            phi = sketch(net, traj, X, k=k, seed=seed, rule=rule, dtype=F64, memory_budget=budget, projection="dense",
+                         progress=False)
         assert re.search(rf"in {chunks} chunk\(s\) .* 4 block\(s\) of R .* {order} outermost", caplog.text), caplog.text
         ref = _explicit_features(net, traj, X, k, seed, rule, rows=24)
         torch.testing.assert_close(phi.features, ref, rtol=1e-12, atol=1e-14)
@@ -187,11 +190,13 @@ def test_same_seed_is_bitwise_identical_and_seeds_differ():
     assert f32.features.dtype == torch.float32 and f32.fingerprint != a.fingerprint
 
 
-def test_memory_budget_does_not_change_the_features_and_too_small_is_refused(caplog):
+@pytest.mark.parametrize("projection, budget", [("dense", "60KB"), ("kronecker", "4KB")])
+def test_memory_budget_does_not_change_the_features_and_too_small_is_refused(caplog, projection, budget):
     net, traj, X, _ = _problem(n=13)
-    big = sketch(net, traj, X, k=64, seed=2, dtype=F64, progress=False)
+    big = sketch(net, traj, X, k=64, seed=2, dtype=F64, projection=projection, progress=False)
     with caplog.at_level(logging.INFO, logger="pkfast"):
-        small = sketch(net, traj, X, k=64, seed=2, dtype=F64, memory_budget="60KB", progress=False, device="cpu")
+        small = sketch(net, traj, X, k=64, seed=2, dtype=F64, memory_budget=budget, projection=projection,
+                       progress=False, device="cpu")
     chunks = int(re.search(r"in (\d+) chunk", caplog.text).group(1))
     assert chunks >= 4, caplog.text
     assert float((small.features - big.features).abs().max()) <= 1e-12 * float(big.features.abs().max())

@@ -150,6 +150,11 @@ class LayerRule:
         """``[n, S, S]``: a_s·a′_t of each sample with itself."""
         raise NotImplementedError
 
+    def project_input(self, A: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+        """``[n, S, r]``: R_inᵀ a_s at every position, for the Kronecker-factored sketch (``R``: ``[width_in, r]``,
+        one row per column of A — a vocabulary row for an embedding)."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------------ cost
     def costs(self, layer: Layer, C: int, full: bool) -> tuple[float | None, float, float]:
         """(factorised multiply-adds per pair or None, materialised per pair, materialised per sample) of one
@@ -239,6 +244,9 @@ class AffineRule(LayerRule):
 
     def input_gram_diagonal(self, A: torch.Tensor, A2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return torch.bmm(A, A2.transpose(1, 2))
+
+    def project_input(self, A: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(A, R)
 
     def costs(self, layer: Layer, C: int, full: bool) -> tuple[float | None, float, float]:
         S, g, Ip, O = layer.positions, layer.groups, layer.factor_in, layer.fan_out

@@ -72,6 +72,9 @@ class EmbeddingRule(LayerRule):
     def input_gram_diagonal(self, A: torch.Tensor, A2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return (A[:, :, None] == A2[:, None, :]).to(dtype)
 
+    def project_input(self, A: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+        return R[A]  # a one-hot row times R is R's row of the token
+
     def costs(self, layer: Layer, C: int, full: bool) -> tuple[float | None, float, float]:
         S, O = layer.positions, layer.fan_out
         cc = C * C if full else C

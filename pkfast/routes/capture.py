@@ -60,12 +60,13 @@ class Capture:
     def group(self) -> None:
         """Sort the layers by their chosen method (call again after the cost model re-chooses)."""
         layers, fm = self.layers, self.fm
-        self.hooked = [L for L in layers if L.method in ("factorized", "materialized")]
-        self.factorized = [L for L in layers if L.method == "factorized"]
+        # the sketch's "kronecker" layers give factors like factorised ones; its "dense" layers are in the panel
+        self.hooked = [L for L in layers if L.method in ("factorized", "materialized", "kronecker", "dense")]
+        self.factorized = [L for L in layers if L.method in ("factorized", "kronecker")]
         self.streamed = [L for L in layers if L.method == "materialized" and L.stream]
-        self.paneled = [L for L in layers if L.method == "materialized" and not L.stream]
+        self.paneled = [L for L in layers if L.method == "dense" or (L.method == "materialized" and not L.stream)]
         self.with_factors = self.factorized + self.streamed
-        skip = {p for L in layers if L.method in ("factorized", "materialized", "unused") for p in L.params}
+        skip = {p for L in self.hooked for p in L.params} | {p for L in layers if L.method == "unused" for p in L.params}
         self.jac_names = [n for n in fm.names if n not in skip]  # parameters of unused layers give zeros
         sizes = dict(zip(fm.names, fm.sizes))
         self.jac_width = sum(sizes[n] for n in self.jac_names)
@@ -290,7 +291,8 @@ class Capture:
                 dst = panel[a:b]
                 off = 0
                 if pj:
-                    blk = torch.cat([jp[nm].flatten(2) for nm in self.jac_names], dim=2)
+                    # reshape, not flatten(2): a scalar parameter's Jacobian is [n, C]
+                    blk = torch.cat([jp[nm].reshape(b - a, dst.shape[1], -1) for nm in self.jac_names], dim=2)
                     _put(dst[:, :, : self.jac_width], blk, weight, add)
                     off = self.jac_width
                 for L in self.paneled:

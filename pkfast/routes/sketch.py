@@ -19,9 +19,12 @@ import torch
 from tqdm.auto import tqdm
 
 from pkfast import distributed
-from pkfast.jacobians import FunctionalModel
+from pkfast.jacobians import DEFAULT_CHUNK_BYTES, FunctionalModel
 from pkfast.products import Layout
 from pkfast.routes.base import Combo, Data, Route, Side
+from pkfast.routes.capture import Capture
+from pkfast.routes.kron import add_layer_features, choose_projections
+from pkfast.routes.layered import find_layers
 from pkfast.rules import EvalPoint, Term
 
 log = logging.getLogger("pkfast")
@@ -72,24 +75,76 @@ def _rng_identity(device: torch.device) -> str:
 # ---------------------------------------------------------------------------------------------- the sketcher
 class Sketcher:
     """Projects samples to path features for validated options: the functional model, the rule's terms, k,
-    seed; :meth:`project` per sample set, :attr:`parts` for the fingerprint."""
+    seed, the projection; :meth:`project` per sample set, :attr:`parts` for the fingerprint.
+
+    With ``projection="dense"`` (or when no layer has a rule) every parameter's Jacobian is projected by the
+    Gaussian R_s block by block; otherwise each layer takes the projection :func:`~pkfast.routes.kron.
+    choose_projections` gives it — Kronecker-factored from its factors, or dense from its gradient formed in the
+    panel with the parameters that have no rule — learnt from the samples ``X`` (their shapes)."""
 
     def __init__(self, fm: FunctionalModel, terms: list[Term], *, k: int, seed: int, rule: str, of: str,
-                 loss: Any, budget: int, fn: str) -> None:
+                 loss: Any, budget: int, fn: str, projection: str = "auto", X: torch.Tensor | None = None,
+                 samples: int | None = None) -> None:
         self.fn = fn
         self.fm, self.C, self.terms = fm, fm.num_outputs, terms
         self.spec, self.k, self.seed, self.rule, self.of = loss, int(k), int(seed), rule, of
         self.dtype, self.device = fm.dtype, fm.device
         self.budget = budget
         self.rng = _rng_identity(fm.device)
+        self.projection = projection
+        self.layers = find_layers(fm.model, fm)
+        self.capture: Capture | None = None
+        figures = dict(k=self.k, C=self.C, terms=len(terms), itemsize=fm.itemsize,
+                       samples=samples if samples is not None else 0 if X is None else X.shape[0])
+        if projection != "dense" and any(L.kind != "other" for L in self.layers) and X is not None:
+            cap = Capture(fm, self.layers)
+            cap.discover(X)
+            self.ranks = choose_projections(self.layers, projection=projection, **figures)
+            cap.group()
+            self.capture = cap if cap.hooked else None
+        else:
+            self.ranks = choose_projections(self.layers, projection="dense", **figures)
+
+    @property
+    def dense_width(self) -> int:
+        """Columns projected densely per output: every parameter, or the capture's panel."""
+        return self.fm.num_params if self.capture is None else self.capture.panel_width
+
+    def describe(self) -> str:
+        """The projection of each parameter group, one line (the plan, the fingerprint)."""
+        if self.capture is None:
+            return f"dense: all {self.fm.num_params:,} parameters"
+        kron = [L.name for L in self.layers if L.method == "kronecker"]
+        dense = [L.name or "(root)" for L in self.layers if L.method in ("dense", "jacobian")]
+        parts = []
+        if kron:
+            parts.append(f"kronecker {self.ranks[0]}×{self.ranks[1]}: {', '.join(kron)}")
+        parts.append(f"dense: {', '.join(dense) if dense else 'none'}")
+        return "; ".join(parts)
 
     @property
     def parts(self) -> dict[str, Any]:
-        """The fingerprint's components (hashing the trajectory's weights is left until features are returned)."""
-        return {"model": self.fm.fingerprint(), "trajectory": self.fm.trajectory.fingerprint(),
-                "rule": self.rule, "k": self.k, "seed": self.seed, "of": self.of,
-                "loss": None if self.spec is None else self.spec.to_meta(),
-                "dtype": str(self.dtype).replace("torch.", ""), "rng": self.rng, "block_elems": BLOCK_ELEMS}
+        """The fingerprint's components (hashing the trajectory's weights is left until features are returned).
+        The all-dense projection has no ``projection`` part: its features are those of earlier versions."""
+        out = {"model": self.fm.fingerprint(), "trajectory": self.fm.trajectory.fingerprint(),
+               "rule": self.rule, "k": self.k, "seed": self.seed, "of": self.of,
+               "loss": None if self.spec is None else self.spec.to_meta(),
+               "dtype": str(self.dtype).replace("torch.", ""), "rng": self.rng, "block_elems": BLOCK_ELEMS}
+        if self.capture is not None:
+            out["projection"] = self.describe()
+        return out
+
+    def _sample_bytes(self) -> tuple[int, int]:
+        """(bytes per sample of the dense side — a Jacobian or panel row, bytes of factors and Kronecker
+        temporaries per sample)."""
+        s = self.fm.itemsize
+        u = self.C * self.dense_width * s
+        if self.capture is None:
+            return u, 0
+        f = sum(L.positions * (L.rule.a_columns(L) + self.C * L.fan_out * L.groups) for L in self.capture.with_factors)
+        if self.ranks is not None:
+            f += max((L.positions * (self.ranks[0] + self.C * self.ranks[1]) for L in self.capture.factorized), default=0)
+        return u, f * s
 
     def plan(self, n_samples: int) -> tuple[str, int, int]:
         """(loop order, samples per chunk, samples per vmap call) from the memory budget.
@@ -97,25 +152,30 @@ class Sketcher:
         ``"chunks"``: sample chunks outermost, each R block regenerated per chunk (needs one block of R);
         ``"terms"``: terms outermost, each R_s generated once and held whole (P·k values) while every chunk is
         projected (needs R_s, and on a non-CPU device the features of all samples). The second is chosen when
-        the first needs several chunks and the second fits with not too many more (see the module docstring)."""
-        C, P, k = self.C, self.fm.num_params, self.k
-        s = torch.empty((), dtype=self.dtype).element_size()
-        u = C * P * s  # one sample's Jacobian
+        the first needs several chunks and the second fits with not too many more (see the module docstring).
+        P is the densely projected width (all parameters, or the panel of those without a Kronecker projection)."""
+        C, P, k = self.C, self.dense_width, self.k
+        s = self.fm.itemsize
+        u, f = self._sample_bytes()
         o = C * k * s  # one sample's feature accumulator
         rb = min(block_rows(k), P) * k * s  # one block of R
-        vchunk = max(1, min(self.fm.default_chunk(), self.budget // (8 * u)))
+        if self.capture is None:
+            vchunk = max(1, min(self.fm.default_chunk(), self.budget // (8 * u)))
+        else:
+            vchunk = max(1, min(1024, DEFAULT_CHUNK_BYTES // max(1, u + f), self.budget // (8 * max(1, u + f))))
         fixed = 2 * vchunk * u
-        n = (self.budget - fixed - rb) // (u + o)
+        n = (self.budget - fixed - rb) // (u + f + o)
         if n < 1:
-            need = fixed + rb + u + o
+            need = fixed + rb + u + f + o
             raise ValueError(
                 f"{self.fn}: memory_budget of {self.budget:,} bytes is too small; one sample needs {need:,} bytes "
-                f"(its Jacobian is {u:,} bytes = outputs × trainable parameters × itemsize, its features {o:,}, "
-                f"one block of the projection {rb:,}). Raise memory_budget to at least {need:,}.")
+                f"(its Jacobian is {u:,} bytes = outputs × densely projected parameters × itemsize, its factors "
+                f"{f:,}, its features {o:,}, one block of the projection {rb:,}). Raise memory_budget to at least "
+                f"{need:,}.")
         n = min(n, n_samples)
-        if n < n_samples:
+        if n < n_samples and P:
             phi = 0 if self.device.type == "cpu" else n_samples * o  # on CPU the features are the result
-            n_t = min(n_samples, (self.budget - fixed - P * k * s - phi) // u)
+            n_t = min(n_samples, (self.budget - fixed - P * k * s - phi) // (u + f))
             # per chunk, "chunks" generates and reads R, "terms" only reads it; generating costs ≳ 2 reads
             if n_t >= 1 and 2 + math.ceil(n_samples / n_t) <= 3 * math.ceil(n_samples / n):
                 return "terms", n_t, min(vchunk, n_t)
@@ -123,37 +183,47 @@ class Sketcher:
 
     def project(self, X: torch.Tensor, Y: torch.Tensor | None, *, progress: bool, what: str = "X") -> torch.Tensor:
         """The features Φ(X), a CPU ``[N, C, k]`` tensor."""
-        C, P, k = self.C, self.fm.num_params, self.k
+        C, P, k, cap = self.C, self.dense_width, self.k, self.capture
         N = X.shape[0]
         out = torch.zeros(N, C, k, dtype=self.dtype)
         order, n, vchunk = self.plan(N)
         chunks = [(a, min(N, a + n)) for a in range(0, N, n)]
         rows = block_rows(k)
         blocks = [(p0, min(P, p0 + rows)) for p0 in range(0, P, rows)]
-        log.info("%s: %s: %d samples in %d chunk(s) of ≤%d, %d terms, %d block(s) of R (P=%d, k=%d), %s outermost",
-                 self.fn, what, N, len(chunks), n, len(self.terms), len(blocks), P, k, order)
+        log.info("%s: %s: %d samples in %d chunk(s) of ≤%d, %d terms, %d block(s) of R (P=%d, k=%d), %s outermost; "
+                 "%s", self.fn, what, N, len(chunks), n, len(self.terms), len(blocks), P, k, order, self.describe())
         if not self.terms:
             return out
         dev = self.device
-        J = torch.empty(n, C, P, dtype=self.dtype, device=dev)
+        J = torch.empty(n, C, P, dtype=self.dtype, device=dev) if P else None
         gen = torch.Generator(device=dev)
         bar = tqdm(total=len(chunks) * len(self.terms), unit="term", desc=f"{self.fn} {what} N={N} k={k}",
                    disable=not progress, leave=False)
 
         def project(term: Term, a: int, b: int, acc: torch.Tensor, R: torch.Tensor | None) -> None:
-            """acc [b−a, C, k] += √(w/k) · J(X[a:b]; term) · R_term, block by block (R: the whole R_term, or None
-            to generate each block here)."""
+            """acc [b−a, C, k] += √(w/k) · (J(X[a:b]; term) · R_term + the Kronecker layers' features), the dense
+            part block by block (R: the whole R_term, or None to generate each block here)."""
             (point, omega), = term.left  # symmetric rules: one point per term, ω = 1
             assert point.tau == 0.0 and omega == 1.0 and term.symmetric
             m = b - a
-            Jm = self.fm.jacobian(term.left, X[a:b], out=J[:m], chunk=vchunk,
-                                  Y=None if Y is None else Y[a:b]).view(m * C, P)
-            A = acc.view(m * C, k)
+            y = None if Y is None else Y[a:b]
             alpha = math.sqrt(term.weight / k)
-            for bi, (p0, p1) in enumerate(blocks):
-                Rb = R[p0:p1] if R is not None else projection_block(
-                    self.seed, point.step, bi, p1 - p0, k, dtype=self.dtype, device=dev, generator=gen)
-                A.addmm_(Jm[:, p0:p1], Rb, alpha=alpha)
+            if cap is None:
+                Jm = self.fm.jacobian(term.left, X[a:b], out=J[:m], chunk=vchunk, Y=y)
+                feats: dict[str, list] = {}
+            else:
+                Jm = None if J is None else J[:m]
+                feats = cap.evaluate(point, X[a:b], y, vchunk, Jm)
+            if P:
+                Jm = Jm.view(m * C, P)
+                A = acc.view(m * C, k)
+                for bi, (p0, p1) in enumerate(blocks):
+                    Rb = R[p0:p1] if R is not None else projection_block(
+                        self.seed, point.step, bi, p1 - p0, k, dtype=self.dtype, device=dev, generator=gen)
+                    A.addmm_(Jm[:, p0:p1], Rb, alpha=alpha)
+            for L in (cap.factorized if cap is not None else ()):
+                add_layer_features(acc, L, feats[L.name], self.ranks, alpha, seed=self.seed, point=point.step,
+                                   generator=gen)
             bar.update(1)
 
         try:
@@ -208,8 +278,12 @@ class SketchRoute(Route):
     def summary(self) -> str:
         return f"sketch: k={self.sk.k}, seed={self.sk.seed} ({len(self.sk.terms)} terms projected)"
 
+    def passes(self) -> str:
+        line = f"projection: {self.sk.describe()}"
+        return line if self.sk.capture is None else f"{line}\n{self.sk.capture.describe()}"
+
     def record(self) -> dict[str, Any]:
-        return {"summary": self.summary(), "rng": self.sk.rng}
+        return {"summary": self.summary(), "rng": self.sk.rng, "projection": self.sk.parts.get("projection")}
 
     def begin(self, data: Data, row_block: int, col_block: int, progress: bool) -> None:
         sk = self.sk
