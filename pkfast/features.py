@@ -1,10 +1,13 @@
 """features: :class:`PathFeatures`, random path features of a sample set with the fingerprint of the sketch that
-made them — their products estimate the path kernel — and their file format (one ``.npz``)."""
+made them — their products estimate the path kernel — and their two file formats: one ``.npz``
+(:meth:`PathFeatures.save`) and the chunked store written by ``pkfast.sketch(out=…)`` (:meth:`PathFeatures.open`:
+the stored-Gram layout of :mod:`pkfast.stored` with one row per sample, in a storage dtype)."""
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +16,38 @@ import torch
 
 from pkfast import _checks, formats
 from pkfast.options import OUTPUTS
+from pkfast.stored import StoredGram, StoreError, check_data_file, journal_entries, read_manifest, sidecar
 
-__all__ = ["PathFeatures"]
+__all__ = ["PathFeatures", "STORAGE_DTYPES", "storage_numpy_dtype", "store_options", "to_storage"]
 
 FORMAT = "pkfast-path-features"
 VERSION = 1
+#: ``options["kind"]`` of a feature store (a stored-Gram manifest whose rows are samples' features).
+STORE_KIND = "path-features"
+#: dtypes features may be stored in; half precision is widened to float32 for products.
+STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def storage_numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    """The ``.npy`` dtype of a storage dtype: bfloat16 (which numpy lacks) as its 16-bit patterns in int16."""
+    return np.dtype("<i2") if dtype == torch.bfloat16 else np.dtype(str(dtype).replace("torch.", "")).newbyteorder("<")
+
+
+def to_storage(phi: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Features converted for the store (bfloat16 as int16 bits); refuses values float16 cannot hold."""
+    t = phi.to(dtype)
+    if dtype == torch.float16 and not bool(torch.isfinite(t).all()) and bool(torch.isfinite(phi).all()):
+        big = float(phi.abs().max())
+        raise ValueError(f"pkfast.sketch: a feature of magnitude {big:.3g} overflows float16 (max 65504); store in "
+                         "torch.bfloat16 (float32's range) or torch.float32")
+    return t.view(torch.int16) if dtype == torch.bfloat16 else t
+
+
+def store_options(parts: dict[str, Any], *, k: int, seed: int, rule: str, of: str, storage: torch.dtype) -> dict:
+    """The manifest options of a feature store: the sketch's record and the features' fingerprint."""
+    return {"kind": STORE_KIND, "k": int(k), "seed": int(seed), "rule": rule, "of": of,
+            "storage": str(storage).replace("torch.", ""), "parts": dict(parts),
+            "fingerprint": formats.digest(sorted(parts.items()))}
 
 
 class PathFeatures:
@@ -121,14 +151,14 @@ class PathFeatures:
                                  "other=None, found other")
         if self.of == "loss" and outputs == "full":
             outputs = "trace"  # one output: the three modes coincide (as pkfast.gram does)
-        A = self.features
+        A = _widen(self.features)
         N, C, k = A.shape
         if diagonal:
             if outputs == "full":
                 return torch.bmm(A, A.transpose(1, 2))
             d = A.reshape(N, C * k).square().sum(1)
             return d / C if outputs == "mean" else d
-        B = A if other is None else other.features
+        B = A if other is None else _widen(other.features)
         M = B.shape[0]
         if outputs == "full":
             G = A.reshape(N * C, k) @ B.reshape(M * C, k).T
@@ -147,6 +177,42 @@ class PathFeatures:
         with formats.atomic_file(path) as f:
             np.savez(f, features=self.features.detach().cpu().numpy(), meta=np.array(json.dumps(meta)))
         return path
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, verify: bool = False) -> "PathFeatures":
+        """Features stored by ``pkfast.sketch(..., out=path)``, memory-mapped read-only (in their storage dtype).
+
+        Checks the manifest's checksum, the file's size and header, and that every chunk is finished (an
+        unfinished store says how many are missing: run the same ``sketch`` call again to finish it); with
+        ``verify``, also re-reads every chunk against its CRC."""
+        fn = "pkfast.PathFeatures.open"
+        path = Path(path)
+        m = read_manifest(path, fn=fn)
+        o = m["options"]
+        if o.get("kind") != STORE_KIND:
+            raise StoreError(f"{fn}: {path} is a stored Gram, not path features; open it with pkfast.open_gram")
+        check_data_file(path, m, fn)
+        n = len(m["plan"]["tiles"])
+        done = set(journal_entries(sidecar(path))) & set(range(n))
+        if len(done) < n:
+            raise StoreError(f"{fn}: {path} is unfinished: {len(done)} of {n} chunks are written; run the same "
+                             "pkfast.sketch(..., out=…) call again to finish it")
+        if verify:
+            bad = StoredGram(path, m, done).verify()
+            if bad:
+                raise StoreError(f"{fn}: {path}: {len(bad)} chunk(s) no longer match their checksum (chunks "
+                                 f"{bad[:8]}); the file was modified or damaged — run the same sketch call again "
+                                 "to recompute them")
+        arr = np.load(path, mmap_mode="r")
+        with warnings.catch_warnings():  # read-only on purpose: torch warns that it cannot write to it
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(arr)
+        if o["storage"] == "bfloat16":
+            t = t.view(torch.bfloat16)
+        out = cls(t, k=o["k"], seed=o["seed"], rule=o["rule"], of=o["of"], parts=o["parts"])
+        if out.fingerprint != o["fingerprint"]:
+            raise StoreError(f"{fn}: {path}: the manifest's fingerprint does not match its sketch record (edited?)")
+        return out
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PathFeatures":
@@ -172,3 +238,8 @@ class PathFeatures:
         return out
 
 
+
+
+def _widen(t: torch.Tensor) -> torch.Tensor:
+    """Half-precision stored features as float32 for products (other dtypes as they are)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t

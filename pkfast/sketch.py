@@ -59,13 +59,19 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from pkfast import formats
 from pkfast.driver import check_data, check_model_and_trajectory, functional_model
-from pkfast.features import PathFeatures
+from pkfast.features import STORAGE_DTYPES, PathFeatures, storage_numpy_dtype, store_options, to_storage
+from pkfast.sinks import StoreSink
+from pkfast.store import GramStore
+from pkfast.tiles import Tile, TilePlan
 from pkfast.options import SKETCH_RULES, Options, model_device
 from pkfast.routes.sketch import Sketcher, block_rows, projection_block
 from pkfast.rules import terms_for
@@ -116,6 +122,9 @@ def sketch(
     memory_budget: int | str | None = None,
     progress: bool = True,
     device: torch.device | str | None = None,
+    out: str | os.PathLike | None = None,
+    storage_dtype: torch.dtype | str | None = None,
+    overwrite: bool = False,
 ) -> PathFeatures:
     r"""Sketched path features Φ(x) = Σ_s √w_s J_s(x) R_s ∈ R^{C×k} of the samples ``X`` (see :mod:`pkfast.sketch`).
 
@@ -137,11 +146,22 @@ def sketch(
             n·C·(P + k) values, plus one block of R (≤ 2²³ values) or one whole R_s (P·k; see the module
             docstring on loop order). Default: half the device's free memory. It changes the chunking and the
             loop order, never the features (beyond rounding). The returned features are not counted.
-        progress: a tqdm progress bar (stderr) over chunks × terms.
+        progress: a tqdm progress bar (stderr) over chunks × terms (with ``out``: over stored chunks).
         device: the compute device (default: the model's).
+        out: a path ending in ``.npy``: write the features there chunk by chunk instead of holding them (a
+            large training set's features, with the memory of one chunk). Crash-safe and resumable like a
+            stored Gram (:mod:`pkfast.store`): a chunk is journaled with its CRC once its bytes are on disk; the
+            same call again resumes from the finished chunks, and a call with another model, trajectory,
+            data or sketch option is refused, saying which differs. Under ``torch.distributed`` every rank
+            writes its share of the chunks. Open it later with :meth:`PathFeatures.open`.
+        storage_dtype: with ``out``: ``torch.float16`` or ``torch.bfloat16`` halve the file (products are
+            then formed in float32 from the stored values; bfloat16 is stored as its 16-bit patterns in an
+            ``int16`` ``.npy``); default: ``dtype``.
+        overwrite: with ``out``, discard an existing store and start afresh.
 
     Returns:
-        :class:`PathFeatures` with ``features`` a CPU ``[N, C, k]`` tensor.
+        :class:`PathFeatures` with ``features`` a CPU ``[N, C, k]`` tensor (with ``out``: memory-mapped from
+        the file, in ``storage_dtype``).
 
     Example:
         >>> import torch, pkfast
@@ -163,10 +183,67 @@ def sketch(
     data = check_data(_FN, opts, X, y=y)
     dev = _device(device, model)
     fm = functional_model(_FN, model, trajectory, opts, data, dev)
+    storage = _storage_dtype(storage_dtype, opts.dtype, out)
+    if not isinstance(overwrite, bool) or (overwrite and out is None):
+        raise ValueError(f"{_FN}: overwrite=True applies to stored features; expected out='….npy' with it, found "
+                         f"overwrite={overwrite!r}, out={out!r}")
     sk = Sketcher(fm, terms_for(opts.rule, trajectory.step_sizes), k=opts.k, seed=opts.seed, rule=opts.rule,
                   of=opts.of, loss=opts.loss, budget=opts.budget(dev), fn=_FN, projection=opts.projection, X=data.X)
+    if out is not None:
+        return _store(sk, data, out, storage, overwrite=overwrite, progress=progress)
     return PathFeatures(sk.project(data.X, data.Y, progress=progress), k=sk.k, seed=sk.seed, rule=sk.rule, of=sk.of,
                         parts=sk.parts)
+
+
+#: Rows per stored chunk at most: a crash loses at most this many samples' work.
+STORE_CHUNK = 1024
+
+
+def _storage_dtype(storage_dtype: Any, dtype: torch.dtype, out: Any) -> torch.dtype:
+    if storage_dtype is None:
+        return dtype
+    if out is None:
+        raise ValueError(f"{_FN}: storage_dtype applies to stored features; expected out='….npy' with it, found "
+                         "out=None")
+    t = getattr(torch, storage_dtype, None) if isinstance(storage_dtype, str) else storage_dtype
+    if t not in STORAGE_DTYPES:
+        raise ValueError(f"{_FN}: storage_dtype must be one of torch.float16, torch.bfloat16, torch.float32, "
+                         f"torch.float64; found {storage_dtype!r}")
+    return t
+
+
+def _store(sk: Sketcher, data: Any, out: str | os.PathLike, storage: torch.dtype, *, overwrite: bool,
+           progress: bool) -> PathFeatures:
+    """Features of ``data`` written into the store at ``out`` chunk by chunk (this rank's unfinished chunks)."""
+    N, C, k = data.X.shape[0], sk.C, sk.k
+    rows = max(1, min(STORE_CHUNK, sk.plan(N)[1]))
+    tiles = [Tile(i, slice(a, min(N, a + rows)), slice(a, min(N, a + rows)), True)
+             for i, a in enumerate(range(0, N, rows))]
+    plan = TilePlan(n_rows=N, n_cols=N, row_block=rows, col_block=rows, symmetric=False, chunk=rows,
+                    bytes_per_sample=0, tile_bytes=0, budget=sk.budget, tiles=tiles)
+    manifest = GramStore.new_manifest(shape=(N, C, k), dtype=storage_numpy_dtype(storage),
+                                      options=store_options(sk.parts, k=k, seed=sk.seed, rule=sk.rule, of=sk.of,
+                                                            storage=storage),
+                                      fingerprints={}, plan=plan, diagonal=True, num_outputs=C, scale=1.0)
+    manifest["fingerprints"] = {"model": sk.parts["model"], "trajectory": sk.parts["trajectory"],
+                                "X": formats.digest(data.X) if data.Y is None else formats.digest(data.X, data.Y),
+                                "X2": "none", "options": formats.digest(sorted(manifest["options"].items()))}
+    manifest["checksum"] = formats.manifest_checksum(manifest)
+    sink = StoreSink(out, manifest, overwrite=overwrite, fn=_FN)
+    try:
+        plan, mine, _ = sink.open(plan)
+        bar = tqdm(total=sum(t.rows.stop - t.rows.start for t in mine), unit="sample", unit_scale=True,
+                   desc=f"{_FN} → {os.path.basename(str(out))}", disable=not progress, leave=False)
+        with bar:
+            for tile in mine:
+                X = data.X[tile.rows]
+                Y = None if data.Y is None else data.Y[tile.rows]
+                sink.write(tile, to_storage(sk.project(X, Y, progress=False), storage), None)
+                bar.update(tile.rows.stop - tile.rows.start)
+    finally:
+        sink.close()
+    sink.result()  # every rank's chunks are written
+    return PathFeatures.open(out)
 
 
 def _device(device: Any, model: torch.nn.Module) -> torch.device:

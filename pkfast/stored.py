@@ -257,6 +257,9 @@ def open_gram(path: str | os.PathLike) -> StoredGram:
     """
     path = Path(path)
     m = read_manifest(path, fn="pkfast.open_gram")
+    if m["options"].get("kind") == "path-features":
+        raise StoreError(f"pkfast.open_gram: {path} holds path features written by pkfast.sketch(out=…), not a Gram; "
+                         "open it with pkfast.PathFeatures.open")
     check_data_file(path, m, "pkfast.open_gram")
     done = set(journal_entries(sidecar(path))) & set(range(len(m["plan"]["tiles"])))
     return StoredGram(path, m, done)

@@ -2,7 +2,7 @@
 one rank of a torch.distributed (gloo) group.
 
     python tests/store_worker.py OUT [--kill-at K] [--when before-journal|after-journal] [--dist]
-                                     [--method jacobian|auto|factorized] [--budget BYTES]
+                                     [--method jacobian|auto|factorized] [--budget BYTES] [--features DTYPE]
 
 The problem (model, trajectory, X, memory budget) is fixed by seeds: see :func:`problem`. With ``--dist`` the
 rank and world come from the RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT environment variables.
@@ -50,6 +50,8 @@ def main() -> None:
     p.add_argument("--dist", action="store_true")
     p.add_argument("--method", default="jacobian", help="pkfast.gram's method (default jacobian)")
     p.add_argument("--budget", type=int, default=BUDGET, help="memory budget in bytes")
+    p.add_argument("--features", default=None, metavar="STORAGE",
+                   help="write sketched path features (k=64, seed 5) in this storage dtype instead of a Gram")
     a = p.parse_args()
     torch.set_num_threads(1)
     if a.dist:
@@ -73,7 +75,11 @@ def main() -> None:
         store.GramStore.write_tile = write_tile
     model, traj, X = problem()
     sk = dict(k=8, seed=5) if a.method == "sketch" else {}
-    pkfast.gram(model, traj, X, out=a.out, memory_budget=a.budget, method=a.method, progress=False, **sk)
+    if a.features:
+        pkfast.sketch(model, traj, X, k=64, seed=5, out=a.out, storage_dtype=a.features, memory_budget=a.budget,
+                      progress=False)
+    else:
+        pkfast.gram(model, traj, X, out=a.out, memory_budget=a.budget, method=a.method, progress=False, **sk)
     if a.dist:
         torch.distributed.destroy_process_group()
 
