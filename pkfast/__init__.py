@@ -15,13 +15,15 @@ Public surface:
     LossSpec             a training loss convention (per-sample loss and batch weights)
     layers               the registry of layer rules (module) — register a rule for your own layer type
     reference            the float64 oracle every fast path is tested against (module)
+    attribution          training-data attribution: query × train scores, top-k proponents/opponents and
+                         self-influence, exact or sketched, streamed over the training set (module)
 
 The package, in the direction of its imports (docs/architecture.md): base modules (checks, options, loss, rules,
 formats, tiles, accumulate) ← trajectory and its files ← the functional model ← layers ← routes ← store, sinks,
 driver ← the public doors (gram, plan, sketch, KernelMachine, recorder, CLI).
 """
 
-from pkfast import layers, reference
+from pkfast import attribution, layers, reference
 from pkfast._version import __version__
 from pkfast.gram import gram, plan
 from pkfast.loss import LossSpec
@@ -32,4 +34,4 @@ from pkfast.stored import open_gram
 from pkfast.trajectory import Trajectory
 
 __all__ = ["gram", "plan", "open_gram", "Trajectory", "TrajectoryRecorder", "KernelMachine", "LossSpec", "sketch",
-           "PathFeatures", "layers", "reference", "__version__"]
+           "PathFeatures", "layers", "reference", "attribution", "__version__"]

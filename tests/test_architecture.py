@@ -26,7 +26,7 @@ LAYERS = {
     "layers": ["pkfast.layers", "pkfast.layers.*"],
     "routes": ["pkfast.routes", "pkfast.routes.*"],
     "driver": ["pkfast.driver"],
-    "doors": ["pkfast", "pkfast.gram", "pkfast.sketch", "pkfast.machine", "pkfast.recorder", "pkfast.reference",
+    "doors": ["pkfast", "pkfast.gram", "pkfast.sketch", "pkfast.attribution", "pkfast.machine", "pkfast.recorder", "pkfast.reference",
               "pkfast.cli", "pkfast.__main__"],
 }
 

@@ -1,0 +1,227 @@
+r"""attribution: training-data attribution from the path kernel — query × train scores, top-k proponents and
+opponents, and self-influence — streamed over the training set, exact or sketched through one API.
+
+The score of training point z for query q is the loss kernel (TracIn's quantity along the recorded path)
+
+.. math:: s(q, z) = \sum_s \varepsilon_s\, \nabla_w \ell(q; w_s) \cdot \nabla_w \ell(z; w_s),
+
+positive when a step on z lowered q's loss (a *proponent*), negative when it raised it (an *opponent*).
+Self-influence s(z, z) ranks training points by how much their own steps moved them (mislabelled points rank
+high). Each function takes the two sides as either
+
+- :class:`Exact`: samples with their model, trajectory and loss — blocks of :func:`pkfast.gram` with
+  ``of="loss"`` (any route, exact to the float64 oracle's tolerance), or
+- :class:`~pkfast.PathFeatures` from :func:`pkfast.sketch` (``of="loss"`` for the same quantity; in memory or
+  memory-mapped from ``sketch(out=…)``): blocks of Φ_q Φ_zᵀ, an unbiased estimate.
+
+The training side is visited ``block`` rows at a time, so an M × N score matrix is never held unless asked for
+(:func:`scores` without ``out``); :func:`top_k` keeps M × k running candidates. For features with C > 1
+outputs, scores are the trace over outputs, as ``PathFeatures.gram()``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pkfast.features import PathFeatures
+from pkfast.gram import gram
+
+__all__ = ["Exact", "TopK", "scores", "top_k", "self_influence"]
+
+#: Score entries per streamed block at most (64 MiB of float32).
+BLOCK_ENTRIES = 16 * 2**20
+
+
+class Exact:
+    """Samples whose scores come from the exact loss kernel (:func:`pkfast.gram` with ``of="loss"``).
+
+    Args:
+        model, trajectory: as in :func:`pkfast.gram`.
+        X, y: the samples and their targets.
+        loss: the training loss (default: the one recorded with the trajectory).
+        **options: further options of :func:`pkfast.gram` (``rule``, ``dtype``, ``memory_budget``, ``method``…).
+
+    Example:
+        >>> import torch, pkfast
+        >>> from pkfast.attribution import Exact, top_k
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+        >>> w0 = {k: v.clone() for k, v in net.state_dict().items()}
+        >>> traj = pkfast.Trajectory.from_checkpoints([w0, {k: v * 0.9 for k, v in w0.items()}], lr=0.1)
+        >>> train = Exact(net, traj, torch.randn(20, 3), torch.randint(0, 2, (20,)), loss="cross_entropy")
+        >>> query = Exact(net, traj, torch.randn(2, 3), torch.tensor([0, 1]), loss="cross_entropy")
+        >>> best = top_k(query, train, k=3, progress=False)
+        >>> best.proponents.shape, best.opponents.shape
+        (torch.Size([2, 3]), torch.Size([2, 3]))
+    """
+
+    def __init__(self, model: torch.nn.Module, trajectory: Any, X: Any, y: Any, *, loss: Any = None,
+                 **options: Any) -> None:
+        for bad in ("of", "y2", "X2", "out", "diagonal", "outputs"):
+            if bad in options:
+                raise TypeError(f"pkfast.attribution.Exact: {bad!r} is set by the attribution itself; drop it")
+        self.model, self.trajectory, self.X, self.y, self.loss = model, trajectory, X, y, loss
+        self.options = options
+
+    def __len__(self) -> int:
+        return int(self.X.shape[0])
+
+    def _same(self, other: "Exact") -> bool:
+        return other.model is self.model and other.trajectory is self.trajectory and \
+            other.options == self.options and (other.loss is self.loss or other.loss == self.loss)
+
+    def _kw(self) -> dict[str, Any]:
+        return dict(self.options, of="loss", loss=self.loss, progress=False)
+
+    def block(self, train: "Exact", rows: slice) -> torch.Tensor:
+        """``[len(self), rows]``: the loss kernel between these samples and training rows ``rows``."""
+        return gram(self.model, self.trajectory, self.X, train.X[rows], y=self.y, y2=train.y[rows], **self._kw())
+
+    def diagonal(self, rows: slice) -> torch.Tensor:
+        return gram(self.model, self.trajectory, self.X[rows], y=self.y[rows], diagonal=True, **self._kw())
+
+
+Source = Exact | PathFeatures
+
+
+@dataclass
+class TopK:
+    """The k highest (proponents) and lowest (opponents) scores of each query, best first.
+
+    ``proponents``/``opponents``: ``[M, k]`` training indices; ``proponent_scores``/``opponent_scores``: their
+    scores (opponents' are the most negative first)."""
+
+    proponents: torch.Tensor
+    proponent_scores: torch.Tensor
+    opponents: torch.Tensor
+    opponent_scores: torch.Tensor
+
+
+def _check(fn: str, query: Any, train: Any) -> None:
+    for name, v in (("query", query), ("train", train)):
+        if not isinstance(v, (Exact, PathFeatures)):
+            raise TypeError(f"{fn}: {name} must be pkfast.attribution.Exact (exact scores) or pkfast.PathFeatures "
+                            f"(sketched scores); found {type(v).__name__}")
+    if type(query) is not type(train):
+        raise TypeError(f"{fn}: query and train must both be exact or both sketched; found "
+                        f"{type(query).__name__} and {type(train).__name__}")
+    if isinstance(query, Exact) and not query._same(train):
+        raise ValueError(f"{fn}: query and train must share one model, trajectory, loss and options (the same "
+                         "objects): their scores are one kernel")
+    if isinstance(query, PathFeatures):
+        query._check_compatible(train, fn)
+
+
+def _block_rows(fn: str, M: int, N: int, block: int | None) -> int:
+    if block is None:
+        return max(1, min(N, BLOCK_ENTRIES // max(1, M)))
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"{fn}: block must be a positive integer (training rows per step); found {block!r}")
+    return block
+
+
+def _blocks(fn: str, query: Source, train: Source, block: int | None, progress: bool):
+    """(rows, scores [M, rows]) over the training set, ``block`` rows at a time."""
+    N = len(train)
+    b = _block_rows(fn, len(query), N, block)
+    q = _wide(query.features).reshape(len(query), -1) if isinstance(query, PathFeatures) else None
+    with tqdm(total=N, unit="train", unit_scale=True, desc=fn, disable=not progress, leave=False) as bar:
+        for a in range(0, N, b):
+            rows = slice(a, min(N, a + b))
+            if q is not None:
+                S = q @ _wide(train.features[rows]).reshape(rows.stop - a, -1).T
+            else:
+                S = query.block(train, rows)
+            yield rows, S
+            bar.update(rows.stop - a)
+
+
+def scores(query: Source, train: Source, *, out: str | os.PathLike | None = None, block: int | None = None,
+           progress: bool = True) -> torch.Tensor | np.memmap:
+    """The ``[M, N]`` scores s(q, z) of every query against every training point.
+
+    With ``out`` (a path ending in ``.npy``) they are written there block by block and returned as a read-only
+    memmap, never held in memory; without it, returned as a tensor. ``block``: training rows per step
+    (default: 16 Mi entries per block)."""
+    fn = "pkfast.attribution.scores"
+    _check(fn, query, train)
+    M, N = len(query), len(train)
+    if out is None:
+        res = torch.empty(M, N, dtype=torch.float64 if _is64(query) else torch.float32)
+        for rows, S in _blocks(fn, query, train, block, progress):
+            res[:, rows] = S
+        return res
+    if not str(out).endswith(".npy"):
+        raise ValueError(f"{fn}: out must be a path ending in .npy; found {str(out)!r}")
+    arr = np.lib.format.open_memmap(out, mode="w+", dtype=np.float64 if _is64(query) else np.float32, shape=(M, N))
+    for rows, S in _blocks(fn, query, train, block, progress):
+        arr[:, rows] = S.numpy()
+    arr.flush()
+    del arr
+    return np.load(out, mmap_mode="r")
+
+
+def top_k(query: Source, train: Source, k: int = 10, *, block: int | None = None, progress: bool = True) -> TopK:
+    """The ``k`` proponents (highest scores) and opponents (lowest) of each query among the training points,
+    streamed: M × (k + block) scores are held at a time.
+
+    Ties keep the lower training index first."""
+    fn = "pkfast.attribution.top_k"
+    _check(fn, query, train)
+    N = len(train)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= N:
+        raise ValueError(f"{fn}: k must be an integer in [1, {N}] (the number of training points); found {k!r}")
+    best = worst = None
+    for rows, S in _blocks(fn, query, train, block, progress):
+        idx = torch.arange(rows.start, rows.stop).expand(S.shape[0], -1)
+        best = _merge(best, S, idx, k)
+        worst = _merge(worst, -S, idx, k)
+    return TopK(best[1], best[0], worst[1], -worst[0])
+
+
+def _merge(run: tuple[torch.Tensor, torch.Tensor] | None, S: torch.Tensor, idx: torch.Tensor, k: int):
+    """The k largest of the running candidates and a new block (values, training indices), ties to lower index."""
+    if run is not None:
+        S, idx = torch.cat([run[0], S], 1), torch.cat([run[1], idx], 1)
+    order = torch.argsort(idx, dim=1, stable=True)  # lower index first among equal values
+    S, idx = S.gather(1, order), idx.gather(1, order)
+    v, j = torch.sort(S, dim=1, descending=True, stable=True)
+    j = j[:, :k]
+    return v[:, :k], idx.gather(1, j)
+
+
+def self_influence(train: Source, *, block: int | None = None, progress: bool = True) -> torch.Tensor:
+    """``[N]``: s(z, z) for every training point (the diagonal of the train × train scores), streamed."""
+    fn = "pkfast.attribution.self_influence"
+    if not isinstance(train, (Exact, PathFeatures)):
+        raise TypeError(f"{fn}: train must be pkfast.attribution.Exact or pkfast.PathFeatures; found "
+                        f"{type(train).__name__}")
+    N = len(train)
+    b = block or max(1, min(N, 65536))
+    parts = []
+    with tqdm(total=N, unit="train", unit_scale=True, desc=fn, disable=not progress, leave=False) as bar:
+        for a in range(0, N, b):
+            rows = slice(a, min(N, a + b))
+            if isinstance(train, PathFeatures):
+                parts.append(_wide(train.features[rows]).reshape(rows.stop - a, -1).square().sum(1))
+            else:
+                parts.append(train.diagonal(rows))
+            bar.update(rows.stop - a)
+    return torch.cat(parts)
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """Stored half-precision features as float32 (float32/float64 as they are)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _is64(source: Source) -> bool:
+    if isinstance(source, PathFeatures):
+        return source.features.dtype == torch.float64
+    dt = source.options.get("dtype")
+    return dt in (torch.float64, "float64", "torch.float64")
