@@ -91,6 +91,9 @@ class PathFeatures:
         self.of = of
         self.parts = dict(parts)
         self.fingerprint = formats.digest(sorted(self.parts.items()))
+        #: (file, byte offset of this set's first row) of features opened from a store: :meth:`read` reads rows
+        #: from the file (not through the memory map, whose touched pages would stay resident)
+        self._file: tuple[Path, int] | None = None
 
     @property
     def num_outputs(self) -> int:
@@ -98,6 +101,38 @@ class PathFeatures:
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
+
+    def __getitem__(self, rows: slice | torch.Tensor | list[int]) -> "PathFeatures":
+        """The features of some samples (a slice, index list or boolean mask): the same sketch, so products with
+        the rest stay allowed. A slice of memory-mapped features stays mapped."""
+        if isinstance(rows, int):
+            rows = slice(rows, rows + 1)
+        out = PathFeatures(self.features[rows], k=self.k, seed=self.seed, rule=self.rule, of=self.of, parts=self.parts)
+        if self._file is not None and isinstance(rows, slice) and rows.step in (None, 1):
+            start = rows.indices(len(self))[0]
+            out._file = (self._file[0], self._file[1] + start * self._row_bytes)
+        return out
+
+    @property
+    def _row_bytes(self) -> int:
+        return self.features[0].numel() * self.features.element_size()
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of the features as a new tensor, widened to float32 if stored in half precision.
+        Stored features are read from their file, so streaming over a large store keeps the process's resident
+        memory to one block (pages of a memory map stay resident once touched)."""
+        if self._file is None:
+            return _widen(self.features[start:stop])
+        n = max(0, min(stop, len(self)) - start)
+        buf = bytearray(n * self._row_bytes)
+        with open(self._file[0], "rb", buffering=0) as f:
+            got = os.preadv(f.fileno(), [buf], self._file[1] + start * self._row_bytes)
+        if got != len(buf):
+            raise StoreError(f"pkfast.PathFeatures.read: {self._file[0]} is shorter than its manifest says")
+        raw = torch.frombuffer(buf, dtype=self.features.dtype if self.features.dtype != torch.bfloat16 else torch.int16)
+        if self.features.dtype == torch.bfloat16:
+            raw = raw.view(torch.bfloat16)
+        return _widen(raw.view(n, *self.features.shape[1:]))
 
     def __repr__(self) -> str:
         N, C, k = self.features.shape
@@ -210,6 +245,7 @@ class PathFeatures:
         if o["storage"] == "bfloat16":
             t = t.view(torch.bfloat16)
         out = cls(t, k=o["k"], seed=o["seed"], rule=o["rule"], of=o["of"], parts=o["parts"])
+        out._file = (path, int(m["data_offset"]))
         if out.fingerprint != o["fingerprint"]:
             raise StoreError(f"{fn}: {path}: the manifest's fingerprint does not match its sketch record (edited?)")
         return out

@@ -116,3 +116,23 @@ def test_mismatched_sides_and_arguments_are_refused():
         scores(X, train)
     with pytest.raises(TypeError, match=r"'of' is set by the attribution itself"):
         Exact(net, traj, X, y, of="output")
+
+
+def test_features_have_the_attribution_defaults_and_stream_from_the_file(tmp_path):
+    """attribution.features: of="loss", k = ATTRIBUTION_K, a bfloat16 store with out; stored features stream
+    through PathFeatures.read (from the file) to the same scores as in memory."""
+    from pkfast.attribution import ATTRIBUTION_K, features
+
+    net, traj, X, y, Xq, yq = _problem()
+    mem = features(net.float(), traj, X.float(), y, loss="cross_entropy", k=256, progress=False)
+    assert mem.of == "loss" and mem.k == 256 and mem.features.dtype == torch.float32
+    out = tmp_path / "t.npy"
+    st = features(net, traj, X.float(), y, loss="cross_entropy", k=256, out=out, memory_budget="64KB", progress=False)
+    assert st.features.dtype == torch.bfloat16 and st._file is not None
+    sub = st[5:12]
+    torch.testing.assert_close(sub.read(0, 7), st.features[5:12].float(), rtol=0, atol=0)
+    q = features(net, traj, Xq.float(), yq, loss="cross_entropy", k=256, progress=False)
+    torch.testing.assert_close(scores(q, st, block=4, progress=False), q.gram(st), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(scores(q, st, progress=False), scores(q, mem, progress=False), rtol=2e-2, atol=2e-2 *
+                               float(q.gram(mem).abs().max()))
+    assert ATTRIBUTION_K == 16384 and features.__kwdefaults__["k"] == ATTRIBUTION_K

@@ -31,6 +31,8 @@ log = logging.getLogger("pkfast")
 
 __all__ = ["Sketcher", "SketchRoute", "projection_block", "block_rows", "BLOCK_ELEMS"]
 
+#: A capture pass's autograd activations, as a multiple of the factors it captures (the memory plan's estimate).
+ACTIVATIONS = 4
 #: Random numbers per generated block of R (rows = max(1, BLOCK_ELEMS // k)): 32 MiB in float32. Fixed,
 #: so the projection does not depend on the memory budget or chunking. Changing it changes every sketch.
 BLOCK_ELEMS = 2**23
@@ -161,12 +163,15 @@ class Sketcher:
         rb = min(block_rows(k), P) * k * s  # one block of R
         if self.capture is None:
             vchunk = max(1, min(self.fm.default_chunk(), self.budget // (8 * u)))
+            fixed = 2 * vchunk * u
         else:
-            vchunk = max(1, min(1024, DEFAULT_CHUNK_BYTES // max(1, u + f), self.budget // (8 * max(1, u + f))))
-        fixed = 2 * vchunk * u
-        n = (self.budget - fixed - rb) // (u + f + o)
+            # factors live for one pass of vchunk samples; the pass's own activations are taken as ACTIVATIONS× them
+            per = u + ACTIVATIONS * f
+            vchunk = max(1, min(1024, DEFAULT_CHUNK_BYTES // max(1, per), self.budget // (8 * max(1, per))))
+            fixed = vchunk * (u + per)
+        n = (self.budget - fixed - rb) // (u + o)
         if n < 1:
-            need = fixed + rb + u + f + o
+            need = fixed + rb + u + o
             raise ValueError(
                 f"{self.fn}: memory_budget of {self.budget:,} bytes is too small; one sample needs {need:,} bytes "
                 f"(its Jacobian is {u:,} bytes = outputs × densely projected parameters × itemsize, its factors "
@@ -175,7 +180,7 @@ class Sketcher:
         n = min(n, n_samples)
         if n < n_samples and P:
             phi = 0 if self.device.type == "cpu" else n_samples * o  # on CPU the features are the result
-            n_t = min(n_samples, (self.budget - fixed - P * k * s - phi) // (u + f))
+            n_t = min(n_samples, (self.budget - fixed - P * k * s - phi) // u)
             # per chunk, "chunks" generates and reads R, "terms" only reads it; generating costs ≳ 2 reads
             if n_t >= 1 and 2 + math.ceil(n_samples / n_t) <= 3 * math.ceil(n_samples / n):
                 return "terms", n_t, min(vchunk, n_t)
@@ -210,10 +215,16 @@ class Sketcher:
             alpha = math.sqrt(term.weight / k)
             if cap is None:
                 Jm = self.fm.jacobian(term.left, X[a:b], out=J[:m], chunk=vchunk, Y=y)
-                feats: dict[str, list] = {}
             else:
                 Jm = None if J is None else J[:m]
-                feats = cap.evaluate(point, X[a:b], y, vchunk, Jm)
+                for s0 in range(0, m, vchunk):  # one pass's factors at a time: projected, then dropped
+                    s1 = min(m, s0 + vchunk)
+                    feats = cap.evaluate(point, X[a + s0:a + s1], None if y is None else y[s0:s1], vchunk,
+                                         None if Jm is None else Jm[s0:s1])
+                    for L in cap.factorized:
+                        add_layer_features(acc[s0:s1], L, feats[L.name], self.ranks, alpha, seed=self.seed,
+                                           point=point.step, generator=gen)
+                    del feats
             if P:
                 Jm = Jm.view(m * C, P)
                 A = acc.view(m * C, k)
@@ -221,9 +232,6 @@ class Sketcher:
                     Rb = R[p0:p1] if R is not None else projection_block(
                         self.seed, point.step, bi, p1 - p0, k, dtype=self.dtype, device=dev, generator=gen)
                     A.addmm_(Jm[:, p0:p1], Rb, alpha=alpha)
-            for L in (cap.factorized if cap is not None else ()):
-                add_layer_features(acc, L, feats[L.name], self.ranks, alpha, seed=self.seed, point=point.step,
-                                   generator=gen)
             bar.update(1)
 
         try:
