@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--csv", default=None)
     a = ap.parse_args(argv)
     print(format_environment(environment()))
+    start = time.perf_counter()
     print(f"floor: matmul {measure_matmul_gflops()['best']:.0f} GFLOP/s")
     torch.manual_seed(0)
     seq = bigram_sequences(a.n + a.m)
@@ -152,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"agreement (sketched vs exact, per query over {s}): Spearman median {row['spearman_median']} "
           f"(10th percentile {row['spearman_p10']}); top-10 overlap median {row['top10_median']} "
           f"(mean {row['top10_mean']}, 10th percentile {row['top10_p10']})")
-    print(f"peak RSS of the whole run {row['total_rss_gib']} GiB")
+    row["total_s"] = round(time.perf_counter() - start, 1)
+    print(f"peak RSS of the whole run {row['total_rss_gib']} GiB; wall time {row['total_s']} s")
     print(" | ".join(f"{k}={v}" for k, v in row.items()))
     if a.csv:
         append_csv(a.csv, [row])

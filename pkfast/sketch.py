@@ -25,6 +25,17 @@ N(0, 1/k): this is one JL sketch of the rows of U, so E[K̂] = U Uᵀ = K exactl
   the number of terms. A Gram from features costs 2·N·M·C·k (trace) — cheap next to the exact Gram's
   2·N·M·C·P per term when k ≪ T·P.
 
+**Kronecker-factored layers** (docs/math.md §7.2, :mod:`pkfast.routes.kron`). The statements above are those of
+``projection="dense"``. By default (``"auto"``) each layer with a factorised rule whose Kronecker projection is
+cheaper takes rows R_in ⊗ R_out of R instead (k = r_in·r_out), formed from its inputs and output gradients
+without its gradient: still unbiased, with a larger variance given exactly in §7.2 (for a rank-one gradient the
+relative error of one layer and step is about √(2/r_in + 2/r_out)); :func:`required_k`'s guarantee is the dense
+projection's. ``pkfast.plan(..., method="sketch")`` shows each layer's projection.
+
+**Stored features.** With ``out=`` the features are written chunk by chunk into the stored-Gram layout of
+:mod:`pkfast.store` (one row per sample; crash-safe, resumable, shared by ranks; float16/bfloat16 optional) and
+returned memory-mapped; :meth:`PathFeatures.open` reopens them.
+
 Only symmetric rules can be sketched: ``rule="exact"`` is asymmetric (K(x, x′) ≠ K(x′, x)), and Φ Φ′ᵀ is
 the Gram of one feature map, hence symmetric. Sketches are not exact: exactness checks must use
 :func:`pkfast.gram`.

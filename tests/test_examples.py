@@ -58,3 +58,27 @@ def test_kernel_machine_example_quick(tmp_path):
         assert sorted(Path(f).name for f in S["figures"]) == sorted(names)
     else:
         assert S["figures"] == [] and "figures skipped" in r.stdout
+
+
+def test_attribution_example_quick(tmp_path):
+    """examples/attribution.py --quick: proponents share the query's label, the sketched top 5 overlaps the exact
+    one, and self-influence puts most flipped labels at the top (exact and sketched)."""
+    out = tmp_path / "attr"
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "attribution.py"), "--quick", "--no-progress",
+                        "--out", str(out)], env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("SUMMARY ")]
+    S = json.loads(lines[0][len("SUMMARY "):])
+    assert S == json.loads((out / "summary.json").read_text())
+    assert S["proponents_with_the_query_label"] >= 0.8
+    assert S["top5_overlap_sketch_vs_exact"] >= 0.6
+    for how in ("sketch", "exact"):
+        assert S["flipped_found_top10"][how] >= 0.6 and S["flipped_found_top20"][how] >= 0.8, S
+    assert pkfast_store_is_complete(out / "train.npy")
+
+
+def pkfast_store_is_complete(path) -> bool:
+    import pkfast
+
+    f = pkfast.PathFeatures.open(path, verify=True)
+    return f.features.dtype.is_floating_point and len(f) > 0
