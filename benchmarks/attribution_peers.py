@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pkfast  # noqa: E402
 
 from _common import append_csv, environment, format_environment  # noqa: E402
+from attribution_lm import spearman  # noqa: E402
 
 METHODS = ["pkfast-exact", "pkfast-sketch", "trak", "captum-tracincp", "captum-fast", "kronfluence-identity",
            "kronfluence-ekfac"]
@@ -216,12 +217,6 @@ def kronfluence_scores(net, Xt, Yt, Xq, Yq, strategy):
                                    per_device_query_batch_size=32, per_device_train_batch_size=32,
                                    overwrite_output_dir=True)
         return an.load_pairwise_scores("s")["all_modules"].detach().clone()
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    ra, rb = a.argsort(1).argsort(1).double(), b.argsort(1).argsort(1).double()
-    ra, rb = ra - ra.mean(1, keepdim=True), rb - rb.mean(1, keepdim=True)
-    return (ra * rb).sum(1) / (ra.norm(dim=1) * rb.norm(dim=1))
 
 
 def main(argv: list[str] | None = None) -> int:
