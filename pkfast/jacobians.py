@@ -267,7 +267,7 @@ class FunctionalModel:
                 jac = self.passes.jacobian(f, 0, in_dims, params, statics, self.prepare(X[a:b]),
                                            *(() if Yd is None else (Yd[a:b],)))
                 dst = out[a:b]
-                parts = [jac[nm].flatten(2) for nm in self.names]
+                parts = [jac[nm].reshape(b - a, C, -1) for nm in self.names]  # (a scalar parameter's is [n, C])
                 if qi == 0:
                     torch.cat(parts, dim=2, out=dst)
                     if weight != 1.0:

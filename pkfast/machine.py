@@ -40,6 +40,7 @@ from pkfast.gram import gram
 from pkfast.jacobians import FunctionalModel
 from pkfast.loss import LossSpec
 from pkfast.options import Options, model_device
+from pkfast.routes.panels import Panels
 from pkfast.rules import DEFAULT_NODES, EvalPoint, gauss_legendre
 from pkfast.trajectory import Trajectory
 
@@ -172,6 +173,10 @@ class KernelMachine:
         self.fm_loss.probe(self.X, _FN, "X_train")
         self.loss.check_targets(self.y, self.C, "y_train", _FN)
         self.fm_loss.check_loss_function(self.X, self.y, _FN)
+        # per-sample gradients from layer factors in batched passes where layers have rules (docs/math.md §5)
+        self._panels = Panels(self.fm, self.X)
+        self._loss_panels = Panels(self.fm_loss, self.X)
+        Panels.matched(self._panels, self._loss_panels)
         budget = self.opts.budget(device)
         per_query = 3 * self.C * self.fm.num_params * torch.empty((), dtype=self.dtype).element_size()
         self.query_chunk = max(1, int(budget // max(1, per_query)))
@@ -254,7 +259,7 @@ class KernelMachine:
             if b.numel() == 0:
                 g = torch.zeros(0, self.fm.num_params, dtype=self.dtype, device=self.fm.device)
             else:
-                G = self.fm_loss.jacobian(((EvalPoint(s), 1.0),), self.X[b], Y=self.y[b])[:, 0]
+                G = self._loss_panels.panel(((EvalPoint(s), 1.0),), self.X[b], self.y[b])[:, 0]
                 lam = self.loss.batch_weights(self.y[b], self.C).to(G.device, G.dtype)
                 g = G * lam[:, None]
             if len(self._grad_cache) < 4096 and g.numel() * g.element_size() < 2**28:
@@ -274,26 +279,44 @@ class KernelMachine:
         if samples:
             contrib = torch.zeros((T, M, N, C) if per_step else (M, N, C), dtype=dt, device=dev)
         mu, damp, nesterov = self._momentum
-        # S_r = Σ_{s≥r} ε_s μ^{s−r} J̄_s (momentum recursion; plain SGD needs none)
-        S = torch.zeros(M, C, P, dtype=dt, device=dev) if mu else None
-        bar = tqdm(range(T - 1, -1, -1), desc="pkfast.KernelMachine steps", disable=not self.progress, leave=False)
+        # the query side is held as the panel's blocks (one per layer group, :meth:`Panels.widths`), each layer's
+        # gradient formed from its factors straight into its block: S_r = Σ_{s≥r} ε_s μ^{s−r} J̄_s by the
+        # momentum recursion (plain SGD: S_r = ε_r J̄_r), and Ψ_r = Σ coef · blocks as listed in ``terms``
+        widths = self._panels.widths()
+        offs = np.cumsum([0] + widths[:-1]).tolist()
+        S = [torch.zeros(M, C, w, dtype=dt, device=dev) for w in widths]
+        J = [torch.empty(M, C, w, dtype=dt, device=dev) for w in widths] if (mu and nesterov) else None
+        bar = tqdm(range(T - 1, -1, -1), desc="pkfast.KernelMachine steps", unit="step", disable=not self.progress,
+                   leave=False)
         for r in bar:
             h = self._steps[r]
-            Jbar = self.fm.jacobian(self._combo(r), Xq)  # [M, C, P]
+            combo = self._combo(r)
             if mu == 0.0:
-                Psi = eps[r] * Jbar
+                self._panels.accumulate(combo, Xq, S, alpha=eps[r], beta=0.0)
+                terms = [(1.0, S)]
             else:
                 # PyTorch creates the buffer undampened at the first step: κ_{s,0} = μ^s, κ_{s,r} = (1−d) μ^{s−r}
                 c_r = 1.0 if r == 0 else 1.0 - damp
-                S.mul_(mu).add_(Jbar, alpha=eps[r])
-                Psi = eps[r] * Jbar + (c_r * mu) * S if nesterov else c_r * S
-            del Jbar
+                if nesterov:
+                    self._panels.accumulate(combo, Xq, J, alpha=1.0, beta=0.0)
+                    for Sb, Jb in zip(S, J):
+                        Sb.mul_(mu).add_(Jb, alpha=eps[r])
+                    terms = [(eps[r], J), (c_r * mu, S)]
+                else:
+                    self._panels.accumulate(combo, Xq, S, alpha=eps[r], beta=mu)
+                    terms = [(c_r, S)]
             if h["weight_decay"]:
-                w_r = self.fm.state(EvalPoint(r))[0]
-                bias -= h["weight_decay"] * torch.einsum("mcp,p->mc", Psi, w_r)
-            g = self._batch_grads(r)
+                w_r = self._panels.to_panel(self.fm.state(EvalPoint(r))[0])
+                for coef, blocks in terms:
+                    for B_, o, w in zip(blocks, offs, widths):
+                        bias -= (h["weight_decay"] * coef) * (B_.view(M * C, w) @ w_r[o:o + w]).view(M, C)
+            g = self._batch_grads(r)  # [|B|, P] in the panel's column order
             if g.shape[0]:
-                c = -torch.einsum("mcp,bp->mbc", Psi, g)  # [M, |B|, C]
+                c = torch.zeros(M * C, g.shape[0], dtype=dt, device=dev)
+                for coef, blocks in terms:
+                    for B_, o, w in zip(blocks, offs, widths):
+                        c.addmm_(B_.view(M * C, w), g[:, o:o + w].T, alpha=-coef)
+                c = c.view(M, C, -1).transpose(1, 2)  # [M, |B|, C]
                 total += c.sum(1)
                 if contrib is not None:
                     (contrib[r] if per_step else contrib).index_add_(1, self._batches[r].to(dev), c)
@@ -427,7 +450,7 @@ class KernelMachine:
         out = []
         for s in range(T):
             h = self._steps[s]
-            w = self.fm.state(EvalPoint(s))[0]
+            w = self._panels.to_panel(self.fm.state(EvalPoint(s))[0])
             d_p = self._batch_grads(s).sum(0)
             if h["weight_decay"]:
                 d_p = d_p + h["weight_decay"] * w
@@ -435,6 +458,6 @@ class KernelMachine:
                 buf = d_p.clone() if buf is None else buf * h["momentum"] + (1 - h["dampening"]) * d_p
                 d_p = d_p + h["momentum"] * buf if h["nesterov"] else buf
             step = -eps[s] * d_p
-            delta = self.fm.state(EvalPoint(s + 1))[0] - w
+            delta = self._panels.to_panel(self.fm.state(EvalPoint(s + 1))[0]) - w
             out.append(float((delta - step).norm() / delta.norm().clamp_min(1e-300)))
         return torch.tensor(out, dtype=torch.float64)

@@ -129,9 +129,11 @@ class LayerRule:
         """(units, width) of one group's per-sample gradient: it is formed ``units`` rows at a time."""
         raise NotImplementedError
 
-    def gradient_slice(self, layer: Layer, nodes: list, g: int, u0: int, u1: int, out: torch.Tensor) -> torch.Tensor:
-        """``out[n, C, u1-u0, width] = Σ_q ω_q`` (group ``g``'s per-sample gradient at evaluation point q, units
-        ``u0:u1``), where ``nodes = [(ω_q, {layer name: [factors per group]})]``."""
+    def gradient_slice(self, layer: Layer, nodes: list, g: int, u0: int, u1: int, out: torch.Tensor,
+                       beta: float = 0.0) -> torch.Tensor:
+        """``out[n, C, u1-u0, width] = β·out + Σ_q ω_q`` (group ``g``'s per-sample gradient at evaluation point q,
+        units ``u0:u1``), where ``nodes = [(ω_q, {layer name: [factors per group]})]``; β = 0 overwrites ``out``
+        (whatever it held), β ≠ 0 accumulates into it (the kernel machine's momentum recursion)."""
         raise NotImplementedError
 
     def gradient_layout(self, layer: Layer, grads: dict[str, torch.Tensor | None]) -> torch.Tensor:
@@ -203,22 +205,30 @@ class AffineRule(LayerRule):
     def units(self, layer: Layer) -> tuple[int, int]:
         return layer.fan_out, layer.factor_in
 
-    def gradient_slice(self, layer: Layer, nodes: list, g: int, u0: int, u1: int, out: torch.Tensor) -> torch.Tensor:
-        for qi, (om, feats) in enumerate(nodes):
+    def gradient_slice(self, layer: Layer, nodes: list, g: int, u0: int, u1: int, out: torch.Tensor,
+                       beta: float = 0.0) -> torch.Tensor:
+        if len(nodes) == 1 and beta == 0.0:
+            om, feats = nodes[0]
             A, D = feats[layer.name][g]
             n, C, S, _ = D.shape
             Du = D[..., u0:u1]
             if S == 1:  # an outer product per sample, written in place
-                d, a = Du[:, :, 0, :, None], A[:, None, 0:1, :]
-                if qi == 0:
-                    torch.mul(d, a, out=out)
-                    if om != 1.0:
-                        out.mul_(om)
-                else:
-                    out.addcmul_(d, a, value=om)
+                torch.mul(Du[:, :, 0, :, None], A[:, None, 0:1, :], out=out)
+                if om != 1.0:
+                    out.mul_(om)
             else:
                 Dt = Du.transpose(2, 3).reshape(n, C * (u1 - u0), S)
-                out.view(n, C * (u1 - u0), -1).baddbmm_(Dt, A, beta=0.0 if qi == 0 else 1.0, alpha=om)
+                out.view(n, C * (u1 - u0), -1).baddbmm_(Dt, A, beta=0.0, alpha=om)
+            return out
+        # several points (quadrature nodes), or accumulating: their positions side by side, one pass over out
+        Dts, As = [], []
+        for om, feats in nodes:
+            A, D = feats[layer.name][g]
+            n, C, S, _ = D.shape
+            Dts.append(D[..., u0:u1].transpose(2, 3).reshape(n, C * (u1 - u0), S))
+            As.append(A if om == 1.0 else A * om)
+        Dt, A = (Dts[0], As[0]) if len(nodes) == 1 else (torch.cat(Dts, 2), torch.cat(As, 1))
+        out.view(n, C * (u1 - u0), -1).baddbmm_(Dt, A, beta=beta)
         return out
 
     def gradient_layout(self, layer: Layer, grads: dict[str, torch.Tensor | None]) -> torch.Tensor:

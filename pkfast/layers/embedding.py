@@ -50,9 +50,13 @@ class EmbeddingRule(LayerRule):
     def units(self, layer: Layer) -> tuple[int, int]:
         return layer.fan_in, layer.fan_out
 
-    def gradient_slice(self, layer: Layer, nodes: list, g: int, u0: int, u1: int, out: torch.Tensor) -> torch.Tensor:
+    def gradient_slice(self, layer: Layer, nodes: list, g: int, u0: int, u1: int, out: torch.Tensor,
+                       beta: float = 0.0) -> torch.Tensor:
         """Vocabulary rows ``u0:u1``, scattered from the tokens that fall in them."""
-        out.zero_()
+        if beta == 0.0:
+            out.zero_()
+        elif beta != 1.0:
+            out.mul_(beta)
         for om, feats in nodes:
             A, D = feats[layer.name][g]
             n, C, S, _ = D.shape

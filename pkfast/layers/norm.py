@@ -95,8 +95,15 @@ class NormRule(LayerRule):
     def units(self, layer: Layer) -> tuple[int, int]:
         return layer.fan_in, 2 if layer.bias else 1  # per feature: (γ, β)
 
-    def gradient_slice(self, layer: Layer, nodes: list, g: int, u0: int, u1: int, out: torch.Tensor) -> torch.Tensor:
+    def gradient_slice(self, layer: Layer, nodes: list, g: int, u0: int, u1: int, out: torch.Tensor,
+                       beta: float = 0.0) -> torch.Tensor:
+        if beta != 0.0:
+            if beta != 1.0:
+                out.mul_(beta)
+            nodes = [(None, None)] + list(nodes)  # the kept β·out plays the first node
         for qi, (om, feats) in enumerate(nodes):
+            if feats is None:
+                continue
             A, D = feats[layer.name][g]
             Du = D[..., u0:u1]                                            # [n, C, S, U]
             gw = (Du * A[:, None, :, u0:u1]).sum(2)  # 3–9× faster than the einsum on CPU (it copies to batch)
