@@ -13,6 +13,7 @@ Workloads (digits, SGD with momentum 0.9, batches of 64, lr 0.05, every step rec
 | mlp | MLP 64-256-256-10 (tanh) | 85,002 | 100 | 1,000 |
 | cnn | Conv(1→16, 3×3)-tanh-Conv(16→32, 3×3, stride 2)-tanh-Linear(512→10) on 1×8×8 | 9,930 | 100 | 1,000 |
 | mlp-long | MLP 64-256-256-10 | 85,002 | 1,000 | 1,000 |
+| mlp-sgd | MLP 64-256-256-10, plain SGD (no momentum: the factorised cross kernel) | 85,002 | 100 | 1,000 |
 
 Each (workload, source tree) runs in a child process with ``PYTHONPATH`` at the tree (``--before``: an older
 checkout, e.g. ``git worktree add /tmp/before <commit>``; the after tree is this one), interleaved. Reported:
@@ -34,8 +35,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SPECS = {"small": ("mlp", [64, 32, 32, 10], 60, 400), "mlp": ("mlp", [64, 256, 256, 10], 100, 1000),
-         "cnn": ("cnn", None, 100, 1000), "mlp-long": ("mlp", [64, 256, 256, 10], 1000, 1000)}
+SPECS = {"small": ("mlp", [64, 32, 32, 10], 60, 400, 0.9), "mlp": ("mlp", [64, 256, 256, 10], 100, 1000, 0.9),
+         "cnn": ("cnn", None, 100, 1000, 0.9), "mlp-long": ("mlp", [64, 256, 256, 10], 1000, 1000, 0.9),
+         "mlp-sgd": ("mlp", [64, 256, 256, 10], 100, 1000, 0.0)}
 
 
 def child(key: str, m: int, out: str) -> None:
@@ -49,7 +51,7 @@ def child(key: str, m: int, out: str) -> None:
     from _common import digits_cnn, load_digits_data, mlp
 
     torch.set_num_threads(int(os.environ.get("PKFAST_BENCH_THREADS", torch.get_num_threads())))
-    kind, widths, T, N = SPECS[key]
+    kind, widths, T, N, momentum = SPECS[key]
     X, y = load_digits_data()
     X, y = X.double(), y
     g = torch.Generator().manual_seed(0)
@@ -60,7 +62,7 @@ def child(key: str, m: int, out: str) -> None:
         Xt = Xt.view(-1, 1, 8, 8)
     torch.manual_seed(0)
     net = (mlp(widths) if kind == "mlp" else digits_cnn()).double()
-    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=momentum)
     lossf = nn.CrossEntropyLoss()
     d = tempfile.mkdtemp(prefix="pkfast-km-")
     with pkfast.TrajectoryRecorder(net, opt, d + "/traj", loss=lossf, targets=yt) as rec:
@@ -128,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             r = subprocess.run([sys.executable, __file__, "--child", key, str(out), "--m", str(a.m)], env=env,
                                capture_output=True, text=True)
             if r.returncode != 0:
-                print(f"{key:9s} {name}: failed: {r.stderr.strip().splitlines()[-1][:200]}")
+                why = (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1][:200]
+                print(f"{key:9s} {name}: failed: {why}")
                 continue
             info = json.loads(r.stdout.strip().splitlines()[-1])
             res[name] = (info, np.load(out))

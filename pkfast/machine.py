@@ -40,7 +40,7 @@ from pkfast.gram import gram
 from pkfast.jacobians import FunctionalModel
 from pkfast.loss import LossSpec
 from pkfast.options import Options, model_device
-from pkfast.routes.panels import Panels
+from pkfast.routes.panels import Panels, cross
 from pkfast.rules import DEFAULT_NODES, EvalPoint, gauss_legendre
 from pkfast.trajectory import Trajectory
 
@@ -181,6 +181,7 @@ class KernelMachine:
         per_query = 3 * self.C * self.fm.num_params * torch.empty((), dtype=self.dtype).element_size()
         self.query_chunk = max(1, int(budget // max(1, per_query)))
         self._grad_cache: dict[int, torch.Tensor] = {}
+        self._cached_bytes, self._cache_budget = 0, budget // 4  # batch gradients kept for later query chunks
         #: ``[T]`` max |g_stored − g_recomputed| / max |g_stored| per step, where the recording stored the
         #: training forward pass's loss derivatives (``TrajectoryRecorder(store_output_grads=True)``; NaN for
         #: steps without them), else None. Rounding-level values mean the model's forward pass reproduces the
@@ -262,8 +263,10 @@ class KernelMachine:
                 G = self._loss_panels.panel(((EvalPoint(s), 1.0),), self.X[b], self.y[b])[:, 0]
                 lam = self.loss.batch_weights(self.y[b], self.C).to(G.device, G.dtype)
                 g = G * lam[:, None]
-            if len(self._grad_cache) < 4096 and g.numel() * g.element_size() < 2**28:
+            nbytes = g.numel() * g.element_size()
+            if self._cached_bytes + nbytes <= self._cache_budget:  # reused by the next query chunk
                 self._grad_cache[s] = g
+                self._cached_bytes += nbytes
         return g
 
     def _sweep(self, Xq: torch.Tensor, *, samples: bool, per_step: bool = False):
@@ -291,6 +294,20 @@ class KernelMachine:
         for r in bar:
             h = self._steps[r]
             combo = self._combo(r)
+            if mu == 0.0 and not h["weight_decay"]:
+                # plain SGD: Ψ_r = ε_r J̄_r, so c_i = −ε_r λ ⟨J̄_r(x), ∇ℓ(x_i; w_r)⟩ — a cross kernel that layers
+                # with a factorised rule give from both sides' factors, never forming either gradient
+                b = self._batches[r]
+                k = None if b.numel() == 0 else cross(self._panels, self._loss_panels, combo, Xq, EvalPoint(r),
+                                                      self.X[b], self.y[b])
+                if k is not None or b.numel() == 0:
+                    if k is not None:
+                        lam = self.loss.batch_weights(self.y[b], self.C).to(dev, dt)
+                        c = (k * (-eps[r]) * lam).transpose(1, 2)  # [M, |B|, C]
+                        total += c.sum(1)
+                        if contrib is not None:
+                            (contrib[r] if per_step else contrib).index_add_(1, b.to(dev), c)
+                    continue
             if mu == 0.0:
                 self._panels.accumulate(combo, Xq, S, alpha=eps[r], beta=0.0)
                 terms = [(1.0, S)]

@@ -161,3 +161,54 @@ def _scale_add(dst: torch.Tensor, src: torch.Tensor, alpha: float, beta: float) 
         if beta != 1.0:
             dst.mul_(beta)
         dst.add_(src, alpha=alpha)
+
+
+def cross(query: Panels, train: Panels, combo: Combo, Xq: torch.Tensor, point, Xb: torch.Tensor,
+          Yb: torch.Tensor) -> torch.Tensor | None:
+    """``[M, C, B]``: Σ_q ω_q ⟨∇f(x_m; w_q), ∇ℓ(x_i; w_point)⟩ between queries (outputs at the combo's points) and a
+    training batch (loss gradients at one point), with each layer whose rule factorises and whose factorised
+    product is cheaper than its gradients' taken as Σ_{s,t} (a_s·a′_t)(δ_s·δ′_t) from the two sides' factors
+    (docs/math.md §5), the rest through panels. None when no layer would be factorised (the caller multiplies
+    panels instead). ``query`` and ``train`` must share one layout (:meth:`Panels.matched`)."""
+    cq, ct = query.capture, train.capture
+    if cq is None or ct is None:
+        return None
+    M, B, C = Xq.shape[0], Xb.shape[0], query.fm.num_outputs
+    fact = {L.name for L in cq.hooked if L.rule.factorizable and L.positions ** 2 * (
+        L.rule.a_columns(L) + C * L.fan_out * L.groups) < C * L.size}
+    if not fact:
+        return None
+    sides = ((cq, [L for L in cq.hooked]), (ct, [L for L in ct.hooked]))
+    for cap, layers in sides:
+        for L in layers:
+            L.method = "factorized" if L.name in fact else "materialized"
+        cap.group()
+    try:
+        fm = query.fm
+        W = cq.panel_width
+        chunk = max(1, min(1024, DEFAULT_CHUNK_BYTES // max(1, C * (W + 1) * fm.itemsize)))
+        pq = torch.empty(M, C, W, dtype=fm.dtype, device=fm.device) if W else None
+        pt = torch.empty(B, 1, W, dtype=fm.dtype, device=fm.device) if W else None
+        nodes = [(om, cq.evaluate(p, Xq, None, chunk, pq, weight=om, add=qi > 0)) for qi, (p, om) in enumerate(combo)]
+        ft = ct.evaluate(point, Xb, Yb, chunk, pt)
+        out = torch.zeros(M * C, B, dtype=fm.dtype, device=fm.device)
+        if W:
+            out.addmm_(pq.view(M * C, W), pt.view(B, W).T)
+        mm = lambda a, b: a @ b.T  # noqa: E731
+        for L in cq.factorized:
+            for om, fq in nodes:
+                for (Aq, Dq), (At, Dt) in zip(fq[L.name], ft[L.name]):
+                    S, S2, O = Dq.shape[2], Dt.shape[2], Dq.shape[3]
+                    AA = L.rule.input_gram(Aq, At, mm, fm.dtype)                     # [M, S, B, S′]
+                    DD = (Dq.reshape(M * C * S, O) @ Dt.reshape(B * S2, O).T)       # [M·C·S, B·S′]
+                    if S == 1 and S2 == 1:
+                        out.add_((DD.view(M, C, B) * AA.view(M, 1, B)).view(M * C, B), alpha=om)
+                    else:
+                        k = torch.einsum("msbt,mcsbt->mcb", AA, DD.view(M, C, S, B, S2))
+                        out.add_(k.reshape(M * C, B), alpha=om)
+        return out.view(M, C, B)
+    finally:
+        for cap, layers in sides:
+            for L in layers:
+                L.method = "materialized"
+            cap.group()
