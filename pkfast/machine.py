@@ -360,12 +360,28 @@ class KernelMachine:
         parts = [self._sweep(q, samples=False) for _, q in self._chunks(X)]
         return torch.cat([b + t for b, t, _ in parts]).cpu()
 
-    def contributions(self, X: Any, *, per_step: bool = False) -> torch.Tensor:
+    def contributions(self, X: Any, *, per_step: bool = False, out: Any = None) -> torch.Tensor | np.ndarray:
         """c_i(x) ∈ R^C of every training point i to the prediction at each query: ``[M, N, C]``
-        (``per_step=True``: ``[T, M, N, C]``, the part contributed through step r's gradient of i)."""
+        (``per_step=True``: ``[T, M, N, C]``, the part contributed through step r's gradient of i).
+
+        ``out``: a path ending in ``.npy``: the result is written there query chunk by query chunk (a plain
+        float64 ``.npy``) and returned as a read-only memmap, so M × N × C need not fit in memory."""
         X = self._queries(X)
-        outs = [self._sweep(q, samples=True, per_step=per_step)[2] for _, q in self._chunks(X)]
-        return torch.cat(outs, dim=1 if per_step else 0).cpu()
+        if out is None:
+            outs = [self._sweep(q, samples=True, per_step=per_step)[2] for _, q in self._chunks(X)]
+            return torch.cat(outs, dim=1 if per_step else 0).cpu()
+        if not str(out).endswith(".npy"):
+            raise ValueError(f"{_FN}.contributions: out must be a path ending in .npy; found {str(out)!r}")
+        M, N, T = X.shape[0], self.X.shape[0], self.trajectory.num_steps
+        shape = (T, M, N, self.C) if per_step else (M, N, self.C)
+        arr = np.lib.format.open_memmap(out, mode="w+", dtype=np.dtype(str(self.dtype).replace("torch.", "")),
+                                        shape=shape)
+        for a, q in self._chunks(X):
+            c = self._sweep(q, samples=True, per_step=per_step)[2].cpu().numpy()
+            arr[(slice(None),) * per_step + (slice(a, a + q.shape[0]),)] = c
+        arr.flush()
+        del arr
+        return np.load(out, mmap_mode="r")
 
     def explain(self, x: Any, k: int = 5, target: int | tuple[int, int] | None = None) -> Explanation:
         """The top-k proponents and opponents of one prediction.

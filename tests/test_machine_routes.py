@@ -86,3 +86,21 @@ def test_layer_routes_equal_the_jacobian_route(tmp_path, kind, opt):
     assert torch.equal(e.proponents, e_ref.proponents) and torch.equal(e.opponents, e_ref.opponents)
     cert, cert_ref = km.certificate(Xq[:2]), ref.certificate(Xq[:2])
     assert float(cert.update.max()) < 1e-10 and torch.allclose(cert.update, cert_ref.update, rtol=0, atol=1e-12)
+
+
+def test_contributions_written_to_disk_chunk_by_chunk(tmp_path):
+    """contributions(out=…) writes [M, N, C] (or per step [T, M, N, C]) query chunk by query chunk into a .npy
+    equal to the in-memory result; a small memory budget forces several chunks."""
+    import numpy as np
+
+    model, X, y, Xq = _model("mlp")
+    traj = train(tmp_path, model, X, y, steps=4, lr=0.1, batch=6, momentum=0.9)
+    km = pkfast.KernelMachine(model, traj, X, nodes=2, progress=False, memory_budget=2 * 3 * 3 * 147 * 8)
+    assert km.query_chunk < Xq.shape[0]  # chunked
+    for per_step in (False, True):
+        path = tmp_path / f"c{per_step}.npy"
+        got = km.contributions(Xq, per_step=per_step, out=path)
+        assert isinstance(got, np.memmap) and got.dtype == np.float64
+        np.testing.assert_array_equal(np.load(path), km.contributions(Xq, per_step=per_step).numpy())
+    with pytest.raises(ValueError, match=r"out must be a path ending in .npy"):
+        km.contributions(Xq, out=tmp_path / "c.txt")
