@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch.func import functional_call, jvp
-from tqdm.auto import tqdm
 
 from pkfast import _checks
 from pkfast.driver import check_model_and_trajectory
@@ -40,8 +39,8 @@ from pkfast.gram import gram
 from pkfast.jacobians import FunctionalModel
 from pkfast.loss import LossSpec
 from pkfast.options import Options, model_device
-from pkfast.routes.panels import Panels, cross
-from pkfast.rules import DEFAULT_NODES, EvalPoint, gauss_legendre
+from pkfast.sweep import Sweep
+from pkfast.rules import DEFAULT_NODES, EvalPoint
 from pkfast.trajectory import Trajectory
 
 log = logging.getLogger("pkfast")
@@ -173,15 +172,12 @@ class KernelMachine:
         self.fm_loss.probe(self.X, _FN, "X_train")
         self.loss.check_targets(self.y, self.C, "y_train", _FN)
         self.fm_loss.check_loss_function(self.X, self.y, _FN)
-        # per-sample gradients from layer factors in batched passes where layers have rules (docs/math.md §5)
-        self._panels = Panels(self.fm, self.X)
-        self._loss_panels = Panels(self.fm_loss, self.X)
-        Panels.matched(self._panels, self._loss_panels)
         budget = self.opts.budget(device)
         per_query = 3 * self.C * self.fm.num_params * torch.empty((), dtype=self.dtype).element_size()
         self.query_chunk = max(1, int(budget // max(1, per_query)))
-        self._grad_cache: dict[int, torch.Tensor] = {}
-        self._cached_bytes, self._cache_budget = 0, budget // 4  # batch gradients kept for later query chunks
+        self._sweeper = Sweep(self.fm, self.fm_loss, self.X, self.y, self.loss, steps=self._steps,
+                              batches=self._batches, momentum=self._momentum, rule=self.rule, nodes=self.nodes,
+                              budget=budget, progress=progress)
         #: ``[T]`` max |g_stored − g_recomputed| / max |g_stored| per step, where the recording stored the
         #: training forward pass's loss derivatives (``TrajectoryRecorder(store_output_grads=True)``; NaN for
         #: steps without them), else None. Rounding-level values mean the model's forward pass reproduces the
@@ -247,98 +243,6 @@ class KernelMachine:
         return out
 
     # ------------------------------------------------------------------ pieces
-    def _combo(self, s: int) -> tuple[tuple[EvalPoint, float], ...]:
-        if self.rule == "left":
-            return ((EvalPoint(s), 1.0),)
-        return tuple((EvalPoint(s, tau), om) for tau, om in gauss_legendre(self.nodes))
-
-    def _batch_grads(self, s: int) -> torch.Tensor:
-        """λ_{s,i} ∇_w ℓ(x_i; w_s) for i ∈ B_s, as [|B_s|, P] (cached: reused by every query chunk)."""
-        g = self._grad_cache.get(s)
-        if g is None:
-            b = self._batches[s]
-            if b.numel() == 0:
-                g = torch.zeros(0, self.fm.num_params, dtype=self.dtype, device=self.fm.device)
-            else:
-                G = self._loss_panels.panel(((EvalPoint(s), 1.0),), self.X[b], self.y[b])[:, 0]
-                lam = self.loss.batch_weights(self.y[b], self.C).to(G.device, G.dtype)
-                g = G * lam[:, None]
-            nbytes = g.numel() * g.element_size()
-            if self._cached_bytes + nbytes <= self._cache_budget:  # reused by the next query chunk
-                self._grad_cache[s] = g
-                self._cached_bytes += nbytes
-        return g
-
-    def _sweep(self, Xq: torch.Tensor, *, samples: bool, per_step: bool = False):
-        """One backward pass over the steps for the queries ``Xq``: (bias [M, C], Σ_i c_i [M, C],
-        contributions [M, N, C] or per-step [T, M, N, C] or None)."""
-        T, N, C, P = self.trajectory.num_steps, self.X.shape[0], self.C, self.fm.num_params
-        M = Xq.shape[0]
-        dev, dt = self.fm.device, self.dtype
-        eps = self.trajectory.step_sizes.tolist()
-        bias = self.fm.outputs(EvalPoint(0), Xq).to(dt)
-        total = torch.zeros(M, C, dtype=dt, device=dev)
-        contrib = None
-        if samples:
-            contrib = torch.zeros((T, M, N, C) if per_step else (M, N, C), dtype=dt, device=dev)
-        mu, damp, nesterov = self._momentum
-        # the query side is held as the panel's blocks (one per layer group, :meth:`Panels.widths`), each layer's
-        # gradient formed from its factors straight into its block: S_r = Σ_{s≥r} ε_s μ^{s−r} J̄_s by the
-        # momentum recursion (plain SGD: S_r = ε_r J̄_r), and Ψ_r = Σ coef · blocks as listed in ``terms``
-        widths = self._panels.widths()
-        offs = np.cumsum([0] + widths[:-1]).tolist()
-        S = [torch.zeros(M, C, w, dtype=dt, device=dev) for w in widths]
-        J = [torch.empty(M, C, w, dtype=dt, device=dev) for w in widths] if (mu and nesterov) else None
-        bar = tqdm(range(T - 1, -1, -1), desc="pkfast.KernelMachine steps", unit="step", disable=not self.progress,
-                   leave=False)
-        for r in bar:
-            h = self._steps[r]
-            combo = self._combo(r)
-            if mu == 0.0 and not h["weight_decay"]:
-                # plain SGD: Ψ_r = ε_r J̄_r, so c_i = −ε_r λ ⟨J̄_r(x), ∇ℓ(x_i; w_r)⟩ — a cross kernel that layers
-                # with a factorised rule give from both sides' factors, never forming either gradient
-                b = self._batches[r]
-                k = None if b.numel() == 0 else cross(self._panels, self._loss_panels, combo, Xq, EvalPoint(r),
-                                                      self.X[b], self.y[b])
-                if k is not None or b.numel() == 0:
-                    if k is not None:
-                        lam = self.loss.batch_weights(self.y[b], self.C).to(dev, dt)
-                        c = (k * (-eps[r]) * lam).transpose(1, 2)  # [M, |B|, C]
-                        total += c.sum(1)
-                        if contrib is not None:
-                            (contrib[r] if per_step else contrib).index_add_(1, b.to(dev), c)
-                    continue
-            if mu == 0.0:
-                self._panels.accumulate(combo, Xq, S, alpha=eps[r], beta=0.0)
-                terms = [(1.0, S)]
-            else:
-                # PyTorch creates the buffer undampened at the first step: κ_{s,0} = μ^s, κ_{s,r} = (1−d) μ^{s−r}
-                c_r = 1.0 if r == 0 else 1.0 - damp
-                if nesterov:
-                    self._panels.accumulate(combo, Xq, J, alpha=1.0, beta=0.0)
-                    for Sb, Jb in zip(S, J):
-                        Sb.mul_(mu).add_(Jb, alpha=eps[r])
-                    terms = [(eps[r], J), (c_r * mu, S)]
-                else:
-                    self._panels.accumulate(combo, Xq, S, alpha=eps[r], beta=mu)
-                    terms = [(c_r, S)]
-            if h["weight_decay"]:
-                w_r = self._panels.to_panel(self.fm.state(EvalPoint(r))[0])
-                for coef, blocks in terms:
-                    for B_, o, w in zip(blocks, offs, widths):
-                        bias -= (h["weight_decay"] * coef) * (B_.view(M * C, w) @ w_r[o:o + w]).view(M, C)
-            g = self._batch_grads(r)  # [|B|, P] in the panel's column order
-            if g.shape[0]:
-                c = torch.zeros(M * C, g.shape[0], dtype=dt, device=dev)
-                for coef, blocks in terms:
-                    for B_, o, w in zip(blocks, offs, widths):
-                        c.addmm_(B_.view(M * C, w), g[:, o:o + w].T, alpha=-coef)
-                c = c.view(M, C, -1).transpose(1, 2)  # [M, |B|, C]
-                total += c.sum(1)
-                if contrib is not None:
-                    (contrib[r] if per_step else contrib).index_add_(1, self._batches[r].to(dev), c)
-        return bias, total, contrib
-
     def _queries(self, X: Any, name: str = "X") -> torch.Tensor:
         X = _checks.as_input_tensor(f"{_FN}", name, X)
         _checks.check_feature_shapes(_FN, self.X, X)
@@ -352,12 +256,12 @@ class KernelMachine:
     def bias(self, X: Any) -> torch.Tensor:
         """b(x) = f(x; w_0) − (weight-decay terms): the part of the prediction no training point carries."""
         X = self._queries(X)
-        return torch.cat([self._sweep(q, samples=False)[0] for _, q in self._chunks(X)]).cpu()
+        return torch.cat([self._sweeper.run(q, samples=False)[0] for _, q in self._chunks(X)]).cpu()
 
     def predict(self, X: Any) -> torch.Tensor:
         """b(x) + Σ_i c_i(x) as [M, C]: the network's f(x; w_T) rebuilt from the training points."""
         X = self._queries(X)
-        parts = [self._sweep(q, samples=False) for _, q in self._chunks(X)]
+        parts = [self._sweeper.run(q, samples=False) for _, q in self._chunks(X)]
         return torch.cat([b + t for b, t, _ in parts]).cpu()
 
     def contributions(self, X: Any, *, per_step: bool = False, out: Any = None) -> torch.Tensor | np.ndarray:
@@ -368,7 +272,7 @@ class KernelMachine:
         float64 ``.npy``) and returned as a read-only memmap, so M × N × C need not fit in memory."""
         X = self._queries(X)
         if out is None:
-            outs = [self._sweep(q, samples=True, per_step=per_step)[2] for _, q in self._chunks(X)]
+            outs = [self._sweeper.run(q, samples=True, per_step=per_step)[2] for _, q in self._chunks(X)]
             return torch.cat(outs, dim=1 if per_step else 0).cpu()
         if not str(out).endswith(".npy"):
             raise ValueError(f"{_FN}.contributions: out must be a path ending in .npy; found {str(out)!r}")
@@ -377,7 +281,7 @@ class KernelMachine:
         arr = np.lib.format.open_memmap(out, mode="w+", dtype=np.dtype(str(self.dtype).replace("torch.", "")),
                                         shape=shape)
         for a, q in self._chunks(X):
-            c = self._sweep(q, samples=True, per_step=per_step)[2].cpu().numpy()
+            c = self._sweeper.run(q, samples=True, per_step=per_step)[2].cpu().numpy()
             arr[(slice(None),) * per_step + (slice(a, a + q.shape[0]),)] = c
         arr.flush()
         del arr
@@ -399,7 +303,7 @@ class KernelMachine:
             x = x.unsqueeze(0)
         if x.shape[0] != 1:
             raise ValueError(f"{_FN}.explain: expected one query; found {x.shape[0]} (use contributions() for many)")
-        bias, total, c = self._sweep(self._queries(x), samples=True)
+        bias, total, c = self._sweeper.run(self._queries(x), samples=True)
         c = c[0].cpu()
         if target is None:
             target = int(torch.argmax(bias + total))
@@ -443,7 +347,7 @@ class KernelMachine:
             f_next = fm.outputs(EvalPoint(s + 1), X)
             delta = fm.state(EvalPoint(s + 1))[0] - fm.state(EvalPoint(s))[0]
             lin = torch.zeros_like(f_prev)
-            for point, om in self._combo(s):
+            for point, om in self._sweeper.combo(s):
                 flat, statics = fm.state(point)
 
                 def f(p, statics=statics):
@@ -483,14 +387,14 @@ class KernelMachine:
         out = []
         for s in range(T):
             h = self._steps[s]
-            w = self._panels.to_panel(self.fm.state(EvalPoint(s))[0])
-            d_p = self._batch_grads(s).sum(0)
+            w = self._sweeper.panels.to_panel(self.fm.state(EvalPoint(s))[0])
+            d_p = self._sweeper.batch_grads(s).sum(0)
             if h["weight_decay"]:
                 d_p = d_p + h["weight_decay"] * w
             if h["momentum"]:
                 buf = d_p.clone() if buf is None else buf * h["momentum"] + (1 - h["dampening"]) * d_p
                 d_p = d_p + h["momentum"] * buf if h["nesterov"] else buf
             step = -eps[s] * d_p
-            delta = self._panels.to_panel(self.fm.state(EvalPoint(s + 1))[0]) - w
+            delta = self._sweeper.panels.to_panel(self.fm.state(EvalPoint(s + 1))[0]) - w
             out.append(float((delta - step).norm() / delta.norm().clamp_min(1e-300)))
         return torch.tensor(out, dtype=torch.float64)

@@ -25,7 +25,7 @@ LAYERS = {
     "model": ["pkfast.per_sample", "pkfast.jacobians"],
     "layers": ["pkfast.layers", "pkfast.layers.*"],
     "routes": ["pkfast.routes", "pkfast.routes.*"],
-    "driver": ["pkfast.driver"],
+    "driver": ["pkfast.driver", "pkfast.sweep"],
     "doors": ["pkfast", "pkfast.gram", "pkfast.sketch", "pkfast.attribution", "pkfast.machine", "pkfast.recorder", "pkfast.reference",
               "pkfast.cli", "pkfast.__main__"],
 }

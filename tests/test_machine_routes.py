@@ -53,9 +53,10 @@ def _model(kind):
 
 def _reference(km):
     """The same machine with every gradient by vmap(jacrev)."""
-    km._panels = Panels(km.fm, km.X, routed=False)
-    km._loss_panels = Panels(km.fm_loss, km.X, routed=False)
-    km._grad_cache, km._cached_bytes = {}, 0
+    sw = km._sweeper
+    sw.panels = Panels(km.fm, km.X, routed=False)
+    sw.loss_panels = Panels(km.fm_loss, km.X, routed=False)
+    sw.grad_cache, sw.cached_bytes = {}, 0
     return km
 
 
@@ -67,15 +68,16 @@ def test_layer_routes_equal_the_jacobian_route(tmp_path, kind, opt):
     model, X, y, Xq = _model(kind)
     traj = train(tmp_path, model, X, y, steps=6, lr=0.1, batch=6, **opt)
     km = pkfast.KernelMachine(model, traj, X, nodes=2, progress=False)
-    assert km._panels.capture is not None and km._panels.capture.hooked  # the layer routes are in use
+    assert km._sweeper.panels.capture is not None and km._sweeper.panels.capture.hooked  # layer routes in use
     if not opt:  # plain SGD: the cross kernel from both sides' factors (at least the S = 1 heads factorise)
         from pkfast.routes.panels import cross
         from pkfast.rules import EvalPoint
 
-        k = cross(km._panels, km._loss_panels, km._combo(0), Xq, EvalPoint(0), X[:6], y[:6])
+        sw = km._sweeper
+        k = cross(sw.panels, sw.loss_panels, sw.combo(0), Xq, EvalPoint(0), X[:6], y[:6])
         assert k is not None and k.shape == (5, 4 if kind == "cnn" else 3, 6)
     ref = _reference(pkfast.KernelMachine(model, traj, X, nodes=2, progress=False))
-    assert ref._panels.capture is None
+    assert ref._sweeper.panels.capture is None
     c, c_ref = km.contributions(Xq, per_step=True), ref.contributions(Xq, per_step=True)
     assert rel(c, c_ref) <= 1e-10
     assert rel(km.bias(Xq), ref.bias(Xq)) <= 1e-10
