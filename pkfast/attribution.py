@@ -162,7 +162,7 @@ def _blocks(fn: str, query: Source, train: Source, block: int | None, progress: 
     N = len(train)
     feats = isinstance(query, PathFeatures)
     b = _block_rows(fn, len(query), N, block, 4 * train.features[0].numel() if feats else 0)
-    q = _wide(query.features).reshape(len(query), -1) if feats else None
+    q = query.read(0, len(query)).reshape(len(query), -1) if feats else None
     with tqdm(total=N, unit="train", unit_scale=True, desc=fn, disable=not progress, leave=False) as bar:
         for a in range(0, N, b):
             rows = slice(a, min(N, a + b))
@@ -246,11 +246,6 @@ def self_influence(train: Source, *, block: int | None = None, progress: bool = 
                 parts.append(train.diagonal(rows))
             bar.update(rows.stop - a)
     return torch.cat(parts)
-
-
-def _wide(t: torch.Tensor) -> torch.Tensor:
-    """Stored half-precision features as float32 (float32/float64 as they are)."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def _is64(source: Source) -> bool:
