@@ -53,31 +53,25 @@ def _model(kind):
 
 def _reference(km):
     """The same machine with every gradient by vmap(jacrev)."""
-    sw = km._sweeper
-    sw.panels = Panels(km.fm, km.X, routed=False)
-    sw.loss_panels = Panels(km.fm_loss, km.X, routed=False)
-    sw.grad_cache, sw.cached_bytes = {}, 0
+    km._sweeper.set_panels(Panels(km.fm, km.X, routed=False), Panels(km.fm_loss, km.X, routed=False))
     return km
 
 
+@pytest.mark.parametrize("block", [1, 4])
 @pytest.mark.parametrize("kind", ["mlp", "cnn", "tokens"])
 @pytest.mark.parametrize("opt", [dict(), dict(momentum=0.9, weight_decay=1e-2), dict(momentum=0.8, dampening=0.3),
                                  dict(momentum=0.9, nesterov=True, weight_decay=5e-3)],
                          ids=["sgd", "momentum+wd", "dampening", "nesterov+wd"])
-def test_layer_routes_equal_the_jacobian_route(tmp_path, kind, opt):
+def test_layer_routes_equal_the_jacobian_route(tmp_path, kind, opt, block):
     model, X, y, Xq = _model(kind)
     traj = train(tmp_path, model, X, y, steps=6, lr=0.1, batch=6, **opt)
     km = pkfast.KernelMachine(model, traj, X, nodes=2, progress=False)
     assert km._sweeper.panels.capture is not None and km._sweeper.panels.capture.hooked  # layer routes in use
-    if not opt:  # plain SGD: the cross kernel from both sides' factors (at least the S = 1 heads factorise)
-        from pkfast.routes.panels import cross
-        from pkfast.rules import EvalPoint
-
-        sw = km._sweeper
-        k = cross(sw.panels, sw.loss_panels, sw.combo(0), Xq, EvalPoint(0), X[:6], y[:6])
-        assert k is not None and k.shape == (5, 4 if kind == "cnn" else 3, 6)
+    sw = km._sweeper
+    assert any(sw.blocked)  # pairs from both sides' factors in use (at least the S = 1 heads factorise)
+    sw.block = block  # steps one by one, or blocks (6 steps: full blocks and a shorter one)
     ref = _reference(pkfast.KernelMachine(model, traj, X, nodes=2, progress=False))
-    assert ref._sweeper.panels.capture is None
+    assert ref._sweeper.panels.capture is None and not any(ref._sweeper.blocked)
     c, c_ref = km.contributions(Xq, per_step=True), ref.contributions(Xq, per_step=True)
     assert rel(c, c_ref) <= 1e-10
     assert rel(km.bias(Xq), ref.bias(Xq)) <= 1e-10

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from pkfast.jacobians import DEFAULT_CHUNK_BYTES, FunctionalModel
+from pkfast.layers.base import Layer
 from pkfast.routes.base import Combo
 from pkfast.routes.capture import Capture
 from pkfast.routes.layered import find_layers
@@ -98,47 +99,62 @@ class Panels:
     def widths(self) -> list[int]:
         """Columns of the panel's blocks, in order: the jacrev part (if any), then each group of each layer formed
         from factors (the panel is their concatenation)."""
-        if self.capture is None:
-            return [self.width]
-        cap = self.capture
-        return ([cap.jac_width] if cap.jac_width else []) + [L.size // L.groups for L in cap.hooked
-                                                              for _ in range(L.groups)]
+        return [w for _, _, w in self.slots()]
 
-    def accumulate(self, combo: Combo, X: torch.Tensor, blocks: list[torch.Tensor], *, alpha: float,
-                   beta: float) -> None:
-        """``blocks ← β·blocks + α·Σ_q ω_q ∇outputs`` at the combo's points: the panel held as contiguous
-        ``[n, C, width]`` blocks (:meth:`widths`), each layer's gradient formed from its factors straight into its
-        block (no panel-sized temporary), β = 0 overwriting."""
+    def slots(self) -> list[tuple[Layer | None, int, int]]:
+        """The panel's blocks as (layer, group, width): ``(None, 0, width)`` for the jacrev part (if any), then
+        each group of each layer formed from factors."""
+        if self.capture is None:
+            return [(None, 0, self.width)]
+        cap = self.capture
+        return ([(None, 0, cap.jac_width)] if cap.jac_width else []) + [
+            (L, g, L.size // L.groups) for L in cap.hooked for g in range(L.groups)]
+
+    def evaluate(self, combo: Combo, X: torch.Tensor, Y: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor | None, list[tuple[float, dict]]]:
+        """One capture pass per point of the combo: (Σ_q ω_q × the jacrev part ``[n, C, jac width]``, or None
+        when every parameter has a route; ``[(ω_q, factors_q)]`` with every routed layer's factors)."""
         fm, cap, n = self.fm, self.capture, X.shape[0]
+        C = fm.num_outputs
         if cap is None:
-            J = fm.jacobian(combo, X)
-            _scale_add(blocks[0], J, alpha, beta)
-            return
+            return fm.jacobian(combo, X, Y=Y), []
         for L in cap.hooked:  # evaluate() hands back streamed layers' factors instead of writing their gradients
             L.stream = True
         cap.group()
         try:
             jw = cap.jac_width
-            tmp = torch.empty(n, fm.num_outputs, jw, dtype=fm.dtype, device=fm.device) if jw else None
-            per = max(1, fm.num_outputs * (jw + max((L.size for L in cap.hooked), default=0)) * fm.itemsize)
+            tmp = torch.empty(n, C, jw, dtype=fm.dtype, device=fm.device) if jw else None
+            per = max(1, C * (jw + max((L.size for L in cap.hooked), default=0)) * fm.itemsize)
             chunk = max(1, min(1024, DEFAULT_CHUNK_BYTES // per))
-            nodes = []
-            for qi, (point, om) in enumerate(combo):
-                nodes.append((alpha * om, cap.evaluate(point, X, None, chunk, tmp, weight=om, add=qi > 0)))
-            i = 0
-            if jw:
-                _scale_add(blocks[0], tmp, alpha, beta)
-                i = 1
-            for L in cap.hooked:  # one contiguous block per layer group
-                units, width = L.rule.units(L)
-                for g in range(L.groups):
-                    L.rule.gradient_slice(L, nodes, g, 0, units, blocks[i].view(n, fm.num_outputs, units, width),
-                                          beta=beta)
-                    i += 1
+            nodes = [(om, cap.evaluate(point, X, Y, chunk, tmp, weight=om, add=qi > 0))
+                     for qi, (point, om) in enumerate(combo)]
+            return tmp, nodes
         finally:
             for L in cap.hooked:
                 L.stream = False
             cap.group()
+
+    @staticmethod
+    def write(slot: tuple[Layer, int, int], nodes: list[tuple[float, dict]], out: torch.Tensor, *,
+              beta: float) -> None:
+        """``out ← β·out + Σ_q ω_q ∇`` of one layer group (a slot of :meth:`slots`) from the nodes' factors
+        (:meth:`evaluate`; weights as given), ``out`` a contiguous ``[n, C, width]`` block."""
+        L, g, _ = slot
+        units, width = L.rule.units(L)
+        L.rule.gradient_slice(L, nodes, g, 0, units, out.view(out.shape[0], out.shape[1], units, width), beta=beta)
+
+    def accumulate(self, combo: Combo, X: torch.Tensor, blocks: list[torch.Tensor], *, alpha: float,
+                   beta: float) -> None:
+        """``blocks ← β·blocks + α·Σ_q ω_q ∇outputs`` at the combo's points: the panel held as contiguous
+        ``[n, C, width]`` blocks (:meth:`slots`), each layer's gradient formed from its factors straight into its
+        block (no panel-sized temporary), β = 0 overwriting."""
+        jac, nodes = self.evaluate(combo, X)
+        nodes = [(alpha * om, f) for om, f in nodes]
+        for slot, blk in zip(self.slots(), blocks):
+            if slot[0] is None:
+                _scale_add(blk, jac, alpha, beta)
+            else:
+                self.write(slot, nodes, blk, beta=beta)
 
     def to_panel(self, flat: torch.Tensor) -> torch.Tensor:
         """A flat parameter vector ``[P]`` (functional-model order) in the panel's column order."""
@@ -161,54 +177,3 @@ def _scale_add(dst: torch.Tensor, src: torch.Tensor, alpha: float, beta: float) 
         if beta != 1.0:
             dst.mul_(beta)
         dst.add_(src, alpha=alpha)
-
-
-def cross(query: Panels, train: Panels, combo: Combo, Xq: torch.Tensor, point, Xb: torch.Tensor,
-          Yb: torch.Tensor) -> torch.Tensor | None:
-    """``[M, C, B]``: Σ_q ω_q ⟨∇f(x_m; w_q), ∇ℓ(x_i; w_point)⟩ between queries (outputs at the combo's points) and a
-    training batch (loss gradients at one point), with each layer whose rule factorises and whose factorised
-    product is cheaper than its gradients' taken as Σ_{s,t} (a_s·a′_t)(δ_s·δ′_t) from the two sides' factors
-    (docs/math.md §5), the rest through panels. None when no layer would be factorised (the caller multiplies
-    panels instead). ``query`` and ``train`` must share one layout (:meth:`Panels.matched`)."""
-    cq, ct = query.capture, train.capture
-    if cq is None or ct is None:
-        return None
-    M, B, C = Xq.shape[0], Xb.shape[0], query.fm.num_outputs
-    fact = {L.name for L in cq.hooked if L.rule.factorizable and L.positions ** 2 * (
-        L.rule.a_columns(L) + C * L.fan_out * L.groups) < C * L.size}
-    if not fact:
-        return None
-    sides = ((cq, [L for L in cq.hooked]), (ct, [L for L in ct.hooked]))
-    for cap, layers in sides:
-        for L in layers:
-            L.method = "factorized" if L.name in fact else "materialized"
-        cap.group()
-    try:
-        fm = query.fm
-        W = cq.panel_width
-        chunk = max(1, min(1024, DEFAULT_CHUNK_BYTES // max(1, C * (W + 1) * fm.itemsize)))
-        pq = torch.empty(M, C, W, dtype=fm.dtype, device=fm.device) if W else None
-        pt = torch.empty(B, 1, W, dtype=fm.dtype, device=fm.device) if W else None
-        nodes = [(om, cq.evaluate(p, Xq, None, chunk, pq, weight=om, add=qi > 0)) for qi, (p, om) in enumerate(combo)]
-        ft = ct.evaluate(point, Xb, Yb, chunk, pt)
-        out = torch.zeros(M * C, B, dtype=fm.dtype, device=fm.device)
-        if W:
-            out.addmm_(pq.view(M * C, W), pt.view(B, W).T)
-        mm = lambda a, b: a @ b.T  # noqa: E731
-        for L in cq.factorized:
-            for om, fq in nodes:
-                for (Aq, Dq), (At, Dt) in zip(fq[L.name], ft[L.name]):
-                    S, S2, O = Dq.shape[2], Dt.shape[2], Dq.shape[3]
-                    AA = L.rule.input_gram(Aq, At, mm, fm.dtype)                     # [M, S, B, S′]
-                    DD = (Dq.reshape(M * C * S, O) @ Dt.reshape(B * S2, O).T)       # [M·C·S, B·S′]
-                    if S == 1 and S2 == 1:
-                        out.add_((DD.view(M, C, B) * AA.view(M, 1, B)).view(M * C, B), alpha=om)
-                    else:
-                        k = torch.einsum("msbt,mcsbt->mcb", AA, DD.view(M, C, S, B, S2))
-                        out.add_(k.reshape(M * C, B), alpha=om)
-        return out.view(M, C, B)
-    finally:
-        for cap, layers in sides:
-            for L in layers:
-                L.method = "materialized"
-            cap.group()
