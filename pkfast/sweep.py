@@ -43,7 +43,7 @@ class Sweep:
         self.steps, self.batches, self.momentum = steps, batches, momentum
         self.rule, self.nodes, self.dtype, self.progress = rule, nodes, fm.dtype, progress
         # per-sample gradients from layer factors in batched passes where layers have rules (docs/math.md §5)
-        self.cache_budget = budget // 4
+        self.budget, self.cache_budget = budget, budget // 4
         self.set_panels(Panels(fm, X), Panels(fm_loss, X))
 
     def set_panels(self, panels: Panels, loss_panels: Panels) -> None:
@@ -58,7 +58,10 @@ class Sweep:
         self.blocked = [L is not None and _pair_cheaper(L, self.C) for L, _, _ in self.slots]
         T = self.trajectory.num_steps
         mean_batch = max(1.0, sum(b.numel() for b in self.batches) / max(1, T))
-        self.block = min(MAX_BLOCK, max(1, math.ceil(BLOCK_ROWS / mean_batch))) if any(self.blocked) else 1
+        # a block's batch gradients ([rows, P]) within a quarter of the budget, at least one step
+        fit = int(self.budget // 4 // max(1, mean_batch * self.fm.num_params * self.fm.itemsize))
+        L = min(MAX_BLOCK, T, math.ceil(BLOCK_ROWS / mean_batch), fit) if any(self.blocked) else 1
+        self.block = max(1, L)
 
     def combo(self, s: int) -> tuple[tuple[EvalPoint, float], ...]:
         if self.rule == "left":

@@ -93,6 +93,10 @@ def test_contributions_written_to_disk_chunk_by_chunk(tmp_path):
     traj = train(tmp_path, model, X, y, steps=4, lr=0.1, batch=6, momentum=0.9)
     km = pkfast.KernelMachine(model, traj, X, nodes=2, progress=False, memory_budget=2 * 3 * 3 * 147 * 8)
     assert km.query_chunk < Xq.shape[0]  # chunked
+    assert km._sweeper.block == 1  # a block's batch gradients must fit a quarter of the budget: one step at a time
+    big = pkfast.KernelMachine(model, traj, X, nodes=2, progress=False)
+    assert big._sweeper.block == 4  # (4 steps recorded: one block)
+    torch.testing.assert_close(km.contributions(Xq), big.contributions(Xq), rtol=1e-12, atol=1e-15)
     for per_step in (False, True):
         path = tmp_path / f"c{per_step}.npy"
         got = km.contributions(Xq, per_step=per_step, out=path)
