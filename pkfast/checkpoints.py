@@ -1,17 +1,27 @@
-"""checkpoints: reading state_dicts from checkpoint files and objects for :meth:`pkfast.Trajectory.from_checkpoints`
-— safely (weights only, never unpickling code), with errors that name the file and say what was found."""
+"""checkpoints: reading state_dicts from checkpoint files, Hugging Face checkpoint folders and objects, and the
+learning rates of a Hugging Face ``Trainer`` run, for :meth:`pkfast.Trajectory.from_checkpoints` — safely (weights
+only, never unpickling code), with errors that name the file and say what was found."""
 
 from __future__ import annotations
 
+import json
 import pickle
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-__all__ = ["load_checkpoint_file", "as_state_dict", "compare_spec"]
+__all__ = ["load_checkpoint_file", "as_state_dict", "compare_spec", "trainer_step_sizes", "HF_WEIGHTS"]
+
+#: the weight files of a Hugging Face checkpoint folder (``save_pretrained``, ``Trainer``'s ``checkpoint-N``,
+#: a PEFT adapter), in the order they are looked for; an ``.index.json`` names the shards of a sharded one
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors",
+              "pytorch_model.bin", "pytorch_model.bin.index.json", "adapter_model.bin")
+TRAINER_STATE = "trainer_state.json"
 
 _FN = "pkfast.Trajectory.from_checkpoints"
 
@@ -23,8 +33,9 @@ def load_checkpoint_file(path: Path) -> Mapping[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"{_FN}: no checkpoint file at {str(path)!r}")
     if path.is_dir():
-        raise IsADirectoryError(f"{where} is a directory; expected a file written by torch.save(state_dict) or a "
-                                ".safetensors file")
+        return _load_folder(path)
+    if path.suffix == ".json" and path.name.endswith(".index.json"):
+        return _load_sharded(path)
     if path.suffix == ".safetensors":
         try:
             from safetensors import SafetensorError
@@ -56,6 +67,81 @@ def load_checkpoint_file(path: Path) -> Mapping[str, Any]:
                          f"{_first_line(e)}); expected a file written by torch.save(state_dict) or a .safetensors "
                          "file") from None
     return as_state_dict(obj, where=str(path))
+
+
+def _load_folder(path: Path) -> Mapping[str, Any]:
+    """The weights of a Hugging Face checkpoint folder (single or sharded safetensors, ``.bin``, PEFT adapter)."""
+    for name in HF_WEIGHTS:
+        f = path / name
+        if f.exists():
+            return load_checkpoint_file(f)
+    found = sorted(p.name for p in path.iterdir())[:10]
+    raise FileNotFoundError(f"{_FN}: checkpoint {str(path)!r} is a folder without model weights; expected a Hugging "
+                            f"Face checkpoint folder holding one of {', '.join(HF_WEIGHTS)}; found {found}")
+
+
+def _load_sharded(index: Path) -> Mapping[str, Any]:
+    """A sharded checkpoint: every shard its ``weight_map`` names, merged (each shard read once)."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{_FN}: {str(index)!r} is not a shard index ({_first_line(e)}); expected JSON with a "
+                         "'weight_map' from parameter names to shard files") from None
+    out: dict[str, Any] = {}
+    for shard in shards:
+        part = load_checkpoint_file(index.parent / shard)
+        out.update({k: v for k, v in part.items() if weight_map.get(k) == shard})
+    missing = sorted(set(weight_map) - set(out))
+    if missing:
+        raise ValueError(f"{_FN}: {str(index)!r} maps {len(missing)} entries to shards that lack them "
+                         f"(first: {missing[:3]})")
+    return out
+
+
+def trainer_step_sizes(checkpoints: list) -> list[float]:
+    """The weight of each interval between Hugging Face ``Trainer`` checkpoint folders: Σ of the learning rates of
+    the optimizer steps in it, from ``trainer_state.json`` (``global_step`` of each folder; ``log_history`` of the
+    last one). A first checkpoint without a trainer state is the initial model (step 0). The learning rate logged
+    at step k is the one applied by optimizer step k (as ``transformers`` 5 logs it; older versions logged the rate
+    after the scheduler's step, one step later); where steps were not logged (``logging_steps`` > 1) it is interpolated linearly between the logged ones, with a warning."""
+    steps, states = [], []
+    for i, ck in enumerate(checkpoints):
+        p = Path(ck) if isinstance(ck, (str, Path)) or hasattr(ck, "__fspath__") else None
+        f = None if p is None else (p / TRAINER_STATE if p.is_dir() else p.parent / TRAINER_STATE)
+        if f is None or not f.exists():
+            if i == 0:
+                steps.append(0)
+                continue
+            what = "a state_dict" if p is None else repr(str(p))
+            raise ValueError(f"{_FN}: lr not given and checkpoint #{i} ({what}) has no {TRAINER_STATE} beside it to "
+                             "read the learning rates from; pass lr= (one float, or one per interval)")
+        try:
+            state = json.loads(f.read_text())
+            steps.append(int(state["global_step"]))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{_FN}: {str(f)!r} is not a Trainer state ({_first_line(e)}); expected JSON with "
+                             "'global_step' and 'log_history'") from None
+        states.append(state)
+    if any(b <= a for a, b in zip(steps, steps[1:])):
+        raise ValueError(f"{_FN}: the checkpoints' global steps {steps} do not increase; pass them in training order")
+    logged = {}
+    for e in states[-1].get("log_history", []):
+        if isinstance(e, dict) and "learning_rate" in e and "step" in e:
+            logged[int(e["step"])] = float(e["learning_rate"])
+    if not logged:
+        raise ValueError(f"{_FN}: lr not given and the last checkpoint's {TRAINER_STATE} logs no learning rate; "
+                         "pass lr= (one float, or one per interval)")
+    want = np.arange(1, steps[-1] + 1)
+    xs = np.array(sorted(logged))
+    lrs = np.interp(want, xs, np.array([logged[x] for x in xs]))
+    unlogged = int(np.sum(~np.isin(want, xs)))
+    if unlogged:
+        warnings.warn(f"{_FN}: {TRAINER_STATE} logs the learning rate at {len(xs)} of {steps[-1]} steps; the other "
+                      f"{unlogged} are interpolated between logs, so the interval weights are approximate (exact with "
+                      "TrainingArguments(logging_steps=1))", stacklevel=3)
+    csum = np.concatenate([[0.0], np.cumsum(lrs)])
+    return [float(csum[b] - csum[a]) for a, b in zip(steps, steps[1:])]
 
 
 def _first_line(e: BaseException) -> str:

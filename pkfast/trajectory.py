@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from pkfast import formats
-from pkfast.checkpoints import as_state_dict, compare_spec, load_checkpoint_file
+from pkfast.checkpoints import as_state_dict, compare_spec, load_checkpoint_file, trainer_step_sizes
 from pkfast.trajectory_files import (MANIFEST, TARGETS, TORCH_FROM_NAME, WEIGHTS, TrajectoryWriter, complete_rows,
                                      dtype_name, read_manifest, read_steps, save_targets, storage_dtype)
 
@@ -252,7 +252,7 @@ class Trajectory:
     def from_checkpoints(
         cls,
         checkpoints: Sequence[Mapping[str, torch.Tensor] | str | os.PathLike],
-        lr: float | Sequence[float],
+        lr: float | Sequence[float] | None = None,
         *,
         batch_indices: Sequence[Any] | None = None,
     ) -> "Trajectory":
@@ -260,14 +260,19 @@ class Trajectory:
 
         Args:
             checkpoints: ``state_dict`` mappings, or paths to ``torch.save`` files (a state_dict, or a dict
-                holding one under ``'state_dict'``/``'model_state_dict'``/``'model'``) or ``.safetensors``
-                files. Floating-point entries are kept (integer buffers such as BatchNorm's
+                holding one under ``'state_dict'``/``'model_state_dict'``/``'model'``, as a Lightning ``.ckpt``
+                does), ``.safetensors`` files, or Hugging Face checkpoint folders (``save_pretrained`` or
+                ``Trainer``'s ``checkpoint-N``: ``model.safetensors``, sharded with ``model.safetensors.index.json``,
+                ``pytorch_model.bin``, or a PEFT ``adapter_model.safetensors``). Floating-point entries are kept (integer buffers such as BatchNorm's
                 ``num_batches_tracked`` are dropped); every checkpoint must have the same entries and shapes.
             lr: the weight ε_s of each of the ``T`` intervals: one float for all, or ``T`` floats. For
                 checkpoints saved every step this is the learning rate applied at that step. For *sparse*
                 checkpoints (saved every k steps) it is the learning rate × the number of optimizer steps
                 between them (the Riemann-sum weight of the interval) — e.g. ``lr=[0.1 * 50] * T`` for
-                checkpoints every 50 steps at lr 0.1.
+                checkpoints every 50 steps at lr 0.1. ``None`` (Hugging Face ``Trainer`` folders only): read from
+                ``trainer_state.json`` — each folder's ``global_step`` and the last one's logged learning rates,
+                summed over the steps of each interval (a first checkpoint without a trainer state is step 0;
+                exact with ``logging_steps=1``, interpolated between logs otherwise, with a warning).
             batch_indices: optional ordered training indices per step.
 
         Files are read once each; the flattened weights are held in memory. For trajectories larger than
@@ -284,6 +289,8 @@ class Trajectory:
                 f"pkfast.Trajectory.from_checkpoints: need at least 2 checkpoints (w_0 … w_T); found {len(checkpoints)}"
             )
         T = len(checkpoints) - 1
+        if lr is None:
+            lr = trainer_step_sizes(list(checkpoints))
         if (isinstance(lr, numbers.Real) and not isinstance(lr, bool)) or (
             isinstance(lr, (torch.Tensor, np.ndarray)) and lr.ndim == 0
         ):  # a Python, numpy or 0-d tensor scalar

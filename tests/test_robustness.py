@@ -218,8 +218,11 @@ def test_checkpoint_files_that_are_not_state_dicts_are_named_and_never_unpickled
     bad_st.write_bytes(b"not safetensors at all")
     with pytest.raises(ValueError, match=re.escape(str(bad_st)) + r".* is not a readable safetensors file"):
         pkfast.Trajectory.from_checkpoints([good, bad_st], lr=0.1)
-    with pytest.raises(IsADirectoryError, match=r"is a directory; expected a file"):
-        pkfast.Trajectory.from_checkpoints([good, tmp_path], lr=0.1)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"is a folder without model weights; expected a Hugging Face "
+                                                r"checkpoint folder holding one of model.safetensors"):
+        pkfast.Trajectory.from_checkpoints([good, empty], lr=0.1)
 
 
 # ---------------------------------------------------------------------------------------------- out= locations

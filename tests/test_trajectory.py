@@ -348,8 +348,10 @@ def test_error_lr_list_wrong_length():
 
 
 def test_error_lr_not_a_number():
-    with pytest.raises(TypeError, match="lr must be a float or a list of 2 floats; found NoneType"):
-        Trajectory.from_checkpoints(_checkpoints(3), lr=None)
+    with pytest.raises(TypeError, match="lr must be a float or a list of 2 floats; found object"):
+        Trajectory.from_checkpoints(_checkpoints(3), lr=object())
+    with pytest.raises(ValueError, match=r"lr not given and checkpoint #1 \(a state_dict\) has no trainer_state.json"):
+        Trajectory.from_checkpoints(_checkpoints(3))
 
 
 @pytest.mark.parametrize(

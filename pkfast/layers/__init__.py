@@ -5,7 +5,8 @@ Built in: ``nn.Linear`` (:mod:`~pkfast.layers.linear`), ``nn.Conv1d``/``nn.Conv2
 ``nn.Embedding`` (:mod:`~pkfast.layers.embedding`), and the affine parameters of ``nn.LayerNorm``,
 ``nn.GroupNorm``, ``nn.BatchNorm1d/2d/3d`` (eval) and ``nn.RMSNorm`` (:mod:`~pkfast.layers.norm`), and the packed
 q/k/v input projection of ``nn.MultiheadAttention`` (:mod:`~pkfast.layers.attention`; its ``out_proj`` is a
-Linear). Parameters of any other module take the generic ``torch.func.jacrev`` route.
+Linear), and Hugging Face's ``Conv1D`` (GPT-2's transposed Linear, :mod:`~pkfast.layers.hf`, registered when
+first met). Parameters of any other module take the generic ``torch.func.jacrev`` route.
 
 A rule is found by the module's type: the nearest registered class in its MRO, provided the module does not
 override that class's ``forward`` (a subclass with its own forward computes something else). Register a rule
@@ -45,11 +46,12 @@ from pkfast.layers.attention import MultiheadAttentionRule
 from pkfast.layers.base import AffineRule, Layer, LayerRule
 from pkfast.layers.conv import ConvRule
 from pkfast.layers.embedding import EmbeddingRule
+from pkfast.layers.hf import LAZY, TransposedLinearRule
 from pkfast.layers.linear import LinearRule
 from pkfast.layers.norm import NormRule, batch_norm, group_norm, layer_norm, rms_norm
 
 __all__ = ["register", "unregister", "rule_for", "registered", "LayerRule", "AffineRule", "LinearRule", "ConvRule",
-           "EmbeddingRule", "NormRule", "MultiheadAttentionRule", "Layer"]
+           "EmbeddingRule", "NormRule", "MultiheadAttentionRule", "TransposedLinearRule", "Layer"]
 
 _RULES: dict[type, LayerRule] = {}
 
@@ -87,6 +89,9 @@ def registered() -> dict[type, LayerRule]:
 def rule_for(module: nn.Module) -> tuple[LayerRule | None, str]:
     """(the rule for ``module`` or None, the reason it has none when a registered type almost matched)."""
     for cls in type(module).__mro__:
+        lazy = LAZY.get((cls.__module__, cls.__qualname__))
+        if lazy is not None and cls not in _RULES:  # an optional library's type, registered on first sight
+            register(cls, lazy)
         rule = _RULES.get(cls)
         if rule is None:
             continue

@@ -1,0 +1,31 @@
+"""layers.hf: Hugging Face ``transformers``' ``Conv1D`` (GPT-2, GPT, …) — a Linear that stores its weight
+transposed, ``y = x @ W + b`` with ``W`` of shape ``[in, out]``; registered when such a module is first met, so
+``transformers`` is never imported by pkfast."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pkfast.layers.base import Layer
+from pkfast.layers.linear import LinearRule
+
+__all__ = ["TransposedLinearRule", "LAZY"]
+
+
+class TransposedLinearRule(LinearRule):
+    """``y = x @ W + b`` with ``W`` stored ``[in, out]``: :class:`LinearRule` with the fans and the weight
+    matrix transposed."""
+
+    name = "linear"
+
+    def fans(self, module: nn.Module) -> tuple[int, int]:
+        return module.weight.shape[0], module.weight.shape[1]
+
+    def weight_matrix(self, layer: Layer, W: torch.Tensor) -> torch.Tensor:
+        return W.T
+
+
+#: rules for module types of optional libraries, by (defining module, class name): :func:`pkfast.layers.rule_for`
+#: registers one when a module of that type is first met
+LAZY = {("transformers.pytorch_utils", "Conv1D"): TransposedLinearRule()}

@@ -1,0 +1,71 @@
+"""Layers of the training stacks (issue 18): Hugging Face's ``Conv1D`` (GPT-2's transposed Linear) takes the
+Linear route, registered on first sight, exact against the float64 reference; a tiny GPT-2 built from a config
+(random weights, nothing downloaded). Skipped, saying why, when ``transformers`` is not installed."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import pkfast
+from pkfast.reference import gram_reference
+from tests._util import RTOL, rel_err
+from tests.models import random_trajectory
+
+transformers = pytest.importorskip("transformers", reason="the Hugging Face tests need transformers "
+                                                          "(pip install 'pkfast[hf]')")
+F64 = torch.float64
+
+
+def test_pkfast_does_not_import_transformers():
+    import subprocess
+
+    code = "import sys, pkfast; print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"
+
+
+def test_conv1d_is_a_transposed_linear_and_exact():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    net = nn.Sequential(Conv1D(6, 4), nn.Tanh(), Conv1D(3, 6)).to(F64)  # Conv1D(nf=out, nx=in)
+    traj = random_trajectory(net, steps=2, scale=0.2)
+    X, X2 = torch.randn(5, 7, 4, dtype=F64), torch.randn(3, 7, 4, dtype=F64)  # 7 positions per sample
+    p = pkfast.plan(net, traj, X)
+    assert [(L.kind, L.method != "jacobian") for L in p.layers] == [("linear", True), ("linear", True)], p
+    for outputs in ("trace", "full"):
+        ref = gram_reference(net, traj, X, X2, outputs=outputs)
+        for method in ("factorized", "materialized"):
+            K = pkfast.gram(net, traj, X, X2, outputs=outputs, method=method, dtype=F64, progress=False)
+            assert rel_err(K, ref) <= RTOL[F64], (outputs, method, rel_err(K, ref))
+
+
+class _Logits(nn.Module):
+    """GPT-2 on token ids, returning the logits of the last position (a tensor, as pkfast takes today)."""
+
+    def __init__(self, m: nn.Module) -> None:
+        super().__init__()
+        self.m = m
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.m(input_ids=ids).logits[:, -1]
+
+
+def test_tiny_gpt2_blocks_take_the_linear_route_and_are_exact():
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=23, n_positions=8, bos_token_id=0,
+                                  eos_token_id=0, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    torch.manual_seed(0)
+    net = _Logits(transformers.GPT2LMHeadModel(cfg)).to(F64).eval()
+    traj = random_trajectory(net, steps=1, scale=0.05)
+    X = torch.randint(0, 23, (4, 6))
+    p = pkfast.plan(net, traj, X)
+    by_name = {L.name: L for L in p.layers}
+    conv = [L for n, L in by_name.items() if n.endswith(("c_attn", "c_proj", "c_fc"))]
+    assert len(conv) == 2 * 4 and all(L.kind == "linear" and L.method != "jacobian" for L in conv), p
+    ref = gram_reference(net, traj, X)
+    K = pkfast.gram(net, traj, X, dtype=F64, progress=False)
+    assert rel_err(K, ref) <= RTOL[F64], rel_err(K, ref)
