@@ -50,8 +50,10 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--model", required=True, metavar="MODULE:FACTORY",
                        help="zero-argument callable returning the model, e.g. mypkg.models:make_net or nets.py:make_net")
         q.add_argument("--trajectory", required=True, metavar="PATH", help="trajectory directory (Trajectory.save)")
-        q.add_argument("--data", required=True, metavar="X.npy", help="samples X [N, *features] (.npy)")
-        q.add_argument("--data2", default=None, metavar="X2.npy", help="samples X2 for a cross-Gram (.npy)")
+        q.add_argument("--data", required=True, metavar="X.npy",
+                       help="samples X [N, *features] (.npy), or an .npz of several arrays passed to the model as "
+                            "keyword arguments (e.g. input_ids, attention_mask), split per sample")
+        q.add_argument("--data2", default=None, metavar="X2.npy", help="samples X2 for a cross-Gram (.npy or .npz)")
         q.add_argument("--outputs", default="trace", choices=("trace", "mean", "full"))
         q.add_argument("--rule", default="left", choices=("left", "trapezoid", "exact"),
                        help="left (Riemann sum, default), trapezoid, or exact (Bell et al.'s exact path kernel: "
@@ -118,8 +120,13 @@ def _load_array(flag: str, path: str):
         a = np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError as e:
         raise _UserError(f"{flag}: {path!r} is not a readable .npy array ({e})") from e
+    if isinstance(a, np.lib.npyio.NpzFile):  # several arrays: the model's keyword arguments, split per sample
+        with a:
+            if not a.files:
+                raise _UserError(f"{flag}: {path!r} is an empty .npz; expected one array per model argument")
+            return {k: torch.from_numpy(np.array(a[k])) for k in a.files}
     if not isinstance(a, np.ndarray):
-        raise _UserError(f"{flag}: {path!r} holds {type(a).__name__}; expected one array (.npy, not .npz)")
+        raise _UserError(f"{flag}: {path!r} holds {type(a).__name__}; expected an array (.npy) or arrays (.npz)")
     return torch.from_numpy(np.array(a))
 
 

@@ -49,6 +49,7 @@ def gram(
     k: int | None = None,
     seed: int | None = None,
     projection: str = "auto",
+    output_fn: Any = None,
 ) -> torch.Tensor | np.memmap:
     r"""The path-kernel Gram matrix of ``model`` along ``trajectory`` between samples ``X`` (and ``X2``).
 
@@ -62,8 +63,10 @@ def gram(
             in eval mode where that matters (BatchNorm, Dropout): each sample's output must depend on that
             sample alone. Its device is the compute device.
         trajectory: the weight points and step sizes (:class:`pkfast.Trajectory`).
-        X: ``[N, *features]`` samples (torch tensor or numpy array).
-        X2: optional ``[M, *features]`` samples for a cross-Gram. ``None`` means X2 = X: only the upper
+        X: ``[N, *features]`` samples (torch tensor or numpy array), or a mapping of such arrays (a tokenizer's
+            ``BatchEncoding``, ``{"input_ids": …, "attention_mask": …}``: passed as keyword arguments) or a tuple
+            (positional), split per sample along the first dimension (:mod:`pkfast.inputs`).
+        X2: optional ``[M, *features]`` samples for a cross-Gram (the same structure as X). ``None`` means X2 = X: only the upper
             triangle of tiles is computed and mirrored.
         outputs: ``"trace"`` → ``[N, M]``, the sum over the C outputs of the output-wise kernels;
             ``"mean"`` → the same divided by C (neural-tangents divides its traced NTK by C);
@@ -136,6 +139,9 @@ def gram(
             ``"dense"`` (every parameter by a dense Gaussian: an entry's standard deviation is
             √((K(x,x)·K(x′,x′) + K(x,x′)²)/k)) or ``"kronecker"`` (every factorisable layer factored) — for
             ``method="sketch"`` only; see :mod:`pkfast.sketch`.
+        output_fn: reduces what the model returns to its outputs ``[n, *out]``. Default
+            (:func:`pkfast.inputs.reduce_output`): a tensor as it is; a mapping or Hugging Face ``ModelOutput``
+            its ``"logits"`` (else its only tensor); a tuple its first element.
 
     Returns:
         A CPU ``torch.Tensor`` of dtype ``dtype``: ``[N, M]``, ``[N, M, C, C]``, ``[N]`` or ``[N, C, C]``; with
@@ -154,7 +160,7 @@ def gram(
     """
     job = GramJob.create(model, trajectory, X, X2, y=y, y2=y2, fn=_FN, outputs=outputs, rule=rule, diagonal=diagonal,
                          backend=backend, dtype=dtype, memory_budget=memory_budget, precision=precision, nodes=nodes,
-                         of=of, loss=loss, method=method, k=k, seed=seed, projection=projection)
+                         of=of, loss=loss, method=method, k=k, seed=seed, projection=projection, output_fn=output_fn)
     if out is not None:
         return job.run(store_sink(job, out, overwrite=overwrite), progress=progress)
     if overwrite:

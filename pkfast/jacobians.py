@@ -18,6 +18,7 @@ from torch.func import functional_call
 
 from pkfast import formats, per_sample
 from pkfast._checks import preview
+from pkfast.inputs import Layout, adapt, reduce_output
 from pkfast.rules import EvalPoint
 from pkfast.trajectory import Trajectory
 
@@ -40,10 +41,13 @@ class FunctionalModel:
     """
 
     def __init__(self, model: torch.nn.Module, trajectory: Trajectory, *, dtype: torch.dtype, device: torch.device,
-                 fn: str = "pkfast", loss: Any = None) -> None:
+                 fn: str = "pkfast", loss: Any = None, layout: Layout | None = None,
+                 output_fn: Callable[[Any], torch.Tensor] | None = None) -> None:
         #: with a :class:`~pkfast.loss.LossSpec`, the function is the per-sample loss ℓ(f(x; w), y) (C = 1)
         self.loss = loss
-        self.model = model
+        #: the model as the engine calls it: on packed samples, returning one tensor (:mod:`pkfast.inputs`)
+        self.model = adapt(model, layout, output_fn)
+        self._adapt = (model, layout, output_fn)
         self.trajectory = trajectory
         self.dtype = dtype
         self.device = device
@@ -130,8 +134,11 @@ class FunctionalModel:
         """Digest of the architecture and of every value not taken from the trajectory (buffers, frozen
         parameters): with the trajectory's fingerprint, what fixes the function whose kernel is computed."""
         statics = sorted(self._statics_fixed.items())
+        # an adapted model (packed inputs, reduced outputs) also by how it was adapted; a plain one as before
+        adapted = [] if self.model is self._adapt[0] else [repr(getattr(self.model, "_pkfast_adapted", None))]
         return formats.digest(type(self.model).__qualname__, repr(self.model), self.names,
-                              [tuple(s) for s in self.shapes], [n for n, _ in statics], *[t for _, t in statics])
+                              [tuple(s) for s in self.shapes], [n for n, _ in statics], *[t for _, t in statics],
+                              *adapted)
 
     @staticmethod
     def _check_static_shape(fn, n, t, shape) -> None:
@@ -212,6 +219,16 @@ class FunctionalModel:
                 f"{X.dtype}; the model raised {type(e).__name__}: {e}"
             ) from e
         if not isinstance(out, torch.Tensor):
+            model, layout, output_fn = self._adapt
+            if output_fn is None and not getattr(self.model, "_pkfast_reduces", False):
+                # a ModelOutput, dict or tuple: reduced by the default rule (pkfast.inputs.reduce_output)
+                try:
+                    reduce_output(out)
+                except TypeError as e:
+                    raise TypeError(f"{fn}: {e}") from None
+                self.model = adapt(model, layout, None, reduce=True)
+                self.model._pkfast_reduces = True
+                return self.probe(X, fn, name)
             raise TypeError(f"{fn}: the model must return a tensor; it returned {type(out).__name__}")
         if out.ndim == 0 or out.shape[0] != 1:
             raise ValueError(

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.func import functional_call, jvp
 
-from pkfast import _checks
+from pkfast import _checks, inputs
 from pkfast.driver import check_model_and_trajectory
 from pkfast.gram import gram
 from pkfast.jacobians import FunctionalModel
@@ -107,6 +107,9 @@ class KernelMachine:
         memory_budget: bytes (or ``"2GiB"``) for the query-side accumulators; sets the query chunk. Default: half
             of the free memory of the compute device (the rule of every pkfast computation).
         progress: progress bars over steps.
+        output_fn: reduces what the model returns to its output tensor (default: a tensor as it is, a mapping or
+            ``ModelOutput``'s ``"logits"``, a tuple's first element; :func:`pkfast.inputs.reduce_output`).
+            ``X_train`` and queries may be mappings or tuples of arrays (:mod:`pkfast.inputs`).
 
     Example:
         >>> import torch, pkfast, tempfile
@@ -131,14 +134,14 @@ class KernelMachine:
 
     def __init__(self, model: torch.nn.Module, trajectory: Trajectory, X_train: Any, y_train: Any = None,
                  loss: Any = None, *, rule: str = "exact", nodes: int = DEFAULT_NODES, dtype: Any = torch.float64,
-                 memory_budget: Any = None, progress: bool = True) -> None:
+                 memory_budget: Any = None, progress: bool = True, output_fn: Any = None) -> None:
         model = check_model_and_trajectory(_FN, model, trajectory)
         self.opts = Options.check(_FN, rules=("exact", "left"), strict_nodes=False, rule=rule, nodes=nodes, dtype=dtype,
-                                  memory_budget=memory_budget)
+                                  memory_budget=memory_budget, output_fn=output_fn)
         self.rule, self.nodes, self.dtype = self.opts.rule, self.opts.nodes, self.opts.dtype
         self.progress = progress
         self.trajectory = trajectory
-        self.X = _checks.as_input_tensor(_FN, "X_train", X_train)
+        self.X, self._layout = inputs.pack(_FN, "X_train", X_train)
         N = self.X.shape[0]
         if y_train is None:
             y_train = trajectory.targets
@@ -166,8 +169,10 @@ class KernelMachine:
         self._batches = self._read_batches(trajectory, N)
 
         device = model_device(model)
-        self.fm = FunctionalModel(model, trajectory, dtype=self.dtype, device=device, fn=_FN)
-        self.fm_loss = FunctionalModel(model, trajectory, dtype=self.dtype, device=device, fn=_FN, loss=self.loss)
+        adapt = dict(layout=self._layout, output_fn=self.opts.output_fn)
+        self.fm = FunctionalModel(model, trajectory, dtype=self.dtype, device=device, fn=_FN, **adapt)
+        self.fm_loss = FunctionalModel(model, trajectory, dtype=self.dtype, device=device, fn=_FN, loss=self.loss,
+                                       **adapt)
         self.C = self.fm.probe(self.X, _FN, "X_train")
         self.fm_loss.probe(self.X, _FN, "X_train")
         self.loss.check_targets(self.y, self.C, "y_train", _FN)
@@ -244,7 +249,10 @@ class KernelMachine:
 
     # ------------------------------------------------------------------ pieces
     def _queries(self, X: Any, name: str = "X") -> torch.Tensor:
-        X = _checks.as_input_tensor(f"{_FN}", name, X)
+        if self._layout is None and inputs.is_structured(X):
+            raise TypeError(f"{_FN}: {name} is a {type(X).__name__} of arrays while X_train is one array; expected "
+                            "the same structure")
+        X, _ = inputs.pack(_FN, name, X, self._layout)
         _checks.check_feature_shapes(_FN, self.X, X)
         return X
 
@@ -298,12 +306,14 @@ class KernelMachine:
 
         Ties are broken by the lower training index.
         """
-        x = torch.as_tensor(x)
-        if x.shape == self.X.shape[1:]:
-            x = x.unsqueeze(0)
+        if self._layout is None or not inputs.is_structured(x):  # (a structured query holds one sample per field)
+            x = torch.as_tensor(x)
+            if x.shape == self.X.shape[1:]:
+                x = x.unsqueeze(0)
+        x = self._queries(x)
         if x.shape[0] != 1:
             raise ValueError(f"{_FN}.explain: expected one query; found {x.shape[0]} (use contributions() for many)")
-        bias, total, c = self._sweeper.run(self._queries(x), samples=True)
+        bias, total, c = self._sweeper.run(x, samples=True)
         c = c[0].cpu()
         if target is None:
             target = int(torch.argmax(bias + total))

@@ -69,6 +69,7 @@ class Options:
     k: int | None = None
     seed: int | None = None
     projection: str = "auto"
+    output_fn: Any = None
 
     @classmethod
     def check(cls, fn: str, *, trajectory: Any = None, rules: tuple[str, ...] = RULES, strict_nodes: bool = True,
@@ -93,6 +94,9 @@ class Options:
             _checks.check_nodes(fn, o["nodes"])
             if strict_nodes and o["nodes"] != DEFAULT_NODES and o.get("rule", "left") != "exact":
                 raise ValueError(f"{fn}: nodes={o['nodes']} applies to rule='exact'; found rule={o.get('rule', 'left')!r}")
+        if o.get("output_fn") is not None and not callable(o["output_fn"]):
+            raise TypeError(f"{fn}: output_fn must be a function from the model's output to a tensor (e.g. lambda o: "
+                            f"o.logits); found {type(o['output_fn']).__name__}")
         if "diagonal" in o and not isinstance(o["diagonal"], bool):
             raise TypeError(f"{fn}: diagonal must be True or False; found {o['diagonal']!r}")
         if "backend" in o:
@@ -154,7 +158,9 @@ class Options:
                 "backend": self.backend, "precision": self.precision, "of": self.of,
                 "nodes": self.nodes if self.rule == "exact" else None,
                 "loss": None if self.loss is None else self.loss.to_meta(), "method": self.method,
-                "k": self.k, "seed": self.seed, "projection": self.projection if self.method == "sketch" else None}
+                "k": self.k, "seed": self.seed, "projection": self.projection if self.method == "sketch" else None,
+                **({} if self.output_fn is None else {"output_fn": getattr(self.output_fn, "__qualname__",
+                                                                            repr(self.output_fn))})}
 
 
 def _rule_refusal(fn: str, rule: str, rules: tuple[str, ...]) -> str:

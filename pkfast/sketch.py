@@ -133,6 +133,7 @@ def sketch(
     memory_budget: int | str | None = None,
     progress: bool = True,
     device: torch.device | str | None = None,
+    output_fn: Any = None,
     out: str | os.PathLike | None = None,
     storage_dtype: torch.dtype | str | None = None,
     overwrite: bool = False,
@@ -145,7 +146,8 @@ def sketch(
     (:func:`required_k`).
 
     Args:
-        model, trajectory, X: as in :func:`pkfast.gram` (``X``: ``[N, *features]``).
+        model, trajectory, X, output_fn: as in :func:`pkfast.gram` (``X``: ``[N, *features]``, or a mapping
+            or tuple of such arrays).
         k: the sketch size (columns of each projection R_s); storage is N·C·k.
         seed: selects the projections. Features of different sample sets multiply together only when made
             with the same seed (and model, trajectory, rule, k, of, loss, dtype, device kind).
@@ -190,7 +192,7 @@ def sketch(
     model = check_model_and_trajectory(_FN, model, trajectory)
     opts = Options.check(_FN, trajectory=trajectory, rules=SKETCH_RULES, k=1024 if k is None else k,
                          seed=0 if seed is None else seed, rule=rule, of=of, loss=loss, dtype=dtype,
-                         memory_budget=memory_budget, projection=projection, method="sketch")
+                         memory_budget=memory_budget, projection=projection, method="sketch", output_fn=output_fn)
     data = check_data(_FN, opts, X, y=y)
     dev = _device(device, model)
     fm = functional_model(_FN, model, trajectory, opts, data, dev)

@@ -291,7 +291,7 @@ def _pairs(slots, blocked, qnodes, tfeats: dict, M: int, C: int, alpha: float) -
         for om, f in qnodes:
             Aq, Dq = f[L.name][g]
             Sq = Dq.shape[2]
-            AA = L.rule.input_gram(Aq, At, mm, Aq.dtype)                   # [M, S, B, S′]
+            AA = L.rule.input_gram(Aq, At, mm, Dq.dtype)                   # [M, S, B, S′]
             DD = Dq.reshape(M * C * Sq, O) @ Dt.reshape(B * S2, O).T       # [M·C·S, B·S′]
             if Sq == 1 and S2 == 1:
                 k = DD.view(M, C, B) * AA.view(M, 1, B)

@@ -22,7 +22,7 @@ LAYERS = {
              "pkfast.distributed"],
     "data": ["pkfast.trajectory_files", "pkfast.checkpoints", "pkfast.trajectory", "pkfast.stored", "pkfast.store",
              "pkfast.features", "pkfast.sinks"],
-    "model": ["pkfast.per_sample", "pkfast.jacobians"],
+    "model": ["pkfast.inputs", "pkfast.per_sample", "pkfast.jacobians"],
     "layers": ["pkfast.layers", "pkfast.layers.*"],
     "routes": ["pkfast.routes", "pkfast.routes.*"],
     "driver": ["pkfast.driver", "pkfast.sweep"],

@@ -126,16 +126,24 @@ def test_features_that_do_not_fit_the_model(setup):
 
 def test_model_returning_non_tensor(setup):
     class Bad(nn.Module):
-        def __init__(self):
+        def __init__(self, keys=("y",)):
             super().__init__()
             self.lin = nn.Linear(5, 2)
+            self.keys = keys
 
         def forward(self, x):
-            return {"y": self.lin(x)}
+            return {k: self.lin(x) * (i + 1) for i, k in enumerate(self.keys)} if self.keys else "oops"
 
-    net = Bad()
-    with pytest.raises(TypeError, match=r"the model must return a tensor; it returned dict"):
-        gram(net, random_trajectory(net, steps=1), torch.randn(3, 5))
+    X = torch.randn(3, 5)
+    net = Bad()  # one tensor in a dict: the default rule takes it
+    K = gram(net, random_trajectory(net, steps=1), X, progress=False)
+    assert torch.equal(K, gram(net.lin, random_trajectory(net.lin, steps=1), X, progress=False))
+    net = Bad(("y", "z"))
+    with pytest.raises(TypeError, match=r"returned a dict with keys \['y', 'z'\] and no 'logits'; pass output_fn="):
+        gram(net, random_trajectory(net, steps=1), X)
+    net = Bad(())
+    with pytest.raises(TypeError, match=r"the model returned a str; expected a tensor, a mapping or ModelOutput"):
+        gram(net, random_trajectory(net, steps=1), X)
 
 
 def test_model_collapsing_the_batch(setup):

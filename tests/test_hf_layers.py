@@ -69,3 +69,26 @@ def test_tiny_gpt2_blocks_take_the_linear_route_and_are_exact():
     ref = gram_reference(net, traj, X)
     K = pkfast.gram(net, traj, X, dtype=F64, progress=False)
     assert rel_err(K, ref) <= RTOL[F64], rel_err(K, ref)
+
+
+def test_gpt2_called_with_a_batch_encoding_and_its_model_output():
+    """The model as Hugging Face ships it: X = {"input_ids", "attention_mask"} (keyword arguments), the
+    ModelOutput reduced by output_fn (the last position's logits) — equal to a twin that takes the ids tensor."""
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=23, n_positions=8, bos_token_id=0,
+                                  eos_token_id=0, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+
+    class Twin(transformers.GPT2LMHeadModel):
+        def forward(self, ids):
+            return super().forward(input_ids=ids).logits[:, -1]
+
+    torch.manual_seed(0)
+    net = transformers.GPT2LMHeadModel(cfg).to(F64).eval()
+    twin = Twin(cfg).to(F64).eval()
+    twin.load_state_dict(net.state_dict())
+    traj = random_trajectory(net, steps=1, scale=0.05)
+    ids = torch.randint(0, 23, (4, 6))
+    X = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    last = lambda o: o.logits[:, -1]  # noqa: E731
+    K = pkfast.gram(net, traj, X, output_fn=last, dtype=F64, progress=False)
+    assert rel_err(K, pkfast.gram(twin, traj, ids, dtype=F64, progress=False)) <= RTOL[F64]
+    assert rel_err(K, gram_reference(twin, traj, ids)) <= RTOL[F64]

@@ -39,6 +39,8 @@ class Data:
     X2: torch.Tensor | None = None
     Y: torch.Tensor | None = None
     Y2: torch.Tensor | None = None
+    #: how structured samples (a mapping or tuple of arrays) were packed into X and X2 (:mod:`pkfast.inputs`)
+    layout: Any = None
 
     @property
     def cols(self) -> torch.Tensor:
