@@ -220,7 +220,12 @@ class KernelMachine:
                 )
         steps = []
         for s in range(traj.num_steps):
-            h = traj.step_meta(s).get("optimizer", {})
+            meta = traj.step_meta(s)
+            if meta.get("optimizer_steps", 1) > 1:
+                raise ValueError(f"{_FN}: point {s + 1} of the recording covers {meta['optimizer_steps']} optimizer "
+                                 "steps (recorded every k steps); the exact decomposition needs every step's weights "
+                                 "and batch. Record every step, or use pkfast.gram for the path kernel")
+            h = meta.get("optimizer", {})
             if "groups" in h:
                 raise ValueError(f"{_FN}: step {s}: parameter groups used different hyperparameters {h['groups']}; "
                                  "one decomposition needs one momentum/weight decay for all trainable parameters")

@@ -149,6 +149,7 @@ class TrajectoryRecorder:
             save_targets(self.path, self._targets_t.numpy())
         self._applied_lrs: list[list[float]] = []
         self._applied_hyper: list[dict[str, Any]] = []
+        self._skipped_lr, self._skipped = 0.0, 0  # optimizer steps since the last recorded point (skip())
         self._hook = optimizer.register_step_post_hook(self._after_optimizer_step)
         self.num_steps = self._writer.rows - 1
 
@@ -203,6 +204,43 @@ class TrajectoryRecorder:
         return TrajectoryWriter(self.path, spec, dtype, append=True)
 
     # ------------------------------------------------------------------ public
+    def skip(self) -> None:
+        """Account for one ``optimizer.step()`` without recording its weights (a recording every k steps): the
+        next :meth:`step` records the point with the interval's weight Σ lr of the steps since the last one, its
+        batches unrecorded (``optimizer_steps`` in its metadata). Such a recording serves the Gram and the
+        sketch; the exact kernel machine needs every step and refuses it."""
+        lr, _ = self._pop_applied("skip")
+        self._skipped_lr += lr
+        self._skipped += 1
+
+    def flush(self) -> None:
+        """Record the current weights as the point closing the optimizer steps folded by :meth:`skip` (at the end
+        of a run recorded every k steps); nothing when there are none."""
+        if self._writer is None:
+            raise RuntimeError("pkfast.TrajectoryRecorder.flush: the recorder is closed")
+        if self._skipped:
+            self._writer.append_step(self._parts(), self._skipped_lr, None, optimizer_steps=self._skipped)
+            self._skipped_lr, self._skipped = 0.0, 0
+            self.num_steps += 1
+
+    def _pop_applied(self, fn: str) -> tuple[float, dict[str, Any]]:
+        if self._writer is None:
+            raise RuntimeError(f"pkfast.TrajectoryRecorder.{fn}: the recorder is closed")
+        n = len(self._applied_lrs)
+        if n != 1:
+            raise RuntimeError(
+                f"pkfast.TrajectoryRecorder.{fn}: expected exactly one optimizer.step() since the last record; "
+                f"found {n}. Call rec.step() (or rec.skip()) once after every optimizer.step()."
+            )
+        lrs = self._applied_lrs.pop()
+        hyper = self._applied_hyper.pop() if self._applied_hyper else {}
+        if len(set(lrs)) > 1:
+            raise ValueError(
+                f"pkfast.TrajectoryRecorder.{fn}: parameter groups applied different learning rates {lrs}; the "
+                "path kernel with one step size per step needs a single lr for all trainable parameters"
+            )
+        return (lrs[0] if lrs else 0.0), hyper
+
     def step(self, batch_indices: Sequence[int] | np.ndarray | torch.Tensor | None = None, *,
              outputs: torch.Tensor | None = None, **extra: Any) -> None:
         """Record w_{s+1} after one ``optimizer.step()``, with the lr that step applied.
@@ -213,21 +251,15 @@ class TrajectoryRecorder:
                 pass of this step (before ``optimizer.step()``); g = ∂ℓ/∂f per sample is stored from them.
             **extra: JSON-serialisable per-step metadata (e.g. ``loss=...``).
         """
-        if self._writer is None:
-            raise RuntimeError("pkfast.TrajectoryRecorder.step: the recorder is closed")
-        n = len(self._applied_lrs)
-        if n != 1:
-            raise RuntimeError(
-                "pkfast.TrajectoryRecorder.step: expected exactly one optimizer.step() since the last record; "
-                f"found {n}. Call rec.step() once after every optimizer.step()."
-            )
-        lrs = self._applied_lrs.pop()
-        hyper = self._applied_hyper.pop() if self._applied_hyper else {}
-        if len(set(lrs)) > 1:
-            raise ValueError(
-                f"pkfast.TrajectoryRecorder.step: parameter groups applied different learning rates {lrs}; the "
-                "path kernel with one step size per step needs a single lr for all trainable parameters"
-            )
+        lr, hyper = self._pop_applied("step")
+        if self._skipped:  # the interval since the last point spans several optimizer steps
+            if batch_indices is not None or outputs is not None:
+                raise ValueError("pkfast.TrajectoryRecorder.step: after skip() the point covers "
+                                 f"{self._skipped + 1} optimizer steps, whose batches are not recorded; pass no "
+                                 "batch_indices or outputs")
+            lr += self._skipped_lr
+            extra = {"optimizer_steps": self._skipped + 1, **extra}
+            self._skipped_lr, self._skipped = 0.0, 0
         if batch_indices is not None:
             batch_indices = np.asarray(
                 batch_indices.detach().cpu() if isinstance(batch_indices, torch.Tensor) else list(batch_indices)
@@ -249,8 +281,19 @@ class TrajectoryRecorder:
                              "TrajectoryRecorder(store_output_grads=True)")
         if hyper:
             extra = {"optimizer": hyper, **extra}
-        self._writer.append_step(self._parts(), lrs[0] if lrs else 0.0, batch_indices, **extra)
+        self._writer.append_step(self._parts(), lr, batch_indices, **extra)
         self.num_steps += 1
+
+    @property
+    def pending(self) -> int:
+        """Optimizer steps taken since the last :meth:`step`/:meth:`skip` (0 when the optimizer skipped its step,
+        e.g. on a mixed-precision overflow, or between micro-batches of gradient accumulation)."""
+        return len(self._applied_lrs)
+
+    @property
+    def skipped(self) -> int:
+        """Optimizer steps folded into the next point by :meth:`skip`."""
+        return self._skipped
 
     def trajectory(self) -> Trajectory:
         """The recording so far, opened lazily (:meth:`Trajectory.load`)."""

@@ -28,6 +28,7 @@ LAYERS = {
     "driver": ["pkfast.driver", "pkfast.sweep"],
     "doors": ["pkfast", "pkfast.gram", "pkfast.sketch", "pkfast.attribution", "pkfast.machine", "pkfast.recorder", "pkfast.reference",
               "pkfast.cli", "pkfast.__main__"],
+    "integrations": ["pkfast.integrations", "pkfast.integrations.*"],
 }
 
 
