@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pkfast import inputs
 from pkfast.features import PathFeatures
 from pkfast.gram import gram
 from pkfast.sketch import sketch
@@ -75,7 +76,7 @@ class Exact:
         self.options = options
 
     def __len__(self) -> int:
-        return int(self.X.shape[0])
+        return inputs.num_samples(self.X)
 
     def _same(self, other: "Exact") -> bool:
         return other.model is self.model and other.trajectory is self.trajectory and \
@@ -86,10 +87,12 @@ class Exact:
 
     def block(self, train: "Exact", rows: slice) -> torch.Tensor:
         """``[len(self), rows]``: the loss kernel between these samples and training rows ``rows``."""
-        return gram(self.model, self.trajectory, self.X, train.X[rows], y=self.y, y2=train.y[rows], **self._kw())
+        return gram(self.model, self.trajectory, self.X, inputs.take(train.X, rows), y=self.y, y2=train.y[rows],
+                    **self._kw())
 
     def diagonal(self, rows: slice) -> torch.Tensor:
-        return gram(self.model, self.trajectory, self.X[rows], y=self.y[rows], diagonal=True, **self._kw())
+        return gram(self.model, self.trajectory, inputs.take(self.X, rows), y=self.y[rows], diagonal=True,
+                    **self._kw())
 
 
 Source = Exact | PathFeatures

@@ -23,7 +23,7 @@ from torch import nn
 
 from pkfast import _checks
 
-__all__ = ["Layout", "pack", "adapt", "reduce_output"]
+__all__ = ["Layout", "pack", "adapt", "reduce_output", "num_samples", "take"]
 
 #: integers in mixed packs must stay below this (exact in float32)
 EXACT_INT = 2 ** 24
@@ -64,6 +64,24 @@ def is_structured(X: Any) -> bool:
     """Whether samples are a mapping or tuple of arrays (not one tensor)."""
     return isinstance(X, Mapping) or (isinstance(X, (tuple, list)) and len(X) > 0 and all(
         isinstance(v, (torch.Tensor, np.ndarray)) for v in X))
+
+
+def num_samples(X: Any) -> int:
+    """Samples in ``X``: an array's first dimension, or a mapping's/tuple's first field's."""
+    if isinstance(X, Mapping):
+        X = next(iter(X.values()))
+    elif is_structured(X):
+        X = X[0]
+    return int(X.shape[0])
+
+
+def take(X: Any, rows: Any) -> Any:
+    """Samples ``rows`` (a slice or indices) of ``X``, in X's structure (every field indexed alike)."""
+    if isinstance(X, Mapping):
+        return {k: v[rows] for k, v in X.items()}
+    if is_structured(X):
+        return type(X)(v[rows] for v in X)
+    return X[rows]
 
 
 def pack(fn: str, name: str, X: Any, layout: Layout | None = None) -> tuple[torch.Tensor, Layout | None]:

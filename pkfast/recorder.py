@@ -251,12 +251,12 @@ class TrajectoryRecorder:
                 pass of this step (before ``optimizer.step()``); g = ∂ℓ/∂f per sample is stored from them.
             **extra: JSON-serialisable per-step metadata (e.g. ``loss=...``).
         """
+        if self._skipped and (batch_indices is not None or outputs is not None):
+            raise ValueError("pkfast.TrajectoryRecorder.step: after skip() the point covers "
+                             f"{self._skipped + 1} optimizer steps, whose batches are not recorded; pass no "
+                             "batch_indices or outputs")
         lr, hyper = self._pop_applied("step")
         if self._skipped:  # the interval since the last point spans several optimizer steps
-            if batch_indices is not None or outputs is not None:
-                raise ValueError("pkfast.TrajectoryRecorder.step: after skip() the point covers "
-                                 f"{self._skipped + 1} optimizer steps, whose batches are not recorded; pass no "
-                                 "batch_indices or outputs")
             lr += self._skipped_lr
             extra = {"optimizer_steps": self._skipped + 1, **extra}
             self._skipped_lr, self._skipped = 0.0, 0

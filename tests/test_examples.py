@@ -82,3 +82,19 @@ def pkfast_store_is_complete(path) -> bool:
 
     f = pkfast.PathFeatures.open(path, verify=True)
     return f.features.dtype.is_floating_point and len(f) > 0
+
+
+def test_hf_lora_attribution_example_quick(tmp_path):
+    """examples/hf_lora_attribution.py --quick: a Trainer-recorded LoRA fine-tune of a tiny GPT-2 continues a
+    prompt's pattern, and the generated token's top proponents are training sequences of that pattern."""
+    import pytest
+
+    pytest.importorskip("transformers", reason="needs transformers (pip install 'pkfast[hf]')")
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+    out = tmp_path / "hf"
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "hf_lora_attribution.py"), "--quick", "--out",
+                        str(out)], env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    S = json.loads([ln for ln in r.stdout.splitlines() if ln.startswith("SUMMARY ")][0][len("SUMMARY "):])
+    assert S == json.loads((out / "summary.json").read_text())
+    assert S["continues_pattern"] and S["top5_same_pattern"] >= 0.6, S

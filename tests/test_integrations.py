@@ -151,3 +151,45 @@ def test_lightning_callback_records_steps_lrs_and_batches(tmp_path):
     km = pkfast.KernelMachine(m.double(), traj, X.double(), dtype=torch.float64, progress=False)
     cert = km.certificate(X[:2].double())
     assert float(cert.update.max()) < 1e-5  # float32 training: the recomputed steps agree to its rounding
+
+
+def test_every_k_steps_with_the_plain_recorder(tmp_path):
+    """skip() folds optimizer steps into the next point (weight = Σ applied lr), flush() closes a trailing
+    interval, and the exact kernel machine refuses such points, saying why. No optional library needed."""
+    torch.manual_seed(0)
+    net = nn.Linear(4, 2).double()
+    X, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 2, (8,))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    points = [{k: v.clone() for k, v in net.state_dict().items()}]
+
+    def sgd_step():
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(X), y).backward()
+        opt.step()
+        sched.step()
+
+    with pkfast.TrajectoryRecorder(net, opt, tmp_path / "t", loss=nn.CrossEntropyLoss(), targets=y) as rec:
+        for plan in ("skip", "step", "skip", "skip", "step", "skip"):  # lr 0.1, 0.05, 0.025, …
+            sgd_step()
+            if plan == "skip":
+                rec.skip()
+                continue
+            if len(points) == 2:  # a point after skipped steps has no batch to record
+                with pytest.raises(ValueError, match=r"covers 3 optimizer steps, whose batches are not recorded"):
+                    rec.step(batch_indices=range(8))
+            rec.step()
+            points.append({k: v.clone() for k, v in net.state_dict().items()})
+        rec.flush()  # the trailing skipped step ends in a last point
+        points.append({k: v.clone() for k, v in net.state_dict().items()})
+        with pytest.raises(RuntimeError, match=r"expected exactly one optimizer.step\(\) since the last record"):
+            rec.skip()
+    traj = pkfast.Trajectory.load(tmp_path / "t")
+    assert traj.num_steps == 3
+    assert traj.step_sizes.tolist() == pytest.approx([0.1 + 0.05, 0.025 + 0.0125 + 0.00625, 0.003125])
+    assert [traj.step_meta(s)["optimizer_steps"] for s in range(3)] == [2, 3, 1]
+    for s, want in enumerate(points):
+        for k, v in traj.point(s).items():
+            assert torch.equal(v, want[k])
+    with pytest.raises(ValueError, match=r"point 1 of the recording covers 2 optimizer steps .* needs every step"):
+        pkfast.KernelMachine(net, traj, X, progress=False)

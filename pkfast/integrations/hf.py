@@ -1,16 +1,16 @@
 """integrations.hf: record a Hugging Face ``Trainer`` run as a pkfast trajectory (``pip install 'pkfast[hf]'``).
 
-    >>> from pkfast.integrations.hf import TrajectoryCallback          # doctest: +SKIP
-    >>> trainer = transformers.Trainer(model, args, train_dataset=ds,
-    ...                                callbacks=[TrajectoryCallback("run/traj", every=1)])
-    >>> trainer.train()
-    >>> traj = pkfast.Trajectory.load("run/traj")                     # w_0 … w_T and the applied lrs
+    from pkfast.integrations.hf import TrajectoryCallback
+    trainer = transformers.Trainer(model, args, train_dataset=ds,
+                                   callbacks=[TrajectoryCallback("run/traj", every=1)])
+    trainer.train()
+    traj = pkfast.Trajectory.load("run/traj")                     # w_0 … w_T and the applied lrs
 
 The recorder starts at ``on_train_begin`` (w_0: the weights the first step starts from) and records after each
 optimizer step (``on_step_end``: after gradient accumulation, clipping and the scheduler; a step the optimizer
 skipped, e.g. on an fp16 overflow, records nothing). Batch indices are not recorded (the Trainer's sampler does
-not expose them): the trajectory serves ``gram``, ``plan``, ``sketch`` and attribution with ``of="output"``;
-the exact kernel machine needs them and refuses.
+not expose them): the trajectory serves ``gram``, ``plan``, ``sketch`` and :mod:`pkfast.attribution`; the
+exact kernel machine needs them and refuses.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """integrations.lightning: record a Lightning run as a pkfast trajectory (``pip install 'pkfast[lightning]'``;
 ``lightning`` or ``pytorch_lightning``).
 
-    >>> from pkfast.integrations.lightning import TrajectoryCallback   # doctest: +SKIP
-    >>> trainer = lightning.Trainer(max_steps=100, callbacks=[TrajectoryCallback("run/traj",
-    ...                             batch_indices=lambda batch: batch["index"])])
-    >>> trainer.fit(module, loader)
+    from pkfast.integrations.lightning import TrajectoryCallback
+    trainer = lightning.Trainer(max_steps=100, callbacks=[TrajectoryCallback(
+        "run/traj", batch_indices=lambda batch: batch["index"])])
+    trainer.fit(module, loader)
 
 The recorder starts at ``on_train_start`` with the module's trainable parameters (names as in
 ``module.named_parameters()``) and the first optimizer, and records after each optimizer step

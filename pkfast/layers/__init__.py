@@ -5,8 +5,8 @@ Built in: ``nn.Linear`` (:mod:`~pkfast.layers.linear`), ``nn.Conv1d``/``nn.Conv2
 ``nn.Embedding`` (:mod:`~pkfast.layers.embedding`), and the affine parameters of ``nn.LayerNorm``,
 ``nn.GroupNorm``, ``nn.BatchNorm1d/2d/3d`` (eval) and ``nn.RMSNorm`` (:mod:`~pkfast.layers.norm`), and the packed
 q/k/v input projection of ``nn.MultiheadAttention`` (:mod:`~pkfast.layers.attention`; its ``out_proj`` is a
-Linear), and Hugging Face's ``Conv1D`` (GPT-2's transposed Linear, :mod:`~pkfast.layers.hf`, registered when
-first met). Parameters of any other module take the generic ``torch.func.jacrev`` route.
+Linear), and, registered when first met (:mod:`~pkfast.layers.hf`), Hugging Face's ``Conv1D`` (GPT-2's
+transposed Linear) and timm's ``LayerNorm``. Parameters of any other module take the generic ``torch.func.jacrev`` route.
 
 A rule is found by the module's type: the nearest registered class in its MRO, provided the module does not
 override that class's ``forward`` (a subclass with its own forward computes something else). Register a rule

@@ -1,6 +1,7 @@
-"""layers.hf: Hugging Face ``transformers``' ``Conv1D`` (GPT-2, GPT, …) — a Linear that stores its weight
-transposed, ``y = x @ W + b`` with ``W`` of shape ``[in, out]``; registered when such a module is first met, so
-``transformers`` is never imported by pkfast."""
+"""layers.hf: rules for module types of optional libraries, registered when such a module is first met (so
+pkfast never imports those libraries): Hugging Face ``transformers``' ``Conv1D`` (GPT-2, GPT, …) — a Linear that
+stores its weight transposed, ``y = x @ W + b`` with ``W`` of shape ``[in, out]`` — and timm's ``LayerNorm``,
+which computes ``F.layer_norm`` like ``nn.LayerNorm`` (with an optional fused kernel)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from torch import nn
 
 from pkfast.layers.base import Layer
 from pkfast.layers.linear import LinearRule
+from pkfast.layers.norm import NormRule, layer_norm
 
 __all__ = ["TransposedLinearRule", "LAZY"]
 
@@ -28,4 +30,5 @@ class TransposedLinearRule(LinearRule):
 
 #: rules for module types of optional libraries, by (defining module, class name): :func:`pkfast.layers.rule_for`
 #: registers one when a module of that type is first met
-LAZY = {("transformers.pytorch_utils", "Conv1D"): TransposedLinearRule()}
+LAZY = {("transformers.pytorch_utils", "Conv1D"): TransposedLinearRule(),
+        ("timm.layers.norm", "LayerNorm"): NormRule(layer_norm)}

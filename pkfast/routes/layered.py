@@ -60,6 +60,9 @@ def find_layers(model: torch.nn.Module, fm: FunctionalModel) -> list[Layer]:
                 rule, reason = None, "frozen weight (only the bias trains)"
             elif set(pn for pn, _ in own) - set(rule.param_names):
                 rule, reason = None, "extra parameters"
+        if rule is None and not reason:  # say why: no rule for this module type (its own parameters by jacrev)
+            reason = (f"no layer rule for {type(mod).__name__} (its own parameters "
+                      f"{', '.join(pn for pn, _ in own)[:60]}; register one with pkfast.layers.register)")
         layer = Layer(mname, rule.name if rule else "other", type(mod).__name__, names, sum(p.numel() for _, p in own),
                       module=mod if rule else None, rule=rule, reason=reason)
         if rule is not None:
