@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.pkfast-installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-slow bench gpu-check clean
+.PHONY: venv demo test test-slow test-timm bench gpu-check clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,19 @@ test: venv
 # exit status 5 means "no test selected": not a failure while no test is marked slow
 test-slow: venv
 	$(PY) -m pytest -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
+## make test-timm: timm's ResNet/ViT route tests in their own environment (.venv-timm): timm needs a torchvision
+## built for its torch, and the one for the dev set-up's torch 2.13 CPU build is not installable here; torch 2.14.1
+## with torchvision 0.29.1 is (both from the machine's local wheels).
+TIMM_VENV := .venv-timm
+$(TIMM_VENV)/.pkfast-installed: pyproject.toml setup.py
+	@test -x $(TIMM_VENV)/bin/python || $(PYTHON) -m venv $(TIMM_VENV)
+	$(TIMM_VENV)/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1 timm==1.0.31 pytest numpy tqdm safetensors
+	$(TIMM_VENV)/bin/python -m pip install -q --no-deps -e .
+	@touch $@
+
+test-timm: $(TIMM_VENV)/.pkfast-installed
+	$(TIMM_VENV)/bin/python -m pytest tests/test_timm_layers.py -k timm $(PYTEST_ARGS)
 
 ## make bench: the benchmark suite (pytest-benchmark), see benchmarks/README.md.
 bench: venv
