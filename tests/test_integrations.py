@@ -193,3 +193,35 @@ def test_every_k_steps_with_the_plain_recorder(tmp_path):
             assert torch.equal(v, want[k])
     with pytest.raises(ValueError, match=r"point 1 of the recording covers 2 optimizer steps .* needs every step"):
         pkfast.KernelMachine(net, traj, X, progress=False)
+
+
+def test_lightning_ckpt_files_are_read_safely(tmp_path):
+    """Real Lightning .ckpt files (with hyperparameters saved) load with weights_only=True: their state_dict."""
+    try:
+        import lightning.pytorch as pl
+    except ImportError:
+        pl = pytest.importorskip("pytorch_lightning", reason="needs lightning (pip install 'pkfast[lightning]')")
+    X, y = torch.randn(32, 5, generator=torch.Generator().manual_seed(0)), torch.randint(0, 3, (32,))
+
+    class Module(pl.LightningModule):
+        def __init__(self, width: int = 8):
+            super().__init__()
+            self.save_hyperparameters()
+            self.net = nn.Sequential(nn.Linear(5, width), nn.Tanh(), nn.Linear(width, 3))
+
+        def training_step(self, b, i):
+            return nn.functional.cross_entropy(self.net(b[0]), b[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    m = Module()
+    ck = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
+    pl.Trainer(max_steps=4, callbacks=[ck], logger=False, enable_progress_bar=False, enable_model_summary=False,
+               accelerator="cpu").fit(m, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y),
+                                                                     batch_size=8))
+    files = sorted(tmp_path.glob("*.ckpt"))
+    assert len(files) == 2
+    traj = pkfast.Trajectory.from_checkpoints(files, lr=0.2)
+    for k, v in traj.point(1).items():
+        assert torch.equal(v, m.state_dict()[k])
