@@ -56,6 +56,18 @@ def test_timm_vit_norms_routed_and_the_plan_says_why_the_tokens_are_not():
     assert rel_err(pkfast.gram(m, traj, X, dtype=F64, progress=False), gram_reference(m, traj, X)) <= RTOL[F64]
 
 
+def test_timm_convnext_layer_norm_2d_routed_and_exact():
+    timm = _timm()
+    torch.manual_seed(0)
+    m = timm.create_model("convnext_atto", pretrained=False, num_classes=3, depths=(1, 1, 1, 1)).to(F64).eval()
+    traj = random_trajectory(m, steps=1, scale=0.01)
+    X = torch.randn(2, 3, 32, 32, dtype=F64)
+    p, by = _plan(m, traj, X)
+    ln2d = [L for n, L in by.items() if type(dict(m.named_modules())[n]).__name__ == "LayerNorm2d"]
+    assert ln2d and all(L.kind == "norm" and L.method != "jacobian" for L in ln2d), p
+    assert rel_err(pkfast.gram(m, traj, X, dtype=F64, progress=False), gram_reference(m, traj, X)) <= RTOL[F64]
+
+
 def test_hf_bert_with_a_batch_encoding_routed_and_exact():
     transformers = pytest.importorskip("transformers", reason="needs transformers (pip install 'pkfast[hf]')")
     cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
