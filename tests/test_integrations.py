@@ -225,3 +225,48 @@ def test_lightning_ckpt_files_are_read_safely(tmp_path):
     traj = pkfast.Trajectory.from_checkpoints(files, lr=0.2)
     for k, v in traj.point(1).items():
         assert torch.equal(v, m.state_dict()[k])
+
+
+def test_hf_trainer_with_indices_feeds_the_exact_kernel_machine(tmp_path):
+    """A dataset that returns "pkfast_index" lets the Trainer callback record each step's batch (the model never
+    sees the key); with targets and the loss convention, an SGD Trainer run rebuilds as the exact kernel machine."""
+    transformers = pytest.importorskip("transformers", reason="needs transformers (pip install 'pkfast[hf]')")
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+    from pkfast.integrations.hf import INDEX_KEY, TrajectoryCallback
+
+    data = _Tokens(n=12)
+
+    class Indexed(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(data)
+
+        def __getitem__(self, i):
+            # the Trainer divides the summed token losses by the labels it counts before its shift: with the
+            # first label ignored (never a target after the shift) that count is the targets', the plain mean
+            labels = data.ids[i].clone()
+            labels[0] = -100
+            return {"input_ids": data.ids[i], "labels": labels, INDEX_KEY: i}
+
+    model = _gpt2(transformers).double()
+    model.set_attn_implementation("eager")  # (the certificate's forward-mode AD has no CPU flash attention)
+    ids = data.ids
+    cb = TrajectoryCallback(tmp_path / "traj", loss=nn.CrossEntropyLoss(), targets=ids[:, 1:])
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=3, learning_rate=0.02,
+        optim="sgd", max_grad_norm=0.0, lr_scheduler_type="linear", report_to=[], use_cpu=True, seed=0,
+        save_strategy="no", logging_strategy="no", disable_tqdm=True, remove_unused_columns=False)
+    transformers.Trainer(model=model, args=args, train_dataset=Indexed(), callbacks=[cb]).train()
+    traj = pkfast.Trajectory.load(tmp_path / "traj")
+    batches = [traj.batch_indices(s) for s in range(traj.num_steps)]
+    assert all(b is not None and len(b) == 3 for b in batches)
+    assert sorted(int(i) for b in batches for i in b) == list(range(12))  # one epoch, every sequence once
+    model.eval()
+    shift = lambda o: o.logits[:, :-1]  # noqa: E731  (the next-token logits of targets ids[:, 1:])
+    km = pkfast.KernelMachine(model, traj, {"input_ids": ids}, output_fn=shift, nodes=4, progress=False)
+    Xq = {"input_ids": torch.randint(0, 23, (2, 6), generator=torch.Generator().manual_seed(5))}
+    with torch.no_grad():
+        f = model(**Xq).logits[:, :-1].reshape(2, -1)  # (the machine flattens each sample's outputs)
+    assert float((km.predict(Xq) - f).norm() / f.norm()) < 1e-6  # the network, to the quadrature's precision
+    cert = km.certificate(Xq)
+    assert float(cert.update.max()) < 1e-6  # the Trainer's loss upcasts logits to float32: ~1e-7
+    assert cert.max_quadrature < 1e-5

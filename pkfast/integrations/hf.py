@@ -8,9 +8,14 @@
 
 The recorder starts at ``on_train_begin`` (w_0: the weights the first step starts from) and records after each
 optimizer step (``on_step_end``: after gradient accumulation, clipping and the scheduler; a step the optimizer
-skipped, e.g. on an fp16 overflow, records nothing). Batch indices are not recorded (the Trainer's sampler does
-not expose them): the trajectory serves ``gram``, ``plan``, ``sketch`` and :mod:`pkfast.attribution`; the
-exact kernel machine needs them and refuses.
+skipped, e.g. on an fp16 overflow, records nothing).
+
+**Batch indices**: the Trainer's sampler does not expose them, so a dataset that should have them recorded
+returns each sample's index under the key ``"pkfast_index"`` (:data:`INDEX_KEY`); the callback's forward
+pre-hook takes that key out of the model's inputs (the model never sees it) while the model trains, and each
+step records the indices of its micro-batches. With them, targets and the loss convention (``targets=``,
+``loss=``), an SGD run (``optim="sgd"``, ``max_grad_norm=0``) feeds the exact kernel machine. The Trainer
+drops inputs the model's ``forward`` does not name unless ``TrainingArguments(remove_unused_columns=False)``.
 """
 
 from __future__ import annotations
@@ -18,11 +23,15 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
 import transformers
 
 from pkfast.integrations import LoopRecorder
 
-__all__ = ["TrajectoryCallback"]
+__all__ = ["TrajectoryCallback", "INDEX_KEY"]
+
+#: the key under which a dataset's samples carry their index, for the recorded batches
+INDEX_KEY = "pkfast_index"
 
 
 class TrajectoryCallback(transformers.TrainerCallback):
@@ -30,9 +39,12 @@ class TrajectoryCallback(transformers.TrainerCallback):
     arguments as :class:`pkfast.TrajectoryRecorder`). ``.recorder`` is the live recorder during training."""
 
     def __init__(self, path: str | os.PathLike, *, every: int = 1, overwrite: bool = False, resume: bool = False,
-                 fsync: bool = False, buffers: bool = True, loss: Any = None, meta: dict | None = None) -> None:
+                 fsync: bool = False, buffers: bool = True, loss: Any = None, targets: Any = None,
+                 meta: dict | None = None) -> None:
         self._loop = LoopRecorder(path, every=every, overwrite=overwrite, resume=resume, fsync=fsync,
-                                  buffers=buffers, loss=loss, meta=meta)
+                                  buffers=buffers, loss=loss, targets=targets, meta=meta)
+        self._seen: list[torch.Tensor] = []
+        self._hook = None
 
     @property
     def recorder(self):
@@ -43,9 +55,21 @@ class TrajectoryCallback(transformers.TrainerCallback):
             raise RuntimeError("pkfast.integrations.hf.TrajectoryCallback: the Trainer passed no model or optimizer "
                                "to on_train_begin")
         self._loop.start(model, optimizer, f"transformers.Trainer {transformers.__version__}")
+        self._seen = []
+        self._hook = model.register_forward_pre_hook(self._take_indices, with_kwargs=True)
+
+    def _take_indices(self, module, args, kwargs):
+        idx = kwargs.pop(INDEX_KEY, None)
+        if idx is not None and module.training:
+            self._seen.append(torch.as_tensor(idx).reshape(-1).cpu())
+        return args, kwargs
 
     def on_step_end(self, args, state, control, **kwargs):
-        self._loop.after_step()
+        seen, self._seen = self._seen, []
+        self._loop.after_step(torch.cat(seen) if seen else None)
 
     def on_train_end(self, args, state, control, **kwargs):
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
         self._loop.finish()
