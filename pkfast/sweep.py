@@ -44,6 +44,7 @@ class Sweep:
         self.rule, self.nodes, self.dtype, self.progress = rule, nodes, fm.dtype, progress
         # per-sample gradients from layer factors in batched passes where layers have rules (docs/math.md §5)
         self.budget, self.cache_budget = budget, budget // 4
+        self._eps = self.trajectory.step_sizes.tolist()  # ε_s, read by the coefficients κ̃
         self.set_panels(Panels(fm, X), Panels(fm_loss, X))
 
     def set_panels(self, panels: Panels, loss_panels: Panels) -> None:
@@ -159,7 +160,7 @@ class Sweep:
         M = Xq.shape[0]
         MC = M * C
         dev, dt = self.fm.device, self.dtype
-        self._eps = eps = self.trajectory.step_sizes.tolist()
+        eps = self._eps
         bias = self.fm.outputs(EvalPoint(0), Xq).to(dt)
         total = torch.zeros(M, C, dtype=dt, device=dev)
         contrib = None
