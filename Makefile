@@ -39,7 +39,7 @@ $(TIMM_VENV)/.pkfast-installed: pyproject.toml setup.py
 	@touch $@
 
 test-timm: $(TIMM_VENV)/.pkfast-installed
-	$(TIMM_VENV)/bin/python -m pytest tests/test_timm_layers.py -k timm $(PYTEST_ARGS)
+	$(TIMM_VENV)/bin/python -m pytest tests/layers/test_timm_rules.py -k timm $(PYTEST_ARGS)
 
 ## make bench: the benchmark suite (pytest-benchmark), see benchmarks/README.md.
 bench: venv

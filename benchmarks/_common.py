@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import pkfast
-from pkfast._alloc import reuse_freed_memory
-from pkfast.driver import GramJob
-from pkfast.rules import EvalPoint
+from pkfast.engine.alloc import reuse_freed_memory
+from pkfast.engine.driver import GramJob
+from pkfast.engine.quadrature import EvalPoint
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -318,7 +318,7 @@ def jacobian_time(model: nn.Module, traj: pkfast.Trajectory, X: torch.Tensor, *,
                   warmup: int = 1, memory_budget: int | str | None = None) -> float:
     """Seconds (best of ``repeat``) to compute the per-sample Jacobians of every point of ``X`` once per step
     of ``traj`` (``rule="left"``: w_0 … w_{T-1}) with pkfast's own Jacobian code
-    (:meth:`pkfast.jacobians.FunctionalModel.jacobian`), in panels of the tile plan's row block written into
+    (:meth:`pkfast.engine.functional.FunctionalModel.jacobian`), in panels of the tile plan's row block written into
     one reused buffer — the Jacobian part of the work any exact method must do, without the Gram product."""
     job = GramJob.create(model, traj, X, outputs="trace", rule="left", memory_budget=memory_budget, method="jacobian")
     fm, plan = job.fm, job.plan

@@ -7,7 +7,7 @@ Part 1, the kernel. For each stack ``A [S, n, K]`` (S steps of an n-sample Jacob
 α_s, the Gram tile update ``G += Σ_s α_s A_s A_sᵀ`` is timed with ``triton.testing.do_bench(quantiles=[0.5, 0.2,
 0.8])`` (median, 20th and 80th percentile, in ms) for
 
-* ``triton``        ``pkfast.accumulate.triton_launch.accumulate_triton(G, A, A, α, input_precision=…)`` (one launch,
+* ``triton``        ``pkfast.engine.accumulate.triton_launch.accumulate_triton(G, A, A, α, input_precision=…)`` (one launch,
   all S steps);
 * ``triton upper``  the same with ``upper=True`` (only the blocks on or above the diagonal: about half the work);
 * ``torch``         ``G.addmm_(A_s, A_sᵀ, alpha=α_s)`` for each s: cuBLAS. ``ieee`` runs with TF32 off, ``tf32`` with
@@ -19,7 +19,7 @@ the TFLOP/s; ``vs torch`` = torch time / this time. Each Triton result is checke
 precision (relative error on the computed triangle printed; ieee must be ≤ 1e-5).
 
 Part 2, end to end: ``pkfast.gram`` on CUDA for workloads of ``_common.py`` (``--gram a:1797:1,...``), seconds and the
-Gram's SYRK TFLOP/s (T·N²·C·P / seconds), per pkfast backend listed in ``pkfast.accumulate.BACKENDS``.
+Gram's SYRK TFLOP/s (T·N²·C·P / seconds), per pkfast backend listed in ``pkfast.engine.accumulate.BACKENDS``.
 
 Rows are appended to ``--csv`` (default ``benchmarks/results/accumulate_cuda.csv``) with the GPU name and environment.
 Without CUDA it prints why and exits 0 (GPU numbers only come from running on a GPU).
@@ -79,7 +79,7 @@ def _rel_err(x: torch.Tensor, ref: torch.Tensor, upper: bool) -> float:
 
 # ---------------------------------------------------------------------------------------------- the calls
 def triton_call(G: torch.Tensor, A: torch.Tensor, alpha: torch.Tensor, *, upper: bool, precision: str):
-    from pkfast.accumulate.triton_launch import accumulate_triton  # lazily: triton may be absent
+    from pkfast.engine.accumulate.triton_launch import accumulate_triton  # lazily: triton may be absent
 
     return lambda: accumulate_triton(G, A, A, alpha, upper=upper, input_precision=precision)
 
@@ -167,7 +167,7 @@ def bench_kernel(shapes, precisions, env: dict[str, Any]) -> list[dict[str, Any]
 # ---------------------------------------------------------------------------------------------- part 2
 def bench_gram(cases, repeat: int, env: dict[str, Any]) -> list[dict[str, Any]]:
     import pkfast
-    from pkfast.accumulate import BACKENDS
+    from pkfast.engine.accumulate import BACKENDS
 
     rows = []
     backends = [b for b in BACKENDS if b != "auto"] or ["auto"]
@@ -209,7 +209,7 @@ def interpret_check(precisions) -> int:
     except ImportError as e:
         print(f"bench_accumulate: triton is not importable ({e}); skipped")
         return 0
-    from pkfast.accumulate.triton_launch import triton_status
+    from pkfast.engine.accumulate.triton_launch import triton_status
 
     ok, why = triton_status()
     if not ok:

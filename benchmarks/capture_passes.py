@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pkfast  # noqa: E402
-from pkfast.routes import capture  # noqa: E402
+from pkfast.engine import capture  # noqa: E402
 
 import architectures as ar  # noqa: E402
 from _common import make_workload  # noqa: E402

@@ -3,7 +3,7 @@ PASS or FAIL. Without CUDA it says so and exits 0.
 
     python benchmarks/gpu_check.py [--budget-s 300] [--out DIR]
 
-1. **The Triton kernel's tests on the GPU** — ``tests/test_triton_kernel.py`` and ``tests/test_backends.py`` (every
+1. **The Triton kernel's tests on the GPU** — ``tests/engine/test_triton_kernel.py`` and ``tests/engine/test_backends.py`` (every
    input precision: ieee, tf32, bf16; general and upper-triangle launches; odd shapes, strides, float64), run by
    pytest in a subprocess with the GPU visible (``TRITON_INTERPRET`` unset).
 2. **The kernel against cuBLAS** — ``G += Σ_s α_s A_s A_sᵀ`` by ``accumulate_triton`` and by ``torch.addmm``
@@ -47,7 +47,7 @@ def run_tests(timeout: int, log: Path | None) -> tuple[bool, str]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT)
     cmd = [sys.executable, "-m", "pytest", "-q", "-rf", "--tb=short", "-p", "no:cacheprovider",
-           "tests/test_triton_kernel.py", "tests/test_backends.py"]
+           "tests/engine/test_triton_kernel.py", "tests/engine/test_backends.py"]
     if importlib.util.find_spec("xdist") is not None:
         # Each test shape compiles the autotune configs anew (about 6 s a test on an H200 machine, one process):
         # compile in parallel.

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 import pkfast
-from pkfast.store import sidecar
+from pkfast.store.writer import sidecar
 
 
 def problem(n: int, steps: int, seed: int = 0):

@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pkfast  # noqa: E402
-from pkfast.driver import GramJob  # noqa: E402
+from pkfast.engine.driver import GramJob  # noqa: E402
 
 import baselines as bl  # noqa: E402
 from _common import (  # noqa: E402

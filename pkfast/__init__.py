@@ -27,11 +27,11 @@ from pkfast import attribution, layers, reference
 from pkfast._version import __version__
 from pkfast.gram import gram, plan
 from pkfast.loss import LossSpec
-from pkfast.machine import KernelMachine
-from pkfast.recorder import TrajectoryRecorder
+from pkfast.machine.kernel_machine import KernelMachine
+from pkfast.trajectory.recorder import TrajectoryRecorder
 from pkfast.sketch import PathFeatures, sketch
-from pkfast.stored import open_gram
-from pkfast.trajectory import Trajectory
+from pkfast.store.reader import open_gram
+from pkfast.trajectory.points import Trajectory
 
 __all__ = ["gram", "plan", "open_gram", "Trajectory", "TrajectoryRecorder", "KernelMachine", "LossSpec", "sketch",
            "PathFeatures", "layers", "reference", "attribution", "__version__"]

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pkfast import inputs
-from pkfast.features import PathFeatures
+from pkfast.engine import inputs
+from pkfast.store.features import PathFeatures
 from pkfast.gram import gram
 from pkfast.sketch import sketch
 

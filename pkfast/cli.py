@@ -267,7 +267,7 @@ def _info(a: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from pkfast.store import StoreError
+    from pkfast.store.writer import StoreError
 
     try:
         return {"gram": _gram, "plan": _plan, "info": _info}[args.command](args)

@@ -1,8 +1,8 @@
 """gram: the public doors to a path-kernel Gram — :func:`gram` computes it (in memory, or stored tile by tile
 with ``out=``), :func:`plan` says how it would be computed (each layer's route, costs, tiles).
 
-Both build a :class:`~pkfast.driver.GramJob` (options validated once, data, route, tile plan) and the driver's
-one tile loop does the work; a :class:`~pkfast.sinks.StoreSink` makes the result a resumable ``.npy``.
+Both build a :class:`~pkfast.engine.driver.GramJob` (options validated once, data, route, tile plan) and the driver's
+one tile loop does the work; a :class:`~pkfast.store.sinks.StoreSink` makes the result a resumable ``.npy``.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from pkfast.driver import GramJob
-from pkfast.rules import DEFAULT_NODES
-from pkfast.sinks import StoreSink
-from pkfast.store import GramStore
-from pkfast.trajectory import Trajectory
+from pkfast.engine.driver import GramJob
+from pkfast.engine.quadrature import DEFAULT_NODES
+from pkfast.store.sinks import StoreSink
+from pkfast.store.writer import GramStore
+from pkfast.trajectory.points import Trajectory
 
 __all__ = ["gram", "plan", "GramPlan"]
 
@@ -65,7 +65,7 @@ def gram(
         trajectory: the weight points and step sizes (:class:`pkfast.Trajectory`).
         X: ``[N, *features]`` samples (torch tensor or numpy array), or a mapping of such arrays (a tokenizer's
             ``BatchEncoding``, ``{"input_ids": …, "attention_mask": …}``: passed as keyword arguments) or a tuple
-            (positional), split per sample along the first dimension (:mod:`pkfast.inputs`).
+            (positional), split per sample along the first dimension (:mod:`pkfast.engine.inputs`).
         X2: optional ``[M, *features]`` samples for a cross-Gram (the same structure as X). ``None`` means X2 = X: only the upper
             triangle of tiles is computed and mirrored.
         outputs: ``"trace"`` → ``[N, M]``, the sum over the C outputs of the output-wise kernels;
@@ -102,14 +102,14 @@ def gram(
         progress: show a progress bar (tqdm, on stderr) with throughput in kernel entries per second.
         precision: input precision of the Gram products: ``"ieee"`` (exact fp32/fp64), ``"tf32"`` or
             ``"bf16"`` (Triton only; fp32 accumulation; relative error ≈ 1e-3 and ≈ 4e-3 of the entries'
-            scale respectively, see ``tests/test_triton_kernel.py``).
+            scale respectively, see ``tests/engine/test_triton_kernel.py``).
         out: a path ending in ``.npy``: write the Gram there tile by tile instead of returning it in memory
             (out-of-core; the working memory stays within ``memory_budget`` whatever N is). A manifest and a
             journal of finished tiles go beside it in ``<out>.pkfast/``. Running the same call again after a
             crash or a kill resumes from the finished tiles and gives a bitwise identical file; a call with a
             different model, trajectory, data or options is refused (saying which differs). Under
             ``torch.distributed`` (e.g. ``torchrun``) every rank computes a disjoint, equal-work share of the
-            tiles into the same file. See :mod:`pkfast.store`.
+            tiles into the same file. See :mod:`pkfast.store.writer`.
         overwrite: with ``out``, discard an existing output (and its progress) and start afresh.
         method: how the Jacobian products are formed (:func:`pkfast.plan` shows the choice per layer):
 
@@ -140,7 +140,7 @@ def gram(
             √((K(x,x)·K(x′,x′) + K(x,x′)²)/k)) or ``"kronecker"`` (every factorisable layer factored) — for
             ``method="sketch"`` only; see :mod:`pkfast.sketch`.
         output_fn: reduces what the model returns to its outputs ``[n, *out]``. Default
-            (:func:`pkfast.inputs.reduce_output`): a tensor as it is; a mapping or Hugging Face ``ModelOutput``
+            (:func:`pkfast.engine.inputs.reduce_output`): a tensor as it is; a mapping or Hugging Face ``ModelOutput``
             its ``"logits"`` (else its only tensor); a tuple its first element.
 
     Returns:
@@ -209,7 +209,7 @@ def plan(
 
 class GramPlan:
     """The plan of a Gram computation (see :func:`plan`): ``.method`` (the resolved route), ``.layers``,
-    ``.tiles`` (the :class:`~pkfast.tiles.TilePlan`), ``.flops`` (estimated multiply-adds, all terms)."""
+    ``.tiles`` (the :class:`~pkfast.engine.tiles.TilePlan`), ``.flops`` (estimated multiply-adds, all terms)."""
 
     def __init__(self, job: "GramJob") -> None:
         self.job = job

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 
 from pkfast import _checks
-from pkfast.accumulate import BACKENDS, PRECISIONS
+from pkfast.engine.accumulate import BACKENDS, PRECISIONS
 from pkfast.loss import LossSpec
-from pkfast.rules import DEFAULT_NODES, RULES
+from pkfast.engine.quadrature import DEFAULT_NODES, RULES
 
 __all__ = ["Options", "OUTPUTS", "OF", "METHODS", "PROJECTIONS", "BACKENDS", "PRECISIONS", "resolve_budget", "default_memory_budget",
            "stream_bytes", "model_device"]

@@ -12,7 +12,7 @@ import copy
 import numpy as np
 import torch
 
-from pkfast.trajectory import Trajectory
+from pkfast.trajectory.points import Trajectory
 
 __all__ = ["gram_reference", "jacobian_reference"]
 

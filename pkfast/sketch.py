@@ -25,7 +25,7 @@ N(0, 1/k): this is one JL sketch of the rows of U, so E[K̂] = U Uᵀ = K exactl
   the number of terms. A Gram from features costs 2·N·M·C·k (trace) — cheap next to the exact Gram's
   2·N·M·C·P per term when k ≪ T·P.
 
-**Kronecker-factored layers** (docs/math.md §7.2, :mod:`pkfast.routes.kron`). The statements above are those of
+**Kronecker-factored layers** (docs/math.md §7.2, :mod:`pkfast.engine.routes.kron`). The statements above are those of
 ``projection="dense"``. By default (``"auto"``) each layer with a factorised rule whose Kronecker projection is
 cheaper takes rows R_in ⊗ R_out of R instead (k = r_in·r_out), formed from its inputs and output gradients
 without its gradient: still unbiased, with a larger variance given exactly in §7.2 (for a rank-one gradient the
@@ -33,7 +33,7 @@ relative error of one layer and step is about √(2/r_in + 2/r_out)); :func:`req
 projection's. ``pkfast.plan(..., method="sketch")`` shows each layer's projection.
 
 **Stored features.** With ``out=`` the features are written chunk by chunk into the stored-Gram layout of
-:mod:`pkfast.store` (one row per sample; crash-safe, resumable, shared by ranks; float16/bfloat16 optional) and
+:mod:`pkfast.store.writer` (one row per sample; crash-safe, resumable, shared by ranks; float16/bfloat16 optional) and
 returned memory-mapped; :meth:`PathFeatures.open` reopens them.
 
 Only symmetric rules can be sketched: ``rule="exact"`` is asymmetric (K(x, x′) ≠ K(x′, x)), and Φ Φ′ᵀ is
@@ -77,16 +77,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pkfast import formats
-from pkfast.driver import check_data, check_model_and_trajectory, functional_model
-from pkfast.features import STORAGE_DTYPES, PathFeatures, storage_numpy_dtype, store_options, to_storage
-from pkfast.sinks import StoreSink
-from pkfast.store import GramStore
-from pkfast.tiles import Tile, TilePlan
+from pkfast.store import formats
+from pkfast.engine.driver import check_data, check_model_and_trajectory, functional_model
+from pkfast.store.features import STORAGE_DTYPES, PathFeatures, storage_numpy_dtype, store_options, to_storage
+from pkfast.store.sinks import StoreSink
+from pkfast.store.writer import GramStore
+from pkfast.engine.tiles import Tile, TilePlan
 from pkfast.options import SKETCH_RULES, Options, model_device
-from pkfast.routes.sketch import Sketcher, block_rows, projection_block
-from pkfast.rules import terms_for
-from pkfast.trajectory import Trajectory
+from pkfast.engine.routes.sketch import Sketcher, block_rows, projection_block
+from pkfast.engine.quadrature import terms_for
+from pkfast.trajectory.points import Trajectory
 
 __all__ = ["sketch", "PathFeatures", "required_k", "projection_block", "block_rows"]
 
@@ -163,7 +163,7 @@ def sketch(
         device: the compute device (default: the model's).
         out: a path ending in ``.npy``: write the features there chunk by chunk instead of holding them (a
             large training set's features, with the memory of one chunk). Crash-safe and resumable like a
-            stored Gram (:mod:`pkfast.store`): a chunk is journaled with its CRC once its bytes are on disk; the
+            stored Gram (:mod:`pkfast.store.writer`): a chunk is journaled with its CRC once its bytes are on disk; the
             same call again resumes from the finished chunks, and a call with another model, trajectory,
             data or sketch option is refused, saying which differs. Under ``torch.distributed`` every rank
             writes its share of the chunks. Open it later with :meth:`PathFeatures.open`.

@@ -1,6 +1,6 @@
 """The package's shape: no import cycle, and every import points down the layers of the data flow.
 
-    base  ←  data  ←  model  ←  layers  ←  routes  ←  driver  ←  doors
+    base  ←  store  ←  trajectory  ←  model  ←  layers  ←  routes  ←  driver  ←  doors  ←  machine  ←  entry
 
 A module may import modules of its own layer or of a lower one, never of a higher one (imports inside
 functions count too). A new module must be placed in a layer here, deliberately.
@@ -17,18 +17,20 @@ ROOT = Path(__file__).resolve().parents[1] / "pkfast"
 
 #: The layers, lowest first: module names (a trailing ".*" covers a subpackage's modules).
 LAYERS = {
-    "base": ["pkfast._version", "pkfast._checks", "pkfast._alloc", "pkfast.formats", "pkfast.loss", "pkfast.rules",
-             "pkfast.tiles", "pkfast.accumulate", "pkfast.accumulate.*", "pkfast.options", "pkfast.products",
-             "pkfast.distributed"],
-    "data": ["pkfast.trajectory_files", "pkfast.checkpoints", "pkfast.trajectory", "pkfast.stored", "pkfast.store",
-             "pkfast.features", "pkfast.sinks"],
-    "model": ["pkfast.inputs", "pkfast.per_sample", "pkfast.jacobians"],
+    "base": ["pkfast._version", "pkfast._checks", "pkfast.loss", "pkfast.engine.quadrature", "pkfast.engine.tiles",
+             "pkfast.engine.accumulate", "pkfast.engine.accumulate.*", "pkfast.options", "pkfast.engine.products",
+             "pkfast.engine.distributed", "pkfast.engine.alloc"],
+    "store": ["pkfast.store.formats", "pkfast.store.reader", "pkfast.store.writer", "pkfast.store.features",
+              "pkfast.store.sinks", "pkfast.store"],
+    "trajectory": ["pkfast.trajectory.files", "pkfast.trajectory.checkpoints", "pkfast.trajectory.points",
+                   "pkfast.trajectory.recorder", "pkfast.trajectory"],
+    "model": ["pkfast.engine.inputs", "pkfast.engine.per_sample", "pkfast.engine.functional"],
     "layers": ["pkfast.layers", "pkfast.layers.*"],
-    "routes": ["pkfast.routes", "pkfast.routes.*"],
-    "driver": ["pkfast.driver", "pkfast.sweep"],
-    "doors": ["pkfast", "pkfast.gram", "pkfast.sketch", "pkfast.attribution", "pkfast.machine", "pkfast.recorder", "pkfast.reference",
-              "pkfast.cli", "pkfast.__main__"],
-    "integrations": ["pkfast.integrations", "pkfast.integrations.*"],
+    "routes": ["pkfast.engine.capture", "pkfast.engine.routes", "pkfast.engine.routes.*"],
+    "driver": ["pkfast.engine.driver", "pkfast.engine"],
+    "doors": ["pkfast.gram", "pkfast.sketch", "pkfast.attribution", "pkfast.reference"],
+    "machine": ["pkfast.machine.panels", "pkfast.machine.sweep", "pkfast.machine.kernel_machine", "pkfast.machine"],
+    "entry": ["pkfast", "pkfast.cli", "pkfast.__main__", "pkfast.integrations", "pkfast.integrations.*"],
 }
 
 
@@ -111,9 +113,9 @@ def test_the_checks_would_fail_on_a_violation():
     global GRAPH
     saved = GRAPH
     try:
-        GRAPH = {"pkfast.rules": {"pkfast.driver"}, "pkfast.driver": {"pkfast.rules"}}
+        GRAPH = {"pkfast.engine.quadrature": {"pkfast.engine.driver"}, "pkfast.engine.driver": {"pkfast.engine.quadrature"}}
         with pytest.raises(AssertionError, match="imports a higher layer"):
-            test_imports_point_down("pkfast.rules")
+            test_imports_point_down("pkfast.engine.quadrature")
         with pytest.raises(AssertionError, match="import cycle"):
             test_no_import_cycle()
     finally:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import pkfast
-from pkfast.driver import GramJob
+from pkfast.engine.driver import GramJob
 from pkfast.reference import gram_reference
 from tests._util import RTOL, rel_err
 from tests.models import SmallCNN, mlp, random_trajectory
@@ -213,7 +213,7 @@ def test_memory_mapped_trajectory_gives_same_gram(tmp_path):
 def test_jacobian_chunking_does_not_change_result():
     net, traj, X, _ = _case("cnn")
     job = GramJob.create(net, traj, X, dtype=torch.float64)
-    from pkfast.rules import EvalPoint
+    from pkfast.engine.quadrature import EvalPoint
 
     combo = ((EvalPoint(1), 1.0),)
     J1 = job.fm.jacobian(combo, X, chunk=1)
@@ -252,7 +252,7 @@ def test_memory_budget_string_and_plan_respects_it():
 
 @pytest.mark.parametrize("outputs", ["trace", "full"])
 def test_large_diagonal_tile_blocked_syrk_matches_reference(outputs):
-    from pkfast.accumulate.torch_blas import SYRK_MIN_BLOCK
+    from pkfast.engine.accumulate.torch_blas import SYRK_MIN_BLOCK
 
     net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
     traj = random_trajectory(net, steps=2)
@@ -267,7 +267,7 @@ def test_large_diagonal_tile_blocked_syrk_matches_reference(outputs):
 def test_one_term_gram_reuses_each_row_panel(monkeypatch):
     """A one-step trajectory on a budget that forces tiles: each tile-row's Jacobian panel is computed once and
     kept for the next tiles of that row (tiles.plan_tiles(reuse_rows=True)); the Gram equals the reference."""
-    from pkfast.jacobians import FunctionalModel
+    from pkfast.engine.functional import FunctionalModel
 
     net = mlp().double()
     traj = random_trajectory(net, steps=1)

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import pkfast
-from pkfast import store
+from pkfast.store import writer as store
 from pkfast.reference import gram_reference
 from tests._util import RTOL, rel_err
 from tests.models import mlp, random_trajectory
@@ -251,8 +251,8 @@ def test_packaging_uses_the_current_license_form_and_docs_name_no_machine_paths(
 
 def test_a_single_tile_moves_the_progress_bar_before_it_ends(monkeypatch, tmp_path):
     """One tile, one term, several vmap chunks: the bar advances as each chunk of the side is formed."""
-    import pkfast.driver as driver
-    import pkfast.jacobians as jac
+    import pkfast.engine.driver as driver
+    import pkfast.engine.functional as jac
 
     updates: list[float] = []
 

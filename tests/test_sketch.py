@@ -19,7 +19,7 @@ from pkfast.reference import _load_point, jacobian_reference
 from pkfast.sketch import PathFeatures, projection_block, required_k, sketch
 from tests.models import mlp, random_trajectory
 
-sketch_route = importlib.import_module("pkfast.routes.sketch")  # the projection (pkfast.sketch is the function)
+sketch_route = importlib.import_module("pkfast.engine.routes.sketch")  # the projection (pkfast.sketch is the function)
 
 F64 = torch.float64
 SEEDS = 200  # sketches per mean/variance estimate

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from pkfast.recorder import TrajectoryRecorder
+from pkfast.trajectory.recorder import TrajectoryRecorder
 
 __all__ = ["LoopRecorder", "unwrap_optimizer"]
 

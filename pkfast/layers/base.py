@@ -11,7 +11,7 @@ row per position) and Δ^{(c)} = ∂f_c/∂(output) (one row per position and mo
   route: K_l = Σ_{s,t} (a_s·a′_t)(δ_s·δ′_t), with the input Gram a_s·a′_t from :meth:`LayerRule.input_gram`;
 - :meth:`LayerRule.costs` gives both routes' multiply-adds, from which the engine chooses per layer.
 
-The engine (:mod:`pkfast.routes.layered`) knows no layer type by name: everything type-specific is here and in
+The engine (:mod:`pkfast.engine.routes.layered`) knows no layer type by name: everything type-specific is here and in
 the rule files beside it, found through the registry of :mod:`pkfast.layers`.
 """
 

@@ -1,0 +1,445 @@
+"""routes.capture: the factors (A, Δ) of every layer with a rule, captured by forward hooks — from one batched
+forward and C batched backward passes per chunk when every trained parameter has a rule, else from one
+``vmap(jacrev)`` pass per chunk that also gives the Jacobian of the parameters no rule covers.
+
+How: a forward hook on each routed module (or on the site its rule names) keeps what its rule captures of the
+call (its input, or the normalised input of a norm layer) and adds a zero *probe* to its output; the gradient
+of the model's output with respect to the probes is Δ, the output gradient at that layer, per sample and per
+output. Before any of this is used, :meth:`Capture.discover` checks that rules which swap a module's forward
+reproduce the model's output, learns each layer's calls, positions and fans from one sample, and
+:meth:`Capture.verify` checks on a few samples that each rule rebuilds the layer's true parameter gradient (a
+weight also used outside its module, e.g. tied through ``F.linear``, fails and takes the Jacobian route). The
+first batched chunk is checked against the vmap pass on two samples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.func import functional_call
+
+from pkfast.engine.functional import FunctionalModel
+from pkfast.layers.base import Layer, LayerRule, materialize
+from pkfast.engine.quadrature import EvalPoint
+
+__all__ = ["Capture"]
+
+
+class _Call:
+    """State of one traced forward pass: probes to add, and what was captured and seen, per layer call."""
+
+    def __init__(self, probes: dict[str, torch.Tensor] | None) -> None:
+        self.probes = probes
+        self.count: dict[str, int] = {}
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.shapes: dict[str, tuple[torch.Size, torch.Size]] = {}
+        self.out_shapes: dict[str, torch.Size] = {}
+        self.unusable: dict[str, str] = {}
+
+
+class Capture:
+    """Hooks on the layers with a rule; evaluates panels (Jacobian part and in-panel materialised layers) and
+    factors at trajectory points. ``group(layers)`` must be called after the routes are chosen."""
+
+    def __init__(self, fm: FunctionalModel, layers: list[Layer]) -> None:
+        self.fm = fm
+        self.layers = layers
+        self._call: _Call | None = None
+        self._shapes: dict[str, tuple[torch.Size, torch.Size]] = {}
+        self._patches: list[tuple[LayerRule, torch.nn.Module]] = []  # forward patches that passed the check
+        #: take factors from batched passes when every parameter has a route (else, or when a call is not
+        #: batch-first, the vmap pass)
+        self.batched = True
+        self._batched_checked = False
+        self._grads_batched: bool | None = None  # one batched backward for C outputs works (None: not tried)
+        self.group()
+
+    def group(self) -> None:
+        """Sort the layers by their chosen method (call again after the cost model re-chooses)."""
+        layers, fm = self.layers, self.fm
+        # the sketch's "kronecker" layers give factors like factorised ones; its "dense" layers are in the panel
+        self.hooked = [L for L in layers if L.method in ("factorized", "materialized", "kronecker", "dense")]
+        self.factorized = [L for L in layers if L.method in ("factorized", "kronecker")]
+        self.streamed = [L for L in layers if L.method == "materialized" and L.stream]
+        self.paneled = [L for L in layers if L.method == "dense" or (L.method == "materialized" and not L.stream)]
+        self.with_factors = self.factorized + self.streamed
+        skip = {p for L in self.hooked for p in L.params} | {p for L in layers if L.method == "unused" for p in L.params}
+        self.jac_names = [n for n in fm.names if n not in skip]  # parameters of unused layers give zeros
+        sizes = dict(zip(fm.names, fm.sizes))
+        self.jac_width = sum(sizes[n] for n in self.jac_names)
+        self.panel_width = self.jac_width + sum(L.size for L in self.paneled)
+
+    def describe(self) -> str:
+        """How the factors are obtained, for the plan."""
+        if not self.hooked:
+            return ""
+        C = "one backward pass" if self.fm.num_outputs == 1 else f"{self.fm.num_outputs} backward passes"
+        if self.batched and not self.jac_names:
+            return f"factors from one batched forward and {C} per chunk (every trained parameter has a layer rule)"
+        if self.jac_names:
+            names = ", ".join(self.jac_names[:3]) + (", …" if len(self.jac_names) > 3 else "")
+            return f"factors from vmap(jacrev) per sample: parameters without a layer route ({names}) need it"
+        return "factors from vmap(jacrev) per sample: a hooked call's batch axis is not the first"
+
+    # ------------------------------------------------------------------ hooks
+    def _hook(self, layer: Layer):
+        def hook(mod, args, output):
+            call = self._call
+            if call is None:
+                return None
+            if call.probes is None and (not args or not isinstance(args[0], torch.Tensor)
+                                        or not isinstance(output, torch.Tensor)):
+                call.unusable[layer.name] = "called without a positional tensor input (cannot capture it)"
+                return None
+            k = call.count.get(layer.name, 0)
+            call.count[layer.name] = k + 1
+            key = f"{layer.name}#{k}"
+            call.inputs[key] = layer.rule.capture(mod, args, output)
+            call.out_shapes[key] = output.shape
+            if call.probes is None:
+                call.shapes[key] = (args[0].shape, output.shape)
+                return None
+            return output + call.probes[key]
+        return hook
+
+    def _run(self, layers: list[Layer], call: _Call, fn):
+        handles = [L.rule.site(L.module).register_forward_hook(self._hook(L)) for L in layers]
+        self._call = call
+        try:
+            with self._patched():
+                return fn()
+        finally:
+            self._call = None
+            for h in handles:
+                h.remove()
+
+    @contextlib.contextmanager
+    def _patched(self):
+        """The rules' forward patches (:meth:`~pkfast.layers.base.LayerRule.patch`) that passed
+        :meth:`_check_patches`, with PyTorch's fused fast path of attention and transformer layers off: it
+        would bypass the modules' forwards, hence their hooks."""
+        with contextlib.ExitStack() as stack:
+            mha = getattr(torch.backends, "mha", None)
+            if mha is not None and hasattr(mha, "set_fastpath_enabled"):
+                was = mha.get_fastpath_enabled()
+                mha.set_fastpath_enabled(False)
+                stack.callback(mha.set_fastpath_enabled, was)
+            for rule, module in self._patches:
+                stack.enter_context(rule.patch(module))
+            yield
+
+    def _check_patches(self, X: torch.Tensor, candidates: list[Layer]) -> None:
+        """Keep the forward patches of the candidates' rules only if the patched model gives the original output
+        on a few samples (else those layers take the Jacobian route, with the reason)."""
+        patching = [L for L in candidates if type(L.rule).patch is not LayerRule.patch]
+        self._patches = []
+        if not patching:
+            return
+        fm = self.fm
+        flat, statics = fm.state(EvalPoint(0))
+        x = fm.prepare(X[: min(2, X.shape[0])])
+        run = lambda: functional_call(fm.model, (fm.params(flat), statics), (x,))  # noqa: E731
+        with torch.no_grad():
+            ref = run()
+            self._patches = [(L.rule, L.module) for L in patching]
+            try:
+                with self._patched():
+                    got = run()
+                why = "" if got.shape == ref.shape else f"output shape {tuple(got.shape)}, not {tuple(ref.shape)}"
+                if not why:
+                    tol = _tolerance(fm.dtype)
+                    err = float((got - ref).abs().max()) if ref.numel() else 0.0
+                    if err > tol * (float(ref.abs().max()) + 1e-30):
+                        why = f"output differs by {err:.2e}"
+            except Exception as e:  # the replacement forward does not cover this call (a mask it lacks, …)
+                why = f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+        if why:
+            self._patches = []
+            for L in patching:
+                self._drop(L, f"its rule's replacement forward does not reproduce the model ({why})")
+
+    def discover(self, X: torch.Tensor) -> None:
+        """One forward pass on one sample: calls, positions S, fan-in I and fan-out O of each layer with a rule."""
+        candidates = [L for L in self.layers if L.kind != "other"]
+        self._check_patches(X, candidates)
+        candidates = [L for L in candidates if L.kind != "other"]
+        fm = self.fm
+        flat, statics = fm.state(EvalPoint(0))
+        call = _Call(None)
+        with torch.no_grad():
+            self._run(candidates, call, lambda: functional_call(fm.model, (fm.params(flat), statics), (fm.prepare(X[:1]),)))
+        for L in candidates:
+            if L.name in call.unusable:  # the Jacobian route takes it
+                L.kind, L.module, L.rule, L.reason = "other", None, None, call.unusable[L.name]
+                continue
+            keys = [k for k in call.shapes if k.rsplit("#", 1)[0] == L.name]
+            L.calls = len(keys)
+            try:
+                L.positions = sum(L.rule.positions(L.module, *call.shapes[k]) for k in keys)
+                if L.calls:
+                    L.fan_in, L.fan_out = L.rule.fans(L.module)
+            except (RuntimeError, ValueError, TypeError, AttributeError, IndexError) as e:
+                self._drop(L, f"its rule does not fit the module ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
+        self._shapes = dict(call.shapes)
+        self.verify(X, [L for L in candidates if L.kind != "other"])
+
+    def _drop(self, L: Layer, reason: str) -> None:
+        L.kind, L.module, L.rule, L.calls, L.reason = "other", None, None, 0, reason
+
+    def verify(self, X: torch.Tensor, candidates: list[Layer]) -> None:
+        """Check on a few samples that each candidate's parameter gradient is exactly what its rule rebuilds
+        from its calls. A parameter also used outside the module's forward fails the check and its layer takes
+        the Jacobian route; a layer whose parameters the forward pass never reaches is ``unused``."""
+        if not candidates:
+            return
+        fm = self.fm
+        flat, statics = fm.state(EvalPoint(0))
+        names = {p for L in candidates for p in L.params}
+        params = {n: (t.detach().clone().requires_grad_(True) if n in names else t) for n, t in fm.params(flat).items()}
+        x = fm.prepare(X[: min(3, X.shape[0])])
+        made: dict[str, torch.Tensor] = {}
+        inputs: dict[str, torch.Tensor] = {}
+        count: dict[str, int] = {}
+
+        def hook_for(L):
+            def hook(mod, args, output):
+                k = count.get(L.name, 0)
+                count[L.name] = k + 1
+                key = f"{L.name}#{k}"
+                inputs[key] = L.rule.capture(mod, args, output).detach()
+                made[key] = torch.zeros_like(output, requires_grad=True)
+                return output + made[key]
+            return hook
+
+        handles = [L.rule.site(L.module).register_forward_hook(hook_for(L)) for L in candidates]
+        try:
+            with torch.enable_grad(), self._patched():
+                out = functional_call(fm.model, (params, statics), (x,))
+                f = out.reshape(x.shape[0], -1)
+                g = torch.Generator(device="cpu").manual_seed(12345)
+                v = torch.randn(f.shape, generator=g, dtype=torch.float64).to(f.device, f.dtype)
+                keys = list(made)
+                pn = sorted(names)
+                grads = torch.autograd.grad((f * v).sum(), [params[n] for n in pn] + [made[k] for k in keys],
+                                            allow_unused=True)
+        except RuntimeError as e:  # e.g. an in-place change of a layer's input: no factorisation is safe then
+            for L in candidates:
+                self._drop(L, f"the gradient check failed ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
+            return
+        finally:
+            for h in handles:
+                h.remove()
+        true = dict(zip(pn, grads[: len(pn)]))
+        jz = {k: (torch.zeros_like(made[k]) if gk is None else gk)[None, None] for k, gk in zip(keys, grads[len(pn):])}
+        aux = {k: t[None] for k, t in inputs.items()}
+        for L in candidates:
+            reached = any(true[p] is not None for p in L.params)
+            if L.calls == 0:
+                if reached:
+                    self._drop(L, "its parameters are used without calling the module")
+                continue
+            try:
+                rebuilt = materialize(L, self.factors(L, jz, aux, 1, C=1), 1).reshape(-1)
+                own = {p.rsplit(".", 1)[-1]: true[p] for p in L.params}
+                expect = L.rule.gradient_layout(L, dict(zip(("weight", "bias"), map(own.get, L.rule.param_names))))
+                if rebuilt.shape != expect.shape:
+                    raise ValueError(f"{rebuilt.numel()} gradient values rebuilt, {expect.numel()} parameters")
+            except (RuntimeError, ValueError, TypeError, AttributeError, IndexError) as e:
+                self._drop(L, f"its rule does not fit the module ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
+                continue
+            scale = float(expect.abs().max()) + float(rebuilt.abs().max()) + 1e-30
+            tol = _tolerance(fm.dtype)
+            if float((rebuilt - expect).abs().max()) > tol * scale:
+                self._drop(L, "its gradient is not what its rule rebuilds from its calls: a parameter also used outside "
+                           "its forward (e.g. tied through F.linear), or a rule that does not fit the module")
+
+    # ------------------------------------------------------------------ one pass: Jacobian part and factors
+    def evaluate(self, point: EvalPoint, X: torch.Tensor, Y: torch.Tensor | None, chunk: int,
+                 panel: torch.Tensor | None, weight: float = 1.0, add: bool = False,
+                 tick: Callable[[int], None] | None = None) -> dict[str, list]:
+        """Fill ``panel`` (overwrite, or add when ``add``) with ``weight ×`` the panel at ``point`` — the Jacobian
+        of the parameters without a route, then the in-panel materialised layers' gradients — and return the
+        factors ``{layer name: [(A_g, Δ_g) per group]}`` of the factorised and streamed layers (unweighted)."""
+        fm = self.fm
+        flat, statics = fm.state(point)
+        params = fm.params(flat)
+        pj = {n: params[n] for n in self.jac_names}
+        pk = {n: v for n, v in params.items() if n not in pj}
+        hooked = {L.name for L in self.hooked}
+        keys = [k for k in self._shapes if k.rsplit("#", 1)[0] in hooked]
+        probes = {k: torch.zeros(self._shapes[k][1], dtype=fm.dtype, device=fm.device) for k in keys}
+        per_sample = self._per_sample(pk, statics)
+        argnums = (0, 1) if pj else 1
+        in_dims = (None, None, 0) + ((0,) if Y is not None else ())
+        n = X.shape[0]
+        parts: dict[str, list] = {L.name: [] for L in self.with_factors}
+        Yd = None if Y is None else Y.to(fm.device)
+        for a in range(0, n, chunk):
+            b = min(n, a + chunk)
+            x, y = fm.prepare(X[a:b]), None if Yd is None else Yd[a:b]
+            got = self._batched(keys, pk, statics, x, y) if self.batched and not pj else None
+            if got is None:
+                jac, aux = fm.passes.jacobian(per_sample, argnums, in_dims, pj, probes, x, *(() if y is None else (y,)),
+                                              has_aux=True)
+            else:
+                jac, aux = got
+            jp, jz = (jac if pj else ({}, jac))
+            if panel is not None:
+                dst = panel[a:b]
+                off = 0
+                if pj:
+                    # reshape, not flatten(2): a scalar parameter's Jacobian is [n, C]
+                    blk = torch.cat([jp[nm].reshape(b - a, dst.shape[1], -1) for nm in self.jac_names], dim=2)
+                    _put(dst[:, :, : self.jac_width], blk, weight, add)
+                    off = self.jac_width
+                for L in self.paneled:
+                    G = materialize(L, self.factors(L, jz, aux, b - a), b - a)
+                    _put(dst[:, :, off: off + L.size], G, weight, add)
+                    off += L.size
+            for L in self.with_factors:
+                parts[L.name].append(self.factors(L, jz, aux, b - a))
+            if tick is not None:
+                tick(b - a)
+        feats: dict[str, list] = {}
+        for L in self.with_factors:
+            chunks = parts[L.name]
+            feats[L.name] = [tuple(torch.cat([c[g][i] for c in chunks]) for i in range(2)) for g in range(len(chunks[0]))]
+        return feats
+
+    def _per_sample(self, fixed: dict, statics: dict) -> Callable:
+        """``f(jacobian params, probes, x, *y)`` of one sample (with the ``fixed`` parameters): the model's outputs
+        (or its loss) with the probes added at the hooked calls, and the calls' captures as auxiliary output."""
+        fm, loss = self.fm, self.fm.loss
+
+        def per_sample(pj_, zs, x, *y):
+            call = _Call(zs)
+            out = self._run(self.hooked, call,
+                            lambda: functional_call(fm.model, ({**pj_, **fixed}, statics), (x.unsqueeze(0),)))
+            f = out.reshape(-1)
+            if loss is not None:
+                f = loss.per_sample(f, y[0], fm.output_shape).reshape(1)
+            return f, call.inputs
+        return per_sample
+
+    def _batched(self, keys: list[str], params: dict, statics: dict, x: torch.Tensor, y: torch.Tensor | None):
+        """The output gradients and captures of every hooked call from one batched forward and C batched backward
+        passes (samples are independent: :func:`pkfast.engine.per_sample.check_independent`), in the layout the vmap pass
+        gives — or None when a call is neither batch-first nor shared by all samples, to use vmap instead.
+
+        A *shared* call (a positional embedding of ``arange(L)``: the same input for every sample) gets a probe
+        with a batch axis, so that each sample's output gradient is its own. The first use is checked against
+        the vmap pass on two samples (a model that mixes a shared call's output across the batch axis fails it
+        and keeps the vmap pass). ``keys``: the hooked calls."""
+        fm, n, single = self.fm, x.shape[0], self._shapes
+        shared = {k for k in keys if not (single[k][0][:1] == (1,) and single[k][1][:1] == (1,))}
+        probes = {k: torch.zeros((n, *(single[k][1] if k in shared else single[k][1][1:])), dtype=fm.dtype,
+                                 device=fm.device, requires_grad=True) for k in keys}
+
+        def expect(k: str) -> tuple[tuple, tuple]:
+            i, o = tuple(single[k][0]), tuple(single[k][1])
+            return (i, o) if k in shared else ((n, *i[1:]), (n, *o[1:]))
+
+        call = _Call(probes)
+        with torch.enable_grad():
+            try:
+                out = self._run(self.hooked, call, lambda: functional_call(fm.model, (params, statics), (x,)))
+            except RuntimeError:  # a probe of the wrong shape: this call's batch axis is not the first
+                self.batched = False
+                return None
+            if set(call.inputs) != set(keys) or any(
+                    (tuple(call.inputs[k].shape), tuple(call.out_shapes[k])) != expect(k) for k in keys) or (
+                    out.shape[:1] != (n,)):
+                self.batched = False  # a call whose batch axis is not the first: the vmap pass is right for it
+                return None
+            f = out.reshape(n, -1)
+            if fm.loss is not None:
+                shape = fm.output_shape
+                f = torch.func.vmap(lambda fi, yi: fm.loss.per_sample(fi, yi, shape))(f, y).reshape(n, 1)
+            grads = self._output_gradients(f, [probes[k] for k in keys])
+        # the vmap layout: per sample, a batch of one — [n, C, 1, *out] for Δ, [n, 1, *in] for the captures (a
+        # shared call: [n, C, *out] and its input repeated, [n, *in])
+        jz = {k: g if k in shared else g.unsqueeze(2) for k, g in zip(keys, grads)}
+        aux = {k: (v.detach().expand(n, *v.shape) if k in shared else v.detach().unsqueeze(1))
+               for k, v in call.inputs.items()}
+        if not self._batched_checked:
+            self._batched_checked = True
+            if not self._agrees_with_vmap(keys, params, statics, x, y, jz, aux):
+                self.batched = False
+                return None
+        return jz, aux
+
+    def _output_gradients(self, f: torch.Tensor, probes: list[torch.Tensor]) -> list[torch.Tensor]:
+        """∂f[:, c]/∂probe for every output c, as ``[n, C, *probe shape[1:]]`` per probe: C = 1 by one backward
+        pass; more by one batched backward (``is_grads_batched``) where the model's backward ops support it
+        (learnt on the first call), else by C passes stacked."""
+        n, C = f.shape
+        if C == 1:
+            gs = torch.autograd.grad(f[:, 0].sum(), probes, allow_unused=True)
+            return [torch.zeros_like(p).unsqueeze(1) if g is None else g.unsqueeze(1) for p, g in zip(probes, gs)]
+        if self._grads_batched is not False:
+            eye = torch.eye(C, dtype=f.dtype, device=f.device)[:, None, :].expand(C, n, C)
+            try:
+                gs = torch.autograd.grad(f, probes, grad_outputs=eye, is_grads_batched=True, retain_graph=True,
+                                         allow_unused=True)
+                self._grads_batched = True
+                return [torch.zeros((n, C, *p.shape[1:]), dtype=p.dtype, device=p.device) if g is None
+                        else g.transpose(0, 1) for p, g in zip(probes, gs)]
+            except RuntimeError:  # an op without a batching rule for its backward
+                if self._grads_batched:
+                    raise
+                self._grads_batched = False
+        rows: list[list[torch.Tensor]] = [[] for _ in probes]
+        for c in range(C):
+            gs = torch.autograd.grad(f[:, c].sum(), probes, retain_graph=c < C - 1, allow_unused=True)
+            for r, p, g in zip(rows, probes, gs):
+                r.append(torch.zeros_like(p) if g is None else g)
+        return [torch.stack(r, dim=1) for r in rows]
+
+    def _agrees_with_vmap(self, keys, params, statics, x, y, jz, aux) -> bool:
+        """Whether the batched pass's output gradients and captures of the first two samples are the vmap pass's."""
+        fm, m = self.fm, min(2, x.shape[0])
+        probes = {k: torch.zeros(self._shapes[k][1], dtype=fm.dtype, device=fm.device) for k in keys}
+        extra = () if y is None else (y[:m],)
+        jz_v, aux_v = fm.passes.jacobian(self._per_sample(params, statics), 1,
+                                         (None, None, 0) + ((0,) if y is not None else ()), {}, probes, x[:m],
+                                         *extra, has_aux=True)
+        tol = _tolerance(fm.dtype)
+        for k in keys:
+            for got, want in ((jz[k][:m], jz_v[k]), (aux[k][:m], aux_v[k])):
+                if got.shape != want.shape:
+                    return False
+                scale = float(want.abs().max()) + 1e-30 if want.is_floating_point() else 1.0
+                if float((got - want).abs().max()) > tol * scale:
+                    return False
+        return True
+
+    def factors(self, L: Layer, jz: dict, aux: dict, n: int, C: int | None = None) -> list[tuple[torch.Tensor, Any]]:
+        """[(A_g, Δ_g [n, C, S, O_g]) per group] of layer L from one pass's output gradients and captures."""
+        C = self.fm.num_outputs if C is None else C
+        As, Ds = [], []
+        for k in range(L.calls):
+            key = f"{L.name}#{k}"
+            A, D = L.rule.unfold(L, aux[key], jz[key], n, C, self.fm.dtype)
+            As.append(A)
+            Ds.append(D)
+        A = torch.cat(As, dim=1) if len(As) > 1 else As[0]
+        D = torch.cat(Ds, dim=2) if len(Ds) > 1 else Ds[0]
+        return L.rule.split(L, A, D)
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    """Relative agreement asked of two computations of the same quantity (rule vs autograd, patched vs original
+    forward, batched vs vmap pass)."""
+    return 1e-9 if dtype == torch.float64 else 1e-4
+
+
+def _put(dst: torch.Tensor, src: torch.Tensor, weight: float, add: bool) -> None:
+    if add:
+        dst.add_(src, alpha=weight)
+    elif weight != 1.0:
+        torch.mul(src, weight, out=dst)
+    else:
+        dst.copy_(src)

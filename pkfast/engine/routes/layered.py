@@ -1,0 +1,262 @@
+"""routes.layered: each layer with a rule (:mod:`pkfast.layers`) takes the cheaper exact route by the cost model,
+the other parameters go through ``jacrev`` (docs/math.md §5).
+
+- ``"factorized"``: K_l = Σ_{s,t} (a_s·a′_t)(δ_s·δ′_t) from the layer's factors — GEMMs of the S×S position
+  blocks and an elementwise product, never forming its gradient;
+- ``"materialized"``: its per-sample gradient formed from the factors and multiplied like a Jacobian panel.
+  When the factors are smaller than the gradient (every dense layer) it is *streamed*: only the factors are
+  kept for a tile and the gradient is formed and multiplied a slice of units at a time in one reused
+  workspace (:func:`pkfast.options.stream_bytes`), so no tile-sized panel is ever held;
+- ``"jacobian"``: parameters without a rule (or whose rule failed its check), through ``jacrev``;
+  ``"unused"``: layers never called add 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from pkfast.engine.accumulate import accumulate
+from pkfast.engine.functional import DEFAULT_CHUNK_BYTES, FunctionalModel
+from pkfast.layers import rule_for
+from pkfast.layers.base import Layer
+from pkfast.engine.products import Layout
+from pkfast.engine.routes.base import Combo, Data, Route, Side, layer_counts
+from pkfast.engine.capture import Capture
+
+__all__ = ["LayeredRoute", "find_layers", "choose"]
+
+#: Bytes of S×S temporaries one factorised product may hold at a time (row/column sub-blocks are cut to fit).
+WORKSPACE_BYTES = 64 * 2**20
+
+
+def find_layers(model: torch.nn.Module, fm: FunctionalModel) -> list[Layer]:
+    """Every module owning trainable parameters, as a :class:`~pkfast.layers.base.Layer`: modules with a
+    registered rule (untied, unparametrized, training their ``weight``, no other parameters) are candidates for
+    the layer routes; the rest are ``kind="other"`` with the reason, for the Jacobian route. Parameters belong
+    to their owning module."""
+    trainable = set(fm.names)
+    owners: dict[int, set[int]] = {}
+    for _, mod in model.named_modules(remove_duplicate=False):
+        for p in mod._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), set()).add(id(mod))
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    layers = []
+    for mname, mod in model.named_modules():
+        own = [(pn, p) for pn, p in mod._parameters.items() if p is not None and name_of.get(id(p)) in trainable]
+        if not own:
+            continue
+        names = tuple(name_of[id(p)] for _, p in own)
+        rule, reason = rule_for(mod)
+        if rule is not None:
+            if any(len(owners[id(p)]) > 1 for _, p in own):
+                rule, reason = None, "a parameter shared with another module (tied weights)"
+            elif torch.nn.utils.parametrize.is_parametrized(mod):
+                rule, reason = None, "parametrized weight"
+            elif rule.param_names[0] not in dict(own):
+                rule, reason = None, "frozen weight (only the bias trains)"
+            elif set(pn for pn, _ in own) - set(rule.param_names):
+                rule, reason = None, "extra parameters"
+        if rule is None and not reason:  # say why: no rule for this module type (its own parameters by jacrev)
+            reason = (f"no layer rule for {type(mod).__name__} (its own parameters "
+                      f"{', '.join(pn for pn, _ in own)[:60]}; register one with pkfast.layers.register)")
+        layer = Layer(mname, rule.name if rule else "other", type(mod).__name__, names, sum(p.numel() for _, p in own),
+                      module=mod if rule else None, rule=rule, reason=reason)
+        if rule is not None:
+            layer.bias = rule.param_names[1] in dict(own)
+            layer.groups = rule.groups(mod)
+        layers.append(layer)
+    return layers
+
+
+def choose(layers: list[Layer], *, method: str, C: int, full: bool, pairs: float, samples: float, terms: int,
+           itemsize: int) -> None:
+    """Set each layer's route and cost estimate: ``method="auto"`` takes the cheaper route per layer with a rule
+    (ties go to ``"factorized"``), ``"factorized"`` factorises every layer whose rule can be factorised,
+    ``"materialized"`` materialises every layer with a rule, ``"jacobian"`` none.
+
+    ``pairs``/``samples``: kernel entries and Jacobian rows (rows + columns, summed over tiles) per term."""
+    for L in layers:
+        if L.kind == "other" or L.calls == 0 or method == "jacobian":
+            if method == "jacobian":
+                L.method = "jacobian"
+                if L.kind != "other":
+                    L.reason = "method='jacobian'"
+            elif L.kind != "other":
+                L.method, L.reason = "unused", "never called in the forward pass"
+            else:
+                L.method = "jacobian"
+            L.flops = terms * (2.0 * (C * C if full else C) * L.size * pairs + 6.0 * C * L.size * samples)
+            L.bytes_per_sample = C * L.size * itemsize
+            L.options = {"jacobian": L.flops}
+            continue
+        fp, mp, ms = L.rule.costs(L, C, full)
+        mat = terms * (mp * pairs + ms * samples)
+        L.options = {"materialized": mat} if fp is None else {"factorized": terms * fp * pairs, "materialized": mat}
+        factor_bytes = L.positions * (L.rule.a_columns(L) + C * L.fan_out * L.groups) * itemsize
+        L.stream = False
+        if fp is not None and (method == "factorized" or (method == "auto" and L.options["factorized"] <= mat)):
+            L.method, L.flops = "factorized", L.options["factorized"]
+            L.bytes_per_sample = factor_bytes
+        else:
+            L.method, L.flops = "materialized", mat
+            L.stream = factor_bytes <= C * L.size * itemsize
+            L.bytes_per_sample = factor_bytes if L.stream else C * L.size * itemsize
+
+
+class LayeredRoute(Route):
+    """Per side: one capture pass per evaluation point gives the panel (parameters without a route, in-panel
+    materialised layers) and the factors of the factorised and streamed layers; :meth:`product` multiplies
+    the panels, streams the streamed layers' gradients and adds the factorised layers' pairwise kernels."""
+
+    def __init__(self, layout: Layout, fm: FunctionalModel, layers: list[Layer], X: torch.Tensor, *,
+                 workspace_bytes: int | None = None) -> None:
+        super().__init__(layout)
+        self.fm = fm
+        self.layers = layers
+        self.capture = Capture(fm, layers)
+        self.capture.discover(X)
+        self.workspace_bytes = WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes
+        self.stream_budget = 0
+        self.requested = "auto"
+        self._buf: dict[str, torch.Tensor] = {}
+        self._ws: torch.Tensor | None = None
+
+    def refit(self, *, method: str, pairs: float, samples: float, terms: int, nodes: int, stream_budget: int) -> None:
+        """Choose every layer's route for ``samples`` panel rows per term and set the planning figures."""
+        C, fm = self.layout.num_outputs, self.fm
+        self.requested = method
+        choose(self.layers, method=method, C=C, full=self.layout.full, pairs=pairs, samples=samples, terms=terms,
+               itemsize=fm.itemsize)
+        self.capture.group()
+        cap = self.capture
+        self.panel_width = cap.panel_width
+        feat = sum(L.bytes_per_sample for L in cap.with_factors) * nodes
+        self.bytes_per_sample = C * cap.panel_width * fm.itemsize + feat
+        self.chunk = max(1, min(1024, DEFAULT_CHUNK_BYTES // max(1, self.bytes_per_sample)))
+        self.acc_multiplier = 3 if cap.factorized else 1
+        self.reserved = self.stream_budget = stream_budget if cap.streamed else 0
+        self.label = "factorized" if cap.factorized else "materialized"
+
+    @property
+    def routed(self) -> bool:
+        """Whether any layer takes a layer route (else the plain Jacobian route does the same, faster)."""
+        return bool(self.capture.hooked)
+
+    def summary(self) -> str:
+        return f"{self.requested}: {layer_counts(self.layers)}"
+
+    def passes(self) -> str:
+        return self.capture.describe()
+
+    def record(self) -> dict:
+        return {"summary": self.summary(), "routes": [f"{L.name}:{L.method}" for L in self.layers]}
+
+    # ------------------------------------------------------------------ running
+    def begin(self, data: Data, row_block: int, col_block: int, progress: bool) -> None:
+        C, P, fm = self.layout.num_outputs, self.panel_width, self.fm
+        if P:
+            self._buf = {"rows": torch.empty(row_block, C, P, dtype=fm.dtype, device=fm.device),
+                         "cols": torch.empty(col_block, C, P, dtype=fm.dtype, device=fm.device)}
+
+    def end(self) -> None:
+        self._buf, self._ws = {}, None
+
+    def side(self, combo: Combo, X: torch.Tensor, Y: torch.Tensor | None, slot: str, rows: slice,
+             tick: Callable[[int], None] | None = None) -> Side:
+        n = X.shape[0]
+        panel = self._buf[slot][:n] if self.panel_width else None
+        factors = []
+        for qi, (point, om) in enumerate(combo):
+            f = self.capture.evaluate(point, X, Y, self.chunk, panel, weight=om, add=qi > 0, tick=tick)
+            factors.append((om, f))
+        return Side(n, panel, factors)
+
+    def product(self, acc: torch.Tensor, left: Side, right: Side, weight: float, same: bool) -> None:
+        lay = self.layout
+        if self.panel_width:
+            lay.panel_product(acc, left.panel, right.panel, weight, same)
+        self._streamed(acc, left, right, weight, same)
+        for om, f1 in left.factors:
+            for om2, f2 in right.factors:
+                for L in self.capture.factorized:
+                    for (Ar, Dr), (Ac, Dc) in zip(f1[L.name], f2[L.name]):
+                        if lay.diagonal:
+                            _diag_product(acc, L, Ar, Dr, Ac, Dc, weight * om * om2, lay.full)
+                        else:
+                            self._pair_product(acc, L, Ar, Dr, Ac, Dc, weight * om * om2, lay.full, same)
+
+    def _streamed(self, acc: torch.Tensor, left: Side, right: Side, weight: float, same: bool) -> None:
+        """``acc += weight · G_rows G_colsᵀ`` for the streamed layers, where ``G = Σ_q ω_q Δ_qᵀ A_q`` is a layer's
+        per-sample gradient summed over a side's evaluation points, formed a slice of units at a time into a
+        reused workspace and multiplied as ``[n, C, K]`` panel slices."""
+        streamed = self.capture.streamed
+        if not streamed:
+            return
+        fm = self.fm
+        C = self.layout.num_outputs
+        r, c = left.n, 0 if same else right.n
+        item = fm.itemsize
+        budget = self.stream_budget
+        for L in streamed:
+            units, width = L.rule.units(L)
+            per_unit = (r + c) * C * width * item
+            step = max(1, min(units, budget // max(1, per_unit)))  # at least one unit, whatever the budget
+            need = (r + c) * C * step * width
+            ws = self._ws
+            if ws is None or ws.numel() < need or ws.device != fm.device:
+                ws = self._ws = torch.empty(max(need, budget // item), dtype=fm.dtype, device=fm.device)
+            for g in range(len(left.factors[0][1][L.name])):
+                for u0 in range(0, units, step):
+                    u1 = min(units, u0 + step)
+                    k = (u1 - u0) * width
+                    A = L.rule.gradient_slice(L, left.factors, g, u0, u1, ws[: r * C * k].view(r, C, u1 - u0, width))
+                    B = A if same else L.rule.gradient_slice(
+                        L, right.factors, g, u0, u1, ws[r * C * k: (r + c) * C * k].view(c, C, u1 - u0, width))
+                    self.layout.panel_product(acc, A.view(r, C, k), B.view(B.shape[0], C, k), weight, same)
+
+    def _mm(self, A: torch.Tensor, B: torch.Tensor, upper: bool = False) -> torch.Tensor:
+        out = torch.zeros(A.shape[0], B.shape[0], dtype=A.dtype, device=A.device)
+        accumulate(out, A, B, 1.0, backend=self.layout.backend, upper_only=upper, precision=self.layout.precision)
+        return out
+
+    def _pair_product(self, acc, L, Ar, Dr, Ac, Dc, weight, full, upper=False):
+        r, C, S, O = Dr.shape
+        c = Dc.shape[0]
+        if S == 1:  # (the upper triangle of the (r·C)² block needs only the upper triangle of AA's r×r)
+            AA = L.rule.input_gram(Ar, Ac, lambda a, b: self._mm(a, b, upper), acc.dtype).view(r, c)
+            if full:
+                DD = self._mm(Dr.reshape(r * C, O), Dc.reshape(c * C, O), upper).view(r, C, c, C)
+                acc.view(r, C, c, C).add_(DD.mul_(AA[:, None, :, None]), alpha=weight)
+            else:
+                DD = self._mm(Dr.reshape(r, C * O), Dc.reshape(c, C * O), upper)
+                acc.add_(DD.mul_(AA), alpha=weight)
+            return
+        per_pair = S * S * acc.element_size() * (2 + (2 * C * C if full else 1))
+        side = max(1, int(math.sqrt(self.workspace_bytes / per_pair)))
+        accv = acc.view(r, C, c, C) if full else acc
+        for i0 in range(0, r, side):
+            i1 = min(r, i0 + side)
+            for j0 in range(i0 if upper else 0, c, side):
+                j1 = min(c, j0 + side)
+                rb, cb = i1 - i0, j1 - j0
+                AA = L.rule.input_gram(Ar[i0:i1], Ac[j0:j1], self._mm, acc.dtype)
+                if full:
+                    DD = self._mm(Dr[i0:i1].reshape(rb * C * S, O), Dc[j0:j1].reshape(cb * C * S, O)).view(rb, C, S, cb, C, S)
+                    accv[i0:i1, :, j0:j1, :].add_(torch.einsum("isjt,icsjdt->icjd", AA, DD), alpha=weight)
+                else:
+                    DD = self._mm(Dr[i0:i1].transpose(1, 2).reshape(rb * S, C * O),
+                                  Dc[j0:j1].transpose(1, 2).reshape(cb * S, C * O)).view(rb, S, cb, S)
+                    accv[i0:i1, j0:j1].add_(DD.mul_(AA).sum(dim=(1, 3)), alpha=weight)
+
+
+def _diag_product(acc, L, Ar, Dr, Ac, Dc, weight, full):
+    """``acc[i] += weight · K_l(x_i, x_i)`` ([n] for the trace, [n, C, C] for the block)."""
+    AA = L.rule.input_gram_diagonal(Ar, Ac, acc.dtype)  # [n, S, S]
+    if full:
+        acc.add_(torch.einsum("nst,ncso,ndto->ncd", AA, Dr, Dc), alpha=weight)
+    else:
+        acc.add_(torch.einsum("nst,ncso,ncto->n", AA, Dr, Dc), alpha=weight)

@@ -1,0 +1,174 @@
+"""Tile plan: splits the Gram's (rows × cols) grid into tiles whose working memory fits a byte budget.
+
+The working memory of one tile is its two Jacobian panels (``b_r`` and ``b_c`` samples × C·P values), the
+Jacobian workspace of one ``vmap`` chunk, and the tile accumulator (``b_r × b_c`` entries, × C² for the full
+block Gram). Tile sides are solved from the budget, never fixed; ragged edges are allowed. For a symmetric
+Gram (X2 is None and a symmetric rule) only tiles on or above the diagonal are planned.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+__all__ = ["Tile", "TilePlan", "plan_tiles", "plan_diagonal"]
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One block of the Gram: ``G[rows, cols]``. ``diagonal`` tiles of a symmetric plan have rows == cols."""
+
+    index: int
+    rows: slice
+    cols: slice
+    diagonal: bool = False
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.rows.stop - self.rows.start, self.cols.stop - self.cols.start)
+
+
+@dataclass
+class TilePlan:
+    n_rows: int
+    n_cols: int
+    row_block: int
+    col_block: int
+    symmetric: bool
+    chunk: int
+    bytes_per_sample: int
+    tile_bytes: int
+    budget: int
+    tiles: list[Tile] = field(default_factory=list)
+
+    @property
+    def num_pairs(self) -> int:
+        """Number of (row, col) kernel entries the plan computes (upper triangle counted once)."""
+        return sum(t.shape[0] * t.shape[1] for t in self.tiles)
+
+    def __repr__(self) -> str:
+        kind = "upper-triangle" if self.symmetric else "full"
+        return (
+            f"TilePlan({self.n_rows}×{self.n_cols}, {len(self.tiles)} {kind} tiles of ≤{self.row_block}×"
+            f"{self.col_block}, vmap chunk {self.chunk}, ~{self.tile_bytes / 2**20:.1f} MiB of "
+            f"{self.budget / 2**20:.1f} MiB budget)"
+        )
+
+
+def _panel_sizes(budget: int, fixed: int, u: int, k: int, n_rows: int, n_cols: int, square: bool) -> tuple[int, int]:
+    """Largest (b_r, b_c) with b_r·u + b_c·u + b_r·b_c·k + fixed ≤ budget (square tiles if ``square``)."""
+    room = budget - fixed
+    # equal sides first: k b² + 2u b - room ≤ 0
+    b = int((-2 * u + math.sqrt(4 * u * u + 4 * k * room)) / (2 * k)) if k else room // (2 * u)
+    b = max(b, 0)
+    if square:
+        b = min(b, n_rows)
+        return b, b
+    br, bc = min(b, n_rows), min(b, n_cols)
+    if br < b:  # few rows: give the rest to the columns
+        bc = min(n_cols, int((room - br * u) // (u + br * k)))
+    elif bc < b:
+        br = min(n_rows, int((room - bc * u) // (u + bc * k)))
+    return br, bc
+
+
+def _reuse_sizes(room: int, u: int, k: int, n: int) -> tuple[int, int]:
+    """Largest b_r with b_c = ⌈b_r/2⌉ and (b_r + b_c)·u + b_r²·k ≤ room (the diagonal tile's accumulator)."""
+    if room <= 0:
+        return 0, 0
+    b = int((-1.5 * u + math.sqrt(2.25 * u * u + 4 * k * room)) / (2 * k)) if k else int(room // (1.5 * u))
+    while b > 0 and (b + -(-b // 2)) * u + b * b * k > room:
+        b -= 1
+    b = min(b, n)
+    return b, max(1, -(-b // 2)) if b else 0
+
+
+def plan_tiles(
+    n_rows: int,
+    n_cols: int,
+    *,
+    symmetric: bool,
+    bytes_per_sample: int,
+    acc_bytes_per_pair: int,
+    budget: int,
+    chunk: int,
+    fn: str = "pkfast.gram",
+    reuse_rows: bool = False,
+    reserved: int = 0,
+) -> TilePlan:
+    """Plan tiles for an ``n_rows × n_cols`` Gram.
+
+    With ``reuse_rows`` (a symmetric Gram whose engine keeps a tile-row's panel across consecutive tiles, i.e.
+    one kernel term) the plan is row panels of b_r samples, each a diagonal tile followed by tiles of
+    b_c = ⌈b_r/2⌉ columns: the row panel is computed once per tile-row and only the column panels are
+    recomputed, ≈ N + N²/(2 b_r) panel rows in all instead of ≈ N²/b for square tiles of side b.
+
+    Args:
+        symmetric: compute only tiles with ``col ≥ row`` (square tiles; requires ``n_rows == n_cols``).
+        bytes_per_sample: bytes of one sample's Jacobian (C · P · itemsize).
+        acc_bytes_per_pair: bytes per Gram entry in the tile accumulator (C² or 1, × accumulator itemsize).
+        budget: working-memory budget in bytes.
+        chunk: the preferred samples per ``vmap`` call; reduced if the budget needs it.
+        reserved: bytes held besides the tiles whatever their size (the streaming workspace of
+            :mod:`pkfast.engine.routes.layered`).
+    """
+    u, k = int(bytes_per_sample), int(acc_bytes_per_pair)
+    # the vmap chunk's output and the concatenated copy: ≤ a quarter of the budget
+    chunk = max(1, min(chunk, budget // (8 * u) if u else chunk))
+    fixed = 2 * chunk * u + int(reserved)
+    if symmetric and fixed + n_rows * u + n_rows * n_rows * k <= budget:
+        # one diagonal tile: its column panel is its row panel, so only one panel is held
+        chunk = min(chunk, n_rows)
+        tiles = [Tile(0, slice(0, n_rows), slice(0, n_rows), diagonal=True)]
+        used = fixed + n_rows * u + n_rows * n_rows * k
+        return TilePlan(n_rows, n_cols, n_rows, n_rows, True, chunk, u, used, budget, tiles)
+    if symmetric and reuse_rows:
+        br, bc = _reuse_sizes(budget - fixed, u, k, n_rows)
+    else:
+        br, bc = _panel_sizes(budget, fixed, u, k, n_rows, n_cols, square=symmetric)
+    if br < 1 or bc < 1:
+        need = fixed + 2 * u + k
+        raise ValueError(
+            f"{fn}: memory_budget of {budget:,} bytes is too small for one tile; a 1×1 tile needs {need:,} bytes "
+            f"(one sample's Jacobian panel and layer factors take {u:,} bytes{_reserved_note(reserved)}). "
+            f"Raise memory_budget to at least {need:,}."
+        )
+    chunk = min(chunk, max(br, bc))
+    tiles: list[Tile] = []
+    for r0 in range(0, n_rows, br):
+        rows = slice(r0, min(n_rows, r0 + br))
+        if symmetric and reuse_rows:
+            tiles.append(Tile(len(tiles), rows, rows, diagonal=True))
+            c_start = rows.stop
+        else:
+            c_start = r0 if symmetric else 0
+        for c0 in range(c_start, n_cols, bc):
+            cols = slice(c0, min(n_cols, c0 + bc))
+            tiles.append(Tile(len(tiles), rows, cols, diagonal=symmetric and c0 == r0))
+    used = fixed + (br + bc) * u + br * max(br if symmetric and reuse_rows else 0, bc) * k
+    return TilePlan(n_rows, n_cols, br, bc, symmetric, chunk, u, used, budget, tiles)
+
+
+def _reserved_note(reserved: int) -> str:
+    return f", besides a {reserved:,}-byte workspace" if reserved else ""
+
+
+def plan_diagonal(n: int, *, bytes_per_sample: int, acc_bytes_per_sample: int, budget: int, chunk: int,
+                  fn: str = "pkfast.gram", reserved: int = 0) -> TilePlan:
+    """Row panels for the diagonal K(x_a, x_a): one (or two, for asymmetric rules) panels per block."""
+    u = int(bytes_per_sample)
+    chunk = max(1, min(chunk, budget // (8 * u) if u else chunk))
+    fixed = 2 * chunk * u + int(reserved)
+    b = min(n, (budget - fixed) // (2 * u + acc_bytes_per_sample))
+    if b < 1:
+        need = fixed + 2 * u + acc_bytes_per_sample
+        raise ValueError(
+            f"{fn}: memory_budget of {budget:,} bytes is too small; one sample needs {need:,} bytes "
+            f"(one sample's Jacobian panel and layer factors take {u:,} bytes{_reserved_note(reserved)}). "
+            f"Raise memory_budget to at least {need:,}."
+        )
+    chunk = min(chunk, b)
+    tiles = [Tile(i, slice(a, min(n, a + b)), slice(a, min(n, a + b)), diagonal=True)
+             for i, a in enumerate(range(0, n, b))]
+    used = fixed + 2 * b * u + b * acc_bytes_per_sample
+    return TilePlan(n, n, b, b, True, chunk, u, used, budget, tiles)

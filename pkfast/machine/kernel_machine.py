@@ -1,0 +1,417 @@
+"""KernelMachine: a trained network as an exact kernel machine over its training data, and attributions.
+
+For a network trained by (mini-batch) SGD, optionally with momentum, Nesterov and weight decay, and recorded
+by :class:`pkfast.TrajectoryRecorder` (weights, applied lr, ordered batch indices, loss convention, optimizer
+hyperparameters), docs/math.md §3 and §6 give
+
+    f(x; w_T) = b(x) + Σ_i c_i(x),      c_i(x) = −Σ_r Ψ_r(x) λ_{r,i} ∇_w ℓ(x_i; w_r)   (i ∈ B_r)
+
+with Ψ_r(x) = Σ_{s≥r} ε_s κ_{s,r} J̄_s(x) from the backward recursion over the momentum coefficients (plain
+SGD: Ψ_r = ε_r J̄_r), J̄_s the test-side Jacobian averaged over the step segment by Gauss–Legendre quadrature
+(``rule="exact"``) or taken at w_s (``rule="left"``, Domingos' Riemann reading), and
+b(x) = f(x; w_0) − Σ_r λ^wd_r Ψ_r(x) w_r (coupled weight decay is data-free, so it is folded into the bias).
+With ``rule="exact"`` this holds up to the quadrature error, which :meth:`KernelMachine.certificate` measures.
+
+What is exact: plain SGD, SGD with momentum/dampening/Nesterov, coupled weight decay, any lr schedule, any
+batching, mean/sum reductions, class weights, label smoothing. What is refused: Adam/AdamW and other
+optimizers (their update is exact only given the per-step preconditioner D_s, which is not recorded: the
+kernel J̄_s D_s J(x_i; w_r)ᵀ attributes no data influence that flows through D_s, see §2.7), ``maximize=True``,
+momentum state from before the recording, BatchNorm in train mode, missing batch indices or loss metadata.
+Gradient clipping or noise that the recording does not show appear as a large update residual in
+:meth:`certificate`.
+"""
+
+from __future__ import annotations
+
+
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.func import functional_call, jvp
+
+from pkfast import _checks
+
+from pkfast.engine import inputs
+from pkfast.engine.driver import check_model_and_trajectory
+from pkfast.gram import gram
+from pkfast.engine.functional import FunctionalModel
+from pkfast.loss import LossSpec
+from pkfast.options import Options, model_device
+from pkfast.machine.sweep import Sweep
+from pkfast.engine.quadrature import DEFAULT_NODES, EvalPoint
+from pkfast.trajectory.points import Trajectory
+
+log = logging.getLogger("pkfast")
+
+__all__ = ["KernelMachine", "Explanation", "Certificate"]
+
+_FN = "pkfast.KernelMachine"
+
+
+@dataclass
+class Explanation:
+    """Top-k training points for one prediction (:meth:`KernelMachine.explain`).
+
+    Attributes:
+        target: the class (or ``(class, competitor)`` for a margin) the scores refer to.
+        proponents, proponent_scores: the k highest scores (most support for the target), highest first.
+        opponents, opponent_scores: the k lowest scores, lowest first.
+        total: Σ_i score_i (= the target's f(x; w_T) − b(x) for the exact machine).
+        coverage: Σ of the proponents' scores / Σ of all positive scores.
+    """
+
+    target: Any
+    proponents: torch.Tensor
+    proponent_scores: torch.Tensor
+    opponents: torch.Tensor
+    opponent_scores: torch.Tensor
+    total: float
+    coverage: float
+
+
+@dataclass
+class Certificate:
+    """How exact the kernel machine is on some queries (:meth:`KernelMachine.certificate`).
+
+    Attributes:
+        quadrature: ``[T, M, C]`` per-step residual r_s(x) = f(x; w_{s+1}) − f(x; w_s) − J̄_s(x) Δ_s (the
+            quadrature error of the segment integral; 0 up to rounding for exact quadrature).
+        update: ``[T]`` relative error ‖Δ_s − Δ̂_s‖ / ‖Δ_s‖ between the recorded step and the step recomputed
+            from the batch gradients and the optimizer's rule (≈ rounding when the recording is complete;
+            large when something unrecorded — clipping, noise, another loss — moved the weights).
+        max_quadrature: max |r_s(x)| relative to max |f(x; w_T) − f(x; w_0)|.
+    """
+
+    quadrature: torch.Tensor
+    update: torch.Tensor
+    max_quadrature: float
+
+
+class KernelMachine:
+    """A network trained by SGD, recorded, rewritten as ``f(x) = b(x) + Σ_i c_i(x)`` over its training points.
+
+    Args:
+        model: the trained architecture (its weights come from the trajectory).
+        trajectory: the recording (:class:`pkfast.TrajectoryRecorder`; ``Trajectory.from_checkpoints`` with
+            ``batch_indices`` also works and is then taken as plain SGD).
+        X_train: the training inputs the batch indices refer to.
+        y_train: their targets (default: those recorded with the trajectory).
+        loss: the training loss convention (``nn.CrossEntropyLoss``, ``nn.MSELoss``, a
+            :class:`pkfast.LossSpec`); default: the one recorded.
+        rule: ``"exact"`` (Gauss–Legendre test-side Jacobians: exact to quadrature precision) or ``"left"``
+            (Jacobians at w_s: Domingos' Riemann reading, error O(lr)).
+        nodes: Gauss–Legendre nodes per step for ``rule="exact"`` (default 2).
+        dtype: computation dtype (default ``torch.float64``).
+        memory_budget: bytes (or ``"2GiB"``) for the query-side accumulators; sets the query chunk. Default: half
+            of the free memory of the compute device (the rule of every pkfast computation).
+        progress: progress bars over steps.
+        output_fn: reduces what the model returns to its output tensor (default: a tensor as it is, a mapping or
+            ``ModelOutput``'s ``"logits"``, a tuple's first element; :func:`pkfast.engine.inputs.reduce_output`).
+            ``X_train`` and queries may be mappings or tuples of arrays (:mod:`pkfast.engine.inputs`).
+
+    Example:
+        >>> import torch, pkfast, tempfile
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <...>
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+        >>> X, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))
+        >>> opt, lossf = torch.optim.SGD(net.parameters(), lr=0.1), torch.nn.CrossEntropyLoss()
+        >>> path = tempfile.mkdtemp() + "/traj"
+        >>> with pkfast.TrajectoryRecorder(net, opt, path, loss=lossf, targets=y) as rec:
+        ...     for s in range(5):
+        ...         idx = torch.arange(s % 2 * 8, s % 2 * 8 + 8)
+        ...         opt.zero_grad(); lossf(net(X[idx]), y[idx]).backward(); opt.step()
+        ...         rec.step(batch_indices=idx)
+        >>> km = pkfast.KernelMachine(net, pkfast.Trajectory.load(path), X, nodes=3, progress=False)
+        >>> Xq = torch.randn(2, 4, dtype=torch.float64)
+        >>> bool(torch.allclose(km.predict(Xq), net(Xq), atol=1e-9))
+        True
+        >>> km.contributions(Xq).shape   # c_i(x) for every query, training point and class
+        torch.Size([2, 16, 3])
+    """
+
+    def __init__(self, model: torch.nn.Module, trajectory: Trajectory, X_train: Any, y_train: Any = None,
+                 loss: Any = None, *, rule: str = "exact", nodes: int = DEFAULT_NODES, dtype: Any = torch.float64,
+                 memory_budget: Any = None, progress: bool = True, output_fn: Any = None) -> None:
+        model = check_model_and_trajectory(_FN, model, trajectory)
+        self.opts = Options.check(_FN, rules=("exact", "left"), strict_nodes=False, rule=rule, nodes=nodes, dtype=dtype,
+                                  memory_budget=memory_budget, output_fn=output_fn)
+        self.rule, self.nodes, self.dtype = self.opts.rule, self.opts.nodes, self.opts.dtype
+        self.progress = progress
+        self.trajectory = trajectory
+        self.X, self._layout = inputs.pack(_FN, "X_train", X_train)
+        N = self.X.shape[0]
+        if y_train is None:
+            y_train = trajectory.targets
+            if y_train is None:
+                raise ValueError(f"{_FN}: y_train is needed (the targets of X_train); none was passed and the "
+                                 "trajectory recorded none (TrajectoryRecorder(targets=…))")
+        self.y = _checks.as_target_tensor(_FN, "y_train", y_train, N)
+        if loss is None:
+            rec = trajectory.meta.get("loss")
+            if rec is None:
+                raise ValueError(
+                    f"{_FN}: the loss convention is needed to recompute each training point's loss gradient: pass "
+                    "loss=nn.CrossEntropyLoss(...) (or MSELoss, or a pkfast.LossSpec) exactly as in training, or "
+                    "record it (TrajectoryRecorder(loss=…)); none was passed and the trajectory recorded none"
+                )
+            loss = rec
+        self.loss = LossSpec.from_module(loss, fn=_FN)
+        self._steps = self._read_optimizer(trajectory)
+        kinds = {(h["momentum"], h["dampening"], h["nesterov"]) for h in self._steps}
+        if len(kinds) > 1:
+            raise ValueError(f"{_FN}: momentum, dampening or nesterov changed during training ({sorted(kinds)[:3]}); "
+                             "the decomposition supports one setting for the whole recording (lr and weight decay "
+                             "may vary)")
+        self._momentum = kinds.pop() if kinds else (0.0, 0.0, False)
+        self._batches = self._read_batches(trajectory, N)
+
+        device = model_device(model)
+        adapt = dict(layout=self._layout, output_fn=self.opts.output_fn)
+        self.fm = FunctionalModel(model, trajectory, dtype=self.dtype, device=device, fn=_FN, **adapt)
+        self.fm_loss = FunctionalModel(model, trajectory, dtype=self.dtype, device=device, fn=_FN, loss=self.loss,
+                                       **adapt)
+        self.C = self.fm.probe(self.X, _FN, "X_train")
+        self.fm_loss.probe(self.X, _FN, "X_train")
+        self.loss.check_targets(self.y, self.C, "y_train", _FN)
+        self.fm_loss.check_loss_function(self.X, self.y, _FN)
+        budget = self.opts.budget(device)
+        per_query = 3 * self.C * self.fm.num_params * torch.empty((), dtype=self.dtype).element_size()
+        self.query_chunk = max(1, int(budget // max(1, per_query)))
+        self._sweeper = Sweep(self.fm, self.fm_loss, self.X, self.y, self.loss, steps=self._steps,
+                              batches=self._batches, momentum=self._momentum, rule=self.rule, nodes=self.nodes,
+                              budget=budget, progress=progress)
+        #: ``[T]`` max |g_stored − g_recomputed| / max |g_stored| per step, where the recording stored the
+        #: training forward pass's loss derivatives (``TrajectoryRecorder(store_output_grads=True)``; NaN for
+        #: steps without them), else None. Rounding-level values mean the model's forward pass reproduces the
+        #: training one; larger ones (augmentation, dropout, train-mode normalisation) mean the decomposition —
+        #: which uses the recomputed derivatives — describes the model, not the training run.
+        self.output_grad_mismatch = self._output_grad_mismatch()
+        if self.output_grad_mismatch is not None:
+            worst = float(torch.nan_to_num(self.output_grad_mismatch, nan=0.0).max())
+            if worst > 1e-6:
+                warnings.warn(
+                    f"{_FN}: the loss derivatives recorded during training differ from those recomputed from the model "
+                    f"by up to {worst:.2e} (relative): the training forward pass was not the model's (data "
+                    "augmentation, dropout or train-mode normalisation?), so the kernel machine reproduces the "
+                    "trajectory's weights through the model's own gradients, not the training run's",
+                    stacklevel=2)
+
+    # ------------------------------------------------------------------ recorded metadata
+    def _read_optimizer(self, traj: Trajectory) -> list[dict[str, Any]]:
+        opt = traj.meta.get("optimizer")
+        cls = opt.get("class") if opt else None
+        if cls is not None and cls != "SGD":
+            raise ValueError(
+                f"{_FN}: the trajectory was recorded with {cls}; the exact decomposition is implemented for SGD "
+                "(plain, momentum, Nesterov, weight decay). For Adam/AdamW the update is a kernel machine only "
+                "given the per-step preconditioner D_s = diag(1/((1−β1^{s+1})(√v̂_s + eps))), which is not "
+                "recorded, and the data influence flowing through D_s is attributed to no training point "
+                "(docs/math.md §6). Use pkfast.gram(rule='left') for the path kernel itself"
+            )
+        if opt and opt.get("state_before_recording"):
+            hyper0 = traj.step_meta(0).get("optimizer", {})
+            if hyper0.get("momentum", 0):
+                raise ValueError(
+                    f"{_FN}: the optimizer already held momentum buffers when recording started, so the first "
+                    "recorded steps depend on unrecorded gradients; start recording with a fresh optimizer"
+                )
+        steps = []
+        for s in range(traj.num_steps):
+            meta = traj.step_meta(s)
+            if meta.get("optimizer_steps", 1) > 1:
+                raise ValueError(f"{_FN}: point {s + 1} of the recording covers {meta['optimizer_steps']} optimizer "
+                                 "steps (recorded every k steps); the exact decomposition needs every step's weights "
+                                 "and batch. Record every step, or use pkfast.gram for the path kernel")
+            h = meta.get("optimizer", {})
+            if "groups" in h:
+                raise ValueError(f"{_FN}: step {s}: parameter groups used different hyperparameters {h['groups']}; "
+                                 "one decomposition needs one momentum/weight decay for all trainable parameters")
+            if h.get("maximize"):
+                raise ValueError(f"{_FN}: step {s} used maximize=True; the decomposition assumes descent")
+            steps.append({"momentum": float(h.get("momentum", 0.0) or 0.0),
+                          "dampening": float(h.get("dampening", 0.0) or 0.0),
+                          "nesterov": bool(h.get("nesterov", False)),
+                          "weight_decay": float(h.get("weight_decay", 0.0) or 0.0)})
+        return steps
+
+    def _read_batches(self, traj: Trajectory, N: int) -> list[torch.Tensor]:
+        out = []
+        for s in range(traj.num_steps):
+            b = traj.batch_indices(s)
+            if b is None:
+                raise ValueError(f"{_FN}: step {s} has no recorded batch indices; record them with "
+                                 "rec.step(batch_indices=idx) (the ordered indices into X_train)")
+            b = torch.as_tensor(np.asarray(b), dtype=torch.int64)
+            if b.numel() and (int(b.min()) < 0 or int(b.max()) >= N):
+                bad = int(b[(b < 0) | (b >= N)][0])
+                raise ValueError(f"{_FN}: step {s} records training index {bad}, but X_train has {N} points "
+                                 f"(indices 0…{N - 1}); pass the X_train the batches were drawn from")
+            out.append(b)
+        return out
+
+    # ------------------------------------------------------------------ pieces
+    def _queries(self, X: Any, name: str = "X") -> torch.Tensor:
+        if self._layout is None and inputs.is_structured(X):
+            raise TypeError(f"{_FN}: {name} is a {type(X).__name__} of arrays while X_train is one array; expected "
+                            "the same structure")
+        X, _ = inputs.pack(_FN, name, X, self._layout)
+        _checks.check_feature_shapes(_FN, self.X, X)
+        return X
+
+    def _chunks(self, X: torch.Tensor):
+        for a in range(0, X.shape[0], self.query_chunk):
+            yield a, X[a:a + self.query_chunk]
+
+    # ------------------------------------------------------------------ public
+    def bias(self, X: Any) -> torch.Tensor:
+        """b(x) = f(x; w_0) − (weight-decay terms): the part of the prediction no training point carries."""
+        X = self._queries(X)
+        return torch.cat([self._sweeper.run(q, samples=False)[0] for _, q in self._chunks(X)]).cpu()
+
+    def predict(self, X: Any) -> torch.Tensor:
+        """b(x) + Σ_i c_i(x) as [M, C]: the network's f(x; w_T) rebuilt from the training points."""
+        X = self._queries(X)
+        parts = [self._sweeper.run(q, samples=False) for _, q in self._chunks(X)]
+        return torch.cat([b + t for b, t, _ in parts]).cpu()
+
+    def contributions(self, X: Any, *, per_step: bool = False, out: Any = None) -> torch.Tensor | np.ndarray:
+        """c_i(x) ∈ R^C of every training point i to the prediction at each query: ``[M, N, C]``
+        (``per_step=True``: ``[T, M, N, C]``, the part contributed through step r's gradient of i).
+
+        ``out``: a path ending in ``.npy``: the result is written there query chunk by query chunk (a plain
+        float64 ``.npy``) and returned as a read-only memmap, so M × N × C need not fit in memory."""
+        X = self._queries(X)
+        if out is None:
+            outs = [self._sweeper.run(q, samples=True, per_step=per_step)[2] for _, q in self._chunks(X)]
+            return torch.cat(outs, dim=1 if per_step else 0).cpu()
+        if not str(out).endswith(".npy"):
+            raise ValueError(f"{_FN}.contributions: out must be a path ending in .npy; found {str(out)!r}")
+        M, N, T = X.shape[0], self.X.shape[0], self.trajectory.num_steps
+        shape = (T, M, N, self.C) if per_step else (M, N, self.C)
+        arr = np.lib.format.open_memmap(out, mode="w+", dtype=np.dtype(str(self.dtype).replace("torch.", "")),
+                                        shape=shape)
+        for a, q in self._chunks(X):
+            c = self._sweeper.run(q, samples=True, per_step=per_step)[2].cpu().numpy()
+            arr[(slice(None),) * per_step + (slice(a, a + q.shape[0]),)] = c
+        arr.flush()
+        del arr
+        return np.load(out, mmap_mode="r")
+
+    def explain(self, x: Any, k: int = 5, target: int | tuple[int, int] | None = None) -> Explanation:
+        """The top-k proponents and opponents of one prediction.
+
+        Args:
+            x: one query (``[*features]`` or ``[1, *features]``).
+            k: how many of each.
+            target: a class c (score_i = c_i[c]), a pair ``(c, c′)`` (margin score c_i[c] − c_i[c′]), or None
+                (the predicted class).
+
+        Ties are broken by the lower training index.
+        """
+        if self._layout is None or not inputs.is_structured(x):  # (a structured query holds one sample per field)
+            x = torch.as_tensor(x)
+            if x.shape == self.X.shape[1:]:
+                x = x.unsqueeze(0)
+        x = self._queries(x)
+        if x.shape[0] != 1:
+            raise ValueError(f"{_FN}.explain: expected one query; found {x.shape[0]} (use contributions() for many)")
+        bias, total, c = self._sweeper.run(x, samples=True)
+        c = c[0].cpu()
+        if target is None:
+            target = int(torch.argmax(bias + total))
+        if isinstance(target, tuple):
+            a, b = target
+            score = c[:, a] - c[:, b]
+        else:
+            if not 0 <= int(target) < self.C:
+                raise ValueError(f"{_FN}.explain: target class {target} is outside 0…{self.C - 1}")
+            score = c[:, int(target)]
+        k = min(int(k), score.numel())
+        order = torch.sort(-score, stable=True).indices
+        pro = order[:k]
+        opp = torch.sort(score, stable=True).indices[:k]
+        pos = score.clamp(min=0).sum()
+        cover = float(score[pro].clamp(min=0).sum() / pos) if pos > 0 else 0.0
+        return Explanation(target, pro, score[pro], opp, score[opp], float(score.sum()), cover)
+
+    def coefficients(self, X: Any, *, tol: float = 1e-12) -> torch.Tensor:
+        """Domingos' a_i(x) = c_i(x) / k_p(x, x_i) ∈ R^C, with k_p the output-trace path kernel of the same rule
+        (Σ_s ε_s tr J̄_s(x) J(x_i; w_s)ᵀ): ``[M, N, C]``; NaN where |k_p| ≤ tol·max|k_p| (a_i undefined)."""
+        X = self._queries(X)
+        c = self.contributions(X)
+        nodes = self.nodes if self.rule == "exact" else DEFAULT_NODES  # (nodes means nothing to the left rule)
+        kp = gram(self.fm.model, self.trajectory, X, self.X, rule=self.rule, nodes=nodes, dtype=self.dtype,
+                  progress=False)
+        ok = kp.abs() > tol * kp.abs().max()
+        a = c / kp.unsqueeze(-1)
+        return torch.where(ok.unsqueeze(-1), a, torch.full_like(a, float("nan")))
+
+    def certificate(self, X: Any) -> Certificate:
+        """Per-step quadrature residuals on the queries and the recorded-vs-recomputed update error."""
+        X = self._queries(X)
+        T = self.trajectory.num_steps
+        fm = self.fm
+        Xd = fm.prepare(X)
+        quad = []
+        f_prev = fm.outputs(EvalPoint(0), X)
+        f0 = f_prev
+        for s in range(T):
+            f_next = fm.outputs(EvalPoint(s + 1), X)
+            delta = fm.state(EvalPoint(s + 1))[0] - fm.state(EvalPoint(s))[0]
+            lin = torch.zeros_like(f_prev)
+            for point, om in self._sweeper.combo(s):
+                flat, statics = fm.state(point)
+
+                def f(p, statics=statics):
+                    return functional_call(fm.model, (fm.params(p), statics), (Xd,)).reshape(X.shape[0], -1)
+
+                lin += om * jvp(f, (flat,), (delta,))[1]
+            quad.append(f_next - f_prev - lin)
+            f_prev = f_next
+        quad_t = torch.stack(quad).cpu()
+        scale = float((f_prev - f0).abs().max()) or 1.0
+        return Certificate(quad_t, self._update_residuals(), float(quad_t.abs().max()) / scale)
+
+    def _output_grad_mismatch(self) -> torch.Tensor | None:
+        traj = self.trajectory
+        T = traj.num_steps
+        stored = [traj.output_grads(s) for s in range(T)]
+        if all(g is None for g in stored):
+            return None
+        out = torch.full((T,), float("nan"), dtype=torch.float64)
+        for s, g in enumerate(stored):
+            b = self._batches[s]
+            if g is None or b.numel() == 0:
+                continue
+            if g.shape != (b.numel(), self.C):
+                raise ValueError(f"{_FN}: step {s} stored output gradients of shape {tuple(g.shape)}; expected "
+                                 f"({b.numel()}, {self.C}) for its batch of {b.numel()}")
+            f = self.fm.outputs(EvalPoint(s), self.X[b]).to("cpu", torch.float64)
+            rec = self.loss.output_grad(f, self.y[b], self.fm.output_shape)
+            out[s] = float((rec - g).abs().max() / g.abs().max().clamp_min(1e-300))
+        return out
+
+    def _update_residuals(self) -> torch.Tensor:
+        """‖Δ_s − Δ̂_s‖/‖Δ_s‖ with Δ̂_s from the recomputed batch gradients through PyTorch's SGD rule."""
+        T = self.trajectory.num_steps
+        eps = self.trajectory.step_sizes.tolist()
+        buf = None
+        out = []
+        for s in range(T):
+            h = self._steps[s]
+            w = self._sweeper.panels.to_panel(self.fm.state(EvalPoint(s))[0])
+            d_p = self._sweeper.batch_grads(s).sum(0)
+            if h["weight_decay"]:
+                d_p = d_p + h["weight_decay"] * w
+            if h["momentum"]:
+                buf = d_p.clone() if buf is None else buf * h["momentum"] + (1 - h["dampening"]) * d_p
+                d_p = d_p + h["momentum"] * buf if h["nesterov"] else buf
+            step = -eps[s] * d_p
+            delta = self._sweeper.panels.to_panel(self.fm.state(EvalPoint(s + 1))[0]) - w
+            out.append(float((delta - step).norm() / delta.norm().clamp_min(1e-300)))
+        return torch.tensor(out, dtype=torch.float64)

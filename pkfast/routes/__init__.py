@@ -1,7 +1,0 @@
-"""routes: how a Gram's tiles are formed — one interface (:class:`~pkfast.routes.base.Route`), three routes.
-
-- :mod:`~pkfast.routes.jacobian`: every parameter's Jacobian by ``vmap(jacrev)`` (the torch.func tutorial);
-- :mod:`~pkfast.routes.layered`: layers with a rule (:mod:`pkfast.layers`) factorised or materialised from
-  their inputs and output gradients (captured by :mod:`~pkfast.routes.capture`), the rest by ``jacrev``;
-- :mod:`~pkfast.routes.sketch`: products of random path features computed once.
-"""

@@ -1,0 +1,197 @@
+"""trajectory_files: the on-disk trajectory format — its reader and its append-only writer together.
+
+Layout (a directory)::
+
+    manifest.json   {"format": "pkfast-trajectory", "version": 1, "dtype": "float32",
+                     "spec": [[name, [shape...]], ...], "num_params": P, "meta": {...}}
+    weights.bin     raw row-major [T+1, P] array in ``dtype`` (native little-endian), appended row by row
+    steps.jsonl     one JSON object per step s: {"lr": ε_s, "batch_indices": [...] | null, ...}
+    targets.npy     optional: the training targets the batch indices refer to
+
+``steps.jsonl`` is the commit log: step ``s`` exists once its line is complete *and* row ``s+1`` of
+``weights.bin`` is complete. A crash while writing therefore loses at most the step being written, and
+earlier steps are never rewritten. :func:`read_layout` reports a recording whose weight file holds fewer
+complete rows than its log has steps (data lost after the fact) instead of silently shortening it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pkfast.store import formats
+
+__all__ = ["TrajectoryWriter", "read_manifest", "read_steps", "storage_dtype", "jsonable"]
+
+FORMAT_NAME = "pkfast-trajectory"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.bin"
+STEPS = "steps.jsonl"
+TARGETS = "targets.npy"
+
+NP_DTYPES = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
+TORCH_FROM_NAME = {"float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def storage_dtype(dtypes: Sequence[torch.dtype]) -> torch.dtype:
+    """The dtype in which a set of floating tensors is stored losslessly (bfloat16 widens to float32)."""
+    out = None
+    for dt in dtypes:
+        out = dt if out is None else torch.promote_types(out, dt)
+    if out is None or out == torch.bfloat16:
+        return torch.float32
+    if out not in NP_DTYPES:
+        raise TypeError(f"pkfast.Trajectory: cannot store weights of dtype {out}; expected a floating dtype")
+    return out
+
+
+def jsonable(v: Any) -> Any:
+    """``v`` as JSON-serialisable values (tensors and arrays as lists; unknown objects by ``repr``)."""
+    if isinstance(v, (torch.Tensor, np.ndarray)):
+        return v.tolist()
+    if isinstance(v, (np.integer, np.floating)):
+        return v.item()
+    if isinstance(v, (list, tuple)):
+        return [jsonable(x) for x in v]
+    if isinstance(v, Mapping):
+        return {str(k): jsonable(x) for k, x in v.items()}
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    return repr(v)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of the trajectory directory ``path`` (format and version checked)."""
+    fn = "pkfast.Trajectory.load"
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{fn}: {str(path / MANIFEST)!r} is corrupt: {e}") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise ValueError(f"{fn}: {str(path)!r} is not a pkfast trajectory (format={found!r})")
+    formats.check_format(manifest, name=FORMAT_NAME, readable=range(1, FORMAT_VERSION + 1), current=FORMAT_VERSION,
+                         where=repr(str(path)), fn=fn)
+    return manifest
+
+
+def read_steps(path: Path) -> list[dict[str, Any]]:
+    """Complete step records; a partial trailing line (crash mid-write) is dropped."""
+    p = path / STEPS
+    if not p.exists():
+        return []
+    out = []
+    with open(p, "rb") as f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                break
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return out
+
+
+def complete_rows(path: Path, num_params: int, itemsize: int) -> int:
+    """Complete weight rows in ``weights.bin`` (a partial trailing row does not count)."""
+    wpath = path / WEIGHTS
+    return (wpath.stat().st_size if wpath.exists() else 0) // (num_params * itemsize)
+
+
+# ---------------------------------------------------------------------------------------------- writing
+class TrajectoryWriter:
+    """Low-level append-only writer of the trajectory directory format (used by the recorder and ``save``)."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        spec: Sequence[tuple[str, Sequence[int]]],
+        dtype: torch.dtype,
+        *,
+        meta: Mapping[str, Any] | None = None,
+        overwrite: bool = False,
+        fsync: bool = False,
+        append: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        self.dtype = dtype
+        self.fsync = fsync
+        self.num_params = int(sum(int(np.prod(s, dtype=np.int64)) for _, s in spec))
+        if not append:
+            if self.path.exists() and any(self.path.iterdir()):
+                if not overwrite:
+                    raise FileExistsError(
+                        f"pkfast: {str(self.path)!r} already exists and is not empty; pass overwrite=True to "
+                        "replace it (or resume=True to the recorder to continue a recording)"
+                    )
+                if not (self.path / MANIFEST).exists():
+                    raise FileExistsError(
+                        f"pkfast: refusing to overwrite {str(self.path)!r}: it is not a pkfast trajectory"
+                    )
+                shutil.rmtree(self.path)
+            self.path.mkdir(parents=True, exist_ok=True)
+            manifest = {
+                "format": FORMAT_NAME,
+                "version": FORMAT_VERSION,
+                "dtype": dtype_name(dtype),
+                "spec": [[n, list(s)] for n, s in spec],
+                "num_params": self.num_params,
+                "meta": jsonable(dict(meta or {})),
+            }
+            formats.atomic_write(self.path / MANIFEST, json.dumps(manifest, indent=1), fsync=fsync)
+        self._w = open(self.path / WEIGHTS, "ab")
+        self._s = open(self.path / STEPS, "ab")
+        self.rows = self._w.tell() // (self.num_params * torch.empty((), dtype=dtype).element_size())
+
+    def _flush(self, f) -> None:
+        f.flush()
+        if self.fsync:
+            os.fsync(f.fileno())
+
+    def append_point(self, flat: torch.Tensor | Sequence[torch.Tensor]) -> None:
+        """Append one weight row, given flat or as its parts in spec order (written without concatenating)."""
+        parts = [flat] if isinstance(flat, torch.Tensor) else list(flat)
+        n = sum(p.numel() for p in parts)
+        if n != self.num_params:
+            raise ValueError(f"pkfast: weight row has {n} values; expected {self.num_params}")
+        for p in parts:
+            p = p.detach()
+            if p.device.type != "cpu" or p.dtype != self.dtype:
+                p = p.to("cpu", self.dtype)
+            # the tensor's own memory goes to the file: no intermediate bytes object
+            self._w.write(memoryview(p.contiguous().numpy()).cast("B"))
+        self._flush(self._w)
+        self.rows += 1
+
+    def append_step(self, flat: torch.Tensor | Sequence[torch.Tensor], lr: float, batch_indices: Any = None,
+                    **extra: Any) -> None:
+        """Write w_{s+1}, then commit step s (its line in steps.jsonl)."""
+        self.append_point(flat)
+        rec = {"lr": float(lr), "batch_indices": jsonable(batch_indices)}
+        rec.update({k: jsonable(v) for k, v in extra.items()})
+        self._s.write((json.dumps(rec, separators=(",", ":")) + "\n").encode())
+        self._flush(self._s)
+
+    def close(self) -> None:
+        for f in (self._w, self._s):
+            if not f.closed:
+                f.close()
+
+
+def save_targets(path: Path, targets: np.ndarray) -> None:
+    """Write ``targets.npy`` into the recording atomically."""
+    with formats.atomic_file(path / TARGETS) as f:
+        np.save(f, targets)
