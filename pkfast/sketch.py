@@ -33,7 +33,8 @@ relative error of one layer and step is about √(2/r_in + 2/r_out)); :func:`req
 projection's. ``pkfast.plan(..., method="sketch")`` shows each layer's projection.
 
 **Stored features.** With ``out=`` the features are written chunk by chunk into the stored-Gram layout of
-:mod:`pkfast.store.writer` (one row per sample; crash-safe, resumable, shared by ranks; float16/bfloat16 optional) and
+:mod:`pkfast.store.writer` in row chunks (one row per sample; crash-safe, resumable, shared by ranks as
+:mod:`pkfast.store.ranks` says; float16/bfloat16 optional) and
 returned memory-mapped; :meth:`PathFeatures.open` reopens them.
 
 Only symmetric rules can be sketched: ``rule="exact"`` is asymmetric (K(x, x′) ≠ K(x′, x)), and Φ Φ′ᵀ is
@@ -75,14 +76,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from pkfast.store import formats
 from pkfast.engine.driver import check_data, check_model_and_trajectory, functional_model
-from pkfast.store.features import STORAGE_DTYPES, PathFeatures, storage_numpy_dtype, store_options, to_storage
-from pkfast.store.sinks import StoreSink
-from pkfast.store.writer import GramStore
-from pkfast.engine.tiles import Tile, TilePlan
+from pkfast.store.features import STORAGE_DTYPES, PathFeatures, store_options, write_store
 from pkfast.options import SKETCH_RULES, Options, model_device
 from pkfast.engine.routes.sketch import Sketcher, block_rows, projection_block
 from pkfast.engine.quadrature import terms_for
@@ -228,35 +225,17 @@ def _storage_dtype(storage_dtype: Any, dtype: torch.dtype, out: Any) -> torch.dt
 def _store(sk: Sketcher, data: Any, out: str | os.PathLike, storage: torch.dtype, *, overwrite: bool,
            progress: bool) -> PathFeatures:
     """Features of ``data`` written into the store at ``out`` chunk by chunk (this rank's unfinished chunks)."""
-    N, C, k = data.X.shape[0], sk.C, sk.k
-    rows = max(1, min(STORE_CHUNK, sk.plan(N)[1]))
-    tiles = [Tile(i, slice(a, min(N, a + rows)), slice(a, min(N, a + rows)), True)
-             for i, a in enumerate(range(0, N, rows))]
-    plan = TilePlan(n_rows=N, n_cols=N, row_block=rows, col_block=rows, symmetric=False, chunk=rows,
-                    bytes_per_sample=0, tile_bytes=0, budget=sk.budget, tiles=tiles)
-    manifest = GramStore.new_manifest(shape=(N, C, k), dtype=storage_numpy_dtype(storage),
-                                      options=store_options(sk.parts, k=k, seed=sk.seed, rule=sk.rule, of=sk.of,
-                                                            storage=storage),
-                                      fingerprints={}, plan=plan, diagonal=True, num_outputs=C, scale=1.0)
-    manifest["fingerprints"] = {"model": sk.parts["model"], "trajectory": sk.parts["trajectory"],
-                                "X": formats.digest(data.X) if data.Y is None else formats.digest(data.X, data.Y),
-                                "X2": "none", "options": formats.digest(sorted(manifest["options"].items()))}
-    manifest["checksum"] = formats.manifest_checksum(manifest)
-    sink = StoreSink(out, manifest, overwrite=overwrite, fn=_FN)
-    try:
-        plan, mine, _ = sink.open(plan)
-        bar = tqdm(total=sum(t.rows.stop - t.rows.start for t in mine), unit="sample", unit_scale=True,
-                   desc=f"{_FN} → {os.path.basename(str(out))}", disable=not progress, leave=False)
-        with bar:
-            for tile in mine:
-                X = data.X[tile.rows]
-                Y = None if data.Y is None else data.Y[tile.rows]
-                sink.write(tile, to_storage(sk.project(X, Y, progress=False), storage), None)
-                bar.update(tile.rows.stop - tile.rows.start)
-    finally:
-        sink.close()
-    sink.result()  # every rank's chunks are written
-    return PathFeatures.open(out)
+    N = data.X.shape[0]
+    rows = max(1, min(STORE_CHUNK, sk.schedule(N)[1]))
+    parts = sk.parts  # (digests the trajectory: once)
+    options = store_options(parts, k=sk.k, seed=sk.seed, rule=sk.rule, of=sk.of, storage=storage)
+    fingerprints = formats.fingerprints(parts["model"], parts["trajectory"], data.X, y=data.Y, options=options)
+
+    def compute(rows: slice) -> torch.Tensor:
+        return sk.project(data.X[rows], None if data.Y is None else data.Y[rows], progress=False)
+
+    return write_store(out, compute, shape=(N, sk.C, sk.k), rows=rows, storage=storage, options=options,
+                       fingerprints=fingerprints, overwrite=overwrite, fn=_FN, progress=progress)
 
 
 def _device(device: Any, model: torch.nn.Module) -> torch.device:

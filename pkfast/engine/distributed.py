@@ -1,18 +1,17 @@
-"""distributed: how the ranks of an initialised ``torch.distributed`` group share a computation — disjoint,
-equal-work shares of the tiles, one view of what is already finished, and row blocks computed per rank and
-all-gathered. Without an initialised group everything here is the one-process case (rank 0 of 1).
+"""distributed: the collectives pkfast's ranks use — rank and world of the initialised ``torch.distributed``
+group, rank 0's value on every rank, a barrier, and row blocks computed per rank and all-gathered. How the ranks
+share a stored result's chunks is :mod:`pkfast.store.ranks`. Without an initialised group everything here is the
+one-process case (rank 0 of 1).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from pkfast.engine.tiles import Tile
-
-__all__ = ["rank_world", "shares", "tile_cost", "broadcast", "gather_rows", "barrier"]
+__all__ = ["rank_world", "broadcast", "gather_rows", "barrier"]
 
 
 def rank_world() -> tuple[int, int]:
@@ -21,27 +20,6 @@ def rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def tile_cost(tile: Tile, jacobian_pairs: float = 64.0) -> float:
-    """Relative work of a tile: its products (a diagonal tile computes one triangle) plus its Jacobians, each
-    sample's Jacobian weighted as ``jacobian_pairs`` Gram entries."""
-    r, c = tile.shape
-    if tile.diagonal:
-        return r * c / 2 + jacobian_pairs * r
-    return r * c + jacobian_pairs * (r + c)
-
-
-def shares(tiles: Sequence[Tile], world: int) -> list[list[Tile]]:
-    """Split ``tiles`` into ``world`` deterministic shares of about equal :func:`tile_cost` (largest first to the
-    least-loaded rank, ties to the lower index); each share in tile order."""
-    load = [0.0] * world
-    out: list[list[Tile]] = [[] for _ in range(world)]
-    for t in sorted(tiles, key=lambda t: (-tile_cost(t), t.index)):
-        r = min(range(world), key=lambda k: (load[k], k))
-        load[r] += tile_cost(t)
-        out[r].append(t)
-    return [sorted(s, key=lambda t: t.index) for s in out]
 
 
 def broadcast(value: Any) -> Any:

@@ -1,13 +1,15 @@
 """features: :class:`PathFeatures`, random path features of a sample set with the fingerprint of the sketch that
 made them — their products estimate the path kernel — and their two file formats: one ``.npz``
-(:meth:`PathFeatures.save`) and the chunked store written by ``pkfast.sketch(out=…)`` (:meth:`PathFeatures.open`:
-the stored-Gram layout of :mod:`pkfast.store.reader` with one row per sample, in a storage dtype)."""
+(:meth:`PathFeatures.save` / :meth:`PathFeatures.load`) and the chunked store written by ``pkfast.sketch(out=…)``
+(:func:`write_store` / :meth:`PathFeatures.open`: the chunked store of :mod:`pkfast.store.writer` with one row
+per sample and row chunks, in a storage dtype)."""
 
 from __future__ import annotations
 
 import json
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +20,16 @@ from pkfast import _checks
 
 from pkfast.store import formats
 from pkfast.options import OUTPUTS
-from pkfast.store.reader import StoredGram, StoreError, check_data_file, journal_entries, read_manifest, sidecar
+from pkfast.store import ranks
+from pkfast.store.reader import PATH_FEATURES, StoredGram, StoreError, open_chunks, row_chunks
+from pkfast.store.writer import ChunkStore
 
-__all__ = ["PathFeatures", "STORAGE_DTYPES", "storage_numpy_dtype", "store_options", "to_storage"]
+__all__ = ["PathFeatures", "STORAGE_DTYPES", "storage_numpy_dtype", "store_options", "to_storage", "write_store"]
 
 FORMAT = "pkfast-path-features"
 VERSION = 1
 #: ``options["kind"]`` of a feature store (a stored-Gram manifest whose rows are samples' features).
-STORE_KIND = "path-features"
+STORE_KIND = PATH_FEATURES
 #: dtypes features may be stored in; half precision is widened to float32 for products.
 STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -50,6 +54,22 @@ def store_options(parts: dict[str, Any], *, k: int, seed: int, rule: str, of: st
     return {"kind": STORE_KIND, "k": int(k), "seed": int(seed), "rule": rule, "of": of,
             "storage": str(storage).replace("torch.", ""), "parts": dict(parts),
             "fingerprint": formats.digest(sorted(parts.items()))}
+
+
+def write_store(out: str | os.PathLike, compute: Callable[[slice], torch.Tensor], *, shape: tuple[int, int, int],
+                rows: int, storage: torch.dtype, options: dict[str, Any], fingerprints: dict[str, str],
+                overwrite: bool, fn: str, progress: bool) -> "PathFeatures":
+    """Features of ``shape`` ``(N, C, k)`` written into the store at ``out`` in chunks of ``rows`` samples
+    (this rank's unfinished ones; the finished ones of an earlier run are kept), ``compute(rows)`` giving the
+    features of those samples; ``options`` from :func:`store_options`, ``fingerprints`` from
+    :func:`pkfast.store.formats.fingerprints`. Returns the finished store, opened."""
+    manifest = ChunkStore.new_manifest(shape=shape, dtype=storage_numpy_dtype(storage), options=options,
+                                       fingerprints=fingerprints, chunks=row_chunks(shape[0], rows),
+                                       blocks=(rows, rows, rows), symmetric=False, diagonal=True,
+                                       num_outputs=shape[1], scale=1.0)
+    ranks.fill(out, manifest, lambda chunk: to_storage(compute(chunk.rows), storage), overwrite=overwrite, fn=fn,
+               progress=progress)
+    return PathFeatures.open(out)
 
 
 class PathFeatures:
@@ -224,13 +244,9 @@ class PathFeatures:
         ``verify``, also re-reads every chunk against its CRC."""
         fn = "pkfast.PathFeatures.open"
         path = Path(path)
-        m = read_manifest(path, fn=fn)
+        m, done = open_chunks(path, kind=STORE_KIND, fn=fn)
         o = m["options"]
-        if o.get("kind") != STORE_KIND:
-            raise StoreError(f"{fn}: {path} is a stored Gram, not path features; open it with pkfast.open_gram")
-        check_data_file(path, m, fn)
         n = len(m["plan"]["tiles"])
-        done = set(journal_entries(sidecar(path))) & set(range(n))
         if len(done) < n:
             raise StoreError(f"{fn}: {path} is unfinished: {len(done)} of {n} chunks are written; run the same "
                              "pkfast.sketch(..., out=…) call again to finish it")

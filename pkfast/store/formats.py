@@ -1,5 +1,6 @@
 """formats: what every pkfast file format shares — versioned manifests with checksums, fsync'd atomic writes,
-CRC-carrying journal lines and content digests (fingerprints) computed from the values passed in.
+CRC-carrying journal lines, content digests computed from the values passed in, and the one set of
+fingerprints a stored result carries (:func:`fingerprints`).
 
 Three formats use it: the trajectory directory (:mod:`pkfast.trajectory.files`), the stored Gram
 (:mod:`pkfast.store.writer`) and saved path features (:mod:`pkfast.store.features`). Each names itself (``"format"``) and
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 __all__ = ["atomic_file", "atomic_write", "fsync_dir", "manifest_checksum", "check_format", "crc_line", "parse_crc_line",
-           "digest", "hash_tensor"]
+           "digest", "hash_tensor", "fingerprints", "FINGERPRINTS"]
 
 
 # ---------------------------------------------------------------------------------------------- atomic files
@@ -139,3 +140,19 @@ def digest(*parts: Any) -> str:
             h.update(repr(p).encode())
             h.update(b"\x00")
     return h.hexdigest()
+
+
+#: What each fingerprint of a stored result digests, in the words a refused resume uses.
+FINGERPRINTS = {"model": "the model (architecture or fixed values)", "trajectory": "the trajectory",
+                "X": "the data X", "X2": "the data X2", "options": "the options"}
+
+
+def fingerprints(model: str, trajectory: str, X: Any, X2: Any = None, *, y: Any = None, y2: Any = None,
+                 options: dict[str, Any]) -> dict[str, str]:
+    """The fingerprints of a stored result (a Gram, or path features with ``X2=None``): the digests of the
+    model and the trajectory as given (``FunctionalModel.fingerprint()``, ``Trajectory.fingerprint()``), of the
+    samples with their targets, and of the recorded ``options``. A resume is allowed only when all agree."""
+    return {"model": model, "trajectory": trajectory,
+            "X": digest(X) if y is None else digest(X, y),
+            "X2": "none" if X2 is None else digest(X2) if y2 is None else digest(X2, y2),
+            "options": digest(sorted(options.items()))}

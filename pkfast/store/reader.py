@@ -1,5 +1,7 @@
-"""stored: reading a Gram stored by ``pkfast.gram(out=…)`` — its layout on disk, manifest, journal of finished
-tiles and their checksums — and :func:`open_gram`, the public way to open one (the writer is :mod:`pkfast.store.writer`).
+"""reader: reading a chunked store — an array in a ``.npy`` written chunk by chunk (:mod:`pkfast.store.writer`):
+its layout on disk, manifest, journal of finished chunks and their checksums — and :func:`open_gram`, the public
+way to open a stored Gram (``pkfast.gram(out=…)``; path features stored by ``pkfast.sketch(out=…)`` are the other
+client, opened by :meth:`pkfast.store.features.PathFeatures.open`).
 
 Layout for ``out="gram.npy"``::
 
@@ -7,8 +9,9 @@ Layout for ``out="gram.npy"``::
                              allocated at full size when the run starts (disk full fails then, not later)
     gram.npy.pkfast/
         manifest.json        written once, atomically: shape, dtype, options, fingerprints of model,
-                             trajectory and data, the tile plan, and its own checksum
-        tiles.<rank>.log     append-only journal: one line per finished tile with the CRC-32 of the tile's
+                             trajectory and data, the chunks (``"plan"``: a Gram's tiles, or row chunks),
+                             and its own checksum
+        tiles.<rank>.log     append-only journal: one line per finished chunk with the CRC-32 of its
                              bytes (and of its mirror block), each line carrying its own CRC
         lock.<rank>          held (``flock``) while a process writes as that rank
 """
@@ -28,7 +31,8 @@ import numpy as np
 from pkfast.store import formats
 from pkfast.engine.tiles import Tile
 
-__all__ = ["StoredGram", "open_gram", "StoreError", "read_manifest", "journal_entries", "plan_tiles_of", "sidecar"]
+__all__ = ["StoredGram", "open_gram", "StoreError", "Chunk", "chunks_of", "row_chunks", "open_chunks", "GRAM", "PATH_FEATURES", "read_manifest", "journal_entries",
+           "tiling_of", "sidecar"]
 
 FORMAT = "pkfast-gram"
 #: Version 2 (pkfast 0.2): the options record the requested method and the routes used ("summary"). Version 1
@@ -36,6 +40,12 @@ FORMAT = "pkfast-gram"
 VERSION = 2
 READABLE = (1, 2)
 SIDE = ".pkfast"
+#: What a store holds (``options["kind"]``; a Gram's options have no ``"kind"``).
+GRAM, PATH_FEATURES = "gram", "path-features"
+#: A store opened as the other kind: what it holds and how to open it.
+_ELSEWHERE = {PATH_FEATURES: "{fn}: {path} holds path features written by pkfast.sketch(out=…), not a Gram; open it "
+                             "with pkfast.PathFeatures.open",
+              GRAM: "{fn}: {path} is a stored Gram, not path features; open it with pkfast.open_gram"}
 
 
 class StoreError(RuntimeError):
@@ -47,10 +57,50 @@ def sidecar(path: str | os.PathLike) -> Path:
     return p.with_name(p.name + SIDE)
 
 
+# ---------------------------------------------------------------------------------------------- chunks
+@dataclass(frozen=True)
+class Chunk:
+    """One unit of a store, written and journaled at once: the block ``[rows, cols]`` (and, when written with a
+    mirror, ``[cols, rows]``); in a store of whole rows only ``rows`` places it. ``diagonal``: a symmetric Gram's
+    tile on the diagonal (it computes one triangle). Stored in the manifest as ``[r0, r1, c0, c1, diagonal]``;
+    a row chunk as ``[a, b, a, b, 1]``."""
+
+    index: int
+    rows: slice
+    cols: slice
+    diagonal: bool = False
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.rows.stop - self.rows.start, self.cols.stop - self.cols.start)
+
+    def entry(self) -> list[int]:
+        """The chunk as its manifest entry."""
+        return [self.rows.start, self.rows.stop, self.cols.start, self.cols.stop, int(self.diagonal)]
+
+
+def row_chunks(n: int, rows: int) -> list[Chunk]:
+    """``n`` rows cut into chunks of ``rows`` (the last one ragged)."""
+    return [Chunk(i, slice(a, min(n, a + rows)), slice(a, min(n, a + rows)), True)
+            for i, a in enumerate(range(0, n, rows))]
+
+
+def chunks_of(m: dict[str, Any]) -> list[Chunk]:
+    """The chunks of a store, from its manifest."""
+    return [Chunk(i, slice(r0, r1), slice(c0, c1), bool(d)) for i, (r0, r1, c0, c1, d) in enumerate(m["plan"]["tiles"])]
+
+
+def tiling_of(m: dict[str, Any]) -> list[Tile]:
+    """A stored Gram's tiling, as the driver's tiles."""
+    return [Tile(c.index, c.rows, c.cols, c.diagonal) for c in chunks_of(m)]
+
+
 # ---------------------------------------------------------------------------------------------- geometry
 @dataclass(frozen=True)
 class Geometry:
-    """Where a tile's bytes live in the .npy: shape (N, M, *block) in C order after ``offset`` header bytes."""
+    """Where a chunk's bytes live in the .npy: ``shape`` in C order after ``offset`` header bytes. A store of
+    whole rows (``diagonal``: a diagonal Gram ``(N, *block)``, path features ``(N, C, k)``) places a chunk by its
+    rows alone; otherwise a chunk is the block ``[rows, cols]`` of an ``(N, M, *block)`` Gram."""
 
     shape: tuple[int, ...]
     dtype: np.dtype
@@ -140,6 +190,18 @@ def check_data_file(path: Path, m: dict[str, Any], fn: str) -> None:
                          f"({geo.shape}, {geo.dtype}); pass overwrite=True to start afresh")
 
 
+def open_chunks(path: Path, *, kind: str, fn: str) -> tuple[dict[str, Any], set[int]]:
+    """The checked manifest of the store at ``path`` — which must hold ``kind`` (:data:`GRAM` or
+    :data:`PATH_FEATURES`, from its ``options["kind"]``) — and the indices of its finished chunks (from the
+    journals). The one way a store is opened for reading, whatever it holds."""
+    m = read_manifest(path, fn=fn)
+    found = PATH_FEATURES if m["options"].get("kind") == PATH_FEATURES else GRAM
+    if found != kind:
+        raise StoreError(_ELSEWHERE[found].format(fn=fn, path=path))
+    check_data_file(path, m, fn)
+    return m, set(journal_entries(sidecar(path))) & set(range(len(m["plan"]["tiles"])))
+
+
 def journal_entries(side: Path) -> dict[int, tuple[int, int | None]]:
     """{tile index: (crc, mirror crc or None)} from every rank's journal; torn or corrupted lines skipped. A tile
     journaled more than once (recomputed after damage) counts with its latest entry."""
@@ -160,15 +222,6 @@ def journal_entries(side: Path) -> dict[int, tuple[int, int | None]]:
     return {i: (crc, mirror) for i, (_, crc, mirror) in latest.items()}
 
 
-def tile_of(m: dict[str, Any], index: int) -> Tile:
-    r0, r1, c0, c1, d = m["plan"]["tiles"][index]
-    return Tile(index, slice(r0, r1), slice(c0, c1), bool(d))
-
-
-def plan_tiles_of(m: dict[str, Any]) -> list[Tile]:
-    return [tile_of(m, i) for i in range(len(m["plan"]["tiles"]))]
-
-
 def read_crc(path: Path, geo: Geometry, rows: slice, cols: slice) -> int:
     crc = 0
     with open(path, "rb", buffering=0) as f:
@@ -177,13 +230,20 @@ def read_crc(path: Path, geo: Geometry, rows: slice, cols: slice) -> int:
     return crc
 
 
+def chunk_ok(path: Path, geo: Geometry, chunk: Chunk, crcs: tuple[int, int | None]) -> bool:
+    """Whether a finished chunk's bytes (and its mirror's) still match the CRCs its journal line recorded."""
+    if read_crc(path, geo, chunk.rows, chunk.cols) != crcs[0]:
+        return False
+    return crcs[1] is None or read_crc(path, geo, chunk.cols, chunk.rows) == crcs[1]
+
+
 @dataclass
 class StoredGram:
     """A Gram stored by ``pkfast.gram(..., out=path)``: the array (read-only memmap) and what made it.
 
     Attributes:
         path: the ``.npy`` file.
-        manifest: the manifest (shape, dtype, options, fingerprints, tile plan).
+        manifest: the manifest (shape, dtype, options, fingerprints, tiling).
         done: indices of the finished tiles (from the journals; see :meth:`verify` for their bytes).
     """
 
@@ -220,14 +280,8 @@ class StoredGram:
         """Re-read every finished tile and return the indices whose bytes do not match their CRC ([] = valid)."""
         geo = geometry_of(self.manifest, self.path)
         entries = journal_entries(sidecar(self.path))
-        bad = []
-        for i in sorted(self.done):
-            t = tile_of(self.manifest, i)
-            crc, mirror = entries[i]
-            if read_crc(self.path, geo, t.rows, t.cols) != crc or (
-                    mirror is not None and read_crc(self.path, geo, t.cols, t.rows) != mirror):
-                bad.append(i)
-        return bad
+        chunks = chunks_of(self.manifest)
+        return [i for i in sorted(self.done) if not chunk_ok(self.path, geo, chunks[i], entries[i])]
 
     def __array__(self, dtype=None, copy=None):
         a = self.array
@@ -256,12 +310,7 @@ def open_gram(path: str | os.PathLike) -> StoredGram:
         ((6, 6), True, [])
     """
     path = Path(path)
-    m = read_manifest(path, fn="pkfast.open_gram")
-    if m["options"].get("kind") == "path-features":
-        raise StoreError(f"pkfast.open_gram: {path} holds path features written by pkfast.sketch(out=…), not a Gram; "
-                         "open it with pkfast.PathFeatures.open")
-    check_data_file(path, m, "pkfast.open_gram")
-    done = set(journal_entries(sidecar(path))) & set(range(len(m["plan"]["tiles"])))
+    m, done = open_chunks(path, kind=GRAM, fn="pkfast.open_gram")
     return StoredGram(path, m, done)
 
 

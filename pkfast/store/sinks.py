@@ -1,8 +1,9 @@
-"""sinks: where the driver hands finished tiles — a tensor in memory, or the resumable ``.npy`` store shared by
-the ranks of a ``torch.distributed`` group (:mod:`pkfast.store.writer`, :mod:`pkfast.engine.distributed`).
+"""sinks: where the driver hands finished tiles — a tensor in memory, or a stored Gram: the chunked store of
+:mod:`pkfast.store.writer` whose chunks are the tiles, shared by the ranks of a ``torch.distributed`` group
+(:mod:`pkfast.store.ranks`).
 
 A sink says which tiles this process computes (:meth:`Sink.open`: all of them in memory; for the store, the
-unfinished ones of this rank's share, in the stored tile plan), takes each finished tile, and gives the result.
+unfinished ones of this rank's share, in the stored tiling), takes each finished tile, and gives the result.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pkfast.engine import distributed
-from pkfast.store.writer import GramStore, StoreError, plan_tiles_of
-from pkfast.engine.tiles import Tile, TilePlan
+from pkfast.store import ranks
+from pkfast.store.writer import ChunkStore, tiling_of
+from pkfast.engine.tiles import Tile, Tiling
 
 __all__ = ["Sink", "MemorySink", "StoreSink"]
 
@@ -28,7 +29,7 @@ class Sink:
     """Receives finished tiles. ``open`` returns (the plan to follow, the tiles this process computes, whether
     any tile is left to compute on any rank — collective work such as the sketch's features runs then)."""
 
-    def open(self, plan: TilePlan) -> tuple[TilePlan, list[Tile], bool]:
+    def open(self, plan: Tiling) -> tuple[Tiling, list[Tile], bool]:
         raise NotImplementedError
 
     def write(self, tile: Tile, block: torch.Tensor, mirror: torch.Tensor | None) -> None:
@@ -48,7 +49,7 @@ class MemorySink(Sink):
         self.out = torch.zeros(shape, dtype=dtype)
         self.diagonal = diagonal
 
-    def open(self, plan: TilePlan) -> tuple[TilePlan, list[Tile], bool]:
+    def open(self, plan: Tiling) -> tuple[Tiling, list[Tile], bool]:
         return plan, list(plan.tiles), bool(plan.tiles)
 
     def write(self, tile: Tile, block: torch.Tensor, mirror: torch.Tensor | None) -> None:
@@ -69,33 +70,17 @@ class StoreSink(Sink):
 
     def __init__(self, path: str | os.PathLike, manifest: dict[str, Any], *, overwrite: bool, fn: str) -> None:
         self.path, self.manifest, self.overwrite, self.fn = path, manifest, overwrite, fn
-        self.store: GramStore | None = None
+        self.store: ChunkStore | None = None
 
-    def open(self, plan: TilePlan) -> tuple[TilePlan, list[Tile], bool]:
-        rank, world = distributed.rank_world()
-        err = None
-        if rank == 0:
-            try:
-                self.manifest = GramStore.prepare(self.path, self.manifest, overwrite=self.overwrite, fn=self.fn)
-            except Exception as e:  # every rank must learn of it, or the others wait forever
-                err = e
-        msg = distributed.broadcast(None if err is None else f"{type(err).__name__}: {err}")
-        if err is not None:
-            raise err
-        if msg is not None:
-            raise StoreError(f"{self.fn}: rank 0 could not prepare {self.path}: {msg}")
-        self.store = st = GramStore.attach(self.path, rank=rank, world=world, fn=self.fn)
-        plan = _adopt(plan, st.manifest)
-        done = distributed.broadcast(sorted(st.finished(verify=True)) if rank == 0 else None)  # one view
-        finished = set(done)
-        todo = [t for t in plan.tiles if t.index not in finished]
-        if done:
-            log.info("%s: resuming %s: %d of %d tiles already finished", self.fn, self.path, len(done),
-                     len(plan.tiles))
-        return plan, distributed.shares(todo, world)[rank], bool(todo)
+    def open(self, plan: Tiling) -> tuple[Tiling, list[Tile], bool]:
+        self.store, mine, pending = ranks.open_shared(self.path, self.manifest, overwrite=self.overwrite, fn=self.fn)
+        self.manifest = self.store.manifest
+        plan = _adopt(plan, self.manifest)
+        tiles = {t.index: t for t in plan.tiles}
+        return plan, [tiles[c.index] for c in mine], pending
 
     def write(self, tile: Tile, block: torch.Tensor, mirror: torch.Tensor | None) -> None:
-        self.store.write_tile(tile, block, mirror)
+        self.store.write(tile.index, block, mirror)
 
     def close(self) -> None:
         if self.store is not None:
@@ -103,16 +88,16 @@ class StoreSink(Sink):
             self.store = None
 
     def result(self) -> np.memmap:
-        distributed.barrier()
+        ranks.all_written()
         return np.load(self.path, mmap_mode="r")
 
 
-def _adopt(plan: TilePlan, manifest: dict[str, Any]) -> TilePlan:
-    """The stored tile plan (a resumed run must cut the same tiles, whatever its memory budget)."""
-    tiles = plan_tiles_of(manifest)
+def _adopt(plan: Tiling, manifest: dict[str, Any]) -> Tiling:
+    """The stored tiling (a resumed run must cut the same tiles, whatever its memory budget)."""
+    tiles = tiling_of(manifest)
     p = manifest["plan"]
     if [(t.rows, t.cols, t.diagonal) for t in tiles] == [(t.rows, t.cols, t.diagonal) for t in plan.tiles] \
             and p["chunk"] == plan.chunk:
         return plan
-    log.info("pkfast.gram: using the stored tile plan (%d tiles of ≤%d×%d)", len(tiles), p["row_block"], p["col_block"])
+    log.info("pkfast.gram: using the stored tiling (%d tiles of ≤%d×%d)", len(tiles), p["row_block"], p["col_block"])
     return dataclasses.replace(plan, row_block=p["row_block"], col_block=p["col_block"], chunk=p["chunk"], tiles=tiles)

@@ -1,10 +1,11 @@
-"""store: a Gram written tile by tile into a plain ``.npy`` file, with a manifest, a journal and a lock (the
-layout and the reading side are in :mod:`pkfast.store.reader`).
+"""writer: a chunked store being written — an array in a plain ``.npy`` filled chunk by chunk (a Gram's tiles,
+path features' row chunks), with a manifest, a journal per writer rank and a lock (the layout and the reading
+side are in :mod:`pkfast.store.reader`; how ranks share the chunks, in :mod:`pkfast.store.ranks`).
 
-A tile is *finished* only once its bytes are written and flushed (``fdatasync``) **and** its journal line is
-written and flushed, in that order: a process killed at any moment leaves a tile either finished and
+A chunk is *finished* only once its bytes are written and flushed (``fdatasync``) **and** its journal line is
+written and flushed, in that order: a process killed at any moment leaves a chunk either finished and
 verifiable, or absent from the journal and recomputed on resume. Torn or corrupted journal lines are ignored;
-finished tiles whose bytes no longer match their CRC are reported and recomputed.
+finished chunks whose bytes no longer match their CRC are reported and recomputed.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import shutil
 import time
 import warnings
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,24 +28,25 @@ import torch
 from pkfast.store import formats
 from pkfast._checks import preview
 from pkfast._version import __version__
-from pkfast.store.reader import (FORMAT, SIDE, VERSION, Geometry, StoredGram, StoreError, check_data_file, geometry_of,
-                           journal_entries, open_gram, plan_tiles_of, read_crc, read_manifest, sidecar, tile_of)
-from pkfast.engine.tiles import Tile, TilePlan
+from pkfast.store.reader import (FORMAT, SIDE, VERSION, Chunk, Geometry, StoredGram, StoreError, check_data_file,
+                                 chunk_ok, chunks_of, geometry_of, journal_entries, open_gram, tiling_of,
+                                 read_manifest, sidecar)
+from pkfast.engine.tiles import Tiling
 
-__all__ = ["GramStore", "StoredGram", "open_gram", "StoreError", "sidecar", "plan_tiles_of"]
+__all__ = ["ChunkStore", "GramStore", "StoredGram", "open_gram", "StoreError", "sidecar", "tiling_of"]
 
 log = logging.getLogger("pkfast")
 
-#: Bytes of a tile copied contiguous at a time while it is written (bounds the writer's extra memory).
+#: Bytes of a chunk copied contiguous at a time while it is written (bounds the writer's extra memory).
 WRITE_SLAB = 1 << 20
 
 
 # ---------------------------------------------------------------------------------------------- the store
-class GramStore:
-    """A Gram on disk being written (or resumed) by one process acting as ``rank`` of ``world`` writers.
+class ChunkStore:
+    """A chunked store on disk being written (or resumed) by one process acting as ``rank`` of ``world`` writers.
 
-    Use :meth:`create_or_resume` (one process) or :meth:`prepare` + :meth:`attach` (distributed: rank 0
-    prepares, every rank attaches), then :meth:`write_tile` for each tile, then :meth:`close`.
+    Use :meth:`prepare` (once, by rank 0) and :meth:`attach` (every rank) — :func:`pkfast.store.ranks.open_shared`
+    does both — then :meth:`write` for each chunk, then :meth:`close`.
     """
 
     def __init__(self, path: Path, manifest: dict[str, Any], geometry: Geometry, rank: int, world: int) -> None:
@@ -51,6 +54,7 @@ class GramStore:
         self.side = sidecar(path)
         self.manifest = manifest
         self.geometry = geometry
+        self.chunks = chunks_of(manifest)
         self.rank = rank
         self.world = world
         self._fd: int | None = None
@@ -59,25 +63,25 @@ class GramStore:
 
     # ------------------------------------------------------------------ create / validate
     @staticmethod
-    def new_manifest(*, shape: tuple[int, ...], dtype: np.dtype, options: dict[str, Any],
-                     fingerprints: dict[str, str], plan: TilePlan, diagonal: bool, num_outputs: int,
-                     scale: float) -> dict[str, Any]:
-        """The manifest of a new stored Gram, from explicit values: ``options`` (what changes the numbers, the
-        routes used among them) and ``fingerprints`` (digests of model, trajectory, X, X2 and options)."""
-        tiles = [[t.rows.start, t.rows.stop, t.cols.start, t.cols.stop, int(t.diagonal)] for t in plan.tiles]
+    def new_manifest(*, shape: tuple[int, ...], dtype: np.dtype, options: dict[str, Any], fingerprints: dict[str, str],
+                     chunks: Sequence[Chunk], blocks: tuple[int, int, int], symmetric: bool, diagonal: bool,
+                     num_outputs: int, scale: float) -> dict[str, Any]:
+        """The manifest of a new store, from explicit values: ``options`` (what changes the numbers),
+        ``fingerprints`` (:func:`pkfast.store.formats.fingerprints`), the ``chunks`` with the ``blocks`` that cut
+        them (row block, column block, vmap chunk), whether the array is a ``symmetric`` Gram's upper triangle
+        mirrored, and whether it is stored as whole rows (``diagonal``)."""
+        row_block, col_block, vmap_chunk = blocks
         m = {
             "format": FORMAT, "version": VERSION, "shape": list(shape), "dtype": np.dtype(dtype).str,
-            "options": options, "fingerprints": fingerprints,
-            "symmetric": bool(plan.symmetric and not diagonal), "diagonal": bool(diagonal),
-            "plan": {"row_block": plan.row_block, "col_block": plan.col_block, "chunk": plan.chunk,
-                     "tiles": tiles},
+            "options": options, "fingerprints": fingerprints, "symmetric": bool(symmetric), "diagonal": bool(diagonal),
+            "plan": {"row_block": row_block, "col_block": col_block, "chunk": vmap_chunk,
+                     "tiles": [c.entry() for c in chunks]},
             "num_outputs": num_outputs, "scale": scale,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "pkfast": __version__, "torch": torch.__version__,
             "threads": torch.get_num_threads(),
         }
         m["checksum"] = formats.manifest_checksum(m)
         return m
-
 
     @classmethod
     def prepare(cls, path: str | os.PathLike, manifest: dict[str, Any], *, overwrite: bool = False,
@@ -95,15 +99,7 @@ class GramStore:
             if path.exists():
                 path.unlink()
         if side.exists() or path.exists():
-            old = read_manifest(path, fn=fn, writing=True)
-            if old["version"] != VERSION:
-                raise StoreError(
-                    f"{fn}: {path} was written by an earlier pkfast (Gram format version {old['version']}); this "
-                    f"pkfast {__version__} resumes only version {VERSION}. Pass overwrite=True to recompute it, or "
-                    "finish it with the pkfast that started it (pkfast.open_gram still reads it)")
-            _compare(old, manifest, path, fn)
-            check_data_file(path, old, fn)
-            return old
+            return _validate(path, manifest, fn)
         parent = path.parent
         if not parent.is_dir():  # as numpy.save: a missing directory is the caller's mistake, not created
             what = "is not a directory" if parent.exists() else "does not exist"
@@ -115,33 +111,15 @@ class GramStore:
             raise StoreError(f"{fn}: cannot create files in {parent} ({e.strerror or e}): it is not a writable location "
                              "(read-only, no permission, or a pseudo-filesystem such as /proc); choose another out "
                              "path") from None
-        shape = tuple(manifest["shape"])
-        dtype = np.dtype(manifest["dtype"])
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         try:
-            free = shutil.disk_usage(parent).free
-            if nbytes > free:
-                raise StoreError(f"{fn}: not enough disk space for {path}: the Gram {shape} {dtype} needs "
-                                 f"{_human(nbytes)}, {_human(free)} free on that filesystem")
-            arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
-            del arr
-            offset = path.stat().st_size - nbytes
-            fd = os.open(path, os.O_RDWR)
-            try:
-                _allocate(fd, offset, nbytes, path, fn)
-            finally:
-                os.close(fd)
-            manifest = dict(manifest, data_offset=int(offset))
-            manifest["checksum"] = formats.manifest_checksum(manifest)
-            formats.atomic_write(side / "manifest.json", json.dumps(manifest, indent=1))
+            return _create(path, manifest, fn)
         except BaseException:
             shutil.rmtree(side, ignore_errors=True)
             path.unlink(missing_ok=True)
             raise
-        return manifest
 
     @classmethod
-    def attach(cls, path: str | os.PathLike, *, rank: int = 0, world: int = 1, fn: str = "pkfast.gram") -> "GramStore":
+    def attach(cls, path: str | os.PathLike, *, rank: int = 0, world: int = 1, fn: str = "pkfast.gram") -> "ChunkStore":
         """Open a prepared output for writing as ``rank``: takes the lock, opens the data file and the journal."""
         path = Path(path)
         m = read_manifest(path, fn=fn, writing=True)
@@ -174,44 +152,37 @@ class GramStore:
 
     # ------------------------------------------------------------------ progress
     def finished(self, *, verify: bool = True) -> set[int]:
-        """Indices of finished tiles from every rank's journal; with ``verify``, only those whose bytes still
-        match their CRC (a mismatch is warned about, and the tile is recomputed)."""
+        """Indices of finished chunks from every rank's journal; with ``verify``, only those whose bytes still
+        match their CRC (a mismatch is warned about, and the chunk is recomputed)."""
         done = journal_entries(self.side)
         if not verify:
             return set(done)
-        bad = [i for i, crcs in sorted(done.items()) if not self.tile_ok(i, crcs)]
+        bad = [i for i, crcs in sorted(done.items()) if not chunk_ok(self.path, self.geometry, self.chunks[i], crcs)]
         if bad:
             warnings.warn(f"pkfast.gram: {len(bad)} finished tile(s) of {self.path} no longer match their "
                           f"checksum (tiles {preview(bad, 8, str)}); the file was modified or damaged — recomputing them",
                           RuntimeWarning, stacklevel=3)
         return set(done) - set(bad)
 
-    def tile_ok(self, index: int, crcs: tuple[int, int | None]) -> bool:
-        tile = tile_of(self.manifest, index)
-        if read_crc(self.path, self.geometry, tile.rows, tile.cols) != crcs[0]:
-            return False
-        if crcs[1] is not None and read_crc(self.path, self.geometry, tile.cols, tile.rows) != crcs[1]:
-            return False
-        return True
-
     # ------------------------------------------------------------------ writing
-    def write_tile(self, tile: Tile, block: Any, mirror: Any = None) -> None:
-        """Write ``block`` at ``[tile.rows, tile.cols]`` (and ``mirror`` at ``[tile.cols, tile.rows]``), flush,
-        then journal the tile as finished. ``block``/``mirror`` are numpy arrays or CPU tensors in the file's
-        layout and dtype, with any strides (views are fine: they are copied a row slab at a time)."""
+    def write(self, index: int, block: Any, mirror: Any = None) -> None:
+        """Write ``block`` at chunk ``index``'s place ``[rows, cols]`` (and ``mirror`` at ``[cols, rows]``),
+        flush, then journal the chunk as finished. ``block``/``mirror`` are numpy arrays or CPU tensors in the
+        file's layout and dtype, with any strides (views are fine: they are copied a row slab at a time)."""
         assert self._fd is not None, "attach() first"
+        chunk = self.chunks[index]
         try:
-            crc_a = self._write_block(block, tile.rows, tile.cols)
-            crc_b = self._write_block(mirror, tile.cols, tile.rows) if mirror is not None else None
+            crc_a = self._write_block(block, chunk.rows, chunk.cols)
+            crc_b = self._write_block(mirror, chunk.cols, chunk.rows) if mirror is not None else None
             os.fdatasync(self._fd)
             mirror_crc = "-" if crc_b is None else f"{crc_b:08x}"
-            self._journal.write(formats.crc_line(f"tile {tile.index} {crc_a:08x} {mirror_crc} {time.time_ns()}"))
+            self._journal.write(formats.crc_line(f"tile {index} {crc_a:08x} {mirror_crc} {time.time_ns()}"))
             self._journal.flush()
             os.fsync(self._journal.fileno())
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 raise StoreError(
-                    f"pkfast.gram: disk full while writing tile {tile.index} of {self.path}; the finished tiles "
+                    f"pkfast.gram: disk full while writing tile {index} of {self.path}; the finished tiles "
                     f"are kept: free some space and run the same call again to resume"
                 ) from e
             raise
@@ -257,11 +228,63 @@ class GramStore:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
 
-    def __enter__(self) -> "GramStore":
+    def __enter__(self) -> "ChunkStore":
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class GramStore(ChunkStore):
+    """A stored Gram: the chunk store whose chunks are a tiling's tiles (``pkfast.gram(out=…)``)."""
+
+    @staticmethod
+    def new_manifest(*, shape: tuple[int, ...], dtype: np.dtype, options: dict[str, Any],  # type: ignore[override]
+                     fingerprints: dict[str, str], plan: Tiling, diagonal: bool, num_outputs: int,
+                     scale: float) -> dict[str, Any]:
+        """The manifest of a new stored Gram: its tiles are the store's chunks; ``options`` (what changes the
+        numbers, the routes used among them) and ``fingerprints`` (:func:`pkfast.store.formats.fingerprints`)."""
+        chunks = [Chunk(t.index, t.rows, t.cols, t.diagonal) for t in plan.tiles]
+        return ChunkStore.new_manifest(shape=shape, dtype=dtype, options=options, fingerprints=fingerprints,
+                                       chunks=chunks, blocks=(plan.row_block, plan.col_block, plan.chunk),
+                                       symmetric=plan.symmetric and not diagonal, diagonal=diagonal,
+                                       num_outputs=num_outputs, scale=scale)
+
+
+def _validate(path: Path, manifest: dict[str, Any], fn: str) -> dict[str, Any]:
+    """The stored manifest of an existing output that ``manifest`` may resume (else a :class:`StoreError`)."""
+    old = read_manifest(path, fn=fn, writing=True)
+    if old["version"] != VERSION:
+        raise StoreError(
+            f"{fn}: {path} was written by an earlier pkfast (Gram format version {old['version']}); this "
+            f"pkfast {__version__} resumes only version {VERSION}. Pass overwrite=True to recompute it, or "
+            "finish it with the pkfast that started it (pkfast.open_gram still reads it)")
+    _compare(old, manifest, path, fn)
+    check_data_file(path, old, fn)
+    return old
+
+
+def _create(path: Path, manifest: dict[str, Any], fn: str) -> dict[str, Any]:
+    """Allocate the data file at full size and write the manifest (with the data's offset) into the sidecar."""
+    shape = tuple(manifest["shape"])
+    dtype = np.dtype(manifest["dtype"])
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    free = shutil.disk_usage(path.parent).free
+    if nbytes > free:
+        raise StoreError(f"{fn}: not enough disk space for {path}: the Gram {shape} {dtype} needs "
+                         f"{_human(nbytes)}, {_human(free)} free on that filesystem")
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    del arr
+    offset = path.stat().st_size - nbytes
+    fd = os.open(path, os.O_RDWR)
+    try:
+        _allocate(fd, offset, nbytes, path, fn)
+    finally:
+        os.close(fd)
+    manifest = dict(manifest, data_offset=int(offset))
+    manifest["checksum"] = formats.manifest_checksum(manifest)
+    formats.atomic_write(sidecar(path) / "manifest.json", json.dumps(manifest, indent=1))
+    return manifest
 
 
 def _allocate(fd: int, offset: int, nbytes: int, path: Path, fn: str) -> None:
@@ -298,8 +321,7 @@ def _compare(old: dict[str, Any], new: dict[str, Any], path: Path, fn: str) -> N
     diffs = []
     for k, v in new["fingerprints"].items():
         if old["fingerprints"].get(k) != v:
-            what = {"model": "the model (architecture or fixed values)", "trajectory": "the trajectory",
-                    "X": "the data X", "X2": "the data X2", "options": "the options"}[k]
+            what = formats.FINGERPRINTS[k]
             if k == "options":
                 od, nd = old["options"], new["options"]
                 what += " (" + ", ".join(f"{o}: {od.get(o)!r} stored, {nd.get(o)!r} now" for o in nd

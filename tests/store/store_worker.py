@@ -45,7 +45,7 @@ def problem():
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("out")
-    p.add_argument("--kill-at", type=int, default=None, help="SIGKILL this process at its K-th tile (0-based)")
+    p.add_argument("--kill-at", type=int, default=None, help="SIGKILL this process at its K-th chunk (0-based)")
     p.add_argument("--when", choices=("before-journal", "after-journal"), default="before-journal")
     p.add_argument("--dist", action="store_true")
     p.add_argument("--method", default="jacobian", help="pkfast.gram's method (default jacobian)")
@@ -60,19 +60,20 @@ def main() -> None:
         torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     if a.kill_at is not None:
         count = {"n": 0}
-        orig_write = store.GramStore.write_tile
+        orig_write = store.ChunkStore.write
 
-        def write_tile(self, tile, block, mirror):
+        def write(self, index, block, mirror=None):
             if count["n"] == a.kill_at and a.when == "before-journal":
-                # the tile's bytes reach the file, its journal line never does
-                self._write_block(block, tile.rows, tile.cols)
+                # the chunk's bytes reach the file, its journal line never does
+                chunk = self.chunks[index]
+                self._write_block(block, chunk.rows, chunk.cols)
                 os.kill(os.getpid(), signal.SIGKILL)
-            orig_write(self, tile, block, mirror)
+            orig_write(self, index, block, mirror)
             if count["n"] == a.kill_at and a.when == "after-journal":
                 os.kill(os.getpid(), signal.SIGKILL)
             count["n"] += 1
 
-        store.GramStore.write_tile = write_tile
+        store.ChunkStore.write = write
     model, traj, X = problem()
     sk = dict(k=8, seed=5) if a.method == "sketch" else {}
     if a.features:

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import pkfast
-from pkfast.engine import distributed
+from pkfast.store import ranks
 from pkfast.store import writer as store
 
 from . import store_worker as sw
@@ -162,7 +162,7 @@ def test_corrupted_tile_is_detected_and_recomputed(small):
     model, traj, X, out = small
     good = _bytes(out)
     g = pkfast.open_gram(out)
-    t = store.plan_tiles_of(g.manifest)[1]
+    t = store.tiling_of(g.manifest)[1]
     arr = np.load(out, mmap_mode="r+")
     arr[t.rows.start, t.cols.start] += 1.0
     arr.flush()
@@ -267,16 +267,16 @@ def test_disk_full_at_start_is_a_clear_error(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------------------------- sharing tiles
 def test_shares_are_disjoint_complete_and_balanced():
-    from pkfast.engine.tiles import plan_tiles
+    from pkfast.engine.tiles import solve_tiling
 
-    plan = plan_tiles(1000, 1000, symmetric=True, bytes_per_sample=1000, acc_bytes_per_pair=4, budget=400_000, chunk=4)
+    plan = solve_tiling(1000, 1000, symmetric=True, bytes_per_sample=1000, acc_bytes_per_pair=4, budget=400_000, chunk=4)
     for world in (1, 2, 3, 5):
-        parts = distributed.shares(plan.tiles, world)
+        parts = ranks.shares(plan.tiles, world)
         flat = sorted(t.index for p in parts for t in p)
         assert flat == [t.index for t in plan.tiles]
-        loads = [sum(distributed.tile_cost(t) for t in p) for p in parts]
-        assert max(loads) - min(loads) <= max(distributed.tile_cost(t) for t in plan.tiles)
-        assert distributed.shares(plan.tiles, world) == parts  # deterministic
+        loads = [sum(ranks.chunk_cost(t) for t in p) for p in parts]
+        assert max(loads) - min(loads) <= max(ranks.chunk_cost(t) for t in plan.tiles)
+        assert ranks.shares(plan.tiles, world) == parts  # deterministic
 
 
 def _free_port() -> int:
