@@ -321,7 +321,7 @@ def jacobian_time(model: nn.Module, traj: pkfast.Trajectory, X: torch.Tensor, *,
     (:meth:`pkfast.engine.functional.FunctionalModel.jacobian`), in panels of the tile plan's row block written into
     one reused buffer — the Jacobian part of the work any exact method must do, without the Gram product."""
     job = GramJob.create(model, traj, X, outputs="trace", rule="left", memory_budget=memory_budget, method="jacobian")
-    fm, plan = job.fm, job.plan
+    fm, plan = job.fm, job.tiling
     N, C, P = X.shape[0], job.num_outputs, fm.num_params
     rows = plan.row_block
     buf = torch.empty(rows, C, P, dtype=job.dtype, device=fm.device)

@@ -131,7 +131,7 @@ def run_case(key: str, n: int, T: int, args, specs, mm_best: dict[str, float], n
     wl = make_workload(key, n, T, device=dev)
     job = GramJob.create(wl.model, wl.traj, wl.X, outputs="trace", rule="left", memory_budget=args.memory_budget,
                          method=args.method)
-    C, P, plan = job.num_outputs, job.fm.num_params, job.plan
+    C, P, plan = job.num_outputs, job.fm.num_params, job.tiling
     exec_flops = job.flops()
     del job
 

@@ -1,7 +1,7 @@
 """gram: the public doors to a path-kernel Gram — :func:`gram` computes it (in memory, or stored tile by tile
 with ``out=``), :func:`plan` says how it would be computed (each layer's route, costs, tiles).
 
-Both build a :class:`~pkfast.engine.driver.GramJob` (options validated once, data, route, tile plan) and the driver's
+Both build a :class:`~pkfast.engine.driver.GramJob` (options validated once, data, route, tiling) and the driver's
 one tile loop does the work; a :class:`~pkfast.store.sinks.StoreSink` makes the result a resumable ``.npy``.
 """
 
@@ -173,7 +173,7 @@ def store_sink(job: GramJob, out: str | os.PathLike, *, overwrite: bool) -> Stor
     lay = job.layout
     manifest = GramStore.new_manifest(
         shape=job.result_shape, dtype=np.dtype(str(job.dtype).replace("torch.", "")), options=job.record(),
-        fingerprints=job.fingerprints(), plan=job.plan, diagonal=lay.diagonal, num_outputs=lay.num_outputs,
+        fingerprints=job.fingerprints(), plan=job.tiling, diagonal=lay.diagonal, num_outputs=lay.num_outputs,
         scale=1.0 / lay.num_outputs if lay.outputs == "mean" else 1.0)
     return StoreSink(out, manifest, overwrite=overwrite, fn=_FN)
 
@@ -187,17 +187,18 @@ def plan(
 ) -> "GramPlan":
     """What :func:`gram` would do with these arguments, without doing it: the route of every parameterised
     layer (``factorized``, ``materialized``, ``jacobian`` or ``unused``) with its positions S, fan-in I, fan-out
-    O, estimated multiply-add FLOPs of each feasible route and memory per sample, and the tile plan.
+    O, estimated multiply-add FLOPs of each feasible route and memory per sample, and the tiling.
 
     Takes the arguments of :func:`gram` (except ``out``, ``overwrite`` and ``progress``). ``print()`` the
-    result for a table; ``.layers`` holds the per-layer records (:class:`pkfast.factorized.Layer`).
+    result for a table; ``.layers`` holds each layer's frozen :class:`~pkfast.engine.costs.LayerChoice` (its
+    ``.route``, costs and the layer's facts: ``.name``, ``.type``, ``.positions``, …).
 
     Example:
         >>> import torch, pkfast
         >>> net = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(), torch.nn.Linear(256, 10))
         >>> traj = pkfast.Trajectory.from_checkpoints([net.state_dict(), net.state_dict()], lr=0.1)
         >>> p = pkfast.plan(net, traj, torch.randn(100, 64))
-        >>> [(L.name, L.method) for L in p.layers]
+        >>> [(L.name, str(L.route)) for L in p.layers]
         [('0', 'factorized'), ('2', 'factorized')]
     """
     for k in ("out", "overwrite", "progress"):
@@ -208,8 +209,9 @@ def plan(
 
 
 class GramPlan:
-    """The plan of a Gram computation (see :func:`plan`): ``.method`` (the resolved route), ``.layers``,
-    ``.tiles`` (the :class:`~pkfast.engine.tiles.TilePlan`), ``.flops`` (estimated multiply-adds, all terms)."""
+    """The plan of a Gram computation (see :func:`plan`): ``.method`` (the resolved method), ``.layers`` (each
+    layer's route and costs), ``.tiles`` (the tiling, :class:`~pkfast.engine.tiles.Tiling`), ``.flops``
+    (estimated multiply-adds, all terms). Frozen: it is what :func:`gram` runs."""
 
     def __init__(self, job: "GramJob") -> None:
         self.job = job
@@ -217,8 +219,8 @@ class GramPlan:
         self.requested = job.opts.method
         #: one line: the routes the parameters took, e.g. "auto: factorized 3, materialized 1, jacobian 2 layers"
         self.routes = job.route.summary()
-        self.layers = job.layers
-        self.tiles = job.plan
+        self.layers = job.choices
+        self.tiles = job.tiling
         self.flops = sum(L.flops for L in self.layers)
 
     def __str__(self) -> str:
@@ -232,14 +234,14 @@ class GramPlan:
                 f"{len(j.terms)} terms (rule={o.rule!r}), method={self.requested!r} → {self.routes}")
         rows = [("layer", "type", "route", "S", "I", "O", "params", "GFLOP", "other routes (GFLOP)", "KiB/sample", "note")]
         for L in self.layers:
-            others = ", ".join(f"{k} {v / 1e9:.3g}" for k, v in L.options.items() if k != L.method)
+            others = ", ".join(f"{k} {v / 1e9:.3g}" for k, v in L.options.items() if k != L.route.value)
             if L.kind == "other":
                 S = I = O = "-"
             else:
                 S, (I, O) = str(L.positions), L.rule.fan_labels(L)
                 if L.groups > 1:
                     I, O = f"{I}×{L.groups}g", f"{O}×{L.groups}g"
-            rows.append((L.name or "(root)", L.type, L.method, S, I, O, f"{L.size:,}", f"{L.flops / 1e9:.3g}", others or "-",
+            rows.append((L.name or "(root)", L.type, L.route.value, S, I, O, f"{L.size:,}", f"{L.flops / 1e9:.3g}", others or "-",
                          f"{L.bytes_per_sample / 1024:.3g}", L.reason or ("streamed in slices" if L.stream else "")))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = [head]

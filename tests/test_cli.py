@@ -65,7 +65,7 @@ def test_gram_and_info_end_to_end(digits_run):
     ns = {}
     exec(FACTORY, ns)
     expected = pkfast.gram(ns["make_net"]().eval(), pkfast.Trajectory.load(d / "traj"), np.load(d / "X.npy"),
-                           memory_budget="2MiB", progress=False)  # the same budget → the same tile plan
+                           memory_budget="2MiB", progress=False)  # the same budget → the same tiling
     np.testing.assert_allclose(np.load(d / "K.npy"), expected.numpy(), rtol=1e-6, atol=0)
 
     r = _cli("info", "K.npy", "--verify", cwd=d)

@@ -60,10 +60,10 @@ def test_ragged_tiles_with_tiny_budget(outputs, cross):
     X, X2 = torch.randn(37, 5), torch.randn(23, 5) if cross else None
     budget = 40_000
     job = GramJob.create(net, traj, X, X2, outputs=outputs, dtype=torch.float64, memory_budget=budget)
-    shapes = [t.shape for t in job.plan.tiles]
-    assert len(shapes) > 3, job.plan
-    assert any(r != job.plan.row_block or c != job.plan.col_block for r, c in shapes), "no ragged tile"
-    assert job.plan.tile_bytes <= budget
+    shapes = [t.shape for t in job.tiling.tiles]
+    assert len(shapes) > 3, job.tiling
+    assert any(r != job.tiling.row_block or c != job.tiling.col_block for r, c in shapes), "no ragged tile"
+    assert job.tiling.tile_bytes <= budget
     K = job.run(progress=False)
     R = gram_reference(net, traj, X, X2, outputs=outputs)
     assert rel_err(K, R) < 1e-10
@@ -246,8 +246,8 @@ def test_model_parameters_untouched_and_grad_mode_respected():
 def test_memory_budget_string_and_plan_respects_it():
     net, traj, X, _ = _case("mlp")
     job = GramJob.create(net, traj, torch.randn(200, 5), memory_budget="64KiB")
-    assert job.plan.budget == 64 * 1024 and job.plan.tile_bytes <= job.plan.budget
-    assert len(job.plan.tiles) > 1
+    assert job.tiling.budget == 64 * 1024 and job.tiling.tile_bytes <= job.tiling.budget
+    assert len(job.tiling.tiles) > 1
 
 
 @pytest.mark.parametrize("outputs", ["trace", "full"])
@@ -259,21 +259,21 @@ def test_large_diagonal_tile_blocked_syrk_matches_reference(outputs):
     n = 2 * SYRK_MIN_BLOCK + 5
     X = torch.randn(n, 3)
     job = GramJob.create(net, traj, X, outputs=outputs, dtype=torch.float64)
-    assert len(job.plan.tiles) == 1 and job.plan.tiles[0].diagonal
+    assert len(job.tiling.tiles) == 1 and job.tiling.tiles[0].diagonal
     K = job.run(progress=False)
     assert rel_err(K, gram_reference(net, traj, X, outputs=outputs)) < 1e-10
 
 
 def test_one_term_gram_reuses_each_row_panel(monkeypatch):
     """A one-step trajectory on a budget that forces tiles: each tile-row's Jacobian panel is computed once and
-    kept for the next tiles of that row (tiles.plan_tiles(reuse_rows=True)); the Gram equals the reference."""
+    kept for the next tiles of that row (tiles.solve_tiling(reuse_rows=True)); the Gram equals the reference."""
     from pkfast.engine.functional import FunctionalModel
 
     net = mlp().double()
     traj = random_trajectory(net, steps=1)
     X = torch.randn(40, 5, dtype=torch.float64)
     job = GramJob.create(net, traj, X, method="jacobian", dtype=torch.float64, memory_budget=40_000)
-    tiles = job.plan.tiles
+    tiles = job.tiling.tiles
     assert len(tiles) > 3 and len({t.rows.start for t in tiles}) < len(tiles)
     rows = []
     orig = FunctionalModel.jacobian

@@ -1,12 +1,12 @@
 """engine: how a Gram is computed — the model as a function of its parameters, per-sample passes, captured layer
-factors, the routes and their cost model, the tile plan and the one tile loop, and ``acc += α·A Bᵀ``.
+factors, the routes and their cost model, the tiling and the one tile loop, and ``acc += α·A Bᵀ``.
 
 Data flow (imports point down this list):
 
 - :mod:`~pkfast.engine.quadrature` the quadrature rule's weighted terms over evaluation points;
 - :mod:`~pkfast.engine.accumulate`, :mod:`~pkfast.engine.tiles`, :mod:`~pkfast.engine.products`,
   :mod:`~pkfast.engine.distributed`, :mod:`~pkfast.engine.alloc`: the numerical base (products into a tile,
-  the tile plan, rank shares, memory reuse);
+  the tiling, rank shares, memory reuse);
 - :mod:`~pkfast.engine.inputs`, :mod:`~pkfast.engine.per_sample`, :mod:`~pkfast.engine.functional`: samples
   packed into one tensor and the model as a function of its trainable parameters;
 - :mod:`~pkfast.engine.capture`: layer factors captured by hooks in batched passes (rules: :mod:`pkfast.layers`);

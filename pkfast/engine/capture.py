@@ -16,16 +16,18 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch.func import functional_call
 
+from pkfast.engine.costs import RouteKind
 from pkfast.engine.functional import FunctionalModel
-from pkfast.layers.base import Layer, LayerRule, materialize
 from pkfast.engine.quadrature import EvalPoint
+from pkfast.layers.base import Layer, LayerRule, materialize
 
-__all__ = ["Capture"]
+__all__ = ["Capture", "Groups"]
 
 
 class _Call:
@@ -40,13 +42,63 @@ class _Call:
         self.unusable: dict[str, str] = {}
 
 
+@dataclass(frozen=True)
+class Groups:
+    """The layers of one computation sorted by their chosen route (:class:`~pkfast.engine.costs.LayerChoice`):
+    what the capture hooks, which layers' factors it hands back, which gradients it writes into the panel, and
+    the parameters left to ``jacrev``. Made once per plan (:meth:`of`); a pass is told which groups it serves."""
+
+    hooked: tuple[Layer, ...] = ()
+    factorized: tuple[Layer, ...] = ()   # factors kept per sample: factorised Gram layers, Kronecker projections
+    streamed: tuple[Layer, ...] = ()     # materialised from factors a slice at a time, outside the panel
+    paneled: tuple[Layer, ...] = ()      # materialised into the panel beside the Jacobian part
+    jac_names: tuple[str, ...] = ()      # parameters by jacrev (those of unused layers give zeros and are skipped)
+    jac_width: int = 0
+    panel_width: int = 0
+
+    @property
+    def with_factors(self) -> tuple[Layer, ...]:
+        """The layers whose factors a pass returns."""
+        return self.factorized + self.streamed
+
+    @classmethod
+    def of(cls, fm: FunctionalModel, choices) -> "Groups":
+        """The groups of ``choices`` (one :class:`~pkfast.engine.costs.LayerChoice` per layer)."""
+        hooked = tuple(c.layer for c in choices if c.route.hooked)
+        factorized = tuple(c.layer for c in choices if c.route.pairs_from_factors)
+        streamed = tuple(c.layer for c in choices if c.route is RouteKind.MATERIALIZED and c.stream)
+        paneled = tuple(c.layer for c in choices if c.route is RouteKind.DENSE
+                        or (c.route is RouteKind.MATERIALIZED and not c.stream))
+        skip = {p for L in hooked for p in L.params} | {p for c in choices if c.route is RouteKind.UNUSED
+                                                        for p in c.layer.params}
+        jac_names = tuple(n for n in fm.names if n not in skip)
+        sizes = dict(zip(fm.names, fm.sizes))
+        jac_width = sum(sizes[n] for n in jac_names)
+        return cls(hooked, factorized, streamed, paneled, jac_names, jac_width,
+                   jac_width + sum(L.size for L in paneled))
+
+    def describe(self, fm: FunctionalModel, batched: bool) -> str:
+        """How the factors are obtained, for the plan."""
+        if not self.hooked:
+            return ""
+        C = "one backward pass" if fm.num_outputs == 1 else f"{fm.num_outputs} backward passes"
+        if batched and not self.jac_names:
+            return f"factors from one batched forward and {C} per chunk (every trained parameter has a layer rule)"
+        if self.jac_names:
+            names = ", ".join(self.jac_names[:3]) + (", …" if len(self.jac_names) > 3 else "")
+            return f"factors from vmap(jacrev) per sample: parameters without a layer route ({names}) need it"
+        return "factors from vmap(jacrev) per sample: a hooked call's batch axis is not the first"
+
+
 class Capture:
-    """Hooks on the layers with a rule; evaluates panels (Jacobian part and in-panel materialised layers) and
-    factors at trajectory points. ``group(layers)`` must be called after the routes are chosen."""
+    """Hooks on the layers with a rule: :meth:`discover` learns their facts (once), :meth:`evaluate` forms a
+    panel (Jacobian part and in-panel materialised layers) and the factors of a :class:`Groups` at a trajectory
+    point. What it learns while running (whether batched passes work for this model) only selects between two
+    passes that give the same numbers."""
 
     def __init__(self, fm: FunctionalModel, layers: list[Layer]) -> None:
         self.fm = fm
-        self.layers = layers
+        self.layers: tuple[Layer, ...] = tuple(layers)
         self._call: _Call | None = None
         self._shapes: dict[str, tuple[torch.Size, torch.Size]] = {}
         self._patches: list[tuple[LayerRule, torch.nn.Module]] = []  # forward patches that passed the check
@@ -55,34 +107,16 @@ class Capture:
         self.batched = True
         self._batched_checked = False
         self._grads_batched: bool | None = None  # one batched backward for C outputs works (None: not tried)
-        self.group()
 
-    def group(self) -> None:
-        """Sort the layers by their chosen method (call again after the cost model re-chooses)."""
-        layers, fm = self.layers, self.fm
-        # the sketch's "kronecker" layers give factors like factorised ones; its "dense" layers are in the panel
-        self.hooked = [L for L in layers if L.method in ("factorized", "materialized", "kronecker", "dense")]
-        self.factorized = [L for L in layers if L.method in ("factorized", "kronecker")]
-        self.streamed = [L for L in layers if L.method == "materialized" and L.stream]
-        self.paneled = [L for L in layers if L.method == "dense" or (L.method == "materialized" and not L.stream)]
-        self.with_factors = self.factorized + self.streamed
-        skip = {p for L in self.hooked for p in L.params} | {p for L in layers if L.method == "unused" for p in L.params}
-        self.jac_names = [n for n in fm.names if n not in skip]  # parameters of unused layers give zeros
-        sizes = dict(zip(fm.names, fm.sizes))
-        self.jac_width = sum(sizes[n] for n in self.jac_names)
-        self.panel_width = self.jac_width + sum(L.size for L in self.paneled)
+    def describe(self, groups: Groups) -> str:
+        """How the factors of ``groups`` are obtained, for the plan."""
+        return groups.describe(self.fm, self.batched)
 
-    def describe(self) -> str:
-        """How the factors are obtained, for the plan."""
-        if not self.hooked:
-            return ""
-        C = "one backward pass" if self.fm.num_outputs == 1 else f"{self.fm.num_outputs} backward passes"
-        if self.batched and not self.jac_names:
-            return f"factors from one batched forward and {C} per chunk (every trained parameter has a layer rule)"
-        if self.jac_names:
-            names = ", ".join(self.jac_names[:3]) + (", …" if len(self.jac_names) > 3 else "")
-            return f"factors from vmap(jacrev) per sample: parameters without a layer route ({names}) need it"
-        return "factors from vmap(jacrev) per sample: a hooked call's batch axis is not the first"
+    def _replace(self, name: str, layer: Layer) -> None:
+        self.layers = tuple(layer if L.name == name else L for L in self.layers)
+
+    def layer(self, name: str) -> Layer:
+        return next(L for L in self.layers if L.name == name)
 
     # ------------------------------------------------------------------ hooks
     def _hook(self, layer: Layer):
@@ -161,11 +195,12 @@ class Capture:
             for L in patching:
                 self._drop(L, f"its rule's replacement forward does not reproduce the model ({why})")
 
-    def discover(self, X: torch.Tensor) -> None:
-        """One forward pass on one sample: calls, positions S, fan-in I and fan-out O of each layer with a rule."""
+    def discover(self, X: torch.Tensor) -> tuple[Layer, ...]:
+        """One forward pass on one sample: calls, positions S, fan-in I and fan-out O of each layer with a rule,
+        then the checks; returns (and keeps) the discovered layers, those that failed a check without their rule."""
         candidates = [L for L in self.layers if L.kind != "other"]
         self._check_patches(X, candidates)
-        candidates = [L for L in candidates if L.kind != "other"]
+        candidates = [L for L in self.layers if L.kind != "other"]
         fm = self.fm
         flat, statics = fm.state(EvalPoint(0))
         call = _Call(None)
@@ -173,21 +208,21 @@ class Capture:
             self._run(candidates, call, lambda: functional_call(fm.model, (fm.params(flat), statics), (fm.prepare(X[:1]),)))
         for L in candidates:
             if L.name in call.unusable:  # the Jacobian route takes it
-                L.kind, L.module, L.rule, L.reason = "other", None, None, call.unusable[L.name]
+                self._drop(L, call.unusable[L.name])
                 continue
             keys = [k for k in call.shapes if k.rsplit("#", 1)[0] == L.name]
-            L.calls = len(keys)
             try:
-                L.positions = sum(L.rule.positions(L.module, *call.shapes[k]) for k in keys)
-                if L.calls:
-                    L.fan_in, L.fan_out = L.rule.fans(L.module)
+                positions = sum(L.rule.positions(L.module, *call.shapes[k]) for k in keys)
+                fans = L.rule.fans(L.module) if keys else (L.fan_in, L.fan_out)
+                self._replace(L.name, replace(L, calls=len(keys), positions=positions, fan_in=fans[0], fan_out=fans[1]))
             except (RuntimeError, ValueError, TypeError, AttributeError, IndexError) as e:
                 self._drop(L, f"its rule does not fit the module ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
         self._shapes = dict(call.shapes)
-        self.verify(X, [L for L in candidates if L.kind != "other"])
+        self.verify(X, [L for L in self.layers if L.kind != "other"])
+        return self.layers
 
     def _drop(self, L: Layer, reason: str) -> None:
-        L.kind, L.module, L.rule, L.calls, L.reason = "other", None, None, 0, reason
+        self._replace(L.name, L.without_rule(reason))
 
     def verify(self, X: torch.Tensor, candidates: list[Layer]) -> None:
         """Check on a few samples that each candidate's parameter gradient is exactly what its rule rebuilds
@@ -257,30 +292,31 @@ class Capture:
                            "its forward (e.g. tied through F.linear), or a rule that does not fit the module")
 
     # ------------------------------------------------------------------ one pass: Jacobian part and factors
-    def evaluate(self, point: EvalPoint, X: torch.Tensor, Y: torch.Tensor | None, chunk: int,
+    def evaluate(self, groups: Groups, point: EvalPoint, X: torch.Tensor, Y: torch.Tensor | None, chunk: int,
                  panel: torch.Tensor | None, weight: float = 1.0, add: bool = False,
                  tick: Callable[[int], None] | None = None) -> dict[str, list]:
-        """Fill ``panel`` (overwrite, or add when ``add``) with ``weight ×`` the panel at ``point`` — the Jacobian
-        of the parameters without a route, then the in-panel materialised layers' gradients — and return the
-        factors ``{layer name: [(A_g, Δ_g) per group]}`` of the factorised and streamed layers (unweighted)."""
-        fm = self.fm
+        """Fill ``panel`` (overwrite, or add when ``add``) with ``weight ×`` the panel of ``groups`` at ``point`` —
+        the Jacobian of the parameters without a route, then the in-panel materialised layers' gradients — and
+        return the factors ``{layer name: [(A_g, Δ_g) per group]}`` of its factorised and streamed layers
+        (unweighted)."""
+        fm, G = self.fm, groups
         flat, statics = fm.state(point)
         params = fm.params(flat)
-        pj = {n: params[n] for n in self.jac_names}
+        pj = {n: params[n] for n in G.jac_names}
         pk = {n: v for n, v in params.items() if n not in pj}
-        hooked = {L.name for L in self.hooked}
+        hooked = {L.name for L in G.hooked}
         keys = [k for k in self._shapes if k.rsplit("#", 1)[0] in hooked]
         probes = {k: torch.zeros(self._shapes[k][1], dtype=fm.dtype, device=fm.device) for k in keys}
-        per_sample = self._per_sample(pk, statics)
+        per_sample = self._per_sample(G.hooked, pk, statics)
         argnums = (0, 1) if pj else 1
         in_dims = (None, None, 0) + ((0,) if Y is not None else ())
         n = X.shape[0]
-        parts: dict[str, list] = {L.name: [] for L in self.with_factors}
+        parts: dict[str, list] = {L.name: [] for L in G.with_factors}
         Yd = None if Y is None else Y.to(fm.device)
         for a in range(0, n, chunk):
             b = min(n, a + chunk)
             x, y = fm.prepare(X[a:b]), None if Yd is None else Yd[a:b]
-            got = self._batched(keys, pk, statics, x, y) if self.batched and not pj else None
+            got = self._batched(G.hooked, keys, pk, statics, x, y) if self.batched and not pj else None
             if got is None:
                 jac, aux = fm.passes.jacobian(per_sample, argnums, in_dims, pj, probes, x, *(() if y is None else (y,)),
                                               has_aux=True)
@@ -292,31 +328,31 @@ class Capture:
                 off = 0
                 if pj:
                     # reshape, not flatten(2): a scalar parameter's Jacobian is [n, C]
-                    blk = torch.cat([jp[nm].reshape(b - a, dst.shape[1], -1) for nm in self.jac_names], dim=2)
-                    _put(dst[:, :, : self.jac_width], blk, weight, add)
-                    off = self.jac_width
-                for L in self.paneled:
-                    G = materialize(L, self.factors(L, jz, aux, b - a), b - a)
-                    _put(dst[:, :, off: off + L.size], G, weight, add)
+                    blk = torch.cat([jp[nm].reshape(b - a, dst.shape[1], -1) for nm in G.jac_names], dim=2)
+                    _put(dst[:, :, : G.jac_width], blk, weight, add)
+                    off = G.jac_width
+                for L in G.paneled:
+                    grad = materialize(L, self.factors(L, jz, aux, b - a), b - a)
+                    _put(dst[:, :, off: off + L.size], grad, weight, add)
                     off += L.size
-            for L in self.with_factors:
+            for L in G.with_factors:
                 parts[L.name].append(self.factors(L, jz, aux, b - a))
             if tick is not None:
                 tick(b - a)
         feats: dict[str, list] = {}
-        for L in self.with_factors:
+        for L in G.with_factors:
             chunks = parts[L.name]
             feats[L.name] = [tuple(torch.cat([c[g][i] for c in chunks]) for i in range(2)) for g in range(len(chunks[0]))]
         return feats
 
-    def _per_sample(self, fixed: dict, statics: dict) -> Callable:
+    def _per_sample(self, hooked: tuple[Layer, ...], fixed: dict, statics: dict) -> Callable:
         """``f(jacobian params, probes, x, *y)`` of one sample (with the ``fixed`` parameters): the model's outputs
         (or its loss) with the probes added at the hooked calls, and the calls' captures as auxiliary output."""
         fm, loss = self.fm, self.fm.loss
 
         def per_sample(pj_, zs, x, *y):
             call = _Call(zs)
-            out = self._run(self.hooked, call,
+            out = self._run(hooked, call,
                             lambda: functional_call(fm.model, ({**pj_, **fixed}, statics), (x.unsqueeze(0),)))
             f = out.reshape(-1)
             if loss is not None:
@@ -324,7 +360,8 @@ class Capture:
             return f, call.inputs
         return per_sample
 
-    def _batched(self, keys: list[str], params: dict, statics: dict, x: torch.Tensor, y: torch.Tensor | None):
+    def _batched(self, hooked: tuple[Layer, ...], keys: list[str], params: dict, statics: dict, x: torch.Tensor,
+                 y: torch.Tensor | None):
         """The output gradients and captures of every hooked call from one batched forward and C batched backward
         passes (samples are independent: :func:`pkfast.engine.per_sample.check_independent`), in the layout the vmap pass
         gives — or None when a call is neither batch-first nor shared by all samples, to use vmap instead.
@@ -345,7 +382,7 @@ class Capture:
         call = _Call(probes)
         with torch.enable_grad():
             try:
-                out = self._run(self.hooked, call, lambda: functional_call(fm.model, (params, statics), (x,)))
+                out = self._run(hooked, call, lambda: functional_call(fm.model, (params, statics), (x,)))
             except RuntimeError:  # a probe of the wrong shape: this call's batch axis is not the first
                 self.batched = False
                 return None
@@ -366,7 +403,7 @@ class Capture:
                for k, v in call.inputs.items()}
         if not self._batched_checked:
             self._batched_checked = True
-            if not self._agrees_with_vmap(keys, params, statics, x, y, jz, aux):
+            if not self._agrees_with_vmap(hooked, keys, params, statics, x, y, jz, aux):
                 self.batched = False
                 return None
         return jz, aux
@@ -398,12 +435,12 @@ class Capture:
                 r.append(torch.zeros_like(p) if g is None else g)
         return [torch.stack(r, dim=1) for r in rows]
 
-    def _agrees_with_vmap(self, keys, params, statics, x, y, jz, aux) -> bool:
+    def _agrees_with_vmap(self, hooked, keys, params, statics, x, y, jz, aux) -> bool:
         """Whether the batched pass's output gradients and captures of the first two samples are the vmap pass's."""
         fm, m = self.fm, min(2, x.shape[0])
         probes = {k: torch.zeros(self._shapes[k][1], dtype=fm.dtype, device=fm.device) for k in keys}
         extra = () if y is None else (y[:m],)
-        jz_v, aux_v = fm.passes.jacobian(self._per_sample(params, statics), 1,
+        jz_v, aux_v = fm.passes.jacobian(self._per_sample(hooked, params, statics), 1,
                                          (None, None, 0) + ((0,) if y is not None else ()), {}, probes, x[:m],
                                          *extra, has_aux=True)
         tol = _tolerance(fm.dtype)

@@ -1,4 +1,4 @@
-"""driver: a Gram computation built once (validated data, functional model, kernel terms, route, tile plan) and
+"""driver: a Gram computation built once (validated data, functional model, kernel terms, route, tiling) and
 run by one loop for every route and every destination.
 
     plan tiles → for each tile: for each term, the route forms the rows' side and the columns' side and adds
@@ -6,7 +6,7 @@ run by one loop for every route and every destination.
 
 Tiles are the outermost loop and the terms (steps) the innermost, so a tile is finished — and can be stored —
 before the next one starts. With one term, a tile-row's side is kept for the next tile of the same rows
-(:func:`pkfast.engine.tiles.plan_tiles` plans for it).
+(:func:`pkfast.engine.tiles.solve_tiling` plans for it).
 """
 
 from __future__ import annotations
@@ -27,16 +27,17 @@ from pkfast.engine import inputs
 from pkfast.engine.alloc import reuse_freed_memory
 from pkfast.engine.accumulate import select_backend
 from pkfast.engine.functional import FunctionalModel
-from pkfast.layers.base import Layer
+from pkfast.engine.capture import Capture
+from pkfast.engine.costs import LayerChoice, choose_routes
 from pkfast.options import Options, model_device, stream_bytes
-from pkfast.engine.products import Layout
+from pkfast.engine.products import TileLayout
 from pkfast.engine.routes.base import Data, Route
 from pkfast.engine.routes.jacobian import JacobianRoute
-from pkfast.engine.routes.layered import LayeredRoute, choose, find_layers
+from pkfast.engine.routes.layered import LayeredRoute, find_layers
 from pkfast.engine.routes.sketch import Sketcher, SketchRoute
 from pkfast.engine.quadrature import Term, is_symmetric, terms_for
 from pkfast.store.sinks import MemorySink, Sink
-from pkfast.engine.tiles import Tile, TilePlan, plan_diagonal, plan_tiles
+from pkfast.engine.tiles import Tile, Tiling, solve_diagonal, solve_tiling
 from pkfast.trajectory.points import Trajectory
 
 __all__ = ["GramJob", "check_data", "check_model_and_trajectory"]
@@ -89,93 +90,115 @@ def functional_model(fn: str, model: torch.nn.Module, trajectory: Trajectory, op
     return fm
 
 
-@dataclass
+@dataclass(frozen=True)
+class _Geometry:
+    """The Gram's shape and budget: what the tiling is solved for."""
+
+    N: int
+    M: int
+    symmetric: bool
+    diagonal: bool
+    budget: int
+    fn: str
+
+    @property
+    def samples(self) -> int:
+        """Jacobian rows formed per term with one tile: rows, and columns unless diagonal."""
+        return self.N + (0 if self.diagonal else self.M)
+
+    @property
+    def pairs(self) -> float:
+        """Kernel entries per term."""
+        N, M = self.N, self.M
+        return N if self.diagonal else (N * (N + 1) / 2 if self.symmetric else N * M)
+
+    def tiling(self, route: Route, layout: TileLayout, fm: FunctionalModel, terms: tuple[Term, ...]) -> Tiling:
+        """The tiles for ``route``'s planning figures within the budget."""
+        block = layout.num_outputs ** 2 if layout.full else 1
+        acc = block * fm.itemsize * route.acc_multiplier
+        if layout.diagonal:
+            return solve_diagonal(self.N, bytes_per_sample=route.bytes_per_sample, acc_bytes_per_sample=acc,
+                                 budget=self.budget, chunk=route.chunk, fn=self.fn, reserved=route.reserved)
+        reuse = len(route.terms(list(terms))) == 1 and route.row_reuse
+        return solve_tiling(self.N, self.M, symmetric=self.symmetric, bytes_per_sample=route.bytes_per_sample,
+                          acc_bytes_per_pair=acc, budget=self.budget, chunk=route.chunk, fn=self.fn,
+                          reuse_rows=reuse, reserved=route.reserved)
+
+
+def _choose_routes(opts: Options, fm: FunctionalModel, data: Data, layout: TileLayout, terms: tuple[Term, ...],
+                   geo: _Geometry) -> tuple[Route, Tiling, tuple[LayerChoice, ...]]:
+    """Each layer's route by the cost model, the route built from them and its tiling. The tile shape sets how
+    often each sample's side is formed, so with several tiles the routes are chosen once more for that count."""
+    layers = find_layers(fm.model, fm)
+    nodes = max((len(t.left) for t in terms), default=1)
+    figures = dict(C=fm.num_outputs, full=layout.full, pairs=geo.pairs * nodes, terms=len(terms), itemsize=fm.itemsize)
+    if opts.method == "jacobian":
+        choices = choose_routes(layers, method="jacobian", samples=geo.samples, **figures)
+        route: Route = JacobianRoute(layout, fm, requested=opts.method, choices=choices)
+        return route, geo.tiling(route, layout, fm, terms), choices
+    capture = Capture(fm, layers)
+    layers = list(capture.discover(data.X))
+
+    def fit(samples: float) -> tuple[Route, Tiling, tuple[LayerChoice, ...]]:
+        choices = choose_routes(layers, method=opts.method, samples=samples, **figures)
+        if any(c.route.hooked for c in choices):
+            route: Route = LayeredRoute(layout, fm, capture, choices, requested=opts.method, nodes=nodes,
+                                        stream_budget=stream_bytes(geo.budget))
+        else:  # nothing routed: the plain Jacobian route does the same, without the capture machinery
+            route = JacobianRoute(layout, fm, requested=opts.method, choices=choices)
+        return route, geo.tiling(route, layout, fm, terms), choices
+
+    route, tiling, choices = fit(geo.samples)
+    if isinstance(route, LayeredRoute) and len(tiling.tiles) > 1:
+        route, tiling, choices = fit(sum(t.shape[0] + (0 if (t.diagonal or geo.diagonal) else t.shape[1])
+                                         for t in tiling.tiles))
+    return route, tiling, choices
+
+
+@dataclass(frozen=True)
 class GramJob:
-    """A validated Gram computation: options, samples, the functional model, the terms, the route and the plan."""
+    """A Gram computation planned once and frozen: options, samples, the functional model, the quadrature's
+    terms, each layer's route (:class:`~pkfast.engine.costs.LayerChoice`), the route built from them and the
+    tiling; :meth:`run` is the one tile loop."""
 
     opts: Options
     fm: FunctionalModel
     data: Data
-    layout: Layout
-    rule_terms: list[Term]
+    layout: TileLayout
+    quadrature_terms: tuple[Term, ...]
     route: Route
-    plan: TilePlan
-    layers: list[Layer]
+    tiling: Tiling
+    choices: tuple[LayerChoice, ...]
 
-    def __post_init__(self) -> None:
-        self._acc: torch.Tensor | None = None  # the accumulator every tile of a run takes a prefix of
-        self._left: Any = None                 # the rows' side kept for the next tile of the same rows
-        self._rows_key: tuple[int, int] | None = None
-
-    # ------------------------------------------------------------------ construction
+    # ------------------------------------------------------------------ planning
     @classmethod
     def create(cls, model: Any, trajectory: Any, X: Any, X2: Any = None, *, y: Any = None, y2: Any = None,
                fn: str = "pkfast.gram", **options: Any) -> "GramJob":
+        """Validate everything, choose every layer's route and the tiles, and build the route once."""
         model = check_model_and_trajectory(fn, model, trajectory)
         opts = Options.check(fn, trajectory=trajectory, **options)
         data = check_data(fn, opts, X, X2, y, y2)
         device = model_device(model)
         budget = opts.budget(device)
         fm = functional_model(fn, model, trajectory, opts, data, device)
-        terms = terms_for(opts.rule, trajectory.step_sizes, opts.nodes)
+        terms = tuple(terms_for(opts.rule, trajectory.step_sizes, opts.nodes))
         N = data.X.shape[0]
         M = N if data.X2 is None else data.X2.shape[0]
         if not is_symmetric(terms) and data.X2 is None and not opts.diagonal:
             log.info("%s: rule=%r is asymmetric: computing every tile of the %d×%d Gram (no mirroring)", fn, opts.rule,
                      N, N)
         backend = select_backend(opts.backend, device, precision=opts.precision, fn=fn)
-        layout = Layout(opts.outputs, opts.diagonal, fm.num_outputs, backend, opts.precision)
-        symmetric = data.X2 is None and is_symmetric(terms)
-        samples = N + (0 if opts.diagonal else M)
+        layout = TileLayout(opts.outputs, opts.diagonal, fm.num_outputs, backend, opts.precision)
+        geometry = _Geometry(N, M, data.X2 is None and is_symmetric(terms), opts.diagonal, budget, fn)
         if opts.method == "sketch":
-            sk = Sketcher(fm, terms, k=1024 if opts.k is None else opts.k, seed=0 if opts.seed is None else opts.seed,
-                          rule=opts.rule, of=opts.of, loss=opts.loss, budget=budget, fn=fn,
-                          projection=opts.projection, X=data.X, samples=N + (0 if data.X2 is None else M))
+            sk = Sketcher(fm, list(terms), k=1024 if opts.k is None else opts.k,
+                          seed=0 if opts.seed is None else opts.seed, rule=opts.rule, of=opts.of, loss=opts.loss,
+                          budget=budget, fn=fn, projection=opts.projection, X=data.X,
+                          samples=N + (0 if data.X2 is None else M))
             route: Route = SketchRoute(layout, sk, N + (0 if data.X2 is None else M))
-            job = cls(opts, fm, data, layout, terms, route, None, sk.layers)  # type: ignore[arg-type]
-            job.plan = job._plan_tiles(budget, symmetric)
-            return job
-        layers = find_layers(model, fm)
-        pairs = N if opts.diagonal else (N * (N + 1) / 2 if symmetric else N * M)
-        nodes = max((len(t.left) for t in terms), default=1)
-        figures = dict(pairs=pairs * nodes, terms=len(terms))
-        jacobian = JacobianRoute(layout, fm, requested=opts.method, layers=layers)
-        job = cls(opts, fm, data, layout, terms, jacobian, None, layers)  # type: ignore[arg-type]
-        if opts.method == "jacobian":
-            choose(layers, method="jacobian", C=fm.num_outputs, full=layout.full, samples=samples,
-                   itemsize=fm.itemsize, **figures)
-            job.plan = job._plan_tiles(budget, symmetric)
-            return job
-        layered = LayeredRoute(layout, fm, layers, data.X)
-
-        def fit(samples: float) -> None:
-            """Choose each layer's route for ``samples`` panel rows per term, then plan the tiles."""
-            layered.refit(method=opts.method, samples=samples, nodes=nodes, stream_budget=stream_bytes(budget),
-                          pairs=pairs * nodes, terms=len(terms))
-            # nothing routed: the plain Jacobian route does the same, without the capture machinery
-            job.route = layered if layered.routed else jacobian
-            job.plan = job._plan_tiles(budget, symmetric)
-
-        fit(samples)
-        if layered.routed and len(job.plan.tiles) > 1:
-            # the tile shape sets how often each sample's side is formed: re-choose once with that count
-            fit(sum(t.shape[0] + (0 if (t.diagonal or opts.diagonal) else t.shape[1]) for t in job.plan.tiles))
-        return job
-
-    def _plan_tiles(self, budget: int, symmetric: bool) -> TilePlan:
-        r, lay, fn = self.route, self.layout, self.opts.fn
-        N = self.data.X.shape[0]
-        block = lay.num_outputs ** 2 if lay.full else 1
-        acc = block * self.fm.itemsize * r.acc_multiplier
-        if lay.diagonal:
-            plan = plan_diagonal(N, bytes_per_sample=r.bytes_per_sample, acc_bytes_per_sample=acc, budget=budget,
-                                 chunk=r.chunk, fn=fn, reserved=r.reserved)
-        else:
-            M = N if self.data.X2 is None else self.data.X2.shape[0]
-            reuse = len(r.terms(self.rule_terms)) == 1 and r.row_reuse
-            plan = plan_tiles(N, M, symmetric=symmetric, bytes_per_sample=r.bytes_per_sample, acc_bytes_per_pair=acc,
-                              budget=budget, chunk=r.chunk, fn=fn, reuse_rows=reuse, reserved=r.reserved)
-        return plan
+            return cls(opts, fm, data, layout, terms, route, geometry.tiling(route, layout, fm, terms), sk.choices)
+        route, tiling, choices = _choose_routes(opts, fm, data, layout, terms, geometry)
+        return cls(opts, fm, data, layout, terms, route, tiling, choices)
 
     # ------------------------------------------------------------------ what it is
     @property
@@ -201,12 +224,12 @@ class GramJob:
     @property
     def terms(self) -> list[Term]:
         """The terms the tile loop runs (the rule's, or the sketch's one product of features)."""
-        return self.route.terms(self.rule_terms)
+        return self.route.terms(list(self.quadrature_terms))
 
     @property
     def method(self) -> str:
-        """The resolved route: "jacobian", "factorized" (some layer factorised), "materialized" or "sketch"."""
-        return self.route.label
+        """The resolved method: "jacobian", "factorized" (some layer factorised), "materialized" or "sketch"."""
+        return self.route.method
 
     @property
     def result_shape(self) -> tuple[int, ...]:
@@ -224,20 +247,18 @@ class GramJob:
         rowmul = C if full else 1
         if self.layout.diagonal:
             return 2.0 * self.data.X.shape[0] * C * (C if full else 1) * P * len(self.terms)
-        return sum(2.0 * (t.shape[0] * rowmul) * (t.shape[1] * rowmul) * k for t in self.plan.tiles) * len(self.terms)
+        return sum(2.0 * (t.shape[0] * rowmul) * (t.shape[1] * rowmul) * k for t in self.tiling.tiles) * len(self.terms)
 
     def record(self) -> dict[str, Any]:
         """The options a stored result records (all that change its numbers, the routes used among them)."""
         return dict(self.opts.record(), backend=self.layout.backend, device=self.fm.device.type,
-                    symmetric=self.plan.symmetric, **self.route.record())
+                    symmetric=self.tiling.symmetric, **self.route.record())
 
     def fingerprints(self) -> dict[str, str]:
         """Digests of what the result depends on: model, trajectory, X (with y), X2 (with y2), options."""
         d = self.data
-        return {"model": self.fm.fingerprint(), "trajectory": self.fm.trajectory.fingerprint(),
-                "X": formats.digest(d.X) if d.Y is None else formats.digest(d.X, d.Y),
-                "X2": "none" if d.X2 is None else formats.digest(d.X2) if d.Y2 is None else formats.digest(d.X2, d.Y2),
-                "options": formats.digest(sorted(self.record().items()))}
+        return formats.fingerprints(self.fm.fingerprint(), self.fm.trajectory.fingerprint(), d.X, d.X2, y=d.Y,
+                                    y2=d.Y2, options=self.record())
 
     def describe(self) -> str:
         N = self.data.X.shape[0]
@@ -248,10 +269,10 @@ class GramJob:
     # ------------------------------------------------------------------ the loop
     def run(self, sink: Sink | None = None, *, progress: bool = True) -> Any:
         """Compute the tiles the sink asks for, hand each to it when finished, and return its result (default:
-        the Gram in memory, a CPU tensor)."""
+        the Gram in memory, a CPU tensor). A store being resumed keeps the tiling it was written with."""
         sink = sink or MemorySink(self.result_shape, self.dtype, self.layout.diagonal)
         try:
-            self.plan, mine, pending = sink.open(self.plan)
+            tiling, mine, pending = sink.open(self.tiling)
             terms = self.terms
             pairs = sum(t.shape[0] if self.layout.diagonal else t.shape[0] * t.shape[1] for t in mine) * len(terms)
             bar = tqdm(total=pairs, unit="pair", unit_scale=True, desc=self.describe(), disable=not progress,
@@ -259,54 +280,63 @@ class GramJob:
             dev = self.fm.device
             with reuse_freed_memory(dev.type == "cpu"):
                 if pending and terms:
-                    needs_cols = not all(t.diagonal or self.layout.diagonal for t in self.plan.tiles) \
+                    needs_cols = not all(t.diagonal or self.layout.diagonal for t in tiling.tiles) \
                         or not is_symmetric(terms)
-                    self.route.chunk = self.plan.chunk
-                    self.route.begin(self.data, self.plan.row_block, self.plan.col_block if needs_cols else 0, progress)
+                    self.route.begin(self.data, tiling.row_block, tiling.col_block if needs_cols else 0, tiling.chunk,
+                                     progress)
                 most = max((self.layout.acc_numel(t) for t in mine), default=0)
                 # one accumulator for every tile (each takes a contiguous prefix): a fresh tile-sized allocation per
                 # tile would leave the allocator holding freed blocks of other sizes, past the memory budget
-                self._acc = torch.empty(most, dtype=self.dtype, device=dev)
-                self._rows_key = None
+                loop = _Loop(torch.empty(most, dtype=self.dtype, device=dev))
                 try:
                     for tile in mine:
-                        acc = self.compute_tile(tile, bar)
-                        block, mirror = self.layout.finish(tile, acc, mirrored=self.plan.symmetric)
+                        acc = self.compute_tile(tile, loop, bar)
+                        block, mirror = self.layout.finish(tile, acc, mirrored=tiling.symmetric)
                         del acc
                         sink.write(tile, block, mirror)
                         del block, mirror
                 finally:
                     bar.close()
                     self.route.end()
-                    self._acc = self._left = None
+                    del loop
         finally:
             sink.close()
         return sink.result()
 
-    def compute_tile(self, tile: Tile, bar: Any = None) -> torch.Tensor:
+    def compute_tile(self, tile: Tile, loop: "_Loop", bar: Any = None) -> torch.Tensor:
         """Σ over terms of weight · ⟨rows' side, columns' side⟩ for this tile, as the accumulator (on the compute
-        device; a view of the shared buffer, valid until the next tile starts)."""
+        device; a view of the loop's shared buffer, valid until the next tile starts)."""
         shape = self.layout.acc_shape(tile)
-        acc = self._acc[: math.prod(shape)].view(shape).zero_()
+        acc = loop.acc[: math.prod(shape)].view(shape).zero_()
         d, r, diag = self.data, self.route, self.layout.diagonal
         Xr, Yr = d.X[tile.rows], None if d.Y is None else d.Y[tile.rows]
         Xc, Yc = d.cols[tile.cols], None if d.Y is None else d.cols_y[tile.cols]
         terms = self.terms
         for term in terms:
             key = (tile.rows.start, tile.rows.stop) if len(terms) == 1 and r.row_reuse else None
-            form_left = key is None or key != self._rows_key
+            form_left = key is None or key != loop.rows_key
             same = (tile.diagonal or diag) and term.symmetric
             progress = _TermProgress(bar, tile.shape[0] if diag else tile.shape[0] * tile.shape[1],
                                      (tile.shape[0] * len(term.left) if form_left else 0)
                                      + (0 if same else tile.shape[1] * len(term.right_combo)))
             if form_left:
-                self._left = r.side(term.left, Xr, Yr, "rows", tile.rows, tick=progress.tick)
-                self._rows_key = key
-            left = self._left
+                loop.left = r.side(term.left, Xr, Yr, "rows", tile.rows, tick=progress.tick)
+                loop.rows_key = key
+            left = loop.left
             right = left if same else r.side(term.right_combo, Xc, Yc, "cols", tile.cols, tick=progress.tick)
             r.product(acc, left, right, term.weight, same)
             progress.done()
         return acc
+
+
+class _Loop:
+    """What one run of the tile loop holds between tiles: the accumulator every tile takes a prefix of, and the
+    rows' side kept for the next tile of the same rows."""
+
+    def __init__(self, acc: torch.Tensor) -> None:
+        self.acc = acc
+        self.left: Any = None
+        self.rows_key: tuple[int, int] | None = None
 
 
 class _TermProgress:

@@ -1,9 +1,9 @@
 """products: the layout of a tile's accumulator and the panel product every route adds into it.
 
 A Gram of C outputs per sample is accumulated per tile as ``[r, c]`` (trace and mean), ``[r·C, c·C]`` (the full
-block, sample-major) or, for the diagonal, ``[r]`` / ``[r, C, C]``. :class:`Layout` knows which, multiplies
+block, sample-major) or, for the diagonal, ``[r]`` / ``[r, C, C]``. :class:`TileLayout` knows which, multiplies
 ``[n, C, K]`` panels into it on the selected backend (:mod:`pkfast.engine.accumulate`), and turns a finished
-accumulator into the result's blocks (:meth:`Layout.finish`: the mean's scaling, the mirrored lower
+accumulator into the result's blocks (:meth:`TileLayout.finish`: the mean's scaling, the mirrored lower
 triangle of a symmetric diagonal tile, the transposed block of a mirrored off-diagonal tile).
 """
 
@@ -17,14 +17,14 @@ import torch
 from pkfast.engine.accumulate import accumulate, accumulate_diagonal
 from pkfast.engine.tiles import Tile
 
-__all__ = ["Layout"]
+__all__ = ["TileLayout"]
 
 #: Rows copied at a time when a square accumulator is symmetrised in place.
 SYM_SLAB = 256
 
 
 @dataclass(frozen=True)
-class Layout:
+class TileLayout:
     """Where a tile's kernel entries go: ``outputs`` (trace/mean/full), ``diagonal``, C, and the backend and
     input precision of the products."""
 

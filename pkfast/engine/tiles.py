@@ -1,4 +1,4 @@
-"""Tile plan: splits the Gram's (rows × cols) grid into tiles whose working memory fits a byte budget.
+"""tiles: the tiling — splits the Gram's (rows × cols) grid into tiles whose working memory fits a byte budget.
 
 The working memory of one tile is its two Jacobian panels (``b_r`` and ``b_c`` samples × C·P values), the
 Jacobian workspace of one ``vmap`` chunk, and the tile accumulator (``b_r × b_c`` entries, × C² for the full
@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-__all__ = ["Tile", "TilePlan", "plan_tiles", "plan_diagonal"]
+__all__ = ["Tile", "Tiling", "solve_tiling", "solve_diagonal"]
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class Tile:
 
 
 @dataclass
-class TilePlan:
+class Tiling:
     n_rows: int
     n_cols: int
     row_block: int
@@ -49,7 +49,7 @@ class TilePlan:
     def __repr__(self) -> str:
         kind = "upper-triangle" if self.symmetric else "full"
         return (
-            f"TilePlan({self.n_rows}×{self.n_cols}, {len(self.tiles)} {kind} tiles of ≤{self.row_block}×"
+            f"Tiling({self.n_rows}×{self.n_cols}, {len(self.tiles)} {kind} tiles of ≤{self.row_block}×"
             f"{self.col_block}, vmap chunk {self.chunk}, ~{self.tile_bytes / 2**20:.1f} MiB of "
             f"{self.budget / 2**20:.1f} MiB budget)"
         )
@@ -83,7 +83,7 @@ def _reuse_sizes(room: int, u: int, k: int, n: int) -> tuple[int, int]:
     return b, max(1, -(-b // 2)) if b else 0
 
 
-def plan_tiles(
+def solve_tiling(
     n_rows: int,
     n_cols: int,
     *,
@@ -95,7 +95,7 @@ def plan_tiles(
     fn: str = "pkfast.gram",
     reuse_rows: bool = False,
     reserved: int = 0,
-) -> TilePlan:
+) -> Tiling:
     """Plan tiles for an ``n_rows × n_cols`` Gram.
 
     With ``reuse_rows`` (a symmetric Gram whose engine keeps a tile-row's panel across consecutive tiles, i.e.
@@ -121,7 +121,7 @@ def plan_tiles(
         chunk = min(chunk, n_rows)
         tiles = [Tile(0, slice(0, n_rows), slice(0, n_rows), diagonal=True)]
         used = fixed + n_rows * u + n_rows * n_rows * k
-        return TilePlan(n_rows, n_cols, n_rows, n_rows, True, chunk, u, used, budget, tiles)
+        return Tiling(n_rows, n_cols, n_rows, n_rows, True, chunk, u, used, budget, tiles)
     if symmetric and reuse_rows:
         br, bc = _reuse_sizes(budget - fixed, u, k, n_rows)
     else:
@@ -146,15 +146,15 @@ def plan_tiles(
             cols = slice(c0, min(n_cols, c0 + bc))
             tiles.append(Tile(len(tiles), rows, cols, diagonal=symmetric and c0 == r0))
     used = fixed + (br + bc) * u + br * max(br if symmetric and reuse_rows else 0, bc) * k
-    return TilePlan(n_rows, n_cols, br, bc, symmetric, chunk, u, used, budget, tiles)
+    return Tiling(n_rows, n_cols, br, bc, symmetric, chunk, u, used, budget, tiles)
 
 
 def _reserved_note(reserved: int) -> str:
     return f", besides a {reserved:,}-byte workspace" if reserved else ""
 
 
-def plan_diagonal(n: int, *, bytes_per_sample: int, acc_bytes_per_sample: int, budget: int, chunk: int,
-                  fn: str = "pkfast.gram", reserved: int = 0) -> TilePlan:
+def solve_diagonal(n: int, *, bytes_per_sample: int, acc_bytes_per_sample: int, budget: int, chunk: int,
+                  fn: str = "pkfast.gram", reserved: int = 0) -> Tiling:
     """Row panels for the diagonal K(x_a, x_a): one (or two, for asymmetric rules) panels per block."""
     u = int(bytes_per_sample)
     chunk = max(1, min(chunk, budget // (8 * u) if u else chunk))
@@ -171,4 +171,4 @@ def plan_diagonal(n: int, *, bytes_per_sample: int, acc_bytes_per_sample: int, b
     tiles = [Tile(i, slice(a, min(n, a + b)), slice(a, min(n, a + b)), diagonal=True)
              for i, a in enumerate(range(0, n, b))]
     used = fixed + 2 * b * u + b * acc_bytes_per_sample
-    return TilePlan(n, n, b, b, True, chunk, u, used, budget, tiles)
+    return Tiling(n, n, b, b, True, chunk, u, used, budget, tiles)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -31,9 +31,11 @@ __all__ = ["Layer", "LayerRule", "AffineRule", "Factors"]
 Factors = tuple[torch.Tensor, torch.Tensor]
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class Layer:
-    """One parameterised module and how its share of the kernel is computed."""
+    """One parameterised module: its identity (name, type, parameters) and the facts discovered about it (its
+    rule, calls, positions, fans). Frozen: discovery returns new records (:func:`dataclasses.replace`); the
+    per-computation decision (its route and cost) is a separate :class:`pkfast.engine.costs.LayerChoice`."""
 
     name: str                      # module path ("" for the root module)
     kind: str                      # the rule's name ("linear", "conv", "embedding", "norm", …) or "other"
@@ -48,12 +50,11 @@ class Layer:
     positions: int = 0             # S, summed over calls
     fan_in: int = 0                # I per group (without the bias column); vocabulary size for an embedding
     fan_out: int = 0               # O per group
-    method: str = "jacobian"
-    stream: bool = False           # "materialized" and streamed in slices (its factors are the smaller)
-    reason: str = ""
-    flops: float = 0.0             # estimated multiply-add FLOPs of its share of the Gram (all terms)
-    bytes_per_sample: int = 0      # working memory per sample of its share
-    options: dict[str, float] = field(default_factory=dict)  # FLOPs of each feasible route (for the plan)
+    reason: str = ""               # why it has no rule (kind "other"): the plan's note
+
+    def without_rule(self, reason: str) -> "Layer":
+        """The same layer for the Jacobian route (no rule), with the reason."""
+        return replace(self, kind="other", module=None, rule=None, calls=0, reason=reason)
 
     @property
     def factor_in(self) -> int:

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import torch
 
-from pkfast.engine.functional import DEFAULT_CHUNK_BYTES, FunctionalModel
-from pkfast.layers.base import Layer
+from pkfast.engine.capture import Capture, Groups
+from pkfast.engine.costs import LayerChoice, RouteKind, chunk_for
+from pkfast.engine.functional import FunctionalModel
 from pkfast.engine.routes.base import Combo
-from pkfast.engine.capture import Capture
 from pkfast.engine.routes.layered import find_layers
+from pkfast.layers.base import Layer
 
 __all__ = ["Panels"]
 
@@ -29,42 +30,41 @@ class Panels:
         self.fm = fm
         layers = find_layers(fm.model, fm)
         if not routed:  # every gradient by vmap(jacrev) (the reference the layer routes are tested against)
-            for L in layers:
-                L.kind, L.rule, L.module = "other", None, None
+            layers = [L.without_rule("routed=False") for L in layers]
         cap = Capture(fm, layers)
         if any(L.kind != "other" for L in layers):
-            cap.discover(X)
-        for L in layers:
-            L.stream = False
-            if L.kind == "other":
-                L.method = "jacobian"
-            else:
-                L.method = "materialized" if L.calls else "jacobian"  # never called: its zero gradient by jacrev
-        cap.group()
-        self.capture = cap if cap.hooked else None
+            layers = list(cap.discover(X))
+        self.capture = cap
         self.layers = layers
         self.width = fm.num_params
-        assert self.capture is None or self.capture.panel_width == self.width
-        self._perm: torch.Tensor | None = None
+        self._use({L.name for L in layers if L.kind != "other" and L.calls})
+        assert self.capture is None or self.groups.panel_width == self.width
+
+    def _use(self, routed: set[str]) -> None:
+        """Form the layers named in ``routed`` from their factors (the rest, and never-called layers, by jacrev:
+        a never-called layer's gradient is zero): the groups of a panel, and of a pass handing back factors."""
+        def choices(stream: bool) -> tuple[LayerChoice, ...]:
+            return tuple(LayerChoice(L, RouteKind.MATERIALIZED if L.name in routed else RouteKind.JACOBIAN,
+                                     stream=stream) for L in self.layers)
+        #: the panel's groups (routed layers materialised into it) and those of :meth:`evaluate` (their factors)
+        self.groups = Groups.of(self.fm, choices(False))
+        self.factor_groups = Groups.of(self.fm, choices(True))
+        if not self.groups.hooked:
+            self.capture = None
 
     @property
     def layout(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(parameters by jacrev, layers from factors), in column order: panels with equal layouts multiply."""
         if self.capture is None:
             return tuple(self.fm.names), ()
-        return tuple(self.capture.jac_names), tuple(L.name for L in self.capture.hooked)
+        return tuple(self.groups.jac_names), tuple(L.name for L in self.groups.hooked)
 
     def restrict(self, layers: set[str]) -> None:
         """Send every layer formed from factors but not in ``layers`` to the jacrev part (to share another
         panel's layout)."""
         if self.capture is None:
             return
-        for L in self.capture.hooked:
-            if L.name not in layers:
-                L.method = "jacobian"
-        self.capture.group()
-        if not self.capture.hooked:
-            self.capture = None
+        self._use({L.name for L in self.groups.hooked if L.name in layers})
 
     @staticmethod
     def matched(*panels: "Panels") -> None:
@@ -79,8 +79,8 @@ class Panels:
         """How the panels are formed, one line."""
         if self.capture is None:
             return "gradients by vmap(jacrev)"
-        n = len(self.capture.hooked)
-        return f"gradients of {n} layer(s) from captured factors; " + (self.capture.describe() or "")
+        n = len(self.groups.hooked)
+        return f"gradients of {n} layer(s) from captured factors; " + (self.capture.describe(self.groups) or "")
 
     def panel(self, combo: Combo, X: torch.Tensor, Y: torch.Tensor | None = None,
               out: torch.Tensor | None = None) -> torch.Tensor:
@@ -90,10 +90,9 @@ class Panels:
             out = torch.empty(n, fm.num_outputs, self.width, dtype=fm.dtype, device=fm.device)
         if self.capture is None:
             return fm.jacobian(combo, X, out=out, Y=Y)
-        per = max(1, fm.num_outputs * self.width * fm.itemsize)
-        chunk = max(1, min(1024, DEFAULT_CHUNK_BYTES // per))
+        chunk = chunk_for(fm.num_outputs * self.width * fm.itemsize)
         for qi, (point, om) in enumerate(combo):
-            self.capture.evaluate(point, X, Y, chunk, out, weight=om, add=qi > 0)
+            self.capture.evaluate(self.groups, point, X, Y, chunk, out, weight=om, add=qi > 0)
         return out
 
     def widths(self) -> list[int]:
@@ -106,9 +105,9 @@ class Panels:
         each group of each layer formed from factors."""
         if self.capture is None:
             return [(None, 0, self.width)]
-        cap = self.capture
-        return ([(None, 0, cap.jac_width)] if cap.jac_width else []) + [
-            (L, g, L.size // L.groups) for L in cap.hooked for g in range(L.groups)]
+        G = self.groups
+        return ([(None, 0, G.jac_width)] if G.jac_width else []) + [
+            (L, g, L.size // L.groups) for L in G.hooked for g in range(L.groups)]
 
     def evaluate(self, combo: Combo, X: torch.Tensor, Y: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor | None, list[tuple[float, dict]]]:
@@ -118,21 +117,13 @@ class Panels:
         C = fm.num_outputs
         if cap is None:
             return fm.jacobian(combo, X, Y=Y), []
-        for L in cap.hooked:  # evaluate() hands back streamed layers' factors instead of writing their gradients
-            L.stream = True
-        cap.group()
-        try:
-            jw = cap.jac_width
-            tmp = torch.empty(n, C, jw, dtype=fm.dtype, device=fm.device) if jw else None
-            per = max(1, C * (jw + max((L.size for L in cap.hooked), default=0)) * fm.itemsize)
-            chunk = max(1, min(1024, DEFAULT_CHUNK_BYTES // per))
-            nodes = [(om, cap.evaluate(point, X, Y, chunk, tmp, weight=om, add=qi > 0))
-                     for qi, (point, om) in enumerate(combo)]
-            return tmp, nodes
-        finally:
-            for L in cap.hooked:
-                L.stream = False
-            cap.group()
+        G = self.factor_groups  # the pass hands back every routed layer's factors instead of its gradient
+        jw = G.jac_width
+        tmp = torch.empty(n, C, jw, dtype=fm.dtype, device=fm.device) if jw else None
+        chunk = chunk_for(C * (jw + max((L.size for L in G.hooked), default=0)) * fm.itemsize)
+        nodes = [(om, cap.evaluate(G, point, X, Y, chunk, tmp, weight=om, add=qi > 0))
+                 for qi, (point, om) in enumerate(combo)]
+        return tmp, nodes
 
     @staticmethod
     def write(slot: tuple[Layer, int, int], nodes: list[tuple[float, dict]], out: torch.Tensor, *,
@@ -161,8 +152,8 @@ class Panels:
         if self.capture is None:
             return flat
         params = self.fm.params(flat)
-        parts = [params[n].reshape(-1) for n in self.capture.jac_names]
-        for L in self.capture.hooked:
+        parts = [params[n].reshape(-1) for n in self.groups.jac_names]
+        for L in self.groups.hooked:
             roles = dict(zip(("weight", "bias"), L.rule.param_names))
             own = {p.rsplit(".", 1)[-1]: params[p] for p in L.params}
             parts.append(L.rule.gradient_layout(L, {r: own.get(n) for r, n in roles.items()}))

@@ -39,7 +39,7 @@ def test_triton_backend_equals_torch_backend_and_reference(outputs, cross, rule)
     X2 = torch.randn(7, 4) if cross else None
     kw = dict(outputs=outputs, rule=rule, progress=False, memory_budget=6_000, method="jacobian")  # several ragged tiles
     job = GramJob.create(net, traj, X, X2, backend="triton", outputs=outputs, rule=rule, memory_budget=6_000, method="jacobian")
-    assert job.backend == "triton" and len(job.plan.tiles) > 1
+    assert job.backend == "triton" and len(job.tiling.tiles) > 1
     K_triton = job.run(progress=False)
     K_torch = pkfast.gram(net, traj, X, X2, backend="torch", **kw)
     assert rel_err(K_triton, K_torch) < 1e-6

@@ -14,9 +14,11 @@ import torch
 from torch import nn
 
 import pkfast
-from pkfast.reference import _load_point, jacobian_reference
-from pkfast.engine.routes.kron import ranks, side_matrix
+from pkfast.reference import jacobian_reference
+from pkfast.engine.costs import projection_ranks as ranks
+from pkfast.engine.routes.kron import side_matrix
 from pkfast.sketch import sketch
+from tests._util import load_point
 from tests.models import mlp, random_trajectory
 
 F64 = torch.float64
@@ -78,7 +80,7 @@ def _layer_gradients(net, traj, X):
     offsets = dict(zip(names, torch.tensor([0] + sizes).cumsum(0).tolist()))
     out = {}
     for s, eps in enumerate(float(e) for e in traj.step_sizes):
-        _load_point(ref, traj, s)
+        load_point(ref, traj, s)
         J = jacobian_reference(ref, X) * math.sqrt(eps)  # √w_s J_s
         for mname, mod in ref.named_modules():
             if not isinstance(mod, (nn.Linear, nn.Embedding)):
@@ -148,7 +150,7 @@ def test_features_are_the_explicit_kronecker_projection(rule):
     g = torch.Generator()
     net64 = copy.deepcopy(net)
     for point, w in weights.items():
-        _load_point(net64, traj, point)
+        load_point(net64, traj, point)
         J = jacobian_reference(net64, X)
         traj1 = pkfast.Trajectory.from_checkpoints([traj.point(point), traj.point(point)], lr=1.0)
         G = _layer_gradients(net64, traj1, X)

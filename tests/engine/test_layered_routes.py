@@ -185,7 +185,7 @@ def test_float32_and_tiny_tiles():
     K = pkfast.gram(net32, traj, X.float(), X2.float(), method="factorized", memory_budget=40_000, progress=False)
     job = GramJob.create(net32, traj, X.float(), X2.float(), method="factorized",
                                                     memory_budget=40_000)
-    assert len(job.plan.tiles) > 1
+    assert len(job.tiling.tiles) > 1
     assert rel_err(K, ref) <= RTOL[torch.float32]
 
 
@@ -350,7 +350,7 @@ def test_gram_method_sketch_is_the_sketch_module(tmp_path):
                 assert rel_err(K, F1.gram(other, **kw)) <= RTOL[F64], (kw, budget)
     job = GramJob.create(net, traj, X, method="sketch", k=64, seed=3,
                                                     memory_budget=90_000, dtype=F64)
-    assert len(job.plan.tiles) > 1
+    assert len(job.tiling.tiles) > 1
     out = tmp_path / "s.npy"
     S = pkfast.gram(net, traj, X, method="sketch", k=64, seed=3, dtype=F64, progress=False, out=out, memory_budget=90_000)
     assert rel_err(torch.from_numpy(np.array(S)), F1.gram()) <= RTOL[F64]
@@ -512,7 +512,7 @@ def test_materialized_float32_many_tiles_stored_and_triton(tmp_path):
     ref = gram_reference(net, traj, X, X2)
     net32, X32, X232 = net.float(), X.float(), X2.float()
     job = GramJob.create(net32, traj, X32, X232, method="materialized", memory_budget=12_000)
-    assert len(job.plan.tiles) > 1
+    assert len(job.tiling.tiles) > 1
     K = pkfast.gram(net32, traj, X32, X232, method="materialized", memory_budget=12_000, progress=False)
     assert rel_err(K, ref) <= RTOL[torch.float32]
     S = pkfast.gram(net32, traj, X32, method="materialized", memory_budget=12_000, progress=False, out=tmp_path / "m.npy")

@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from pkfast.engine.products import Layout
+from pkfast.engine.products import TileLayout
 from pkfast.engine.quadrature import EvalPoint, Term
 
-__all__ = ["Route", "Side", "Data", "Combo", "layer_counts"]
+__all__ = ["Route", "Side", "Data", "Combo"]
 
 #: One side of a term: Σ_q ω_q (the quantity at point q).
 Combo = tuple[tuple[EvalPoint, float], ...]
@@ -62,14 +62,15 @@ class Side:
 
 
 class Route:
-    """How a Gram's tiles are formed. Subclasses set the planning figures in ``__init__`` (or :meth:`refit`) and
-    implement :meth:`side` and :meth:`product`."""
+    """How a Gram's tiles are formed. A route is built once from a finished plan: subclasses set the planning
+    figures in ``__init__`` (never later) and implement :meth:`side` and :meth:`product`."""
 
-    #: the route's name in ``GramPlan.method`` and error messages: "jacobian", "factorized", "materialized", "sketch"
-    label: str = "route"
+    #: the job-level method this route resolves to (``GramPlan.method``, error messages): "jacobian",
+    #: "factorized" (some layer factorised), "materialized" or "sketch"
+    method: str = "route"
     #: working bytes per sample held for a tile (panel and factors, all evaluation points of a side)
     bytes_per_sample: int = 0
-    #: samples per ``vmap`` call it prefers (the tile planner may lower it)
+    #: samples per ``vmap`` call it prefers (the tiling may lower it)
     chunk: int = 1
     #: bytes held besides the tiles whatever their size (a workspace)
     reserved: int = 0
@@ -78,7 +79,7 @@ class Route:
     #: with one term, keep a tile-row's side for the next tile of the same rows (and plan tiles for it)
     row_reuse: bool = True
 
-    def __init__(self, layout: Layout) -> None:
+    def __init__(self, layout: TileLayout) -> None:
         self.layout = layout
 
     def terms(self, terms: list[Term]) -> list[Term]:
@@ -97,8 +98,10 @@ class Route:
         """What a stored result records of the route (JSON-serialisable)."""
         return {"summary": self.summary()}
 
-    def begin(self, data: Data, row_block: int, col_block: int, progress: bool) -> None:
-        """Allocate what the tiles reuse (panels of ``row_block``/``col_block`` samples) before the first tile."""
+    def begin(self, data: Data, row_block: int, col_block: int, chunk: int, progress: bool) -> None:
+        """Allocate what the tiles reuse (panels of ``row_block``/``col_block`` samples) before the first tile;
+        ``chunk``: the samples per pass the tiling settled on (at most :attr:`chunk`)."""
+        self.chunk = chunk
 
     def side(self, combo: Combo, X: torch.Tensor, Y: torch.Tensor | None, slot: str, rows: slice,
              tick: Callable[[int], None] | None = None) -> Side:
@@ -113,12 +116,3 @@ class Route:
 
     def end(self) -> None:
         """Drop what :meth:`begin` allocated."""
-
-
-def layer_counts(layers: list) -> str:
-    """How many layers took each route, e.g. ``"factorized 3, materialized 12, jacobian 2 layers"``."""
-    counts: dict[str, int] = {}
-    for L in layers:
-        counts[L.method] = counts.get(L.method, 0) + 1
-    parts = [f"{m} {counts[m]}" for m in ("factorized", "materialized", "jacobian", "unused") if counts.get(m)]
-    return ", ".join(parts) + " layers" if parts else "no layers"

@@ -9,32 +9,34 @@ from collections.abc import Callable
 import torch
 
 from pkfast.engine.functional import FunctionalModel
-from pkfast.engine.products import Layout
-from pkfast.engine.routes.base import Combo, Data, Route, Side, layer_counts
+from pkfast.engine.products import TileLayout
+from pkfast.engine.costs import route_counts
+from pkfast.engine.routes.base import Combo, Data, Route, Side
 
 __all__ = ["JacobianRoute"]
 
 
 class JacobianRoute(Route):
-    label = "jacobian"
+    method = "jacobian"
 
-    def __init__(self, layout: Layout, fm: FunctionalModel, *, requested: str = "jacobian", layers: list = ()) -> None:
+    def __init__(self, layout: TileLayout, fm: FunctionalModel, *, requested: str = "jacobian", choices: tuple = ()) -> None:
         super().__init__(layout)
         self.fm = fm
-        self.requested, self.layers = requested, list(layers)
+        self.requested, self.choices = requested, tuple(choices)
         self.panel_width = fm.num_params
         self.bytes_per_sample = layout.num_outputs * fm.num_params * fm.itemsize
         self.chunk = fm.default_chunk()
         self._buf: dict[str, torch.Tensor] = {}
 
     def summary(self) -> str:
-        counts = f"{layer_counts(self.layers)}: " if self.layers else ""
+        counts = f"{route_counts(self.choices)}: " if self.choices else ""
         return f"{self.requested}: {counts}all {self.fm.num_params:,} parameters by vmap(jacrev)"
 
     def record(self) -> dict:
-        return {"summary": self.summary(), "routes": [f"{L.name}:{L.method}" for L in self.layers]}
+        return {"summary": self.summary(), "routes": [f"{c.name}:{c.route}" for c in self.choices]}
 
-    def begin(self, data: Data, row_block: int, col_block: int, progress: bool) -> None:
+    def begin(self, data: Data, row_block: int, col_block: int, chunk: int, progress: bool) -> None:
+        self.chunk = chunk
         C, P, fm = self.layout.num_outputs, self.panel_width, self.fm
         self._buf = {"rows": torch.empty(row_block, C, P, dtype=fm.dtype, device=fm.device),
                      "cols": torch.empty(col_block, C, P, dtype=fm.dtype, device=fm.device)}

@@ -19,14 +19,15 @@ from collections.abc import Callable
 import torch
 
 from pkfast.engine.accumulate import accumulate
-from pkfast.engine.functional import DEFAULT_CHUNK_BYTES, FunctionalModel
+from pkfast.engine.capture import Capture, Groups
+from pkfast.engine.costs import LayerChoice, chunk_for, route_counts
+from pkfast.engine.functional import FunctionalModel
+from pkfast.engine.products import TileLayout
+from pkfast.engine.routes.base import Combo, Data, Route, Side
 from pkfast.layers import rule_for
 from pkfast.layers.base import Layer
-from pkfast.engine.products import Layout
-from pkfast.engine.routes.base import Combo, Data, Route, Side, layer_counts
-from pkfast.engine.capture import Capture
 
-__all__ = ["LayeredRoute", "find_layers", "choose"]
+__all__ = ["LayeredRoute", "find_layers"]
 
 #: Bytes of S×S temporaries one factorised product may hold at a time (row/column sub-blocks are cut to fit).
 WORKSPACE_BYTES = 64 * 2**20
@@ -63,48 +64,11 @@ def find_layers(model: torch.nn.Module, fm: FunctionalModel) -> list[Layer]:
         if rule is None and not reason:  # say why: no rule for this module type (its own parameters by jacrev)
             reason = (f"no layer rule for {type(mod).__name__} (its own parameters "
                       f"{', '.join(pn for pn, _ in own)[:60]}; register one with pkfast.layers.register)")
-        layer = Layer(mname, rule.name if rule else "other", type(mod).__name__, names, sum(p.numel() for _, p in own),
-                      module=mod if rule else None, rule=rule, reason=reason)
-        if rule is not None:
-            layer.bias = rule.param_names[1] in dict(own)
-            layer.groups = rule.groups(mod)
-        layers.append(layer)
+        extra = dict(bias=rule.param_names[1] in dict(own), groups=rule.groups(mod)) if rule is not None else {}
+        layers.append(Layer(mname, rule.name if rule else "other", type(mod).__name__, names,
+                            sum(p.numel() for _, p in own), module=mod if rule else None, rule=rule, reason=reason,
+                            **extra))
     return layers
-
-
-def choose(layers: list[Layer], *, method: str, C: int, full: bool, pairs: float, samples: float, terms: int,
-           itemsize: int) -> None:
-    """Set each layer's route and cost estimate: ``method="auto"`` takes the cheaper route per layer with a rule
-    (ties go to ``"factorized"``), ``"factorized"`` factorises every layer whose rule can be factorised,
-    ``"materialized"`` materialises every layer with a rule, ``"jacobian"`` none.
-
-    ``pairs``/``samples``: kernel entries and Jacobian rows (rows + columns, summed over tiles) per term."""
-    for L in layers:
-        if L.kind == "other" or L.calls == 0 or method == "jacobian":
-            if method == "jacobian":
-                L.method = "jacobian"
-                if L.kind != "other":
-                    L.reason = "method='jacobian'"
-            elif L.kind != "other":
-                L.method, L.reason = "unused", "never called in the forward pass"
-            else:
-                L.method = "jacobian"
-            L.flops = terms * (2.0 * (C * C if full else C) * L.size * pairs + 6.0 * C * L.size * samples)
-            L.bytes_per_sample = C * L.size * itemsize
-            L.options = {"jacobian": L.flops}
-            continue
-        fp, mp, ms = L.rule.costs(L, C, full)
-        mat = terms * (mp * pairs + ms * samples)
-        L.options = {"materialized": mat} if fp is None else {"factorized": terms * fp * pairs, "materialized": mat}
-        factor_bytes = L.positions * (L.rule.a_columns(L) + C * L.fan_out * L.groups) * itemsize
-        L.stream = False
-        if fp is not None and (method == "factorized" or (method == "auto" and L.options["factorized"] <= mat)):
-            L.method, L.flops = "factorized", L.options["factorized"]
-            L.bytes_per_sample = factor_bytes
-        else:
-            L.method, L.flops = "materialized", mat
-            L.stream = factor_bytes <= C * L.size * itemsize
-            L.bytes_per_sample = factor_bytes if L.stream else C * L.size * itemsize
 
 
 class LayeredRoute(Route):
@@ -112,51 +76,41 @@ class LayeredRoute(Route):
     materialised layers) and the factors of the factorised and streamed layers; :meth:`product` multiplies
     the panels, streams the streamed layers' gradients and adds the factorised layers' pairwise kernels."""
 
-    def __init__(self, layout: Layout, fm: FunctionalModel, layers: list[Layer], X: torch.Tensor, *,
-                 workspace_bytes: int | None = None) -> None:
+    def __init__(self, layout: TileLayout, fm: FunctionalModel, capture: Capture, choices: tuple[LayerChoice, ...], *,
+                 requested: str, nodes: int, stream_budget: int, workspace_bytes: int | None = None) -> None:
         super().__init__(layout)
-        self.fm = fm
-        self.layers = layers
-        self.capture = Capture(fm, layers)
-        self.capture.discover(X)
+        self.fm, self.capture, self.choices, self.requested = fm, capture, tuple(choices), requested
+        self.groups = g = Groups.of(fm, self.choices)
         self.workspace_bytes = WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes
-        self.stream_budget = 0
-        self.requested = "auto"
+        self.panel_width = g.panel_width
+        self.bytes_per_sample, self.chunk = self.figures(layout, fm, self.choices, g, nodes)
+        self.acc_multiplier = 3 if g.factorized else 1
+        self.reserved = self.stream_budget = stream_budget if g.streamed else 0
+        self.method = "factorized" if g.factorized else "materialized"
         self._buf: dict[str, torch.Tensor] = {}
         self._ws: torch.Tensor | None = None
 
-    def refit(self, *, method: str, pairs: float, samples: float, terms: int, nodes: int, stream_budget: int) -> None:
-        """Choose every layer's route for ``samples`` panel rows per term and set the planning figures."""
-        C, fm = self.layout.num_outputs, self.fm
-        self.requested = method
-        choose(self.layers, method=method, C=C, full=self.layout.full, pairs=pairs, samples=samples, terms=terms,
-               itemsize=fm.itemsize)
-        self.capture.group()
-        cap = self.capture
-        self.panel_width = cap.panel_width
-        feat = sum(L.bytes_per_sample for L in cap.with_factors) * nodes
-        self.bytes_per_sample = C * cap.panel_width * fm.itemsize + feat
-        self.chunk = max(1, min(1024, DEFAULT_CHUNK_BYTES // max(1, self.bytes_per_sample)))
-        self.acc_multiplier = 3 if cap.factorized else 1
-        self.reserved = self.stream_budget = stream_budget if cap.streamed else 0
-        self.label = "factorized" if cap.factorized else "materialized"
-
-    @property
-    def routed(self) -> bool:
-        """Whether any layer takes a layer route (else the plain Jacobian route does the same, faster)."""
-        return bool(self.capture.hooked)
+    @staticmethod
+    def figures(layout: TileLayout, fm: FunctionalModel, choices: tuple[LayerChoice, ...], groups: Groups,
+                nodes: int) -> tuple[int, int]:
+        """(working bytes per sample — the panel and every evaluation point's factors —, samples per pass)."""
+        by_name = {c.name: c for c in choices}
+        feat = sum(by_name[L.name].bytes_per_sample for L in groups.with_factors) * nodes
+        per = layout.num_outputs * groups.panel_width * fm.itemsize + feat
+        return per, chunk_for(per)
 
     def summary(self) -> str:
-        return f"{self.requested}: {layer_counts(self.layers)}"
+        return f"{self.requested}: {route_counts(self.choices)}"
 
     def passes(self) -> str:
-        return self.capture.describe()
+        return self.capture.describe(self.groups)
 
     def record(self) -> dict:
-        return {"summary": self.summary(), "routes": [f"{L.name}:{L.method}" for L in self.layers]}
+        return {"summary": self.summary(), "routes": [f"{c.name}:{c.route}" for c in self.choices]}
 
     # ------------------------------------------------------------------ running
-    def begin(self, data: Data, row_block: int, col_block: int, progress: bool) -> None:
+    def begin(self, data: Data, row_block: int, col_block: int, chunk: int, progress: bool) -> None:
+        self.chunk = chunk
         C, P, fm = self.layout.num_outputs, self.panel_width, self.fm
         if P:
             self._buf = {"rows": torch.empty(row_block, C, P, dtype=fm.dtype, device=fm.device),
@@ -171,7 +125,7 @@ class LayeredRoute(Route):
         panel = self._buf[slot][:n] if self.panel_width else None
         factors = []
         for qi, (point, om) in enumerate(combo):
-            f = self.capture.evaluate(point, X, Y, self.chunk, panel, weight=om, add=qi > 0, tick=tick)
+            f = self.capture.evaluate(self.groups, point, X, Y, self.chunk, panel, weight=om, add=qi > 0, tick=tick)
             factors.append((om, f))
         return Side(n, panel, factors)
 
@@ -182,7 +136,7 @@ class LayeredRoute(Route):
         self._streamed(acc, left, right, weight, same)
         for om, f1 in left.factors:
             for om2, f2 in right.factors:
-                for L in self.capture.factorized:
+                for L in self.groups.factorized:
                     for (Ar, Dr), (Ac, Dc) in zip(f1[L.name], f2[L.name]):
                         if lay.diagonal:
                             _diag_product(acc, L, Ar, Dr, Ac, Dc, weight * om * om2, lay.full)
@@ -193,7 +147,7 @@ class LayeredRoute(Route):
         """``acc += weight · G_rows G_colsᵀ`` for the streamed layers, where ``G = Σ_q ω_q Δ_qᵀ A_q`` is a layer's
         per-sample gradient summed over a side's evaluation points, formed a slice of units at a time into a
         reused workspace and multiplied as ``[n, C, K]`` panel slices."""
-        streamed = self.capture.streamed
+        streamed = self.groups.streamed
         if not streamed:
             return
         fm = self.fm

@@ -19,11 +19,12 @@ import torch
 from tqdm.auto import tqdm
 
 from pkfast.engine import distributed
-from pkfast.engine.functional import DEFAULT_CHUNK_BYTES, FunctionalModel
-from pkfast.engine.products import Layout
+from pkfast.engine.capture import Capture, Groups
+from pkfast.engine.costs import RouteKind, choose_projections, chunk_for, factor_bytes
+from pkfast.engine.functional import FunctionalModel
+from pkfast.engine.products import TileLayout
 from pkfast.engine.routes.base import Combo, Data, Route, Side
-from pkfast.engine.capture import Capture
-from pkfast.engine.routes.kron import add_layer_features, choose_projections
+from pkfast.engine.routes.kron import add_layer_features
 from pkfast.engine.routes.layered import find_layers
 from pkfast.engine.quadrature import EvalPoint, Term
 
@@ -80,7 +81,7 @@ class Sketcher:
     seed, the projection; :meth:`project` per sample set, :attr:`parts` for the fingerprint.
 
     With ``projection="dense"`` (or when no layer has a rule) every parameter's Jacobian is projected by the
-    Gaussian R_s block by block; otherwise each layer takes the projection :func:`~pkfast.engine.routes.kron.
+    Gaussian R_s block by block; otherwise each layer takes the projection :func:`~pkfast.engine.costs.
     choose_projections` gives it — Kronecker-factored from its factors, or dense from its gradient formed in the
     panel with the parameters that have no rule — learnt from the samples ``X`` (their shapes)."""
 
@@ -94,30 +95,31 @@ class Sketcher:
         self.budget = budget
         self.rng = _rng_identity(fm.device)
         self.projection = projection
-        self.layers = find_layers(fm.model, fm)
+        layers = find_layers(fm.model, fm)
         self.capture: Capture | None = None
         figures = dict(k=self.k, C=self.C, terms=len(terms), itemsize=fm.itemsize,
                        samples=samples if samples is not None else 0 if X is None else X.shape[0])
-        if projection != "dense" and any(L.kind != "other" for L in self.layers) and X is not None:
-            cap = Capture(fm, self.layers)
-            cap.discover(X)
-            self.ranks = choose_projections(self.layers, projection=projection, **figures)
-            cap.group()
-            self.capture = cap if cap.hooked else None
+        if projection != "dense" and any(L.kind != "other" for L in layers) and X is not None:
+            cap = Capture(fm, layers)
+            layers = cap.discover(X)
+            self.choices, self.ranks = choose_projections(layers, projection=projection, **figures)
+            self.groups = Groups.of(fm, self.choices)
+            self.capture = cap if self.groups.hooked else None
         else:
-            self.ranks = choose_projections(self.layers, projection="dense", **figures)
+            self.choices, self.ranks = choose_projections(layers, projection="dense", **figures)
+            self.groups = Groups()
 
     @property
     def dense_width(self) -> int:
         """Columns projected densely per output: every parameter, or the capture's panel."""
-        return self.fm.num_params if self.capture is None else self.capture.panel_width
+        return self.fm.num_params if self.capture is None else self.groups.panel_width
 
     def describe(self) -> str:
         """The projection of each parameter group, one line (the plan, the fingerprint)."""
         if self.capture is None:
             return f"dense: all {self.fm.num_params:,} parameters"
-        kron = [L.name for L in self.layers if L.method == "kronecker"]
-        dense = [L.name or "(root)" for L in self.layers if L.method in ("dense", "jacobian")]
+        kron = [c.name for c in self.choices if c.route is RouteKind.KRONECKER]
+        dense = [c.name or "(root)" for c in self.choices if c.route in (RouteKind.DENSE, RouteKind.JACOBIAN)]
         parts = []
         if kron:
             parts.append(f"kronecker {self.ranks[0]}×{self.ranks[1]}: {', '.join(kron)}")
@@ -143,12 +145,13 @@ class Sketcher:
         u = self.C * self.dense_width * s
         if self.capture is None:
             return u, 0
-        f = sum(L.positions * (L.rule.a_columns(L) + self.C * L.fan_out * L.groups) for L in self.capture.with_factors)
+        f = sum(factor_bytes(L, self.C, s) for L in self.groups.with_factors)
         if self.ranks is not None:
-            f += max((L.positions * (self.ranks[0] + self.C * self.ranks[1]) for L in self.capture.factorized), default=0)
-        return u, f * s
+            f += max((L.positions * (self.ranks[0] + self.C * self.ranks[1]) for L in self.groups.factorized),
+                     default=0) * s
+        return u, f
 
-    def plan(self, n_samples: int) -> tuple[str, int, int]:
+    def schedule(self, n_samples: int) -> tuple[str, int, int]:
         """(loop order, samples per chunk, samples per vmap call) from the memory budget.
 
         ``"chunks"``: sample chunks outermost, each R block regenerated per chunk (needs one block of R);
@@ -167,7 +170,7 @@ class Sketcher:
         else:
             # factors live for one pass of vchunk samples; the pass's own activations are taken as ACTIVATIONS× them
             per = u + ACTIVATIONS * f
-            vchunk = max(1, min(1024, DEFAULT_CHUNK_BYTES // max(1, per), self.budget // (8 * max(1, per))))
+            vchunk = max(1, min(chunk_for(per), self.budget // (8 * max(1, per))))
             fixed = vchunk * (u + per)
         n = (self.budget - fixed - rb) // (u + o)
         if n < 1:
@@ -191,7 +194,7 @@ class Sketcher:
         C, P, k, cap = self.C, self.dense_width, self.k, self.capture
         N = X.shape[0]
         out = torch.zeros(N, C, k, dtype=self.dtype)
-        order, n, vchunk = self.plan(N)
+        order, n, vchunk = self.schedule(N)
         chunks = [(a, min(N, a + n)) for a in range(0, N, n)]
         rows = block_rows(k)
         blocks = [(p0, min(P, p0 + rows)) for p0 in range(0, P, rows)]
@@ -219,9 +222,9 @@ class Sketcher:
                 Jm = None if J is None else J[:m]
                 for s0 in range(0, m, vchunk):  # one pass's factors at a time: projected, then dropped
                     s1 = min(m, s0 + vchunk)
-                    feats = cap.evaluate(point, X[a + s0:a + s1], None if y is None else y[s0:s1], vchunk,
+                    feats = cap.evaluate(self.groups, point, X[a + s0:a + s1], None if y is None else y[s0:s1], vchunk,
                                          None if Jm is None else Jm[s0:s1])
-                    for L in cap.factorized:
+                    for L in self.groups.factorized:
                         add_layer_features(acc[s0:s1], L, feats[L.name], self.ranks, alpha, seed=self.seed,
                                            point=point.step, generator=gen)
                     del feats
@@ -267,10 +270,10 @@ FEATURES = EvalPoint(-1)
 class SketchRoute(Route):
     """Tiles as products of features Φ computed once in :meth:`begin` (kept on the host)."""
 
-    label = "sketch"
+    method = "sketch"
     row_reuse = False
 
-    def __init__(self, layout: Layout, sketcher: Sketcher, data_samples: int) -> None:
+    def __init__(self, layout: TileLayout, sketcher: Sketcher, data_samples: int) -> None:
         super().__init__(layout)
         self.sk = sketcher
         u = layout.num_outputs * sketcher.k * sketcher.fm.itemsize
@@ -288,12 +291,12 @@ class SketchRoute(Route):
 
     def passes(self) -> str:
         line = f"projection: {self.sk.describe()}"
-        return line if self.sk.capture is None else f"{line}\n{self.sk.capture.describe()}"
+        return line if self.sk.capture is None else f"{line}\n{self.sk.capture.describe(self.sk.groups)}"
 
     def record(self) -> dict[str, Any]:
         return {"summary": self.summary(), "rng": self.sk.rng, "projection": self.sk.parts.get("projection")}
 
-    def begin(self, data: Data, row_block: int, col_block: int, progress: bool) -> None:
+    def begin(self, data: Data, row_block: int, col_block: int, chunk: int, progress: bool) -> None:
         sk = self.sk
 
         def feats(X: torch.Tensor, Y: torch.Tensor | None, what: str) -> torch.Tensor:
