@@ -6,7 +6,7 @@ be computed, ``pkfast info …`` describes a stored one.
                 [--dtype float32|float64] [--backend auto|torch|triton] [--method auto|jacobian|factorized|materialized|sketch]
                 [--k 1024] [--seed 0] [--overwrite] [--no-progress]
     pkfast plan --model MODULE:FACTORY --trajectory PATH --data X.npy [--data2 X2.npy] [the options of gram]
-    pkfast info gram.npy [--verify] [--json]
+    pkfast info gram.npy [--verify] [--json]      (or: pkfast info TRAJECTORY_DIR [--json])
     pkfast --version
 
 ``MODULE:FACTORY`` names a zero-argument callable returning the ``torch.nn.Module`` (``MODULE`` is an importable
@@ -80,8 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True, metavar="gram.npy", help="output .npy (manifest in <out>.pkfast/)")
     g.add_argument("--overwrite", action="store_true", help="discard an existing output and start afresh")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    i = sub.add_parser("info", help="describe a stored Gram: shape, options, progress, validity")
-    i.add_argument("path", metavar="gram.npy")
+    i = sub.add_parser("info", help="describe a stored Gram (shape, options, progress, validity) or a recorded "
+                                    "trajectory directory (steps, optimizer, batches, loss)")
+    i.add_argument("path", metavar="gram.npy|TRAJECTORY")
     i.add_argument("--verify", action="store_true", help="re-read every finished tile against its checksum")
     i.add_argument("--json", action="store_true", help="print the description as JSON")
     return p
@@ -239,7 +240,54 @@ def describe(path: str | os.PathLike, *, verify: bool = False) -> dict[str, Any]
     return d
 
 
+def describe_trajectory(path: str | os.PathLike) -> dict[str, Any]:
+    """What ``pkfast info`` prints for a recorded trajectory directory, read through its typed recording."""
+    from pkfast.trajectory.files import read_manifest
+    from pkfast.trajectory.recording import Recording
+
+    rec = Recording.from_files(path)
+    man = read_manifest(Path(path))
+    opt = rec.optimizer
+    lrs = [s.lr for s in rec.steps]
+    hyper = rec.steps[0].groups[0].to_json() if rec.steps and rec.steps[0].groups else {}
+    return {
+        "path": str(path), "kind": "trajectory", "steps": rec.num_steps, "num_params": int(man["num_params"]),
+        "dtype": man["dtype"], "optimizer": None if opt is None else {"kind": opt.kind.value, "class": opt.class_name,
+                                                                       "hyper": hyper},
+        "lr": [min(lrs), max(lrs)] if lrs else None, "lr_total": float(sum(lrs)),
+        "batches_recorded": sum(s.batch_indices is not None for s in rec.steps),
+        "every_step": all(s.covers == 1 for s in rec.steps), "loss": None if rec.loss is None else dict(rec.loss),
+        "targets": rec.has_targets, "source": rec.extra.get("source"),
+    }
+
+
+def _info_trajectory(a: argparse.Namespace) -> int:
+    d = describe_trajectory(a.path)
+    if a.json:
+        print(json.dumps(d, indent=1))
+        return 0
+    print(f"{d['path']}: recorded trajectory, {d['steps']} steps, {d['num_params']} parameters ({d['dtype']})"
+          + (f", by {d['source']}" if d["source"] else ""))
+    o = d["optimizer"]
+    hyper = " ".join(f"{k}={v}" for k, v in (o or {}).get("hyper", {}).items())
+    print(f"  optimizer: {o['class'] + (' ' + hyper if hyper else '') if o else 'not recorded'}")
+    if d["lr"]:
+        print(f"  step sizes: {d['lr'][0]:.6g} … {d['lr'][1]:.6g} (sum {d['lr_total']:.6g})"
+              + ("" if d["every_step"] else "; some points cover several optimizer steps"))
+    print(f"  batches: recorded for {d['batches_recorded']}/{d['steps']} steps; targets: "
+          f"{'saved' if d['targets'] else 'not saved'}")
+    loss = d["loss"]
+    print(f"  loss: {loss['kind'] + ' (' + str(loss.get('reduction')) + ')' if loss else 'not recorded'}")
+    return 0
+
+
 def _info(a: argparse.Namespace) -> int:
+    from pkfast.trajectory.files import MANIFEST
+
+    if Path(a.path).is_dir() and (Path(a.path) / MANIFEST).exists() and not str(a.path).endswith(".pkfast"):
+        if a.verify:
+            raise _UserError("--verify applies to a stored Gram; a trajectory directory has no tiles to re-read")
+        return _info_trajectory(a)
     d = describe(a.path, verify=a.verify)
     if a.json:
         print(json.dumps(d, indent=1))

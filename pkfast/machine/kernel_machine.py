@@ -2,7 +2,7 @@
 
 For a network trained by (mini-batch) SGD, optionally with momentum, Nesterov and weight decay, and recorded
 by :class:`pkfast.TrajectoryRecorder` (weights, applied lr, ordered batch indices, loss convention, optimizer
-hyperparameters), docs/math.md §3 and §6 give
+hyperparameters: read as the typed :attr:`pkfast.Trajectory.recording`), docs/math.md §3 and §6 give
 
     f(x; w_T) = b(x) + Σ_i c_i(x),      c_i(x) = −Σ_r Ψ_r(x) λ_{r,i} ∇_w ℓ(x_i; w_r)   (i ∈ B_r)
 
@@ -44,6 +44,7 @@ from pkfast.options import Options, model_device
 from pkfast.machine.sweep import Sweep
 from pkfast.engine.quadrature import DEFAULT_NODES, EvalPoint
 from pkfast.trajectory.points import Trajectory
+from pkfast.trajectory.recording import GroupHyper, OptimizerKind, Recording
 
 log = logging.getLogger("pkfast")
 
@@ -151,24 +152,25 @@ class KernelMachine:
                 raise ValueError(f"{_FN}: y_train is needed (the targets of X_train); none was passed and the "
                                  "trajectory recorded none (TrajectoryRecorder(targets=…))")
         self.y = _checks.as_target_tensor(_FN, "y_train", y_train, N)
+        self._record = record = trajectory.recording
         if loss is None:
-            rec = trajectory.meta.get("loss")
+            rec = record.loss
             if rec is None:
                 raise ValueError(
                     f"{_FN}: the loss convention is needed to recompute each training point's loss gradient: pass "
                     "loss=nn.CrossEntropyLoss(...) (or MSELoss, or a pkfast.LossSpec) exactly as in training, or "
                     "record it (TrajectoryRecorder(loss=…)); none was passed and the trajectory recorded none"
                 )
-            loss = rec
+            loss = dict(rec)
         self.loss = LossSpec.from_module(loss, fn=_FN)
-        self._steps = self._read_optimizer(trajectory)
-        kinds = {(h["momentum"], h["dampening"], h["nesterov"]) for h in self._steps}
+        self._steps = self._read_optimizer(record)
+        kinds = {(h.momentum or 0.0, h.dampening or 0.0, bool(h.nesterov)) for h in self._steps}
         if len(kinds) > 1:
             raise ValueError(f"{_FN}: momentum, dampening or nesterov changed during training ({sorted(kinds)[:3]}); "
                              "the decomposition supports one setting for the whole recording (lr and weight decay "
                              "may vary)")
         self._momentum = kinds.pop() if kinds else (0.0, 0.0, False)
-        self._batches = self._read_batches(trajectory, N)
+        self._batches = self._read_batches(record, N)
 
         device = model_device(model)
         adapt = dict(layout=self._layout, output_fn=self.opts.output_fn)
@@ -182,7 +184,9 @@ class KernelMachine:
         budget = self.opts.budget(device)
         per_query = 3 * self.C * self.fm.num_params * torch.empty((), dtype=self.dtype).element_size()
         self.query_chunk = max(1, int(budget // max(1, per_query)))
-        self._sweeper = Sweep(self.fm, self.fm_loss, self.X, self.y, self.loss, steps=self._steps,
+        # (the sweep reads each step's weight decay by name)
+        sweep_steps = [{"weight_decay": h.weight_decay or 0.0} for h in self._steps]
+        self._sweeper = Sweep(self.fm, self.fm_loss, self.X, self.y, self.loss, steps=sweep_steps,
                               batches=self._batches, momentum=self._momentum, rule=self.rule, nodes=self.nodes,
                               budget=budget, progress=progress)
         #: ``[T]`` max |g_stored − g_recomputed| / max |g_stored| per step, where the recording stored the
@@ -201,55 +205,53 @@ class KernelMachine:
                     "trajectory's weights through the model's own gradients, not the training run's",
                     stacklevel=2)
 
-    # ------------------------------------------------------------------ recorded metadata
-    def _read_optimizer(self, traj: Trajectory) -> list[dict[str, Any]]:
-        opt = traj.meta.get("optimizer")
-        cls = opt.get("class") if opt else None
-        if cls is not None and cls != "SGD":
+    # ------------------------------------------------------------------ the recording
+    def _read_optimizer(self, rec: Recording) -> list[GroupHyper]:
+        """Each step's hyper-parameters from the typed recording, refusing what the decomposition cannot rebuild."""
+        opt = rec.optimizer
+        if opt is not None and opt.kind is not OptimizerKind.SGD:
             raise ValueError(
-                f"{_FN}: the trajectory was recorded with {cls}; the exact decomposition is implemented for SGD "
-                "(plain, momentum, Nesterov, weight decay). For Adam/AdamW the update is a kernel machine only "
+                f"{_FN}: the trajectory was recorded with {opt.class_name}; the exact decomposition is implemented for "
+                "SGD (plain, momentum, Nesterov, weight decay). For Adam/AdamW the update is a kernel machine only "
                 "given the per-step preconditioner D_s = diag(1/((1−β1^{s+1})(√v̂_s + eps))), which is not "
                 "recorded, and the data influence flowing through D_s is attributed to no training point "
                 "(docs/math.md §6). Use pkfast.gram(rule='left') for the path kernel itself"
             )
-        if opt and opt.get("state_before_recording"):
-            hyper0 = traj.step_meta(0).get("optimizer", {})
-            if hyper0.get("momentum", 0):
-                raise ValueError(
-                    f"{_FN}: the optimizer already held momentum buffers when recording started, so the first "
-                    "recorded steps depend on unrecorded gradients; start recording with a fresh optimizer"
-                )
-        steps = []
-        for s in range(traj.num_steps):
-            meta = traj.step_meta(s)
-            if meta.get("optimizer_steps", 1) > 1:
-                raise ValueError(f"{_FN}: point {s + 1} of the recording covers {meta['optimizer_steps']} optimizer "
+        steps = rec.steps
+        if opt is not None and opt.state_before_recording and steps and len(steps[0].groups) == 1 \
+                and steps[0].groups[0].momentum:
+            raise ValueError(
+                f"{_FN}: the optimizer already held momentum buffers when recording started, so the first "
+                "recorded steps depend on unrecorded gradients; start recording with a fresh optimizer"
+            )
+        out = []
+        for step in steps:
+            s = step.index
+            if step.covers > 1:
+                raise ValueError(f"{_FN}: point {s + 1} of the recording covers {step.covers} optimizer "
                                  "steps (recorded every k steps); the exact decomposition needs every step's weights "
                                  "and batch. Record every step, or use pkfast.gram for the path kernel")
-            h = meta.get("optimizer", {})
-            if "groups" in h:
-                raise ValueError(f"{_FN}: step {s}: parameter groups used different hyperparameters {h['groups']}; "
-                                 "one decomposition needs one momentum/weight decay for all trainable parameters")
-            if h.get("maximize"):
+            if len(step.groups) > 1:
+                raise ValueError(f"{_FN}: step {s}: parameter groups used different hyperparameters "
+                                 f"{[g.to_json() for g in step.groups]}; one decomposition needs one momentum/weight "
+                                 "decay for all trainable parameters")
+            h = step.groups[0] if step.groups else GroupHyper()
+            if h.maximize:
                 raise ValueError(f"{_FN}: step {s} used maximize=True; the decomposition assumes descent")
-            steps.append({"momentum": float(h.get("momentum", 0.0) or 0.0),
-                          "dampening": float(h.get("dampening", 0.0) or 0.0),
-                          "nesterov": bool(h.get("nesterov", False)),
-                          "weight_decay": float(h.get("weight_decay", 0.0) or 0.0)})
-        return steps
+            out.append(h)
+        return out
 
-    def _read_batches(self, traj: Trajectory, N: int) -> list[torch.Tensor]:
+    def _read_batches(self, rec: Recording, N: int) -> list[torch.Tensor]:
         out = []
-        for s in range(traj.num_steps):
-            b = traj.batch_indices(s)
+        for step in rec.steps:
+            b = step.batch_indices
             if b is None:
-                raise ValueError(f"{_FN}: step {s} has no recorded batch indices; record them with "
+                raise ValueError(f"{_FN}: step {step.index} has no recorded batch indices; record them with "
                                  "rec.step(batch_indices=idx) (the ordered indices into X_train)")
-            b = torch.as_tensor(np.asarray(b), dtype=torch.int64)
+            b = torch.from_numpy(b.copy())
             if b.numel() and (int(b.min()) < 0 or int(b.max()) >= N):
                 bad = int(b[(b < 0) | (b >= N)][0])
-                raise ValueError(f"{_FN}: step {s} records training index {bad}, but X_train has {N} points "
+                raise ValueError(f"{_FN}: step {step.index} records training index {bad}, but X_train has {N} points "
                                  f"(indices 0…{N - 1}); pass the X_train the batches were drawn from")
             out.append(b)
         return out
@@ -378,9 +380,9 @@ class KernelMachine:
         return Certificate(quad_t, self._update_residuals(), float(quad_t.abs().max()) / scale)
 
     def _output_grad_mismatch(self) -> torch.Tensor | None:
-        traj = self.trajectory
-        T = traj.num_steps
-        stored = [traj.output_grads(s) for s in range(T)]
+        T = self.trajectory.num_steps
+        stored = [None if st.output_grads is None else torch.from_numpy(st.output_grads.copy())
+                  for st in self._record.steps]
         if all(g is None for g in stored):
             return None
         out = torch.full((T,), float("nan"), dtype=torch.float64)
@@ -397,21 +399,23 @@ class KernelMachine:
         return out
 
     def _update_residuals(self) -> torch.Tensor:
-        """‖Δ_s − Δ̂_s‖/‖Δ_s‖ with Δ̂_s from the recomputed batch gradients through PyTorch's SGD rule."""
-        T = self.trajectory.num_steps
+        """‖Δ_s − Δ̂_s‖/‖Δ_s‖, with Δ̂_s = −Σ_{r≤s} κ_{s,r} d_r recomputed from the batch gradients d_r
+        (and weight decay) through the sweep's coefficients κ — the one statement of the optimizer's rule, the one the
+        decomposition uses. The sum runs as Δ̂_s = −(κ_{s,s} d_s + ε_s U_s), with U_s = Σ_{r<s} κ_{s,r}/ε_s d_r
+        = μ U_{s−1} + tail(s−1, s) d_{s−1} (:meth:`Sweep.tail`: κ_{s,r} = ε_s tail(r, s) for r < s)."""
+        sw = self._sweeper
         eps = self.trajectory.step_sizes.tolist()
-        buf = None
+        mu = sw.momentum[0]
+        U = None
         out = []
-        for s in range(T):
-            h = self._steps[s]
-            w = self._sweeper.panels.to_panel(self.fm.state(EvalPoint(s))[0])
-            d_p = self._sweeper.batch_grads(s).sum(0)
-            if h["weight_decay"]:
-                d_p = d_p + h["weight_decay"] * w
-            if h["momentum"]:
-                buf = d_p.clone() if buf is None else buf * h["momentum"] + (1 - h["dampening"]) * d_p
-                d_p = d_p + h["momentum"] * buf if h["nesterov"] else buf
-            step = -eps[s] * d_p
-            delta = self._sweeper.panels.to_panel(self.fm.state(EvalPoint(s + 1))[0]) - w
+        for s, h in enumerate(self._steps):
+            w = sw.panels.to_panel(self.fm.state(EvalPoint(s))[0])
+            d = sw.batch_grads(s).sum(0)
+            if h.weight_decay:
+                d = d + h.weight_decay * w
+            step = -sw.kappa(s, s) * d if U is None else -(sw.kappa(s, s) * d + eps[s] * U)
+            if mu:
+                U = sw.tail(s, s + 1) * d if U is None else U.mul_(mu).add_(d, alpha=sw.tail(s, s + 1))
+            delta = sw.panels.to_panel(self.fm.state(EvalPoint(s + 1))[0]) - w
             out.append(float((delta - step).norm() / delta.norm().clamp_min(1e-300)))
         return torch.tensor(out, dtype=torch.float64)

@@ -1,5 +1,6 @@
 """trajectory: the training run as pkfast reads it — weight points and step sizes (:mod:`~pkfast.trajectory.points`),
-their directory format (:mod:`~pkfast.trajectory.files`), checkpoint files and folders
+their directory format (:mod:`~pkfast.trajectory.files`), the typed record of optimizer and steps
+(:mod:`~pkfast.trajectory.recording`), checkpoint files and folders
 (:mod:`~pkfast.trajectory.checkpoints`) and the recorder that writes them during training
 (:mod:`~pkfast.trajectory.recorder`). The training loops' callbacks are in :mod:`pkfast.integrations`."""
 

@@ -26,6 +26,7 @@ from pkfast.store import formats
 from pkfast.trajectory.checkpoints import as_state_dict, compare_spec, load_checkpoint_file, trainer_step_sizes
 from pkfast.trajectory.files import (MANIFEST, TARGETS, TORCH_FROM_NAME, WEIGHTS, TrajectoryWriter, complete_rows,
                                      dtype_name, read_manifest, read_steps, save_targets, storage_dtype)
+from pkfast.trajectory.recording import Recording
 
 __all__ = ["Trajectory"]
 
@@ -183,6 +184,18 @@ class Trajectory:
     def step_meta(self, step: int) -> dict[str, Any]:
         """Per-step metadata (e.g. ``{"optimizer": {"momentum": 0.9, …}}`` from the recorder); {} if none."""
         return dict(self._step_meta[step])
+
+    @property
+    def recording(self) -> Recording:
+        """The typed, validated record of the run (:class:`pkfast.trajectory.recording.Recording`): optimizer,
+        per-step step sizes, batches and hyper-parameters, loss convention — built from :attr:`meta` and the
+        per-step metadata each time it is read (they may be edited in place)."""
+        lines = []
+        for s in range(self.num_steps):
+            b = self.batch_indices(s)
+            lines.append({"lr": float(self._eps[s]), "batch_indices": None if b is None else b.tolist(),
+                          **{k: v for k, v in self._step_meta[s].items() if k not in ("lr", "batch_indices")}})
+        return Recording.from_json(self.meta, lines, has_targets=self._targets is not None)
 
     def output_grads(self, step: int) -> torch.Tensor | None:
         """The stored per-sample loss derivatives g_{i,s} = ∂ℓ_i/∂f of step ``step``'s batch, ``[|B_s|, C]``
@@ -394,13 +407,12 @@ class Trajectory:
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write this trajectory in the on-disk format (readable lazily with :meth:`load`)."""
-        writer = TrajectoryWriter(path, self.spec, self.dtype, meta=self.meta, overwrite=overwrite)
+        meta, lines = self.recording.to_json()
+        writer = TrajectoryWriter(path, self.spec, self.dtype, meta=meta, overwrite=overwrite)
         try:
             writer.append_point(self.flat(0))
-            for s in range(self.num_steps):
-                b = self.batch_indices(s)
-                writer.append_step(self.flat(s + 1), float(self._eps[s]), None if b is None else b.tolist(),
-                                   **self._step_meta[s])
+            for s, line in enumerate(lines):
+                writer.append_step(self.flat(s + 1), **line)
         finally:
             writer.close()
         if self.targets is not None:

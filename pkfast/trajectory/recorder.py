@@ -1,7 +1,8 @@
 """TrajectoryRecorder: appends a model's weights after every optimizer step to an on-disk trajectory.
 
-The format is described in :mod:`pkfast.trajectory.files`. Appending never rewrites earlier steps, and a crash
-loses at most the step being written.
+The format is described in :mod:`pkfast.trajectory.files`; the manifest's metadata and every step's line are
+written through the typed record of :mod:`pkfast.trajectory.recording`. Appending never rewrites earlier steps,
+and a crash loses at most the step being written.
 """
 
 from __future__ import annotations
@@ -17,25 +18,11 @@ import torch
 from pkfast.store import formats
 from pkfast.loss import LossSpec
 from pkfast.trajectory.points import Trajectory
-from pkfast.trajectory.files import (MANIFEST, STEPS, WEIGHTS, TrajectoryWriter, complete_rows, dtype_name, jsonable,
+from pkfast.trajectory.files import (MANIFEST, STEPS, WEIGHTS, TrajectoryWriter, complete_rows, dtype_name,
                                      read_manifest, read_steps, save_targets, storage_dtype)
+from pkfast.trajectory.recording import STEP_HYPER, GroupHyper, OptimizerKind, OptimizerSpec, Recording, StepRecord
 
 __all__ = ["TrajectoryRecorder"]
-
-#: Per-step optimizer hyperparameters recorded with every step (those the exact decomposition reads).
-STEP_HYPER = ("momentum", "dampening", "nesterov", "weight_decay", "maximize", "betas", "eps", "amsgrad")
-
-
-def _optimizer_meta(opt: torch.optim.Optimizer) -> dict[str, Any]:
-    groups = []
-    for g in opt.param_groups:
-        groups.append({k: jsonable(v) for k, v in g.items() if k != "params"})
-    # a momentum buffer (or Adam moments) from before the recording make the first recorded updates depend on
-    # unrecorded history: the exact kernel machine refuses such a recording
-    had_state = any(bool(st) for st in opt.state.values())
-    return {"class": type(opt).__name__, "module": type(opt).__module__, "param_groups": groups,
-            "state_before_recording": had_state}
-
 
 class TrajectoryRecorder:
     """Record w_0 … w_T and the applied learning rates of a training run to ``path``.
@@ -125,11 +112,10 @@ class TrajectoryRecorder:
         spec = [(n, tuple(t.shape)) for n, t in self._tensors]
         dtype = storage_dtype([t.dtype for _, t in self._tensors])
         self._dtype = dtype
-        full_meta = {"optimizer": _optimizer_meta(optimizer), "buffers_recorded": bool(buffers)}
+        self._opt_spec = OptimizerSpec.of(optimizer)
         self._loss_spec = None
         if loss is not None:
             self._loss_spec = LossSpec.from_module(loss, fn="pkfast.TrajectoryRecorder")
-            full_meta["loss"] = self._loss_spec.to_meta()
         if store_output_grads and (loss is None or targets is None):
             raise ValueError("pkfast.TrajectoryRecorder: store_output_grads=True needs the loss and the targets "
                              f"(found loss={'set' if loss is not None else None}, "
@@ -137,7 +123,10 @@ class TrajectoryRecorder:
         self._store_g = bool(store_output_grads)
         self._targets_t = (targets.detach().cpu() if isinstance(targets, torch.Tensor)
                            else torch.as_tensor(np.asarray(targets))) if targets is not None else None
-        full_meta.update(dict(meta or {}))
+        # the manifest's meta, through the typed record (the user's meta may add keys, as it always could)
+        full_meta = Recording((), self._opt_spec, None if self._loss_spec is None else self._loss_spec.to_meta(),
+                              bool(buffers)).meta_json()
+        full_meta = Recording.from_json({**full_meta, **dict(meta or {})}, ()).meta_json()
 
         if resume and (self.path / MANIFEST).exists():
             self._writer = self._resume(spec, dtype)
@@ -148,7 +137,7 @@ class TrajectoryRecorder:
         if targets is not None:
             save_targets(self.path, self._targets_t.numpy())
         self._applied_lrs: list[list[float]] = []
-        self._applied_hyper: list[dict[str, Any]] = []
+        self._applied_hyper: list[tuple[GroupHyper, ...]] = []
         self._skipped_lr, self._skipped = 0.0, 0  # optimizer steps since the last recorded point (skip())
         self._hook = optimizer.register_step_post_hook(self._after_optimizer_step)
         self.num_steps = self._writer.rows - 1
@@ -162,13 +151,16 @@ class TrajectoryRecorder:
 
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
         lrs, hyper = [], []
+        typed = self._opt_spec.kind is not OptimizerKind.OTHER
         for g in optimizer.param_groups:
             if any(id(p) in self._trainable_ids for p in g["params"]):
                 lrs.append(float(g["lr"]))
-                hyper.append({k: jsonable(g[k]) for k in STEP_HYPER if k in g})
+                hyper.append(GroupHyper.of_group(g, STEP_HYPER, typed=typed))
         self._applied_lrs.append(lrs)
         # groups with different hyperparameters cannot be one step of one decomposition: keep them all then
-        self._applied_hyper.append(hyper[0] if all(h == hyper[0] for h in hyper) else {"groups": hyper})
+        if all(h == GroupHyper() for h in hyper):  # (an optimizer with none of these settings)
+            hyper = []
+        self._applied_hyper.append(tuple(hyper[:1]) if all(h == hyper[0] for h in hyper) else tuple(hyper))
 
     def _resume(self, spec, dtype) -> TrajectoryWriter:
         manifest = read_manifest(self.path)
@@ -219,11 +211,17 @@ class TrajectoryRecorder:
         if self._writer is None:
             raise RuntimeError("pkfast.TrajectoryRecorder.flush: the recorder is closed")
         if self._skipped:
-            self._writer.append_step(self._parts(), self._skipped_lr, None, optimizer_steps=self._skipped)
+            self._commit({"lr": self._skipped_lr, "batch_indices": None, "optimizer_steps": self._skipped})
             self._skipped_lr, self._skipped = 0.0, 0
-            self.num_steps += 1
 
-    def _pop_applied(self, fn: str) -> tuple[float, dict[str, Any]]:
+    def _commit(self, line: dict[str, Any]) -> None:
+        """Write the current weights and commit the step, its line validated as a :class:`StepRecord`."""
+        typed = self._opt_spec.kind is not OptimizerKind.OTHER
+        rec = StepRecord.from_json(self.num_steps, line, typed=typed)
+        self._writer.append_step(self._parts(), **rec.to_json())
+        self.num_steps += 1
+
+    def _pop_applied(self, fn: str) -> tuple[float, tuple[GroupHyper, ...]]:
         if self._writer is None:
             raise RuntimeError(f"pkfast.TrajectoryRecorder.{fn}: the recorder is closed")
         n = len(self._applied_lrs)
@@ -233,7 +231,7 @@ class TrajectoryRecorder:
                 f"found {n}. Call rec.step() (or rec.skip()) once after every optimizer.step()."
             )
         lrs = self._applied_lrs.pop()
-        hyper = self._applied_hyper.pop() if self._applied_hyper else {}
+        hyper = self._applied_hyper.pop() if self._applied_hyper else ()
         if len(set(lrs)) > 1:
             raise ValueError(
                 f"pkfast.TrajectoryRecorder.{fn}: parameter groups applied different learning rates {lrs}; the "
@@ -280,9 +278,9 @@ class TrajectoryRecorder:
             raise ValueError("pkfast.TrajectoryRecorder.step: outputs= is stored only with "
                              "TrajectoryRecorder(store_output_grads=True)")
         if hyper:
-            extra = {"optimizer": hyper, **extra}
-        self._writer.append_step(self._parts(), lr, batch_indices, **extra)
-        self.num_steps += 1
+            g = [h.to_json() for h in hyper]
+            extra = {"optimizer": g[0] if len(g) == 1 else {"groups": g}, **extra}
+        self._commit({"lr": lr, "batch_indices": batch_indices, **extra})
 
     @property
     def pending(self) -> int:
