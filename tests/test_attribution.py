@@ -3,6 +3,8 @@ against brute force (the whole score matrix from pkfast.gram or PathFeatures.gra
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -118,7 +120,7 @@ def test_mismatched_sides_and_arguments_are_refused():
         Exact(net, traj, X, y, of="output")
 
 
-def test_features_have_the_attribution_defaults_and_stream_from_the_file(tmp_path):
+def test_features_have_the_attribution_defaults_and_stream_from_the_file(tmp_path, monkeypatch):
     """attribution.features: of="loss", k = ATTRIBUTION_K, a bfloat16 store with out; stored features stream
     through PathFeatures.read (from the file) to the same scores as in memory."""
     from pkfast.attribution import ATTRIBUTION_K, features
@@ -128,9 +130,14 @@ def test_features_have_the_attribution_defaults_and_stream_from_the_file(tmp_pat
     assert mem.of == "loss" and mem.k == 256 and mem.features.dtype == torch.float32
     out = tmp_path / "t.npy"
     st = features(net, traj, X.float(), y, loss="cross_entropy", k=256, out=out, memory_budget="64KB", progress=False)
-    assert st.features.dtype == torch.bfloat16 and st._file is not None
+    assert st.features.dtype == torch.bfloat16
+    reads = []
+    real = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda fd, bufs, offset: reads.append(offset) or real(fd, bufs, offset))
     sub = st[5:12]
     torch.testing.assert_close(sub.read(0, 7), st.features[5:12].float(), rtol=0, atol=0)
+    assert len(reads) == 1  # read from the file (PathFeatures.read), at the slice's rows, not through the map
+    monkeypatch.undo()
     q = features(net, traj, Xq.float(), yq, loss="cross_entropy", k=256, progress=False)
     torch.testing.assert_close(scores(q, st, block=4, progress=False), q.gram(st), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(scores(q, st, progress=False), scores(q, mem, progress=False), rtol=2e-2, atol=2e-2 *

@@ -1,10 +1,8 @@
-"""Sequence losses and any per-sample loss (issue 15 §1): ``of="loss"`` for outputs [n, L, V] with token targets
+"""Sequence losses and any per-sample loss: ``of="loss"`` for outputs [n, L, V] with token targets
 [n, L] (ignored tokens excluded, mean or sum over a sample's tokens) and for a callable ``(outputs, targets) ->
 [n]``, against an oracle written with ``F.cross_entropy`` and autograd loops (≤ 1e-10 in float64)."""
 
 from __future__ import annotations
-
-import copy
 
 import pytest
 import torch
@@ -12,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import pkfast
-from pkfast.reference import _load_point
 from tests._util import RTOL, rel_err
+from tests._util import loss_kernel_reference as _loss_kernel_reference
 from tests.models import random_trajectory
 
 F64 = torch.float64
@@ -49,25 +47,9 @@ def token_ce(out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> tor
 
 
 def loss_kernel_reference(model, traj, X, Y, X2=None, Y2=None, per_sample=token_ce, diagonal=False):
-    """Σ_s ε_s ∇ℓ(x_a; w_s)·∇ℓ(x′_b; w_s) by autograd, one sample at a time, in float64."""
-    net = copy.deepcopy(model).to(F64)
-    params = [p for p in net.parameters() if p.requires_grad]
-
-    def grads(Xs, Ys):
-        rows = []
-        for i in range(Xs.shape[0]):
-            loss = per_sample(net(Xs[i:i + 1]), Ys[i:i + 1])
-            g = torch.autograd.grad(loss.reshape(()), params, allow_unused=True)
-            rows.append(torch.cat([(torch.zeros_like(p) if gi is None else gi).reshape(-1) for gi, p in zip(g, params)]))
-        return torch.stack(rows)
-
-    K = 0
-    for s, eps in enumerate(traj.step_sizes.tolist()):
-        _load_point(net, traj, s)
-        A = grads(X, Y)
-        B = A if X2 is None else grads(X2, Y2)
-        K = K + eps * ((A * B).sum(1) if diagonal else A @ B.T)
-    return K
+    """Σ_s ε_s ∇ℓ(x_a; w_s)·∇ℓ(x′_b; w_s) by autograd, one sample at a time, in float64 (token cross-entropy by
+    default; :func:`tests._util.loss_kernel_reference`)."""
+    return _loss_kernel_reference(model, traj, X, Y, X2, Y2, per_sample=per_sample, diagonal=diagonal)
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 import pkfast
-from pkfast.reference import _load_point, jacobian_reference
+from pkfast.reference import jacobian_reference
 from pkfast.sketch import PathFeatures, projection_block, required_k, sketch
+from tests._util import load_point
 from tests.models import mlp, random_trajectory
 
 sketch_route = importlib.import_module("pkfast.engine.routes.sketch")  # the projection (pkfast.sketch is the function)
@@ -151,7 +152,7 @@ def _explicit_features(net, traj, X, k, seed, rule, rows):
     ref_net = copy.deepcopy(net).double()
     ref = torch.zeros(X.shape[0], 2, k, dtype=F64)
     for point, w in weights.items():
-        _load_point(ref_net, traj, point)
+        load_point(ref_net, traj, point)
         J = jacobian_reference(ref_net, X)  # [N, C, P]
         R = torch.cat([projection_block(seed, point, b, min(rows, P - rows * b), k, dtype=F64)
                        for b in range(math.ceil(P / rows))])

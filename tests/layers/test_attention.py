@@ -1,7 +1,8 @@
-"""``nn.MultiheadAttention`` on the layer routes (issue 15 §3): its packed input projection through the rule of
+"""``nn.MultiheadAttention`` on the layer routes: its packed input projection through the rule of
 ``pkfast.layers.attention`` and its ``out_proj`` as a Linear, in ``nn.TransformerEncoderLayer`` /
 ``DecoderLayer`` and called directly (masks, ``is_causal``, ``need_weights``, cross-attention, seq-first and
-unbatched inputs), against the float64 reference (≤ 1e-10), and the fallbacks when the rule does not apply."""
+unbatched inputs), against the float64 reference (≤ 1e-10) through the shared harness (tests/layers/harness.py),
+and the fallbacks when the rule does not apply."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import pkfast
-from pkfast.reference import gram_reference
+from pkfast.layers import rule_for
 from tests._util import RTOL, rel_err
+from tests.layers.harness import check_layer_rule
 from tests.models import random_trajectory
 from tests.test_sequence_loss import loss_kernel_reference, token_ce
 
@@ -37,17 +39,6 @@ class GPT(nn.Module):
         for blk in self.blocks:
             h = blk(h, src_mask=mask, is_causal=True)
         return self.head(self.norm(h))
-
-
-class Pooled(nn.Module):
-    """A sequence classifier around one attention-using block: mean over positions → C = 3 outputs."""
-
-    def __init__(self, block: nn.Module, call) -> None:
-        super().__init__()
-        self.inp, self.block, self.head, self.call = nn.Linear(4, E), block, nn.Linear(E, 3), call
-
-    def forward(self, x):
-        return self.head(self.call(self.block, self.inp(x)).mean(dim=-2))
 
 
 def _kpm(x):
@@ -79,22 +70,20 @@ CASES = {
 }
 
 
+def _rule_names(net, p) -> set[str]:
+    """The rule types of the plan's layers (:func:`pkfast.layers.rule_for`), "none" where a layer has none."""
+    return {type(rule_for(net.get_submodule(L_.name))[0]).__name__ if rule_for(net.get_submodule(L_.name))[0]
+            else "none" for L_ in p.layers}
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_attention_layers_are_routed_and_exact(case):
-    torch.manual_seed(0)
+    """Every attention-using block through its rules (the packed projection by the attention rule, out_proj and
+    the feed-forward as Linears, the norms), every route against the float64 oracle."""
     block, call = CASES[case]
-    net = Pooled(block(), call).to(F64).eval()
-    traj = random_trajectory(net, steps=2)
-    X, X2 = torch.randn(4, L, 4, dtype=F64), torch.randn(3, L, 4, dtype=F64)
-    p = pkfast.plan(net, traj, X, dtype=F64)
-    kinds = {L_.name: L_.kind for L_ in p.layers}
-    assert "other" not in kinds.values(), p
-    assert any(k == "attention" for k in kinds.values())
-    for method in ("factorized", "materialized"):
-        K = pkfast.gram(net, traj, X, X2, outputs="full", method=method, dtype=F64, progress=False)
-        assert rel_err(K, gram_reference(net, traj, X, X2, outputs="full")) <= RTOL[F64], method
-    Kd = pkfast.gram(net, traj, X, diagonal=True, dtype=F64, progress=False)
-    assert rel_err(Kd, gram_reference(net, traj, X, diagonal=True)) <= RTOL[F64]
+    net = check_layer_rule(lambda: block().eval(), (L, E), call=call, trapezoid=False).model
+    assert "MultiheadAttentionRule" in _rule_names(net, pkfast.plan(net, random_trajectory(net, steps=1),
+                                                                    torch.randn(2, L, E, dtype=F64)))
     # the module is left as it was: no patched forward, PyTorch's fast path as before
     mhas = [m for m in net.modules() if isinstance(m, nn.MultiheadAttention)]
     assert mhas and all("forward" not in m.__dict__ for m in mhas)
@@ -161,7 +150,8 @@ def test_language_model_loss_kernel_on_the_layer_routes(gpt):
     X, Y = _tokens(4, 1)
     X2, Y2 = _tokens(3, 2)
     p = pkfast.plan(net, traj, X, of="loss", loss=nn.CrossEntropyLoss(), y=Y, dtype=F64)
-    assert {L_.kind for L_ in p.layers} == {"embedding", "attention", "linear", "norm"}, p
+    assert _rule_names(net, p) == {"EmbeddingRule", "MultiheadAttentionRule", "LinearRule", "NormRule"}, p
+    assert "jacobian" not in {str(L_.method) for L_ in p.layers}, p
     assert "factors from one batched forward and one backward pass per chunk" in str(p), p
     kw = dict(of="loss", loss=nn.CrossEntropyLoss(), dtype=F64, progress=False)
     K = pkfast.gram(net, traj, X, X2, y=Y, y2=Y2, **kw)
@@ -182,19 +172,14 @@ def test_language_model_loss_kernel_on_the_layer_routes(gpt):
 @pytest.mark.parametrize("kw,reason", [(dict(add_bias_kv=True), "add_bias_kv"),
                                        (dict(kdim=6, vdim=6), "separate q/k/v projection weights")])
 def test_unsupported_attention_takes_the_jacobian_route_with_the_reason(kw, reason):
-    torch.manual_seed(0)
+    """No rule for these options: the attention and its out_proj (never called as a module without the rule's
+    forward) take the Jacobian route, the plan says why, and the Gram stays exact."""
     d = kw.get("kdim", E)
-    net = Pooled(_mha(**kw)(), lambda b, h: b(h, h[..., :d] if d != E else h, h[..., :d] if d != E else h,
-                                            need_weights=False)[0]).to(F64).eval()
-    traj = random_trajectory(net, steps=2)
-    X = torch.randn(4, L, 4, dtype=F64)
-    p = pkfast.plan(net, traj, X, dtype=F64)
-    att = next(L_ for L_ in p.layers if L_.name == "block")
-    assert att.kind == "other" and reason in att.reason
-    out_proj = next(L_ for L_ in p.layers if L_.name == "block.out_proj")
-    assert out_proj.method == "jacobian"  # never called as a module without the rule's forward
-    K = pkfast.gram(net, traj, X, dtype=F64, progress=False)
-    assert rel_err(K, gram_reference(net, traj, X)) <= RTOL[F64]
+    kv = (lambda h: h[..., :d]) if d != E else (lambda h: h)
+    assert rule_for(_mha(**kw)())[0] is None and reason in rule_for(_mha(**kw)())[1]
+    check_layer_rule(_mha(**kw), (L, E), call=lambda b, h: b(h, kv(h), kv(h), need_weights=False)[0],
+                     expect_route={"body": "jacobian", "body.out_proj": "jacobian"}, reason={"body": reason},
+                     outputs=("trace",), of=("output",), diagonal=False, trapezoid=False)
 
 
 def test_a_replacement_forward_that_differs_is_not_used(monkeypatch):
@@ -208,13 +193,8 @@ def test_a_replacement_forward_that_differs_is_not_used(monkeypatch):
         return out * 1.001, w
 
     monkeypatch.setattr(att, "attention_forward", off)
-    torch.manual_seed(0)
     block, call = CASES["encoder seq-first"]
-    net = Pooled(block(), call).to(F64).eval()
-    traj = random_trajectory(net, steps=1)
-    X = torch.randn(3, L, 4, dtype=F64)
-    p = pkfast.plan(net, traj, X, dtype=F64)
-    a = next(L_ for L_ in p.layers if L_.name == "block.self_attn")
-    assert a.kind == "other" and "replacement forward does not reproduce the model (output differs by" in a.reason
-    K = pkfast.gram(net, traj, X, dtype=F64, progress=False)
-    assert rel_err(K, gram_reference(net, traj, X)) <= RTOL[F64]
+    check_layer_rule(lambda: block().eval(), (L, E), call=call,
+                     expect_route={"body.self_attn": "jacobian", "body.self_attn.out_proj": "jacobian"},
+                     reason={"body.self_attn": "replacement forward does not reproduce the model (output differs by"},
+                     outputs=("trace",), of=("output",), diagonal=False, trapezoid=False)

@@ -1,6 +1,7 @@
-"""Layers of the training stacks (issue 18): Hugging Face's ``Conv1D`` (GPT-2's transposed Linear) takes the
-Linear route, registered on first sight, exact against the float64 reference; a tiny GPT-2 built from a config
-(random weights, nothing downloaded). Skipped, saying why, when ``transformers`` is not installed."""
+"""Layers of the training stacks: Hugging Face's ``Conv1D`` (GPT-2's transposed Linear) takes the Linear route,
+registered on first sight, exact against the float64 reference (the shared harness, tests/layers/harness.py); a
+tiny GPT-2 built from a config (random weights, nothing downloaded). Skipped, saying why, when ``transformers`` is
+not installed."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import torch
 from torch import nn
 
 import pkfast
+from pkfast.layers import TransposedLinearRule, rule_for
 from pkfast.reference import gram_reference
 from tests._util import RTOL, rel_err
+from tests.layers.harness import check_layer_rule
 from tests.models import random_trajectory
 
 transformers = pytest.importorskip("transformers", reason="the Hugging Face tests need transformers "
@@ -29,19 +32,12 @@ def test_pkfast_does_not_import_transformers():
 
 
 def test_conv1d_is_a_transposed_linear_and_exact():
+    """Conv1D(nf=out, nx=in) over 7 positions per sample: the transposed-Linear rule, registered on first sight,
+    every route against the float64 oracle."""
     from transformers.pytorch_utils import Conv1D
 
-    torch.manual_seed(0)
-    net = nn.Sequential(Conv1D(6, 4), nn.Tanh(), Conv1D(3, 6)).to(F64)  # Conv1D(nf=out, nx=in)
-    traj = random_trajectory(net, steps=2, scale=0.2)
-    X, X2 = torch.randn(5, 7, 4, dtype=F64), torch.randn(3, 7, 4, dtype=F64)  # 7 positions per sample
-    p = pkfast.plan(net, traj, X)
-    assert [(L.kind, L.method != "jacobian") for L in p.layers] == [("linear", True), ("linear", True)], p
-    for outputs in ("trace", "full"):
-        ref = gram_reference(net, traj, X, X2, outputs=outputs)
-        for method in ("factorized", "materialized"):
-            K = pkfast.gram(net, traj, X, X2, outputs=outputs, method=method, dtype=F64, progress=False)
-            assert rel_err(K, ref) <= RTOL[F64], (outputs, method, rel_err(K, ref))
+    assert isinstance(rule_for(Conv1D(6, 4))[0], TransposedLinearRule)
+    check_layer_rule(lambda: nn.Sequential(Conv1D(6, 4), nn.Tanh(), Conv1D(3, 6)), (7, 4))
 
 
 class _Logits(nn.Module):
@@ -65,7 +61,8 @@ def test_tiny_gpt2_blocks_take_the_linear_route_and_are_exact():
     p = pkfast.plan(net, traj, X)
     by_name = {L.name: L for L in p.layers}
     conv = [L for n, L in by_name.items() if n.endswith(("c_attn", "c_proj", "c_fc"))]
-    assert len(conv) == 2 * 4 and all(L.kind == "linear" and L.method != "jacobian" for L in conv), p
+    assert len(conv) == 2 * 4 and all(isinstance(rule_for(net.get_submodule(L.name))[0], TransposedLinearRule)
+                                      and str(L.method) != "jacobian" for L in conv), p
     ref = gram_reference(net, traj, X)
     K = pkfast.gram(net, traj, X, dtype=F64, progress=False)
     assert rel_err(K, ref) <= RTOL[F64], rel_err(K, ref)

@@ -1,5 +1,7 @@
-"""Layer rules (pkfast.layers): the norm rule against the float64 oracle, and the public registry with a user's
-own rules (a Linear storing its weight transposed, an RMSNorm-style module).
+"""Layer rules (pkfast.layers): every built-in rule family — Linear, Conv1d/Conv2d, Embedding, the norms — and the
+public registry with a user's own rules (a Linear storing its weight transposed, an RMSNorm-style module), each
+correctness check one call of the shared harness (tests/layers/harness.py) against the float64 oracle; then
+what the rules refuse and the reasons the plan gives.
 
 Tolerance: relative Frobenius error ≤ 1e-10 in float64 (tests/_util.RTOL), as for every route.
 """
@@ -14,21 +16,10 @@ import pkfast
 from pkfast.layers import LayerRule, LinearRule, NormRule, register, registered, rule_for, unregister
 from pkfast.reference import gram_reference
 from tests._util import RTOL, rel_err
+from tests.layers.harness import check_layer_rule, tokens
 from tests.models import random_trajectory
 
 F64 = torch.float64
-
-
-class Head(nn.Module):
-    """``body`` then tanh, flatten and a Linear head to 3 outputs."""
-
-    def __init__(self, body: nn.Module, width: int) -> None:
-        super().__init__()
-        self.body = body
-        self.head = nn.Linear(width, 3)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.body(x)).flatten(1))
 
 
 def _bn(bn: nn.Module) -> nn.Module:
@@ -40,75 +31,102 @@ def _bn(bn: nn.Module) -> nn.Module:
     return bn.eval()
 
 
-#: name → (model factory, sample factory)
-NORM_CASES = {
-    "layernorm": (lambda: Head(nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6)), 6), lambda n: torch.randn(n, 5)),
-    "layernorm_seq_nobias": (lambda: Head(nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6, bias=False)), 4 * 6),
-                             lambda n: torch.randn(n, 4, 5)),
-    "layernorm_2d_shape": (lambda: Head(nn.LayerNorm((4, 5)), 20), lambda n: torch.randn(n, 4, 5)),
-    "groupnorm": (lambda: Head(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.GroupNorm(2, 4)), 4 * 5 * 5),
-                  lambda n: torch.randn(n, 1, 5, 5)),
-    "batchnorm2d": (lambda: Head(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), _bn(nn.BatchNorm2d(4))), 4 * 5 * 5),
-                    lambda n: torch.randn(n, 1, 5, 5)),
-    "batchnorm1d": (lambda: Head(nn.Sequential(nn.Linear(5, 6), _bn(nn.BatchNorm1d(6))), 6),
-                    lambda n: torch.randn(n, 5)),
-    "batchnorm1d_seq": (lambda: Head(nn.Sequential(nn.Conv1d(2, 4, 3), _bn(nn.BatchNorm1d(4))), 4 * 5),
-                        lambda n: torch.randn(n, 2, 7)),
-    "rmsnorm": (lambda: Head(nn.Sequential(nn.Linear(5, 6), nn.RMSNorm(6, eps=1e-6)), 6), lambda n: torch.randn(n, 5)),
+def _row(p, name: str) -> str:
+    """The printed plan's row of layer ``name``."""
+    return next(line for line in str(p).splitlines() if line.split(" ", 1)[0] == name)
+
+
+# ---------------------------------------------------------------------------------------------- affine rules
+#: name → (module factory, one sample's shape or a sample generator)
+AFFINE_CASES = {
+    "linear": (lambda: nn.Linear(5, 4), (5,)),
+    "linear_nobias": (lambda: nn.Linear(5, 4, bias=False), (5,)),
+    "linear_over_positions": (lambda: nn.Linear(5, 4), (3, 5)),
+    "conv1d_same_reflect_dilated": (lambda: nn.Conv1d(2, 4, 3, padding="same", dilation=2, padding_mode="reflect"),
+                                    (2, 9)),
+    "conv1d_strided_grouped_nobias": (lambda: nn.Conv1d(4, 4, 2, stride=2, groups=2, bias=False), (4, 8)),
+    "conv2d_padded": (lambda: nn.Conv2d(1, 3, 3, padding=1), (1, 4, 4)),
+    "conv2d_strided_grouped": (lambda: nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=2), (4, 5, 5)),
+    "conv2d_nobias_rect_kernel": (lambda: nn.Conv2d(2, 3, (2, 3), stride=(1, 2), bias=False), (2, 4, 5)),
 }
 
 
-def _setup(name: str, n: int = 5, m: int = 3, steps: int = 2):
-    make, data = NORM_CASES[name]
-    torch.manual_seed(0)
-    net = make().to(F64)
-    return net, random_trajectory(net, steps=steps, scale=0.2), data(n).to(F64), data(m).to(F64)
+@pytest.mark.parametrize("name", list(AFFINE_CASES))
+def test_affine_rule_equals_reference(name):
+    """Linear and Conv (bias or not, stride, padding incl. 'same' and reflect, dilation, groups): every route of
+    the affine rule, trace and block Gram, diagonal, trapezoid and loss kernel."""
+    make, sample = AFFINE_CASES[name]
+    check_layer_rule(make, sample)
 
 
-def _norm_layers(p) -> list:
-    return [L for L in p.layers if L.kind == "norm"]
+@pytest.mark.parametrize("padding_idx", [None, 0], ids=["plain", "padding_idx"])
+def test_embedding_rule_equals_reference(padding_idx):
+    """An Embedding (max_norm off) over token ids, with padding at every sequence's end."""
+    check_layer_rule(lambda: nn.Embedding(7, 4, padding_idx=padding_idx), tokens(7, 3, pad=0))
+
+
+@pytest.mark.parametrize("kw", [dict(max_norm=1.0), dict(scale_grad_by_freq=True)], ids=["max_norm", "scale_grad"])
+def test_embedding_options_that_change_the_gradient_have_no_rule(kw):
+    """max_norm renormalises the looked-up rows, scale_grad_by_freq rescales their gradient: no rule, and the
+    plan says why."""
+    rule, why = rule_for(nn.Embedding(7, 4, **kw))
+    assert rule is None and "max_norm / scale_grad_by_freq change the lookup's gradient" in why
+    net = nn.Sequential(nn.Embedding(7, 4, **kw), nn.Flatten(), nn.Linear(12, 3)).to(F64)
+    p = pkfast.plan(net, random_trajectory(net, steps=1), torch.randint(0, 7, (4, 3)))
+    assert str({L.name: L for L in p.layers}["0"].method) == "jacobian" and "max_norm" in _row(p, "0"), p
+
+
+class TiedBody(nn.Module):
+    """An Embedding whose weight is also a Linear's (tied input and output embeddings, as language models)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.out = nn.Linear(4, 7, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.out(torch.tanh(self.emb(ids).mean(1)))
+
+
+def test_tied_weights_take_the_jacobian_route_and_stay_exact():
+    """A tensor shared by two modules is neither's alone: both take the Jacobian route (the plan says "tied")
+    and the Gram is exact."""
+    check_layer_rule(TiedBody, tokens(7, 3), expect_route="jacobian", reason={"body.emb": "tied"},
+                     diagonal=False, trapezoid=False)
+
+
+# ---------------------------------------------------------------------------------------------- the norm rule
+#: name → (module factory, one sample's shape): the affine of every norm type, after a layer that feeds it
+NORM_CASES = {
+    "layernorm": (lambda: nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6)), (5,)),
+    "layernorm_seq_nobias": (lambda: nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6, bias=False)), (4, 5)),
+    "layernorm_2d_shape": (lambda: nn.LayerNorm((4, 5)), (4, 5)),
+    "groupnorm": (lambda: nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.GroupNorm(2, 4)), (1, 4, 4)),
+    "batchnorm2d": (lambda: nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), _bn(nn.BatchNorm2d(4))), (1, 4, 4)),
+    "batchnorm1d": (lambda: nn.Sequential(nn.Linear(5, 6), _bn(nn.BatchNorm1d(6))), (5,)),
+    "batchnorm1d_seq": (lambda: nn.Sequential(nn.Conv1d(2, 4, 3), _bn(nn.BatchNorm1d(4))), (2, 7)),
+    "rmsnorm": (lambda: nn.Sequential(nn.Linear(5, 6), nn.RMSNorm(6, eps=1e-6)), (5,)),
+}
+#: cases also checked with the exact (quadrature) rule
+NORM_EXACT = {"layernorm_seq_nobias", "groupnorm", "batchnorm1d"}
 
 
 @pytest.mark.parametrize("name", list(NORM_CASES))
-@pytest.mark.parametrize("outputs", ["trace", "full"])
-def test_norm_rule_equals_reference(name, outputs):
-    """The affine of every norm type through its rule (materialised from x̂ and Δ), X2 = None and X2."""
-    net, traj, X, X2 = _setup(name)
-    p = pkfast.plan(net, traj, X)
-    assert _norm_layers(p) and all(L.method == "materialized" for L in _norm_layers(p)), str(p)
-    for x2 in (None, X2):
-        ref = gram_reference(net, traj, X, x2, outputs=outputs)
-        for method in ("auto", "materialized", "factorized"):
-            K = pkfast.gram(net, traj, X, x2, outputs=outputs, method=method, dtype=F64, progress=False)
-            assert rel_err(K, ref) <= RTOL[F64], (method, x2 is not None, rel_err(K, ref))
-
-
-@pytest.mark.parametrize("name", ["layernorm_seq_nobias", "groupnorm", "batchnorm1d"])
-def test_norm_rule_diagonal_rules_and_loss(name):
-    """Diagonal, trapezoid, the exact rule (quadrature nodes inside a segment) and the loss kernel agree with
-    the oracle or with the Jacobian route."""
-    net, traj, X, X2 = _setup(name)
-    for outputs in ("trace", "full"):
-        ref = gram_reference(net, traj, X, outputs=outputs, diagonal=True)
-        kd = pkfast.gram(net, traj, X, outputs=outputs, diagonal=True, dtype=F64, progress=False)
-        assert rel_err(kd, ref) <= RTOL[F64]
-    Kt = pkfast.gram(net, traj, X, X2, rule="trapezoid", dtype=F64, progress=False)
-    assert rel_err(Kt, gram_reference(net, traj, X, X2, rule="trapezoid")) <= RTOL[F64]
-    for x2 in (None, X2):
-        J = pkfast.gram(net, traj, X, x2, rule="exact", nodes=3, method="jacobian", dtype=F64, progress=False)
-        K = pkfast.gram(net, traj, X, x2, rule="exact", nodes=3, dtype=F64, progress=False)
-        assert rel_err(K, J) <= RTOL[F64]
-    y, y2 = torch.tensor([0, 2, 1, 1, 0]), torch.tensor([2, 0, 1])
-    kw = dict(of="loss", loss="cross_entropy", y=y, y2=y2, dtype=F64, progress=False)
-    J = pkfast.gram(net, traj, X, X2, method="jacobian", **kw)
-    assert rel_err(pkfast.gram(net, traj, X, X2, **kw), J) <= RTOL[F64]
+def test_norm_rule_equals_reference(name):
+    """The affine of every norm type through its rule (materialised from x̂ and Δ; the norm rule does not
+    factorise, so auto materialises it): trace and block Gram, X2 = None and X2, diagonal, trapezoid, the
+    loss kernel, and for some the exact rule (quadrature nodes inside a segment) against the Jacobian route."""
+    make, shape = NORM_CASES[name]
+    check_layer_rule(make, shape, exact=name in NORM_EXACT)
 
 
 def test_batchnorm_running_statistics_are_taken_from_each_point():
     """Running statistics recorded with the trajectory (and changing along it) are used at each point."""
     torch.manual_seed(0)
-    net = NORM_CASES["batchnorm2d"][0]().to(F64)
-    bn = net.body[1]
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), _bn(nn.BatchNorm2d(4)), nn.Tanh(), nn.Flatten(),
+                        nn.Linear(4 * 5 * 5, 3)).to(F64)
+    bn = net[1]
     points = []
     g = torch.Generator().manual_seed(5)
     for s in range(3):
@@ -119,7 +137,7 @@ def test_batchnorm_running_statistics_are_taken_from_each_point():
             bn.running_var.mul_(1.0 + 0.2 * torch.rand(4, generator=g, dtype=F64))
         points.append({k: v.clone() for k, v in net.state_dict().items()})
     traj = pkfast.Trajectory.from_checkpoints(points, lr=[0.1, 0.2])
-    assert "body.1.running_mean" in traj.names
+    assert "1.running_mean" in traj.names
     X = torch.randn(4, 1, 5, 5, dtype=F64)
     for rule in ("left", "trapezoid"):
         K = pkfast.gram(net, traj, X, rule=rule, dtype=F64, progress=False)
@@ -128,18 +146,20 @@ def test_batchnorm_running_statistics_are_taken_from_each_point():
 
 def test_batch_statistics_are_not_a_norm_rule():
     """A BatchNorm without running statistics mixes the samples of a batch: no rule (the Jacobian route says why)."""
-    net = Head(nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6, track_running_stats=False)), 6).eval()
-    rule, why = rule_for(net.body[1])
+    bn = nn.BatchNorm1d(6, track_running_stats=False).eval()
+    rule, why = rule_for(bn)
     assert rule is None and "batch statistics" in why
+    assert rule_for(nn.BatchNorm1d(6).train())[0] is None  # train mode: batch statistics too
 
 
 def test_norm_streams_when_its_factors_are_smaller():
     """A BatchNorm1d over [n, 6] (one position, with bias): factors 1·(6 + C·6) ≤ gradient C·12 → streamed; the
     sliced gradient (one unit per slice) is exact."""
-    net, traj, X, X2 = _setup("batchnorm1d")
+    net, traj, X, X2 = check_layer_rule(NORM_CASES["batchnorm1d"][0], (5,), outputs=("trace",), of=("output",),
+                                        diagonal=False, trapezoid=False)[1:]
     p = pkfast.plan(net, traj, X, method="materialized")
-    (bn,) = _norm_layers(p)
-    assert bn.stream and "streamed in slices" in str(p)
+    assert str({L.name: L for L in p.layers}["body.1"].method) == "materialized"
+    assert "streamed in slices" in _row(p, "body.1"), p
     ref = gram_reference(net, traj, X, X2)
     K = pkfast.gram(net, traj, X, X2, method="materialized", memory_budget=20_000, dtype=F64, progress=False)
     assert rel_err(K, ref) <= RTOL[F64]
@@ -192,49 +212,60 @@ def user_rules():
     unregister(MyRMSNorm)
 
 
-def _user_net() -> nn.Module:
-    torch.manual_seed(1)
-    return nn.Sequential(TLinear(5, 6), MyRMSNorm(6), nn.Tanh(), TLinear(6, 3)).to(F64)
+def _user_body() -> nn.Module:
+    return nn.Sequential(TLinear(5, 6), MyRMSNorm(6), nn.Tanh(), TLinear(6, 3))
 
 
 def test_user_rules_are_routed_and_exact(user_rules):
-    net = _user_net()
-    traj = random_trajectory(net, steps=2, scale=0.2)
-    X, X2 = torch.randn(5, 5, dtype=F64), torch.randn(3, 5, dtype=F64)
-    p = pkfast.plan(net, traj, X)
-    assert [(L.kind, L.method != "jacobian") for L in p.layers] == [("linear", True), ("norm", True), ("linear", True)]
-    for outputs in ("trace", "full"):
-        for x2 in (None, X2):
-            ref = gram_reference(net, traj, X, x2, outputs=outputs)
-            for method in ("auto", "factorized", "materialized"):
-                K = pkfast.gram(net, traj, X, x2, outputs=outputs, method=method, dtype=F64, progress=False)
-                assert rel_err(K, ref) <= RTOL[F64], (outputs, method, rel_err(K, ref))
+    """A user's rules, once registered, are the ones found and every route they offer is exact."""
+    assert isinstance(rule_for(TLinear(2, 2))[0], TLinearRule) and isinstance(rule_for(MyRMSNorm(2))[0], NormRule)
+    p = check_layer_rule(_user_body, (5,)).plan
+    assert {L.name: str(L.method) != "jacobian" for L in p.layers} == {"body.0": True, "body.1": True,
+                                                                       "body.3": True, "head": True}, p
 
 
 def test_without_a_rule_user_layers_take_the_jacobian_route():
-    net = _user_net()
+    """Unregistered, the same modules have no rule: the whole Gram takes the Jacobian route, still exact."""
+    assert rule_for(TLinear(2, 2)) == (None, "") and rule_for(MyRMSNorm(2)) == (None, "")
+    net = nn.Sequential(*_user_body()).to(F64)
     traj = random_trajectory(net, steps=1)
-    p = pkfast.plan(net, traj, torch.randn(4, 5, dtype=F64))
-    assert p.method == "jacobian" and {L.kind for L in p.layers} == {"other"}
+    X = torch.randn(4, 5, dtype=F64)
+    p = pkfast.plan(net, traj, X)
+    assert str(p.method) == "jacobian" and {str(L.method) for L in p.layers} == {"jacobian"}, p
+    check_layer_rule(_user_body, (5,), expect_route="jacobian", outputs=("full",), of=("output",), diagonal=False,
+                     trapezoid=False)
 
 
-def test_a_rule_that_does_not_fit_is_caught_by_the_gradient_check():
+class Misfit(TLinear):
+    """A TLinear with the wrong plain LinearRule: LinearRule reads in_features/out_features, which TLinear lacks;
+    given them here, the rule rebuilds the gradient as if W were [out, in]."""
+
+    def __init__(self, i: int, o: int) -> None:
+        super().__init__(i, o)
+        self.in_features, self.out_features = i, o
+
+
+@pytest.fixture
+def misfit_rule():
+    register(Misfit, LinearRule())
+    yield
+    unregister(Misfit)
+
+
+def test_a_rule_that_does_not_fit_is_caught_by_the_gradient_check(misfit_rule):
     """The plain LinearRule on a transposed-weight module rebuilds the wrong gradient layout: the engine's check
-    sends the layer to the Jacobian route with the reason, and the Gram stays exact."""
-    register(TLinear, LinearRule())
-    try:
-        net = nn.Sequential(TLinear(5, 6), nn.Tanh(), nn.Linear(6, 3)).to(F64)
-        # LinearRule reads in_features/out_features, which TLinear lacks: give them, wrong way round on purpose
-        net[0].in_features, net[0].out_features = 5, 6
-        traj = random_trajectory(net, steps=1)
-        X = torch.randn(4, 5, dtype=F64)
-        p = pkfast.plan(net, traj, X)
-        first = p.layers[0]
-        assert first.method == "jacobian" and "does not fit the module" in first.reason, first
-        K = pkfast.gram(net, traj, X, dtype=F64, progress=False)
-        assert rel_err(K, gram_reference(net, traj, X)) <= RTOL[F64]
-    finally:
-        unregister(TLinear)
+    sends the layer to the Jacobian route with the reason in the plan, and the Gram stays exact."""
+    check_layer_rule(lambda: Misfit(5, 6), (5,), expect_route="jacobian", reason="does not fit the module",
+                     diagonal=False, trapezoid=False, of=("output",))
+
+
+def test_the_harness_fails_a_rule_the_plan_does_not_use(misfit_rule):
+    """The harness itself: a layer whose rule the engine refused fails it (unless expect_route says so), naming
+    the layer and its route — a rule can never pass by silently taking the Jacobian route."""
+    with pytest.raises(AssertionError, match=r"body: route 'jacobian', not its rule's"):
+        check_layer_rule(lambda: Misfit(5, 6), (5,))
+    with pytest.raises(AssertionError, match=r"body: 'no such reason' not in the plan"):
+        check_layer_rule(lambda: Misfit(5, 6), (5,), expect_route="jacobian", reason="no such reason")
 
 
 def test_subclass_overriding_forward_has_no_rule_and_subclass_keeping_it_does():
