@@ -84,60 +84,12 @@ class Options:
             raise TypeError(f"{fn}: unknown option(s) {', '.join(map(repr, sorted(unknown)))}; expected some of "
                             f"{', '.join(sorted(known))}")
         o = dict(given)
-        if "outputs" in o:
-            _checks.check_choice(fn, "outputs", o["outputs"], OUTPUTS)
-        if "rule" in o:
-            _checks.check_choice(fn, "rule", o["rule"], RULES)
-            if o["rule"] not in rules:
-                raise ValueError(_rule_refusal(fn, o["rule"], rules))
-        if "nodes" in o:
-            _checks.check_nodes(fn, o["nodes"])
-            if strict_nodes and o["nodes"] != DEFAULT_NODES and o.get("rule", "left") != "exact":
-                raise ValueError(f"{fn}: nodes={o['nodes']} applies to rule='exact'; found rule={o.get('rule', 'left')!r}")
-        if o.get("output_fn") is not None and not callable(o["output_fn"]):
-            raise TypeError(f"{fn}: output_fn must be a function from the model's output to a tensor (e.g. lambda o: "
-                            f"o.logits); found {type(o['output_fn']).__name__}")
-        if "diagonal" in o and not isinstance(o["diagonal"], bool):
-            raise TypeError(f"{fn}: diagonal must be True or False; found {o['diagonal']!r}")
-        if "backend" in o:
-            _checks.check_choice(fn, "backend", o["backend"], BACKENDS)
-        if "precision" in o:
-            _checks.check_choice(fn, "precision", o["precision"], PRECISIONS)
-        if "dtype" in o:
-            o["dtype"] = _checks.check_dtype(fn, o["dtype"])
-        if "memory_budget" in o:
-            o["memory_budget"] = _checks.check_memory_budget(fn, o["memory_budget"])
-        if "method" in o:
-            _checks.check_choice(fn, "method", o["method"], METHODS)
-        if "k" in o and o["k"] is not None:
-            k = o["k"]
-            if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-                raise ValueError(f"{fn}: k (the sketch size, columns of each projection) must be an integer ≥ 1; "
-                                 f"found {k!r}")
-            o["k"] = int(k)
-        if "seed" in o and o["seed"] is not None:
-            if isinstance(o["seed"], bool) or not isinstance(o["seed"], numbers.Integral):
-                raise TypeError(f"{fn}: seed must be an integer; found {o['seed']!r}")
-            o["seed"] = int(o["seed"])
-        if "projection" in o:
-            _checks.check_choice(fn, "projection", o["projection"], PROJECTIONS)
-        if (o.get("k") is not None or o.get("seed") is not None or o.get("projection", "auto") != "auto") \
-                and o.get("method", "sketch") != "sketch":
-            raise ValueError(f"{fn}: k, seed and projection set the random projection of method='sketch'; found "
-                             f"method={o['method']!r}")
-        if o.get("method") == "sketch" and o.get("rule", "left") not in SKETCH_RULES:
-            raise ValueError(_rule_refusal(fn, o["rule"], SKETCH_RULES))
+        _check_computation(fn, o, rules, strict_nodes)
+        _check_sketch(fn, o)
         if o.get("precision", "ieee") != "ieee" and o.get("dtype") == torch.float64:
             raise ValueError(f"{fn}: precision={o['precision']!r} applies to float32; dtype=torch.float64 computes in "
                              "ieee fp64")
-        if "of" in o:
-            _checks.check_choice(fn, "of", o["of"], OF)
-            if o["of"] == "loss":
-                o["loss"] = _loss_spec(o.get("loss"), trajectory, fn)
-                if o.get("outputs") == "full":
-                    o["outputs"] = "trace"  # one output: the three modes coincide
-            elif o.get("loss") is not None:
-                raise ValueError(f"{fn}: loss applies to of='loss'; found of={o['of']!r}")
+        _check_of(fn, o, trajectory)
         return cls(fn=fn, **o)
 
     @property
@@ -161,6 +113,72 @@ class Options:
                 "k": self.k, "seed": self.seed, "projection": self.projection if self.method == "sketch" else None,
                 **({} if self.output_fn is None else {"output_fn": getattr(self.output_fn, "__qualname__",
                                                                             repr(self.output_fn))})}
+
+
+def _check_computation(fn: str, o: dict[str, Any], rules: tuple[str, ...], strict_nodes: bool) -> None:
+    """The options of every computation (outputs, rule and nodes, output_fn, diagonal, backend, precision,
+    dtype, memory budget, method), checked in place; ``dtype`` and ``memory_budget`` are normalised."""
+    if "outputs" in o:
+        _checks.check_choice(fn, "outputs", o["outputs"], OUTPUTS)
+    if "rule" in o:
+        _checks.check_choice(fn, "rule", o["rule"], RULES)
+        if o["rule"] not in rules:
+            raise ValueError(_rule_refusal(fn, o["rule"], rules))
+    if "nodes" in o:
+        _checks.check_nodes(fn, o["nodes"])
+        if strict_nodes and o["nodes"] != DEFAULT_NODES and o.get("rule", "left") != "exact":
+            raise ValueError(f"{fn}: nodes={o['nodes']} applies to rule='exact'; found rule={o.get('rule', 'left')!r}")
+    if o.get("output_fn") is not None and not callable(o["output_fn"]):
+        raise TypeError(f"{fn}: output_fn must be a function from the model's output to a tensor (e.g. lambda o: "
+                        f"o.logits); found {type(o['output_fn']).__name__}")
+    if "diagonal" in o and not isinstance(o["diagonal"], bool):
+        raise TypeError(f"{fn}: diagonal must be True or False; found {o['diagonal']!r}")
+    if "backend" in o:
+        _checks.check_choice(fn, "backend", o["backend"], BACKENDS)
+    if "precision" in o:
+        _checks.check_choice(fn, "precision", o["precision"], PRECISIONS)
+    if "dtype" in o:
+        o["dtype"] = _checks.check_dtype(fn, o["dtype"])
+    if "memory_budget" in o:
+        o["memory_budget"] = _checks.check_memory_budget(fn, o["memory_budget"])
+    if "method" in o:
+        _checks.check_choice(fn, "method", o["method"], METHODS)
+
+
+def _check_sketch(fn: str, o: dict[str, Any]) -> None:
+    """The sketch's options (k, seed, projection: only with ``method="sketch"``, and a symmetric rule), checked
+    in place; ``k`` and ``seed`` become ints."""
+    if "k" in o and o["k"] is not None:
+        k = o["k"]
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+            raise ValueError(f"{fn}: k (the sketch size, columns of each projection) must be an integer ≥ 1; "
+                             f"found {k!r}")
+        o["k"] = int(k)
+    if "seed" in o and o["seed"] is not None:
+        if isinstance(o["seed"], bool) or not isinstance(o["seed"], numbers.Integral):
+            raise TypeError(f"{fn}: seed must be an integer; found {o['seed']!r}")
+        o["seed"] = int(o["seed"])
+    if "projection" in o:
+        _checks.check_choice(fn, "projection", o["projection"], PROJECTIONS)
+    if (o.get("k") is not None or o.get("seed") is not None or o.get("projection", "auto") != "auto") \
+            and o.get("method", "sketch") != "sketch":
+        raise ValueError(f"{fn}: k, seed and projection set the random projection of method='sketch'; found "
+                         f"method={o['method']!r}")
+    if o.get("method") == "sketch" and o.get("rule", "left") not in SKETCH_RULES:
+        raise ValueError(_rule_refusal(fn, o["rule"], SKETCH_RULES))
+
+
+def _check_of(fn: str, o: dict[str, Any], trajectory: Any) -> None:
+    """``of`` and ``loss``: the loss resolved for ``of="loss"`` (one output, so ``outputs="full"`` is the trace),
+    refused otherwise."""
+    if "of" in o:
+        _checks.check_choice(fn, "of", o["of"], OF)
+        if o["of"] == "loss":
+            o["loss"] = _loss_spec(o.get("loss"), trajectory, fn)
+            if o.get("outputs") == "full":
+                o["outputs"] = "trace"  # one output: the three modes coincide
+        elif o.get("loss") is not None:
+            raise ValueError(f"{fn}: loss applies to of='loss'; found of={o['of']!r}")
 
 
 def _rule_refusal(fn: str, rule: str, rules: tuple[str, ...]) -> str:

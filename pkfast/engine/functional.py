@@ -53,47 +53,43 @@ class FunctionalModel:
         self.trajectory = trajectory
         self.dtype = dtype
         self.device = device
-        traj_names = set(trajectory.names)
-        traj_shapes = dict(trajectory.spec)
+        statics_fixed = self._bind(model, trajectory, fn)
+        self.sizes = [math.prod(s) for s in self.shapes]
+        self.num_params = sum(self.sizes)
+        self._contiguous = _contiguous_run(self._slices)
+        self._statics_fixed = {n: self._cast(t) for n, t in statics_fixed.items()}
+        self._cache_key: object = None
+        self._cache: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
+        self.num_outputs: int | None = None
+        #: the model's output shape for one sample (known after :meth:`probe`)
+        self.output_shape: tuple[int, ...] | None = None
+        #: how per-sample Jacobians are taken: vmap(jacrev), or a loop where vmap/torch.func cannot run the model
+        self.passes = per_sample.Passes()
 
-        # Every name under which each tensor is reachable (tied weights have several).
-        aliases: dict[int, list[str]] = {}
-        for n, p in model.named_parameters(remove_duplicate=False):
-            aliases.setdefault(id(p), []).append(n)
-        buffer_aliases: dict[int, list[str]] = {}
-        for n, b in model.named_buffers(remove_duplicate=False):
-            if b is not None:
-                buffer_aliases.setdefault(id(b), []).append(n)
-
+    def _bind(self, model: torch.nn.Module, trajectory: Trajectory, fn: str) -> dict[str, torch.Tensor]:
+        """Match the model's parameters and buffers with the trajectory's entries: sets the trainable ones
+        (``names``, ``shapes``, their slices of a trajectory row, tied aliases stored twice) and the statics read
+        from the trajectory; returns the statics held at the model's values. Refuses a trajectory entry that
+        matches nothing and a model with nothing trainable."""
+        traj_names, traj_shapes = set(trajectory.names), dict(trajectory.spec)
+        # every name under which each tensor is reachable (tied weights have several)
+        aliases = _aliases(model.named_parameters(remove_duplicate=False))
+        buffer_aliases = _aliases((n, b) for n, b in model.named_buffers(remove_duplicate=False) if b is not None)
         self.names: list[str] = []
         self.shapes: list[torch.Size] = []
         self._slices: list[slice] = []
         self._tied: list[tuple[str, slice, str, slice]] = []  # aliases of one tensor stored twice
-        statics_from_traj: list[tuple[str, slice, torch.Size]] = []
+        self._statics_from_traj: list[tuple[str, slice, torch.Size]] = []
         statics_fixed: dict[str, torch.Tensor] = {}
         used: set[str] = set()
         for n, p in model.named_parameters():
             names = aliases[id(p)]
             hit = next((a for a in names if a in traj_names), None)
             if p.requires_grad:
-                if hit is None:
-                    raise ValueError(
-                        f"{fn}: the trajectory has no entry for the model's trainable parameter {n!r} "
-                        f"(shape {tuple(p.shape)}); trajectory entries: {preview(trajectory.names)}"
-                    )
-                if traj_shapes[hit] != p.shape:
-                    raise ValueError(
-                        f"{fn}: parameter {n!r} has shape {tuple(p.shape)} in the model but "
-                        f"{tuple(traj_shapes[hit])} in the trajectory"
-                    )
-                self.names.append(n)
-                self.shapes.append(p.shape)
-                self._slices.append(trajectory.slice_of(hit))
-                self._tied += [(hit, trajectory.slice_of(hit), a, trajectory.slice_of(a))
-                               for a in names if a != hit and a in traj_names]
+                self._add_trainable(fn, n, p, names, hit, traj_names, traj_shapes)
             elif hit is not None:
                 self._check_static_shape(fn, n, p, traj_shapes[hit])
-                statics_from_traj.append((n, trajectory.slice_of(hit), p.shape))
+                self._statics_from_traj.append((n, trajectory.slice_of(hit), p.shape))
             else:
                 statics_fixed[n] = p.detach()
             used.update(names)
@@ -102,7 +98,7 @@ class FunctionalModel:
             hit = next((a for a in names if a in traj_names), None)
             if hit is not None and b.is_floating_point():
                 self._check_static_shape(fn, n, b, traj_shapes[hit])
-                statics_from_traj.append((n, trajectory.slice_of(hit), b.shape))
+                self._statics_from_traj.append((n, trajectory.slice_of(hit), b.shape))
             else:
                 statics_fixed[n] = b.detach()
             used.update(names)
@@ -114,18 +110,27 @@ class FunctionalModel:
             )
         if not self.names:
             raise ValueError(f"{fn}: the model has no trainable parameters (requires_grad=True); the kernel is empty")
-        self.sizes = [math.prod(s) for s in self.shapes]
-        self.num_params = sum(self.sizes)
-        self._contiguous = _contiguous_run(self._slices)
-        self._statics_from_traj = statics_from_traj
-        self._statics_fixed = {n: self._cast(t) for n, t in statics_fixed.items()}
-        self._cache_key: object = None
-        self._cache: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
-        self.num_outputs: int | None = None
-        #: the model's output shape for one sample (known after :meth:`probe`)
-        self.output_shape: tuple[int, ...] | None = None
-        #: how per-sample Jacobians are taken: vmap(jacrev), or a loop where vmap/torch.func cannot run the model
-        self.passes = per_sample.Passes()
+        return statics_fixed
+
+    def _add_trainable(self, fn: str, n: str, p: torch.Tensor, names: list[str], hit: str | None,
+                       traj_names: set[str], traj_shapes: dict[str, torch.Size]) -> None:
+        """Enter the trainable parameter ``n`` (reachable as ``names``), stored in the trajectory as ``hit``."""
+        trajectory = self.trajectory
+        if hit is None:
+            raise ValueError(
+                f"{fn}: the trajectory has no entry for the model's trainable parameter {n!r} "
+                f"(shape {tuple(p.shape)}); trajectory entries: {preview(trajectory.names)}"
+            )
+        if traj_shapes[hit] != p.shape:
+            raise ValueError(
+                f"{fn}: parameter {n!r} has shape {tuple(p.shape)} in the model but "
+                f"{tuple(traj_shapes[hit])} in the trajectory"
+            )
+        self.names.append(n)
+        self.shapes.append(p.shape)
+        self._slices.append(trajectory.slice_of(hit))
+        self._tied += [(hit, trajectory.slice_of(hit), a, trajectory.slice_of(a))
+                       for a in names if a != hit and a in traj_names]
 
     @property
     def itemsize(self) -> int:
@@ -310,6 +315,14 @@ class FunctionalModel:
 
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+def _aliases(named) -> dict[int, list[str]]:
+    """Every name under which each tensor of ``(name, tensor)`` pairs is reachable, by the tensor's id."""
+    out: dict[int, list[str]] = {}
+    for n, t in named:
+        out.setdefault(id(t), []).append(n)
+    return out
 
 
 def _contiguous_run(slices: list[slice]) -> slice | None:

@@ -12,6 +12,7 @@ step (S_r = μ S_{r+1} + ε_r J̄_r) and meet each batch as it comes.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -156,91 +157,123 @@ class Sweep:
     def run(self, Xq: torch.Tensor, *, samples: bool, per_step: bool = False):
         """One backward pass over the steps for the queries ``Xq``: (bias [M, C], Σ_i c_i [M, C],
         contributions [M, N, C] or per-step [T, M, N, C] or None)."""
-        T, N, C = self.trajectory.num_steps, self.X.shape[0], self.C
-        M = Xq.shape[0]
-        MC = M * C
+        st = self._start(Xq, samples, per_step)
+        T = self.trajectory.num_steps
+        bar = tqdm(total=T, desc="pkfast.KernelMachine steps", unit="step", disable=not self.progress, leave=False)
+        for r1 in range(T, 0, -self.block):
+            r0 = max(0, r1 - self.block)
+            got = self.batch_block(r0, r1)
+            c, qf = self._block_steps(st, got, r0, r1, bar)
+            self._block_weight_decay(st, got, qf, r0, r1)
+            if st.tail_live:
+                self._meet_tail(st, got, c, r0, r1)
+            if self.momentum[0]:
+                self._advance_tail(st, qf, r0, r1)
+            del qf
+            self._collect(st, got, c, r0, r1)
+        bar.close()
+        return st.bias, st.total, st.contrib
+
+    def _start(self, Xq: torch.Tensor, samples: bool, per_step: bool) -> "_Pass":
+        """A pass's accumulators (the bias starts at f(Xq; w_0)) and the recursion's state, all zero."""
+        T, N, C, M = self.trajectory.num_steps, self.X.shape[0], self.C, Xq.shape[0]
         dev, dt = self.fm.device, self.dtype
-        eps = self._eps
         bias = self.fm.outputs(EvalPoint(0), Xq).to(dt)
         total = torch.zeros(M, C, dtype=dt, device=dev)
         contrib = None
         if samples:
             contrib = torch.zeros((T, M, N, C) if per_step else (M, N, C), dtype=dt, device=dev)
-        mu, damp, nesterov = self.momentum
+        mu, _, nesterov = self.momentum
         slots, blocked = self.slots, self.blocked
         stepped = [i for i, b in enumerate(blocked) if not b]
         # stepped columns: S_r (and J̄_r for Nesterov) per step; blocked columns: the tail S at block boundaries
         S = {i: torch.zeros(M, C, slots[i][2], dtype=dt, device=dev) for i in range(len(slots))
              if not blocked[i] or mu}
         J = {i: torch.empty(M, C, slots[i][2], dtype=dt, device=dev) for i in stepped} if (mu and nesterov) else None
-        any_blocked = any(blocked)
-        tail_live = False  # whether the blocked tail is nonzero yet
-        bar = tqdm(total=T, desc="pkfast.KernelMachine steps", unit="step", disable=not self.progress, leave=False)
-        for r1 in range(T, 0, -self.block):
-            r0 = max(0, r1 - self.block)
-            got = self.batch_block(r0, r1)
-            G, where = got["G"], got["where"]
-            c = torch.zeros(MC, G[0].shape[0], dtype=dt, device=dev)  # −⟨Ψ_r, ·⟩ for every row of the block
-            qf: dict[int, list] = {}
-            for r in range(r1 - 1, r0 - 1, -1):
-                h = self.steps[r]
-                jac, nodes = self.panels.evaluate(self.combo(r), Xq)
-                qf[r] = nodes
-                terms = self._stepped(r, jac, nodes, S, J, stepped)
-                a, b = where[r]
-                wrow = where.get(("w", r))
-                for coef, blocks in terms:
-                    for i, B_ in blocks.items():
-                        Bv = B_.view(MC, -1)
-                        if b > a:
-                            c[:, a:b].addmm_(Bv, G[i][a:b].T, alpha=-coef)
-                        if wrow is not None:
-                            c[:, wrow].add_(Bv @ G[i][wrow], alpha=-coef)
-                # blocked columns, pairs inside the block: κ_{s,r} ⟨J̄_s, ·⟩ from the two sides' factors
-                for s in range(r, r1) if (any_blocked and b > a) else ():
-                    k = self.kappa(s, r)
-                    if k != 0.0:
-                        c[:, a:b] += _pairs(slots, blocked, qf[s], got["feats"][r], M, C, alpha=-k)
-                bar.update(1)
-            # weight decay, blocked columns inside the block: Σ_r wd_r Σ_{s≥r} κ_{s,r} ⟨J̄_s, w_r⟩ = Σ_s ⟨J̄_s, u_s⟩
-            for s in range(r0, r1) if any_blocked else ():
-                u = [(self.steps[r]["weight_decay"] * self.kappa(s, r), where[("w", r)])
-                     for r in range(r0, s + 1) if ("w", r) in where]
-                u = [(k, row) for k, row in u if k != 0.0]
-                if u:
-                    bias -= _contract(slots, blocked, qf[s], G, u, M, C).view(M, C)
-            if tail_live:  # the tail meets the whole block in one GEMM per slot
-                t = torch.zeros_like(c)
-                for i in range(len(slots)):
-                    if blocked[i]:
-                        t.addmm_(S[i].view(MC, -1), G[i].T)
-                for r in range(r0, r1):
-                    k = self.tail(r, r1)
-                    a, b = where[r]
-                    c[:, a:b].add_(t[:, a:b], alpha=-k)
-                    wrow = where.get(("w", r))
-                    if wrow is not None:
-                        c[:, wrow].add_(t[:, wrow], alpha=-k)
-            if mu:  # S_{r0} = μ^L S_{r1} + Σ_s ε_s μ^{s−r0} J̄_s: one rank-(L·nodes) update per blocked slot
-                beta = mu ** (r1 - r0) if tail_live else 0.0
-                nodes = [(eps[s] * mu ** (s - r0) * om, f) for s in range(r0, r1) for om, f in qf[s]]
-                for i in range(len(slots)):
-                    if blocked[i]:
-                        Panels.write(slots[i], nodes, S[i], beta=beta)
-                tail_live = any(blocked)
-            del qf
-            for r in range(r0, r1):
-                a, b = where[r]
-                wrow = where.get(("w", r))
-                if wrow is not None:
-                    bias += self.steps[r]["weight_decay"] * c[:, wrow].view(M, C)
+        return _Pass(Xq, M, C, bias, total, contrib, per_step, stepped, S, J)
+
+    def _block_steps(self, st: "_Pass", got: dict, r0: int, r1: int, bar) -> tuple[torch.Tensor, dict]:
+        """The steps r1−1 … r0 of a block, backwards: ``c`` (−⟨Ψ_r, ·⟩ for every row of the block) from the
+        stepped columns and the blocked columns' pairs inside the block, and each step's query factors."""
+        G, where = got["G"], got["where"]
+        c = torch.zeros(st.M * st.C, G[0].shape[0], dtype=self.dtype, device=self.fm.device)
+        qf: dict[int, list] = {}
+        for r in range(r1 - 1, r0 - 1, -1):
+            jac, nodes = self.panels.evaluate(self.combo(r), st.Xq)
+            qf[r] = nodes
+            terms = self._stepped(r, jac, nodes, st.S, st.J, st.stepped)
+            self._meet_batch(c, terms, G, where, r)
+            a, b = where[r]
+            # blocked columns, pairs inside the block: κ_{s,r} ⟨J̄_s, ·⟩ from the two sides' factors
+            for s in range(r, r1) if (any(self.blocked) and b > a) else ():
+                k = self.kappa(s, r)
+                if k != 0.0:
+                    c[:, a:b] += _pairs(self.slots, self.blocked, qf[s], got["feats"][r], st.M, st.C, alpha=-k)
+            bar.update(1)
+        return c, qf
+
+    @staticmethod
+    def _meet_batch(c: torch.Tensor, terms: list, G: list[torch.Tensor], where: dict, r: int) -> None:
+        """The stepped columns' terms of Ψ_r meet step r's batch gradients (and its weight row): c −= coef ⟨B, ·⟩."""
+        a, b = where[r]
+        wrow = where.get(("w", r))
+        for coef, blocks in terms:
+            for i, B_ in blocks.items():
+                Bv = B_.view(c.shape[0], -1)
                 if b > a:
-                    cr = (c[:, a:b] * got["lam"][r]).view(M, C, b - a).transpose(1, 2)  # [M, |B|, C]
-                    total += cr.sum(1)
-                    if contrib is not None:
-                        (contrib[r] if per_step else contrib).index_add_(1, self.batches[r].to(dev), cr)
-        bar.close()
-        return bias, total, contrib
+                    c[:, a:b].addmm_(Bv, G[i][a:b].T, alpha=-coef)
+                if wrow is not None:
+                    c[:, wrow].add_(Bv @ G[i][wrow], alpha=-coef)
+
+    def _block_weight_decay(self, st: "_Pass", got: dict, qf: dict, r0: int, r1: int) -> None:
+        """Weight decay, blocked columns inside the block: Σ_r wd_r Σ_{s≥r} κ_{s,r} ⟨J̄_s, w_r⟩ = Σ_s ⟨J̄_s, u_s⟩,
+        taken from the bias."""
+        where = got["where"]
+        for s in range(r0, r1) if any(self.blocked) else ():
+            u = [(self.steps[r]["weight_decay"] * self.kappa(s, r), where[("w", r)])
+                 for r in range(r0, s + 1) if ("w", r) in where]
+            u = [(k, row) for k, row in u if k != 0.0]
+            if u:
+                st.bias -= _contract(self.slots, self.blocked, qf[s], got["G"], u, st.M, st.C).view(st.M, st.C)
+
+    def _meet_tail(self, st: "_Pass", got: dict, c: torch.Tensor, r0: int, r1: int) -> None:
+        """The blocked columns' tail S_{r1} meets the whole block in one GEMM per slot, weighted per step."""
+        G, where = got["G"], got["where"]
+        t = torch.zeros_like(c)
+        for i in range(len(self.slots)):
+            if self.blocked[i]:
+                t.addmm_(st.S[i].view(st.M * st.C, -1), G[i].T)
+        for r in range(r0, r1):
+            k = self.tail(r, r1)
+            a, b = where[r]
+            c[:, a:b].add_(t[:, a:b], alpha=-k)
+            wrow = where.get(("w", r))
+            if wrow is not None:
+                c[:, wrow].add_(t[:, wrow], alpha=-k)
+
+    def _advance_tail(self, st: "_Pass", qf: dict, r0: int, r1: int) -> None:
+        """S_{r0} = μ^L S_{r1} + Σ_s ε_s μ^{s−r0} J̄_s: one rank-(L·nodes) update per blocked slot."""
+        mu, eps = self.momentum[0], self._eps
+        beta = mu ** (r1 - r0) if st.tail_live else 0.0
+        nodes = [(eps[s] * mu ** (s - r0) * om, f) for s in range(r0, r1) for om, f in qf[s]]
+        for i in range(len(self.slots)):
+            if self.blocked[i]:
+                Panels.write(self.slots[i], nodes, st.S[i], beta=beta)
+        st.tail_live = any(self.blocked)
+
+    def _collect(self, st: "_Pass", got: dict, c: torch.Tensor, r0: int, r1: int) -> None:
+        """The block's rows of ``c`` into the bias (weight rows), the total and the contributions (batch rows, × λ)."""
+        M, C, where, dev = st.M, st.C, got["where"], self.fm.device
+        for r in range(r0, r1):
+            a, b = where[r]
+            wrow = where.get(("w", r))
+            if wrow is not None:
+                st.bias += self.steps[r]["weight_decay"] * c[:, wrow].view(M, C)
+            if b > a:
+                cr = (c[:, a:b] * got["lam"][r]).view(M, C, b - a).transpose(1, 2)  # [M, |B|, C]
+                st.total += cr.sum(1)
+                if st.contrib is not None:
+                    (st.contrib[r] if st.per_step else st.contrib).index_add_(1, self.batches[r].to(dev), cr)
 
     def _stepped(self, r: int, jac, nodes, S: dict, J: dict | None, stepped: list[int]) -> list:
         """Advance the stepped columns' recursion to step r; the terms (coefficient, {slot: block}) of Ψ_r."""
@@ -272,6 +305,24 @@ class Sweep:
             return [(eps, J), (c_r * mu, Ss)]
         put(Ss, eps, mu)
         return [(c_r, Ss)]
+
+
+@dataclass
+class _Pass:
+    """One :meth:`Sweep.run` over a chunk of queries: the queries, the accumulators it returns, and the state of
+    the recursion (the stepped columns' S and J̄, the blocked columns' tail S and whether it is nonzero yet)."""
+
+    Xq: torch.Tensor
+    M: int
+    C: int
+    bias: torch.Tensor
+    total: torch.Tensor
+    contrib: torch.Tensor | None
+    per_step: bool
+    stepped: list[int]
+    S: dict
+    J: dict | None
+    tail_live: bool = False
 
 
 def _pair_cheaper(L, C: int) -> bool:

@@ -142,6 +142,28 @@ def accumulate_triton(G: torch.Tensor, A: torch.Tensor, B: torch.Tensor, alpha: 
             ``input_precision``, or a non-CUDA device without ``TRITON_INTERPRET=1``.
         RuntimeError: the Triton path cannot run here (see :func:`triton_status`).
     """
+    _check_kinds(G, A, B, upper, input_precision)
+    _check_dtypes(G, A, B, input_precision)
+    if not (G.device == A.device == B.device):
+        raise ValueError(f"{_FN}: G, A and B must be on the same device; found G on {G.device}, A on {A.device}, "
+                         f"B on {B.device}")
+    A3, B3 = _stacks(G, A, B, upper)
+    alpha_t = _alpha_tensor(alpha, A3.shape[0], A.ndim == 3, A.dtype, G.device)
+    if G.device.type != "cuda" and not _interpret_env():
+        raise ValueError(f"{_FN}: expected CUDA tensors (or TRITON_INTERPRET=1 set before importing triton, to run "
+                         f"CPU tensors under the interpreter); found {G.device}")
+    # availability (after the argument checks, so bad arguments get their own message everywhere)
+    ok, why = triton_status()
+    if not ok:
+        raise RuntimeError(f"{_FN}: the Triton backend cannot run here: {why}")
+    if A3.numel() == 0 or B3.numel() == 0:  # S, M, N or K is 0: nothing to add
+        return G
+    _launch(G, A3, B3, alpha_t, upper, input_precision)
+    return G
+
+
+def _check_kinds(G: Any, A: Any, B: Any, upper: Any, input_precision: Any) -> None:
+    """The arguments are tensors, a known ``input_precision`` and a boolean ``upper``."""
     for name, t in (("G", G), ("A", A), ("B", B)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{_FN}: {name} must be a torch.Tensor; found {type(t).__name__}")
@@ -151,7 +173,9 @@ def accumulate_triton(G: torch.Tensor, A: torch.Tensor, B: torch.Tensor, alpha: 
     if not isinstance(upper, bool):
         raise TypeError(f"{_FN}: upper must be True or False; found {upper!r}")
 
-    # dtypes
+
+def _check_dtypes(G: torch.Tensor, A: torch.Tensor, B: torch.Tensor, input_precision: str) -> None:
+    """A and B share a float dtype, G accumulates in at least it, and tf32/bf16 come with float32 inputs."""
     if A.dtype not in _FLOATS:
         raise TypeError(f"{_FN}: A must be float32 or float64; found {A.dtype}")
     if B.dtype != A.dtype:
@@ -164,18 +188,15 @@ def accumulate_triton(G: torch.Tensor, A: torch.Tensor, B: torch.Tensor, alpha: 
         raise TypeError(f"{_FN}: input_precision={input_precision!r} requires float32 inputs; found {A.dtype} "
                         f"(use input_precision='ieee' for float64)")
 
-    # devices
-    if not (G.device == A.device == B.device):
-        raise ValueError(f"{_FN}: G, A and B must be on the same device; found G on {G.device}, A on {A.device}, "
-                         f"B on {B.device}")
 
-    # shapes
+def _stacks(G: torch.Tensor, A: torch.Tensor, B: torch.Tensor, upper: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A and B as stacks ``[S, M, K]`` and ``[S, N, K]`` (a 2-D input is one step), their shapes checked against
+    each other, ``G`` and ``upper``."""
     if A.ndim not in (2, 3) or B.ndim != A.ndim:
         raise ValueError(f"{_FN}: expected A [M, K] and B [N, K], or stacks A [S, M, K] and B [S, N, K]; "
                          f"found A {tuple(A.shape)} and B {tuple(B.shape)}")
-    stacked = A.ndim == 3
-    A3 = A if stacked else A.unsqueeze(0)
-    B3 = B if stacked else B.unsqueeze(0)
+    A3 = A if A.ndim == 3 else A.unsqueeze(0)
+    B3 = B if B.ndim == 3 else B.unsqueeze(0)
     S, M, K = A3.shape
     if B3.shape[0] != S:
         raise ValueError(f"{_FN}: A and B must stack the same number of steps S; found A {tuple(A.shape)} "
@@ -196,25 +217,18 @@ def accumulate_triton(G: torch.Tensor, A: torch.Tensor, B: torch.Tensor, alpha: 
         if not _same_tensor(A, B):
             raise ValueError(f"{_FN}: upper=True needs A and B to be the same tensor (a diagonal tile of "
                              f"A·Aᵀ); found different tensors")
+    return A3, B3
 
-    alpha_t = _alpha_tensor(alpha, S, stacked, A.dtype, G.device)
 
-    if G.device.type != "cuda" and not _interpret_env():
-        raise ValueError(f"{_FN}: expected CUDA tensors (or TRITON_INTERPRET=1 set before importing triton, to run "
-                         f"CPU tensors under the interpreter); found {G.device}")
+def _launch(G: torch.Tensor, A3: torch.Tensor, B3: torch.Tensor, alpha_t: torch.Tensor, upper: bool,
+            input_precision: str) -> None:
+    """One launch of the autotuned kernel over the tiles of G (those on or above the diagonal with ``upper``)."""
+    import triton
 
-    # availability (after the argument checks, so bad arguments get their own message everywhere)
-    ok, why = triton_status()
-    if not ok:
-        raise RuntimeError(f"{_FN}: the Triton backend cannot run here: {why}")
     import pkfast.engine.accumulate.triton_kernel as tk
 
-    interpreted = _kernel_interpreted(tk)
-
-    if S == 0 or M == 0 or N == 0 or K == 0:
-        return G
-
-    import triton
+    S, M, K = A3.shape
+    N = B3.shape[1]
 
     def grid(META: dict) -> tuple[int]:
         if upper:
@@ -230,7 +244,5 @@ def accumulate_triton(G: torch.Tensor, A: torch.Tensor, B: torch.Tensor, alpha: 
             A3.stride(0), A3.stride(1), A3.stride(2),
             B3.stride(0), B3.stride(1), B3.stride(2),
             G.stride(0), G.stride(1),
-            UPPER=upper, INPUT_MODE=input_precision, EMULATE=interpreted,
+            UPPER=upper, INPUT_MODE=input_precision, EMULATE=_kernel_interpreted(tk),
         )
-    return G
-
