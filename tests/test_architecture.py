@@ -109,6 +109,43 @@ def test_no_import_cycle():
             visit(m, [m])
 
 
+#: The most modules a package may hold directly (``__init__``, ``__main__`` and ``_version`` not counted): past it,
+#: a package no longer tells its data flow at a glance and wants a subpackage.
+MAX_MODULES = {"pkfast": 10}
+MAX_MODULES_PER_SUBPACKAGE = 12
+_NOT_COUNTED = {"__init__.py", "__main__.py", "_version.py"}
+
+
+def _package_sizes(root: Path = ROOT) -> dict[str, int]:
+    """Modules directly in each package (directories holding an ``__init__.py``), by dotted name."""
+    sizes = {}
+    for init in [root / "__init__.py", *root.rglob("*/__init__.py")]:
+        pkg = init.parent
+        name = ".".join(("pkfast",) + pkg.relative_to(root).parts)
+        sizes[name] = sum(1 for f in pkg.glob("*.py") if f.name not in _NOT_COUNTED)
+    return sizes
+
+
+def _oversized(sizes: dict[str, int]) -> dict[str, int]:
+    return {n: k for n, k in sizes.items() if k > MAX_MODULES.get(n, MAX_MODULES_PER_SUBPACKAGE)}
+
+
+def test_packages_stay_small():
+    sizes = _package_sizes()
+    assert sizes["pkfast"] >= 5 and len(sizes) >= 6, sizes  # (the walk found the tree)
+    assert not _oversized(sizes), f"packages over their module count (top level {MAX_MODULES['pkfast']}, a " \
+        f"subpackage {MAX_MODULES_PER_SUBPACKAGE}): {_oversized(sizes)}; group related modules into a subpackage"
+
+
+def test_the_package_size_check_would_fail(tmp_path):
+    (tmp_path / "__init__.py").write_text("")
+    for i in range(11):
+        (tmp_path / f"m{i}.py").write_text("")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "__init__.py").write_text("")
+    assert _oversized(_package_sizes(tmp_path)) == {"pkfast": 11}
+
+
 def test_no_module_over_500_lines():
     long = {m: n for m, p in _modules().items() if (n := len(p.read_text().splitlines())) > 500}
     assert not long, long

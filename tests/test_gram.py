@@ -1,6 +1,5 @@
 """pkfast.gram against the float64 reference on MLPs and CNNs, every output mode, rule, tiling and input form."""
 
-import numpy as np
 import pytest
 import torch
 from torch import nn

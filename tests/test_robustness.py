@@ -252,7 +252,7 @@ def test_packaging_uses_the_current_license_form_and_docs_name_no_machine_paths(
 def test_a_single_tile_moves_the_progress_bar_before_it_ends(monkeypatch, tmp_path):
     """One tile, one term, several vmap chunks: the bar advances as each chunk of the side is formed."""
     import pkfast.engine.driver as driver
-    import pkfast.engine.functional as jac
+    import pkfast.engine.costs as costs
 
     updates: list[float] = []
 
@@ -267,7 +267,7 @@ def test_a_single_tile_moves_the_progress_bar_before_it_ends(monkeypatch, tmp_pa
             pass
 
     monkeypatch.setattr(driver, "tqdm", Bar)
-    monkeypatch.setattr(jac, "DEFAULT_CHUNK_BYTES", 4 * 3 * 4 * 200)  # ~4 samples of the MLP's Jacobian a call
+    monkeypatch.setattr(costs, "DEFAULT_CHUNK_BYTES", 4 * 3 * 4 * 200)  # ~4 samples of the MLP's Jacobian a call
     net = mlp()
     traj = pkfast.Trajectory.from_checkpoints([net.state_dict(), net.state_dict()], lr=0.1)
     X = torch.randn(24, 5)

@@ -95,9 +95,10 @@ class LayerChoice:
 
 
 # ---------------------------------------------------------------------------------------------- memory
-def chunk_for(bytes_per_sample: float, budget: int = DEFAULT_CHUNK_BYTES, most: int | None = MAX_CHUNK) -> int:
-    """Samples per per-sample call: as many as ``budget`` bytes hold at ``bytes_per_sample`` each, at least 1 and
-    at most ``most`` (None: no cap)."""
+def chunk_for(bytes_per_sample: float, budget: int | None = None, most: int | None = MAX_CHUNK) -> int:
+    """Samples per per-sample call: as many as ``budget`` bytes (default :data:`DEFAULT_CHUNK_BYTES`, read at call
+    time) hold at ``bytes_per_sample`` each, at least 1 and at most ``most`` (None: no cap)."""
+    budget = DEFAULT_CHUNK_BYTES if budget is None else budget
     n = max(1, int(budget // max(1, int(bytes_per_sample))))
     return n if most is None else min(most, n)
 

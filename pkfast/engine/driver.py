@@ -56,12 +56,12 @@ def check_data(fn: str, opts: Options, X: Any, X2: Any = None, y: Any = None, y2
     """The samples (and, for ``of="loss"``, their targets) as tensors, checked against each other and the options."""
     if opts.diagonal and X2 is not None:
         raise ValueError(f"{fn}: diagonal=True computes K(x_a, x_a) over X alone; expected X2=None, found X2")
-    X, layout = inputs.pack(fn, "X", X)
+    X, packing = inputs.pack(fn, "X", X)
     if X2 is not None:
-        if layout is None and inputs.is_structured(X2):
+        if packing is None and inputs.is_structured(X2):
             raise TypeError(f"{fn}: X2 is a {type(X2).__name__} of arrays while X is one array; expected the same "
                             "structure")
-        X2, _ = inputs.pack(fn, "X2", X2, layout)
+        X2, _ = inputs.pack(fn, "X2", X2, packing)
         _checks.check_feature_shapes(fn, X, X2)
     if opts.of == "loss":
         if y is None or (X2 is not None and y2 is None):
@@ -71,14 +71,14 @@ def check_data(fn: str, opts: Options, X: Any, X2: Any = None, y: Any = None, y2
         y2 = _checks.as_target_tensor(fn, "y2", y2, X2.shape[0]) if X2 is not None else None
     elif y is not None or y2 is not None:
         raise ValueError(f"{fn}: y and y2 apply to of='loss'; found of={opts.of!r}")
-    return Data(X, X2, y, y2, layout)
+    return Data(X, X2, y, y2, packing)
 
 
 def functional_model(fn: str, model: torch.nn.Module, trajectory: Trajectory, opts: Options, data: Data,
                      device: torch.device) -> FunctionalModel:
     """The model as a function of its trainable parameters, probed on X (and X2) to learn C; targets checked."""
     fm = FunctionalModel(model, trajectory, dtype=opts.dtype, device=device, fn=fn, loss=opts.loss,
-                         layout=data.layout, output_fn=opts.output_fn)
+                         packing=data.packing, output_fn=opts.output_fn)
     fm.probe(data.X, fn, "X")
     if data.X2 is not None:
         fm.probe(data.X2, fn, "X2")

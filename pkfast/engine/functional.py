@@ -20,18 +20,14 @@ from pkfast.store import formats
 
 from pkfast.engine import per_sample
 from pkfast._checks import preview
-from pkfast.engine.inputs import Layout, adapt, reduce_output
+from pkfast.engine.costs import chunk_for
+from pkfast.engine.inputs import Packing, adapt, reduce_output
 from pkfast.engine.quadrature import EvalPoint
 from pkfast.trajectory.points import Trajectory
 
 __all__ = ["FunctionalModel", "EvalPoint"]
 
 log = logging.getLogger("pkfast")
-
-#: Bytes of Jacobian produced per ``vmap(jacrev)`` call. Measured on the digits MLP (P = 85,002, C = 10,
-#: 3.4 MB per sample) on a 2-core AVX-512 machine: 32–64 samples per call (110–220 MB) ran 1.45 ms/sample,
-#: 256 per call 2.0 ms/sample (the output no longer stays in cache-friendly pieces). Callers may override.
-DEFAULT_CHUNK_BYTES = 128 * 2**20
 
 
 class FunctionalModel:
@@ -43,13 +39,13 @@ class FunctionalModel:
     """
 
     def __init__(self, model: torch.nn.Module, trajectory: Trajectory, *, dtype: torch.dtype, device: torch.device,
-                 fn: str = "pkfast", loss: Any = None, layout: Layout | None = None,
+                 fn: str = "pkfast", loss: Any = None, packing: Packing | None = None,
                  output_fn: Callable[[Any], torch.Tensor] | None = None) -> None:
         #: with a :class:`~pkfast.loss.LossSpec`, the function is the per-sample loss ℓ(f(x; w), y) (C = 1)
         self.loss = loss
         #: the model as the engine calls it: on packed samples, returning one tensor (:mod:`pkfast.engine.inputs`)
-        self.model = adapt(model, layout, output_fn)
-        self._adapt = (model, layout, output_fn)
+        self.model = adapt(model, packing, output_fn)
+        self._adapt = (model, packing, output_fn)
         self.trajectory = trajectory
         self.dtype = dtype
         self.device = device
@@ -226,14 +222,14 @@ class FunctionalModel:
                 f"{X.dtype}; the model raised {type(e).__name__}: {e}"
             ) from e
         if not isinstance(out, torch.Tensor):
-            model, layout, output_fn = self._adapt
+            model, packing, output_fn = self._adapt
             if output_fn is None and not getattr(self.model, "_pkfast_reduces", False):
                 # a ModelOutput, dict or tuple: reduced by the default rule (pkfast.engine.inputs.reduce_output)
                 try:
                     reduce_output(out)
                 except TypeError as e:
                     raise TypeError(f"{fn}: {e}") from None
-                self.model = adapt(model, layout, None, reduce=True)
+                self.model = adapt(model, packing, None, reduce=True)
                 self.model._pkfast_reduces = True
                 return self.probe(X, fn, name)
             raise TypeError(f"{fn}: the model must return a tensor; it returned {type(out).__name__}")
@@ -269,7 +265,7 @@ class FunctionalModel:
             combo: ``(EvalPoint, weight)`` pairs.
             X: the samples ``[n, *features]`` (any device; moved per chunk).
             out: optional preallocated ``[n, C, P]`` buffer (overwritten).
-            chunk: samples per ``vmap(jacrev)`` call (default from :data:`DEFAULT_CHUNK_BYTES`).
+            chunk: samples per ``vmap(jacrev)`` call (default from :data:`pkfast.engine.costs.DEFAULT_CHUNK_BYTES`).
             tick: called with the number of samples after each chunk and point (progress inside a tile).
         """
         n = X.shape[0]
@@ -309,8 +305,8 @@ class FunctionalModel:
             self.loss.check_callable(self.outputs(EvalPoint(0), X[:1]).reshape(1, *self.output_shape), Y[:1], fn)
 
     def default_chunk(self) -> int:
-        per_sample = max(1, (self.num_outputs or 1) * self.num_params * _itemsize(self.dtype))
-        return max(1, DEFAULT_CHUNK_BYTES // per_sample)
+        """Samples per ``vmap(jacrev)`` call: a whole Jacobian per sample within the cost model's chunk budget."""
+        return chunk_for((self.num_outputs or 1) * self.num_params * _itemsize(self.dtype), most=None)
 
 
 def _itemsize(dtype: torch.dtype) -> int:

@@ -23,14 +23,14 @@ from torch import nn
 
 from pkfast import _checks
 
-__all__ = ["Layout", "pack", "adapt", "reduce_output", "num_samples", "take"]
+__all__ = ["Packing", "pack", "adapt", "reduce_output", "num_samples", "take"]
 
 #: integers in mixed packs must stay below this (exact in float32)
 EXACT_INT = 2 ** 24
 
 
 @dataclass(frozen=True)
-class Layout:
+class Packing:
     """How samples were packed: ``kind`` "mapping" (keyword arguments) or "tuple" (positional), the fields'
     names, per-sample shapes and dtypes."""
 
@@ -84,13 +84,13 @@ def take(X: Any, rows: Any) -> Any:
     return X[rows]
 
 
-def pack(fn: str, name: str, X: Any, layout: Layout | None = None) -> tuple[torch.Tensor, Layout | None]:
-    """``X`` as one ``[n, *features]`` tensor and its layout (None for a plain tensor). A second sample set is
-    packed against the first one's ``layout`` and must have the same fields, per-sample shapes and dtypes."""
+def pack(fn: str, name: str, X: Any, packing: Packing | None = None) -> tuple[torch.Tensor, Packing | None]:
+    """``X`` as one ``[n, *features]`` tensor and its packing (None for a plain tensor). A second sample set is
+    packed against the first one's ``packing`` and must have the same fields, per-sample shapes and dtypes."""
     if not is_structured(X):
-        if layout is not None:
+        if packing is not None:
             raise TypeError(f"{fn}: {name} is a {type(X).__name__} while the first sample set is a "
-                            f"{layout.describe()}; expected the same structure")
+                            f"{packing.describe()}; expected the same structure")
         return _checks.as_input_tensor(fn, name, X), None
     if isinstance(X, Mapping):
         kind, items = "mapping", [(k, v) for k, v in X.items() if v is not None]
@@ -107,10 +107,10 @@ def pack(fn: str, name: str, X: Any, layout: Layout | None = None) -> tuple[torc
         if v.shape[0] != n:
             raise ValueError(f"{fn}: {name}[{k!r}] has {v.shape[0]} samples while {name}[{fields[0][0]!r}] has {n}; "
                              "every field is split per sample along the first dimension")
-    got = Layout(kind, tuple(k for k, _ in fields), tuple(tuple(v.shape[1:]) for _, v in fields),
+    got = Packing(kind, tuple(k for k, _ in fields), tuple(tuple(v.shape[1:]) for _, v in fields),
                  tuple(v.dtype for _, v in fields))
-    if layout is not None and got != layout:
-        raise ValueError(f"{fn}: {name} is a {got.describe()}; expected the first sample set's {layout.describe()}")
+    if packing is not None and got != packing:
+        raise ValueError(f"{fn}: {name} is a {got.describe()}; expected the first sample set's {packing.describe()}")
     if got.integer:
         packed = torch.cat([v.reshape(n, -1).to(torch.int64) for _, v in fields], dim=1)
     else:
@@ -141,24 +141,24 @@ def reduce_output(out: Any) -> torch.Tensor:
                     "'logits', or a tuple whose first element is the output — or pass output_fn=")
 
 
-def adapt(model: nn.Module, layout: Layout | None, output_fn: Callable[[Any], torch.Tensor] | None = None,
+def adapt(model: nn.Module, packing: Packing | None, output_fn: Callable[[Any], torch.Tensor] | None = None,
           *, reduce: bool = False) -> nn.Module:
     """``model`` taking packed samples and returning one tensor: a shallow copy sharing every parameter, buffer
-    and submodule (so names, hooks and the trajectory match) whose ``forward`` unpacks ``layout`` into keyword or
+    and submodule (so names, hooks and the trajectory match) whose ``forward`` unpacks ``packing`` into keyword or
     positional arguments and applies ``output_fn`` (or, with ``reduce``, :func:`reduce_output`). The model itself
     when there is nothing to adapt."""
-    if layout is None and output_fn is None and not reduce:
+    if packing is None and output_fn is None and not reduce:
         return model
     inner = model.forward
     final = output_fn if output_fn is not None else reduce_output
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if layout is None:
+        if packing is None:
             out = inner(x)
-        elif layout.kind == "mapping":
-            out = inner(**dict(zip(layout.keys, layout.unpack(x))))
+        elif packing.kind == "mapping":
+            out = inner(**dict(zip(packing.keys, packing.unpack(x))))
         else:
-            out = inner(*layout.unpack(x))
+            out = inner(*packing.unpack(x))
         y = final(out)
         if not isinstance(y, torch.Tensor):
             raise TypeError(f"output_fn returned a {type(y).__name__}; expected a tensor of outputs [n, *out]")
@@ -166,5 +166,5 @@ def adapt(model: nn.Module, layout: Layout | None, output_fn: Callable[[Any], to
 
     adapted = copy.copy(model)
     adapted.forward = forward  # an instance attribute: the original model is untouched
-    adapted._pkfast_adapted = (layout, getattr(output_fn, "__qualname__", None) if output_fn is not None else None)
+    adapted._pkfast_adapted = (packing, getattr(output_fn, "__qualname__", None) if output_fn is not None else None)
     return adapted

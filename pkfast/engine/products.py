@@ -5,19 +5,26 @@ block, sample-major) or, for the diagonal, ``[r]`` / ``[r, C, C]``. :class:`Tile
 ``[n, C, K]`` panels into it on the selected backend (:mod:`pkfast.engine.accumulate`), and turns a finished
 accumulator into the result's blocks (:meth:`TileLayout.finish`: the mean's scaling, the mirrored lower
 triangle of a symmetric diagonal tile, the transposed block of a mirrored off-diagonal tile).
+:func:`factor_pair_product` is the factorised product of one layer's (A, Δ) factors that both the Gram's layer
+routes and the kernel machine's sweep add into their accumulators.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from pkfast.engine.accumulate import accumulate, accumulate_diagonal
 from pkfast.engine.tiles import Tile
 
-__all__ = ["TileLayout"]
+__all__ = ["TileLayout", "factor_pair_product", "WORKSPACE_BYTES"]
+
+#: Working memory of the position-pair blocks of :func:`factor_pair_product` (layers with S > 1 positions).
+WORKSPACE_BYTES = 64 * 2**20
 
 #: Rows copied at a time when a square accumulator is symmetrised in place.
 SYM_SLAB = 256
@@ -93,3 +100,52 @@ def symmetrize_upper_(acc: torch.Tensor) -> None:
             acc[j0:j1, :j0].copy_(acc[:j0, j0:j1].T)  # disjoint regions: below and above the diagonal
         d = acc[j0:j1, j0:j1]
         d.copy_(torch.triu(d) + torch.triu(d, 1).T)
+
+
+def factor_pair_product(acc: torch.Tensor, L: Any, Ar: torch.Tensor, Dr: torch.Tensor, Ac: torch.Tensor,
+                        Dc: torch.Tensor, weight: float, *, full: bool,
+                        mm: Callable[..., torch.Tensor], workspace_bytes: int = WORKSPACE_BYTES,
+                        upper: bool = False) -> None:
+    """``acc += weight · Σ_{s,t} (a_s · a′_t)(δ_s · δ′_t)``: one layer's kernel between row samples (factors
+    ``Ar``, ``Dr`` of shape ``[r, Cr, S, O]``) and column samples (``Ac``, ``Dc``: ``[c, Cc, S′, O]``), from
+    its input Gram (``L.rule.input_gram``) and its output-gradient Gram, never forming a gradient.
+
+    ``acc`` is ``[r·Cr, c·Cc]`` (``full``: every output pair) or ``[r, c]`` (the trace, Cr = Cc). ``mm(a, b,
+    upper=False)`` is ``a @ b.T`` on the caller's backend (``upper``: only the upper triangle is needed, for a
+    symmetric tile of one position). Layers of several positions are multiplied in blocks of sample pairs
+    whose S·S′ temporaries fit ``workspace_bytes``."""
+    r, Cr, Sr, O = Dr.shape
+    c, Cc, Sc = Dc.shape[0], Dc.shape[1], Dc.shape[2]
+    if Sr == 1 and Sc == 1:  # (the upper triangle of the (r·C)² block needs only the upper triangle of AA's r×r)
+        AA = L.rule.input_gram(Ar, Ac, lambda a, b: mm(a, b, upper), acc.dtype).view(r, c)
+        if full:
+            DD = mm(Dr.reshape(r * Cr, O), Dc.reshape(c * Cc, O), upper).view(r, Cr, c, Cc)
+            acc.view(r, Cr, c, Cc).add_(DD.mul_(AA[:, None, :, None]), alpha=weight)
+        else:
+            DD = mm(Dr.reshape(r, Cr * O), Dc.reshape(c, Cc * O), upper)
+            acc.add_(DD.mul_(AA), alpha=weight)
+        return
+    per_pair = Sr * Sc * acc.element_size() * (2 + (2 * Cr * Cc if full else 1))
+    side = max(1, int(math.sqrt(workspace_bytes / per_pair)))
+    accv = acc.view(r, Cr, c, Cc) if full else acc
+    for i0 in range(0, r, side):
+        i1 = min(r, i0 + side)
+        for j0 in range(i0 if upper else 0, c, side):
+            j1 = min(c, j0 + side)
+            _pair_block(accv, L, Ar, Dr, Ac, Dc, weight, full, mm, (i0, i1), (j0, j1))
+
+
+def _pair_block(accv, L, Ar, Dr, Ac, Dc, weight, full, mm, rows, cols) -> None:
+    """One block of sample pairs of :func:`factor_pair_product` for layers of several positions."""
+    (i0, i1), (j0, j1) = rows, cols
+    rb, cb = i1 - i0, j1 - j0
+    _, Cr, Sr, O = Dr.shape
+    Cc, Sc = Dc.shape[1], Dc.shape[2]
+    AA = L.rule.input_gram(Ar[i0:i1], Ac[j0:j1], mm, accv.dtype)  # [rb, S, cb, S′]
+    if full:
+        DD = mm(Dr[i0:i1].reshape(rb * Cr * Sr, O), Dc[j0:j1].reshape(cb * Cc * Sc, O)).view(rb, Cr, Sr, cb, Cc, Sc)
+        accv[i0:i1, :, j0:j1, :].add_(torch.einsum("isjt,icsjdt->icjd", AA, DD), alpha=weight)
+    else:
+        DD = mm(Dr[i0:i1].transpose(1, 2).reshape(rb * Sr, Cr * O),
+                Dc[j0:j1].transpose(1, 2).reshape(cb * Sc, Cc * O)).view(rb, Sr, cb, Sc)
+        accv[i0:i1, j0:j1].add_(DD.mul_(AA).sum(dim=(1, 3)), alpha=weight)

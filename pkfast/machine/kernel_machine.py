@@ -144,7 +144,7 @@ class KernelMachine:
         self.rule, self.nodes, self.dtype = self.opts.rule, self.opts.nodes, self.opts.dtype
         self.progress = progress
         self.trajectory = trajectory
-        self.X, self._layout = inputs.pack(_FN, "X_train", X_train)
+        self.X, self._packing = inputs.pack(_FN, "X_train", X_train)
         N = self.X.shape[0]
         if y_train is None:
             y_train = trajectory.targets
@@ -173,7 +173,7 @@ class KernelMachine:
         self._batches = self._read_batches(record, N)
 
         device = model_device(model)
-        adapt = dict(layout=self._layout, output_fn=self.opts.output_fn)
+        adapt = dict(packing=self._packing, output_fn=self.opts.output_fn)
         self.fm = FunctionalModel(model, trajectory, dtype=self.dtype, device=device, fn=_FN, **adapt)
         self.fm_loss = FunctionalModel(model, trajectory, dtype=self.dtype, device=device, fn=_FN, loss=self.loss,
                                        **adapt)
@@ -258,10 +258,10 @@ class KernelMachine:
 
     # ------------------------------------------------------------------ pieces
     def _queries(self, X: Any, name: str = "X") -> torch.Tensor:
-        if self._layout is None and inputs.is_structured(X):
+        if self._packing is None and inputs.is_structured(X):
             raise TypeError(f"{_FN}: {name} is a {type(X).__name__} of arrays while X_train is one array; expected "
                             "the same structure")
-        X, _ = inputs.pack(_FN, name, X, self._layout)
+        X, _ = inputs.pack(_FN, name, X, self._packing)
         _checks.check_feature_shapes(_FN, self.X, X)
         return X
 
@@ -315,7 +315,7 @@ class KernelMachine:
 
         Ties are broken by the lower training index.
         """
-        if self._layout is None or not inputs.is_structured(x):  # (a structured query holds one sample per field)
+        if self._packing is None or not inputs.is_structured(x):  # (a structured query holds one sample per field)
             x = torch.as_tensor(x)
             if x.shape == self.X.shape[1:]:
                 x = x.unsqueeze(0)

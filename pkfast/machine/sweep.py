@@ -17,7 +17,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from pkfast.engine.costs import pair_cheaper
 from pkfast.engine.functional import FunctionalModel
+from pkfast.engine.products import factor_pair_product
 from pkfast.loss import LossSpec
 from pkfast.machine.panels import Panels
 from pkfast.engine.quadrature import EvalPoint, gauss_legendre
@@ -57,7 +59,7 @@ class Sweep:
         self._spare: list[torch.Tensor] | None = None
         self.slots = panels.slots()
         # a layer is blocked when a factorised pair costs less than its gradients' inner product
-        self.blocked = [L is not None and _pair_cheaper(L, self.C) for L, _, _ in self.slots]
+        self.blocked = [L is not None and pair_cheaper(L, self.C) for L, _, _ in self.slots]
         T = self.trajectory.num_steps
         mean_batch = max(1.0, sum(b.numel() for b in self.batches) / max(1, T))
         # a block's batch gradients ([rows, P]) within a quarter of the budget, at least one step
@@ -325,35 +327,19 @@ class _Pass:
     tail_live: bool = False
 
 
-def _pair_cheaper(L, C: int) -> bool:
-    """Whether a factorised pair of the layer costs less than its gradients' inner product (cf. ``costs``)."""
-    return bool(L.rule.factorizable and L.positions ** 2 * (L.rule.a_columns(L) + C * L.fan_out * L.groups)
-                < C * L.size)
-
-
 def _pairs(slots, blocked, qnodes, tfeats: dict, M: int, C: int, alpha: float) -> torch.Tensor:
     """``[M·C, B]``: α Σ_q ω_q ⟨J̄ of the blocked slots at node q, training loss gradient⟩ from factors."""
     out = None
-    mm = lambda a, b: a @ b.T  # noqa: E731
+    mm = lambda a, b, upper=False: a @ b.T  # noqa: E731
     for (L, g, _), bl in zip(slots, blocked):
         if not bl:
             continue
         At, Dt = tfeats[L.name][g]
-        B, S2, O = Dt.shape[0], Dt.shape[2], Dt.shape[3]
         for om, f in qnodes:
             Aq, Dq = f[L.name][g]
-            Sq = Dq.shape[2]
-            AA = L.rule.input_gram(Aq, At, mm, Dq.dtype)                   # [M, S, B, S′]
-            DD = Dq.reshape(M * C * Sq, O) @ Dt.reshape(B * S2, O).T       # [M·C·S, B·S′]
-            if Sq == 1 and S2 == 1:
-                k = DD.view(M, C, B) * AA.view(M, 1, B)
-            else:
-                k = torch.einsum("msbt,mcsbt->mcb", AA, DD.view(M, C, Sq, B, S2))
-            k = k.reshape(M * C, B)
             if out is None:
-                out = k * (alpha * om)
-            else:
-                out.add_(k, alpha=alpha * om)
+                out = torch.zeros(M * C, Dt.shape[0], dtype=Dq.dtype, device=Dq.device)
+            factor_pair_product(out, L, Aq, Dq, At, Dt, alpha * om, full=True, mm=mm)
     return out
 
 

@@ -1,7 +1,6 @@
 """Backend selection, and pkfast.gram on the Triton backend (CPU interpreter in CI) against torch and the oracle."""
 
 import logging
-import os
 
 import pytest
 import torch

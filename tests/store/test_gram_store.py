@@ -4,12 +4,10 @@ full, the writer lock, and sharing tiles across torch.distributed ranks (gloo)."
 from __future__ import annotations
 
 import errno
-import json
 import os
 import socket
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np

@@ -40,7 +40,7 @@ class Data:
     Y: torch.Tensor | None = None
     Y2: torch.Tensor | None = None
     #: how structured samples (a mapping or tuple of arrays) were packed into X and X2 (:mod:`pkfast.engine.inputs`)
-    layout: Any = None
+    packing: Any = None
 
     @property
     def cols(self) -> torch.Tensor:

@@ -13,7 +13,6 @@ the other parameters go through ``jacrev`` (docs/math.md §5).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -22,15 +21,13 @@ from pkfast.engine.accumulate import accumulate
 from pkfast.engine.capture import Capture, Groups
 from pkfast.engine.costs import LayerChoice, chunk_for, route_counts
 from pkfast.engine.functional import FunctionalModel
-from pkfast.engine.products import TileLayout
+from pkfast.engine.products import WORKSPACE_BYTES, TileLayout, factor_pair_product
 from pkfast.engine.routes.base import Combo, Data, Route, Side
 from pkfast.layers import rule_for
 from pkfast.layers.base import Layer
 
 __all__ = ["LayeredRoute", "find_layers"]
 
-#: Bytes of S×S temporaries one factorised product may hold at a time (row/column sub-blocks are cut to fit).
-WORKSPACE_BYTES = 64 * 2**20
 
 
 def find_layers(model: torch.nn.Module, fm: FunctionalModel) -> list[Layer]:
@@ -178,33 +175,8 @@ class LayeredRoute(Route):
         return out
 
     def _pair_product(self, acc, L, Ar, Dr, Ac, Dc, weight, full, upper=False):
-        r, C, S, O = Dr.shape
-        c = Dc.shape[0]
-        if S == 1:  # (the upper triangle of the (r·C)² block needs only the upper triangle of AA's r×r)
-            AA = L.rule.input_gram(Ar, Ac, lambda a, b: self._mm(a, b, upper), acc.dtype).view(r, c)
-            if full:
-                DD = self._mm(Dr.reshape(r * C, O), Dc.reshape(c * C, O), upper).view(r, C, c, C)
-                acc.view(r, C, c, C).add_(DD.mul_(AA[:, None, :, None]), alpha=weight)
-            else:
-                DD = self._mm(Dr.reshape(r, C * O), Dc.reshape(c, C * O), upper)
-                acc.add_(DD.mul_(AA), alpha=weight)
-            return
-        per_pair = S * S * acc.element_size() * (2 + (2 * C * C if full else 1))
-        side = max(1, int(math.sqrt(self.workspace_bytes / per_pair)))
-        accv = acc.view(r, C, c, C) if full else acc
-        for i0 in range(0, r, side):
-            i1 = min(r, i0 + side)
-            for j0 in range(i0 if upper else 0, c, side):
-                j1 = min(c, j0 + side)
-                rb, cb = i1 - i0, j1 - j0
-                AA = L.rule.input_gram(Ar[i0:i1], Ac[j0:j1], self._mm, acc.dtype)
-                if full:
-                    DD = self._mm(Dr[i0:i1].reshape(rb * C * S, O), Dc[j0:j1].reshape(cb * C * S, O)).view(rb, C, S, cb, C, S)
-                    accv[i0:i1, :, j0:j1, :].add_(torch.einsum("isjt,icsjdt->icjd", AA, DD), alpha=weight)
-                else:
-                    DD = self._mm(Dr[i0:i1].transpose(1, 2).reshape(rb * S, C * O),
-                                  Dc[j0:j1].transpose(1, 2).reshape(cb * S, C * O)).view(rb, S, cb, S)
-                    accv[i0:i1, j0:j1].add_(DD.mul_(AA).sum(dim=(1, 3)), alpha=weight)
+        factor_pair_product(acc, L, Ar, Dr, Ac, Dc, weight, full=full, mm=self._mm,
+                            workspace_bytes=self.workspace_bytes, upper=upper)
 
 
 def _diag_product(acc, L, Ar, Dr, Ac, Dc, weight, full):
