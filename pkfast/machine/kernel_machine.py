@@ -51,6 +51,11 @@ log = logging.getLogger("pkfast")
 __all__ = ["KernelMachine", "Explanation", "Certificate"]
 
 _FN = "pkfast.KernelMachine"
+#: The largest relative update residual ‖Δ_s − Δ̂_s‖/‖Δ_s‖ a step may show before the machine refuses the
+#: recording (:meth:`KernelMachine.verify`). Complete float64 recordings show ~1e-14, float32 ones ~1e-6; the
+#: unrecorded training events seen in practice (clipping, accumulation, shuffled X_train, Adam read as SGD)
+#: show 0.04–14.
+UPDATE_TOL = 1e-3
 
 
 @dataclass
@@ -110,6 +115,10 @@ class KernelMachine:
         memory_budget: bytes (or ``"2GiB"``) for the query-side accumulators; sets the query chunk. Default: half
             of the free memory of the compute device (the rule of every pkfast computation).
         progress: progress bars over steps.
+        verify: check at construction that the recorded weights follow from the recorded batches, loss and
+            optimizer (:meth:`verify`; one batch gradient per step) and refuse with the likely causes if not.
+            ``verify=False`` builds the machine anyway (its predictions then differ from the network).
+        update_tol: the largest relative update residual accepted by the check (default :data:`UPDATE_TOL`).
         output_fn: reduces what the model returns to its output tensor (default: a tensor as it is, a mapping or
             ``ModelOutput``'s ``"logits"``, a tuple's first element; :func:`pkfast.engine.inputs.reduce_output`).
             ``X_train`` and queries may be mappings or tuples of arrays (:mod:`pkfast.engine.inputs`).
@@ -137,7 +146,8 @@ class KernelMachine:
 
     def __init__(self, model: torch.nn.Module, trajectory: Trajectory, X_train: Any, y_train: Any = None,
                  loss: Any = None, *, rule: str = "exact", nodes: int = DEFAULT_NODES, dtype: Any = torch.float64,
-                 memory_budget: Any = None, progress: bool = True, output_fn: Any = None) -> None:
+                 memory_budget: Any = None, progress: bool = True, output_fn: Any = None, verify: bool = True,
+                 update_tol: float = UPDATE_TOL) -> None:
         model = check_model_and_trajectory(_FN, model, trajectory)
         self.opts = Options.check(_FN, rules=("exact", "left"), strict_nodes=False, rule=rule, nodes=nodes, dtype=dtype,
                                   memory_budget=memory_budget, output_fn=output_fn)
@@ -204,6 +214,11 @@ class KernelMachine:
                     "augmentation, dropout or train-mode normalisation?), so the kernel machine reproduces the "
                     "trajectory's weights through the model's own gradients, not the training run's",
                     stacklevel=2)
+        #: ``[T]`` the update residual ‖Δ_s − Δ̂_s‖/‖Δ_s‖ of every recorded step (measured at construction when
+        #: ``verify=True``, else on the first :meth:`certificate`).
+        self.update_residual: torch.Tensor | None = None
+        if verify:
+            self.verify(update_tol)
 
     # ------------------------------------------------------------------ the recording
     def _read_optimizer(self, rec: Recording) -> list[GroupHyper]:
@@ -377,7 +392,64 @@ class KernelMachine:
             f_prev = f_next
         quad_t = torch.stack(quad).cpu()
         scale = float((f_prev - f0).abs().max()) or 1.0
-        return Certificate(quad_t, self._update_residuals(), float(quad_t.abs().max()) / scale)
+        if self.update_residual is None:
+            self.update_residual = self._update_residuals()
+        return Certificate(quad_t, self.update_residual, float(quad_t.abs().max()) / scale)
+
+    def verify(self, tol: float = None) -> torch.Tensor:
+        """Check that the recorded steps are the steps this machine's coefficients imply; refuse if not.
+
+        Each recorded update Δ_s = w_{s+1} − w_s is compared with the update Δ̂_s recomputed from the recorded
+        batches, targets, loss and optimizer settings (no query needed: one batch gradient per step, the cost of
+        replaying training once). Where ‖Δ_s − Δ̂_s‖/‖Δ_s‖ exceeds ``tol`` (default :data:`UPDATE_TOL`, raised to
+        the storage dtype's rounding where weights were stored in low precision) on any step, the decomposition
+        would not reproduce the network, so this raises with what it found and the likely causes. Called by the
+        constructor unless ``verify=False``.
+
+        Returns:
+            ``[T]`` the relative update residual per step (also kept as :attr:`update_residual`).
+
+        Example:
+            >>> km.verify()  # doctest: +SKIP
+            tensor([3.1e-16, 2.9e-16, ...], dtype=torch.float64)
+        """
+        tol = UPDATE_TOL if tol is None else float(tol)
+        res = self._update_residuals()
+        self.update_residual = res
+        allowed = torch.clamp(self._rounding_floor(), min=tol)
+        bad = torch.nonzero(~(res <= allowed)).flatten().tolist()
+        if bad:
+            raise ValueError(self._refusal(res, bad, tol))
+        return res
+
+    def _rounding_floor(self) -> torch.Tensor:
+        """``[T]`` the update residual that storing the weights in the trajectory's dtype alone can cause:
+        8 u ‖w_{s+1}‖ / ‖Δ_s‖ (each stored weight is within u |w| of the trained one)."""
+        u = torch.finfo(self.trajectory.dtype).eps
+        out = []
+        for s in range(self.trajectory.num_steps):
+            w0, w1 = self.fm.state(EvalPoint(s))[0], self.fm.state(EvalPoint(s + 1))[0]
+            out.append(float(8 * u * w1.norm() / (w1 - w0).norm().clamp_min(1e-300)))
+        return torch.tensor(out, dtype=torch.float64)
+
+    def _refusal(self, res: torch.Tensor, bad: list[int], tol: float) -> str:
+        worst = int(torch.nan_to_num(res, nan=float("inf")).argmax())
+        rec = self._record
+        causes = ["gradient clipping (clip_grad_norm_ between backward and step) or gradient noise that the "
+                  "recording does not show",
+                  "gradient accumulation over micro-batches (several backward passes per optimizer step)",
+                  "X_train or y_train in another order than the recorded batch indices, or other data",
+                  "a loss other than the recorded one (reduction, label smoothing, class weights, extra terms)",
+                  "a training forward pass unlike the model's (dropout, data augmentation, train-mode normalisation)"]
+        if rec.optimizer is None or rec.optimizer.kind is not OptimizerKind.SGD:
+            causes.insert(0, "an optimizer the machine does not model (Adam/AdamW/RMSprop…: a trajectory from "
+                             "checkpoints with lr= is taken as plain SGD)")
+        return (f"{_FN}: the recorded weights do not follow from the recorded training: the update residual "
+                f"‖Δ_s − Δ̂_s‖/‖Δ_s‖ exceeds {tol:g} on {len(bad)} of {len(res)} steps (worst {float(res[worst]):.3g} "
+                f"at step {worst}; first bad step {bad[0]}), so the kernel machine would not reproduce the network. "
+                "Likely causes: " + "; ".join(causes) + ". Fix the recording (TrajectoryRecorder around the "
+                "real loop, the same X_train order and loss), or pass verify=False to build the machine anyway "
+                "(its predictions then differ from the network; certificate() shows by how much)")
 
     def _output_grad_mismatch(self) -> torch.Tensor | None:
         T = self.trajectory.num_steps

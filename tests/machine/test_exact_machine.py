@@ -305,7 +305,10 @@ def test_certificate_flags_an_unrecorded_gradient_clip(tmp_path):
             torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
             o.step()
             rec.step(batch_indices=range(12))
-    km = pkfast.KernelMachine(model, pkfast.Trajectory.load(tmp_path / "clip"), X, progress=False)
+    traj = pkfast.Trajectory.load(tmp_path / "clip")
+    with pytest.raises(ValueError, match=r"(?s)update residual.*gradient clipping.*verify=False"):
+        pkfast.KernelMachine(model, traj, X, progress=False)
+    km = pkfast.KernelMachine(model, traj, X, progress=False, verify=False)  # the explicit opt-out
     assert float(km.certificate(X[:2]).update.max()) > 0.1
 
 
@@ -436,14 +439,17 @@ def test_stored_output_grads_match_the_recomputed_ones(tmp_path):
 
 def test_a_training_forward_unlike_the_model_is_flagged(tmp_path):
     """Dropout active during training: the stored derivatives disagree with the model's, and the kernel
-    machine says so."""
+    machine says so — and, since its updates then do not follow from the model's gradients, refuses unless told."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(D, H), nn.Tanh(), nn.Dropout(0.5), nn.Linear(H, C)).double()
     X, y = data(12)
     traj = _record_with_grads(tmp_path / "t", model, X, y, train_mode_dropout=True)
     model.eval()
     with pytest.warns(UserWarning, match="training forward pass was not the model's"):
-        km = pkfast.KernelMachine(model, traj, X, progress=False)
+        with pytest.raises(ValueError, match="(?s)update residual.*dropout"):
+            pkfast.KernelMachine(model, traj, X, progress=False)
+    with pytest.warns(UserWarning, match="training forward pass was not the model's"):
+        km = pkfast.KernelMachine(model, traj, X, progress=False, verify=False)
     assert float(km.output_grad_mismatch.max()) > 1e-3
 
 
