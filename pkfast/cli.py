@@ -120,12 +120,15 @@ def _load_array(flag: str, path: str):
     try:
         a = np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError as e:
-        raise _UserError(f"{flag}: {path!r} is not a readable .npy array ({e})") from e
+        raise _unreadable(flag, path, e) from e
     if isinstance(a, np.lib.npyio.NpzFile):  # several arrays: the model's keyword arguments, split per sample
         with a:
             if not a.files:
                 raise _UserError(f"{flag}: {path!r} is an empty .npz; expected one array per model argument")
-            return {k: torch.from_numpy(np.array(a[k])) for k in a.files}
+            try:
+                return {k: torch.from_numpy(np.array(a[k])) for k in a.files}
+            except ValueError as e:
+                raise _unreadable(flag, path, e) from e
     if not isinstance(a, np.ndarray):
         raise _UserError(f"{flag}: {path!r} holds {type(a).__name__}; expected an array (.npy) or arrays (.npz)")
     return torch.from_numpy(np.array(a))
@@ -313,17 +316,30 @@ def _info(a: argparse.Namespace) -> int:
     return 0 if d.get("valid", True) else 1
 
 
+def _unreadable(flag: str, path: str, e: Exception) -> "_UserError":
+    """numpy's refusal of a data file, in the user's terms (never numpy's ``allow_pickle`` advice)."""
+    if "allow_pickle" in str(e) or "Python objects" in str(e):
+        return _UserError(f"{flag}: {path!r} holds Python objects (an object array), which pkfast does not load; "
+                          "expected numeric arrays: save them with np.save(path, np.asarray(X, dtype=np.float32))")
+    return _UserError(f"{flag}: {path!r} is not a readable .npy array ({e})")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from pkfast.store.writer import StoreError
+
+    from pkfast.engine.accumulate import BackendUnavailable
 
     try:
         return {"gram": _gram, "plan": _plan, "info": _info}[args.command](args)
     except KeyboardInterrupt:
         print("pkfast: interrupted; finished tiles are kept — run the same command again to resume", file=sys.stderr)
         return 130
-    except (_UserError, StoreError, *_USER_ERRORS) as e:
+    except (_UserError, StoreError, BackendUnavailable, *_USER_ERRORS) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if args.command == "info":  # (info only reads: the remedy is a fresh 'pkfast gram … --overwrite')
+            msg = re.sub(r"pass overwrite=True to (?:start afresh|recompute it|replace it)",
+                         "recompute it with 'pkfast gram … --overwrite'", msg)
         print(f"pkfast: error: {_in_cli_words(msg)}", file=sys.stderr)
         return 2
 

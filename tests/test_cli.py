@@ -211,3 +211,42 @@ def test_version_and_the_exact_rule_from_the_command_line(digits_run, tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "E.npy"), E.numpy(), rtol=1e-12, atol=1e-14)
     info = _cli("info", tmp_path / "E.npy").stdout
     assert "rule=exact" in info
+
+
+def test_issue25_command_line_messages(digits_run, tmp_path):
+    """--backend triton without CUDA, a pickled --data file and info on a damaged store: one line each, in the
+    command line's words (each was a traceback, numpy's text or a flag info does not have)."""
+    d = digits_run
+    base = ["gram", "--model", "nets.py:make_net", "--trajectory", "traj", "--no-progress"]
+    if not torch.cuda.is_available():
+        env = {k: v for k, v in ENV.items() if k != "TRITON_INTERPRET"}  # (the interpreter would run it)
+        r = subprocess.run([sys.executable, "-m", "pkfast", *map(str, base), "--data", "X.npy", "--out",
+                            str(tmp_path / "T.npy"), "--backend", "triton"], env=env, cwd=d, capture_output=True,
+                           text=True, timeout=300)
+        line = _one_line_error(r)
+        assert "--backend triton" in line and "cannot run here" in line and "--backend torch" in line
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    line = _one_line_error(_cli(*base, "--data", tmp_path / "obj.npy", "--out", tmp_path / "O.npy", cwd=d))
+    assert "holds Python objects" in line and "allow_pickle" not in line and "np.save" in line
+    np.savez(tmp_path / "obj.npz", x=np.array([{"a": 1}, None], dtype=object))
+    line = _one_line_error(_cli(*base, "--data", tmp_path / "obj.npz", "--out", tmp_path / "Z.npy", cwd=d))
+    assert "holds Python objects" in line and "allow_pickle" not in line
+    out = tmp_path / "K.npy"
+    assert _cli(*base, "--data", "X.npy", "--out", out, cwd=d).returncode == 0
+    (tmp_path / "K.npy.pkfast" / "manifest.json").write_text("{ damaged")
+    line = _one_line_error(_cli("info", out))
+    assert "corrupted" in line and "pkfast gram … --overwrite" in line and "pass --overwrite" not in line
+
+
+def test_a_locked_store_names_the_function_that_writes_it(tmp_path):
+    from pkfast.store.writer import ChunkStore, StoreError
+
+    net = torch.nn.Linear(3, 2)
+    traj = pkfast.Trajectory.from_checkpoints([net.state_dict(), net.state_dict()], lr=0.1)
+    pkfast.sketch(net, traj, torch.randn(5, 3), k=8, out=tmp_path / "F.npy", progress=False)
+    first = ChunkStore.attach(tmp_path / "F.npy", fn="pkfast.sketch")
+    try:
+        with pytest.raises(StoreError, match=r"^pkfast\.sketch: .*being written by another process"):
+            ChunkStore.attach(tmp_path / "F.npy", fn="pkfast.sketch")
+    finally:
+        first.close() if hasattr(first, "close") else None

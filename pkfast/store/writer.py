@@ -125,12 +125,12 @@ class ChunkStore:
         m = read_manifest(path, fn=fn, writing=True)
         geo = geometry_of(m, path)
         store = cls(path, m, geo, rank, world)
-        store._lock()
+        store._lock(fn)
         store._fd = os.open(path, os.O_RDWR)
         store._journal = open(store.side / f"tiles.{rank}.log", "a")
         return store
 
-    def _lock(self) -> None:
+    def _lock(self, fn: str = "pkfast.gram") -> None:
         import fcntl
 
         lock = self.side / f"lock.{self.rank}"
@@ -143,7 +143,7 @@ class ChunkStore:
             finally:
                 os.close(fd)
             raise StoreError(
-                f"pkfast.gram: {self.path} is being written by another process (pid {who}, as writer rank "
+                f"{fn}: {self.path} is being written by another process (pid {who}, as writer rank "
                 f"{self.rank}); wait for it to finish or stop it — two writers are never interleaved"
             ) from None
         os.ftruncate(fd, 0)

@@ -21,7 +21,7 @@ import torch
 
 from pkfast.engine.accumulate import torch_blas
 
-__all__ = ["BACKENDS", "PRECISIONS", "select_backend", "accumulate", "accumulate_diagonal"]
+__all__ = ["BACKENDS", "PRECISIONS", "BackendUnavailable", "select_backend", "accumulate", "accumulate_diagonal"]
 
 log = logging.getLogger("pkfast")
 
@@ -29,6 +29,10 @@ BACKENDS = ("auto", "torch", "triton")
 #: Input precision of the Gram products: exact fp32 ("ieee"), TF32 tensor cores, or bf16 inputs with fp32
 #: accumulation. Only "ieee" is available on the torch backend.
 PRECISIONS = ("ieee", "tf32", "bf16")
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run on this machine or device (a user's choice, not a bug)."""
 
 
 def select_backend(requested: str, device: torch.device, *, precision: str = "ieee", fn: str = "pkfast") -> str:
@@ -42,9 +46,11 @@ def select_backend(requested: str, device: torch.device, *, precision: str = "ie
     if requested == "triton":
         ok, why = triton_status()
         if not ok:
-            raise RuntimeError(f"{fn}: backend='triton' cannot run here: {why}. Use backend='torch' or 'auto'.")
+            raise BackendUnavailable(f"{fn}: backend='triton' cannot run here: {why}. Use backend='torch' or "
+                                     "'auto'.")
         if device.type != "cuda" and "interpreter" not in why:
-            raise RuntimeError(f"{fn}: backend='triton' needs the model on a CUDA device; it is on {device}")
+            raise BackendUnavailable(f"{fn}: backend='triton' needs the model on a CUDA device; found it on {device}. "
+                                     "Move the model to CUDA or use backend='torch' or 'auto'.")
         return "triton"
     # auto
     if device.type != "cuda":
