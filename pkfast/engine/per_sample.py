@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -46,6 +48,34 @@ def random_forward_refused() -> Iterator[None]:
         raise
 
 
+#: torch's warning for an operator vmap runs through its slow fallback (repeated on every call and backward).
+_SLOW_OP = re.compile(r"There is a performance drop because we have not yet implemented the batching rule for (\S+?)\.")
+
+
+@contextlib.contextmanager
+def slow_ops_noted(seen: set[str]) -> Iterator[None]:
+    """Collect torch's repeated "no batching rule for aten::…" warnings into one pkfast warning per operator
+    (``seen``: the operators already reported for this model); every other warning passes through unchanged."""
+    caught: list = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:  # (outside the recording: re-issued warnings must not land in the list being read)
+        new = []
+        for w in caught:
+            m = _SLOW_OP.search(str(w.message))
+            if m is None:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+            elif m.group(1) not in seen:
+                seen.add(m.group(1))
+                new.append(m.group(1))
+    if new:
+        warnings.warn(f"pkfast: torch.vmap has no batching rule for {', '.join(new)}: torch runs it sample by sample "
+                      "inside the vectorised pass (exact, slower); shown once per model and operator",
+                      UserWarning, stacklevel=3)
+
+
 def _why(what: str, e: BaseException) -> str:
     return f"{what} cannot run this model ({type(e).__name__}: {str(e).strip().splitlines()[0][:100]})"
 
@@ -58,6 +88,7 @@ class Passes:
         self.mode = "vmap"
         self.reason: str | None = None
         self._probed = False
+        self.slow_ops: set[str] = set()  # operators vmap runs by its slow fallback (reported once each)
 
     def describe(self) -> str:
         """One line for the plan ("" when vmap runs the model)."""
@@ -81,7 +112,7 @@ class Passes:
             return functional_call(fm.model, (p, statics), (xi.unsqueeze(0),)).reshape(-1)
 
         try:
-            with torch.no_grad(), random_forward_refused():
+            with torch.no_grad(), random_forward_refused(), slow_ops_noted(self.slow_ops):
                 vmap(f, in_dims=(None, 0), randomness="error")(params, x)
             return
         except RuntimeError as e:
@@ -97,7 +128,7 @@ class Passes:
         None shared), stacked along a first axis; falls back to the slower modes when a faster one fails."""
         if self.mode == "vmap":
             try:
-                with random_forward_refused():
+                with random_forward_refused(), slow_ops_noted(self.slow_ops):
                     return vmap(jacrev(f, argnums=argnums, has_aux=has_aux), in_dims=in_dims, randomness="error")(*args)
             except RuntimeError as e:
                 self._fall("loop", _why("vmap", e))
