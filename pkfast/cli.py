@@ -245,7 +245,7 @@ def describe(path: str | os.PathLike, *, verify: bool = False) -> dict[str, Any]
 
 def describe_trajectory(path: str | os.PathLike) -> dict[str, Any]:
     """What ``pkfast info`` prints for a recorded trajectory directory, read through its typed recording."""
-    from pkfast.trajectory.files import read_manifest
+    from pkfast.trajectory.files import read_checksums, read_manifest
     from pkfast.trajectory.recording import Recording
 
     rec = Recording.from_files(path)
@@ -261,6 +261,7 @@ def describe_trajectory(path: str | os.PathLike) -> dict[str, Any]:
         "batches_recorded": sum(s.batch_indices is not None for s in rec.steps),
         "every_step": all(s.covers == 1 for s in rec.steps), "loss": None if rec.loss is None else dict(rec.loss),
         "targets": rec.has_targets, "source": rec.extra.get("source"),
+        "checksums": read_checksums(Path(path)) is not None,
     }
 
 
@@ -281,6 +282,8 @@ def _info_trajectory(a: argparse.Namespace) -> int:
           f"{'saved' if d['targets'] else 'not saved'}")
     loss = d["loss"]
     print(f"  loss: {loss['kind'] + ' (' + str(loss.get('reduction')) + ')' if loss else 'not recorded'}")
+    print("  checksums: " + ("present (a CRC-32 per weight row, in weights.crc)" if d["checksums"] else
+                             "none (recorded before pkfast wrote weight checksums; rows are read unverified)"))
     return 0
 
 

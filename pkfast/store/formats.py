@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 __all__ = ["atomic_file", "atomic_write", "fsync_dir", "manifest_checksum", "check_format", "crc_line", "parse_crc_line",
-           "digest", "hash_tensor", "fingerprints", "FINGERPRINTS"]
+           "crc32", "digest", "hash_tensor", "fingerprints", "FINGERPRINTS"]
 
 
 # ---------------------------------------------------------------------------------------------- atomic files
@@ -96,9 +96,17 @@ def check_format(meta: Any, *, name: str, readable: Iterable[int], current: int,
 
 
 # ---------------------------------------------------------------------------------------------- journal lines
+def crc32(buffers: Iterable[Any], crc: int = 0) -> int:
+    """The CRC-32 of the concatenated byte buffers, continued from ``crc``: the one checksum of stored data (the
+    tiles of a stored Gram, the weight rows of a recorded trajectory) and of journal lines (:func:`crc_line`)."""
+    for b in buffers:
+        crc = zlib.crc32(b, crc)
+    return crc
+
+
 def crc_line(body: str) -> str:
     """``body`` followed by the CRC-32 of its bytes, as one line."""
-    return f"{body} {zlib.crc32(body.encode()):08x}\n"
+    return f"{body} {crc32([body.encode()]):08x}\n"
 
 
 def parse_crc_line(line: str) -> list[str] | None:
@@ -107,7 +115,7 @@ def parse_crc_line(line: str) -> list[str] | None:
         return None
     body, _, crc = line[:-1].rpartition(" ")
     try:
-        if int(crc, 16) != zlib.crc32(body.encode()):
+        if int(crc, 16) != crc32([body.encode()]):
             return None
     except ValueError:
         return None

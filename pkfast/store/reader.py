@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,11 +222,8 @@ def journal_entries(side: Path) -> dict[int, tuple[int, int | None]]:
 
 
 def read_crc(path: Path, geo: Geometry, rows: slice, cols: slice) -> int:
-    crc = 0
     with open(path, "rb", buffering=0) as f:
-        for off, length in geo.segments(rows, cols):
-            crc = zlib.crc32(os.pread(f.fileno(), length, off), crc)
-    return crc
+        return formats.crc32(os.pread(f.fileno(), length, off) for off, length in geo.segments(rows, cols))
 
 
 def chunk_ok(path: Path, geo: Geometry, chunk: Chunk, crcs: tuple[int, int | None]) -> bool:

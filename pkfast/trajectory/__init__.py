@@ -4,7 +4,8 @@ their directory format (:mod:`~pkfast.trajectory.files`), the typed record of op
 (:mod:`~pkfast.trajectory.checkpoints`) and the recorder that writes them during training
 (:mod:`~pkfast.trajectory.recorder`). The training loops' callbacks are in :mod:`pkfast.integrations`."""
 
+from pkfast.trajectory.files import TrajectoryChecksumError
 from pkfast.trajectory.points import Trajectory
 from pkfast.trajectory.recorder import TrajectoryRecorder
 
-__all__ = ["Trajectory", "TrajectoryRecorder"]
+__all__ = ["Trajectory", "TrajectoryRecorder", "TrajectoryChecksumError"]

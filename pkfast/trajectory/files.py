@@ -6,17 +6,26 @@ Layout (a directory)::
                      "spec": [[name, [shape...]], ...], "num_params": P, "meta": {...}}
     weights.bin     raw row-major [T+1, P] array in ``dtype`` (native little-endian), appended row by row
     steps.jsonl     one JSON object per step s: {"lr": ε_s, "batch_indices": [...] | null, ...}
+    weights.crc     one CRC-carrying line per weight row k: "k <CRC-32 of row k's bytes>" (:func:`formats.crc_line`)
     targets.npy     optional: the training targets the batch indices refer to
 
 ``steps.jsonl`` is the commit log: step ``s`` exists once its line is complete *and* row ``s+1`` of
 ``weights.bin`` is complete. A crash while writing therefore loses at most the step being written, and
 earlier steps are never rewritten. :func:`read_layout` reports a recording whose weight file holds fewer
 complete rows than its log has steps (data lost after the fact) instead of silently shortening it.
+
+Integrity: row ``k``'s checksum line in ``weights.crc`` is appended after the row is flushed (fsync'd with
+``fsync=True``) and before the step that row closes is committed, so every committed step's row has its
+checksum; a torn or corrupted checksum line is ignored like a torn step line, and a later line for the same
+row (after a resume) replaces an earlier one. A reader verifies a row against its checksum before using it
+(:func:`check_row`) and raises :class:`TrajectoryChecksumError` on a mismatch. Recordings written before
+checksums existed have no ``weights.crc``: they still load, with a one-time note that they carry none.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Mapping, Sequence
@@ -27,8 +36,12 @@ import numpy as np
 import torch
 
 from pkfast.store import formats
+from pkfast.store.reader import StoreError
 
-__all__ = ["TrajectoryWriter", "read_manifest", "read_steps", "storage_dtype", "jsonable"]
+__all__ = ["TrajectoryWriter", "TrajectoryChecksumError", "read_manifest", "read_steps", "read_checksums",
+           "check_row", "storage_dtype", "jsonable"]
+
+logger = logging.getLogger("pkfast.trajectory")
 
 FORMAT_NAME = "pkfast-trajectory"
 FORMAT_VERSION = 1
@@ -36,6 +49,7 @@ MANIFEST = "manifest.json"
 WEIGHTS = "weights.bin"
 STEPS = "steps.jsonl"
 TARGETS = "targets.npy"
+CHECKSUMS = "weights.crc"
 
 NP_DTYPES = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
 TORCH_FROM_NAME = {"float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
@@ -111,6 +125,79 @@ def complete_rows(path: Path, num_params: int, itemsize: int) -> int:
     return (wpath.stat().st_size if wpath.exists() else 0) // (num_params * itemsize)
 
 
+class TrajectoryChecksumError(StoreError):
+    """A weight row of a recorded trajectory does not match the checksum recorded with it (the file changed
+    after it was written: a flipped bit, a partial copy, an edit)."""
+
+
+def row_bytes(row: torch.Tensor | np.ndarray) -> memoryview:
+    """The bytes of one weight row as stored in ``weights.bin``."""
+    a = row.detach().cpu().contiguous().numpy() if isinstance(row, torch.Tensor) else np.ascontiguousarray(row)
+    return memoryview(a).cast("B")
+
+
+def read_checksums(path: Path) -> dict[int, int] | None:
+    """{row: CRC-32} from ``weights.crc`` (torn or corrupted lines skipped, the last line of a row wins), or
+    None for a recording without checksums (written before pkfast recorded them)."""
+    p = path / CHECKSUMS
+    if not p.exists():
+        return None
+    out: dict[int, int] = {}
+    for line in p.read_bytes().decode("utf-8", errors="replace").splitlines(keepends=True):
+        fields = formats.parse_crc_line(line)
+        if fields is None or len(fields) != 2:
+            continue
+        try:
+            out[int(fields[0])] = int(fields[1], 16)
+        except ValueError:
+            continue
+    return out
+
+
+_NOTED: set[str] = set()
+
+
+def note_no_checksums(path: Path) -> None:
+    """Say once per trajectory directory (and process) that its weight rows carry no checksums."""
+    key = str(Path(path).resolve())
+    if key not in _NOTED:
+        _NOTED.add(key)
+        logger.warning("pkfast.Trajectory.load: %r carries no weight checksums (it was recorded before pkfast wrote "
+                       "%s); its rows are read unverified. Resuming the recording with TrajectoryRecorder(..., "
+                       "resume=True) or re-saving it (Trajectory.save) adds them", str(path), CHECKSUMS)
+
+
+def check_row(path: str | os.PathLike | None, k: int, row: torch.Tensor | np.ndarray, crcs: dict[int, int]) -> None:
+    """Raise :class:`TrajectoryChecksumError` unless row ``k`` matches its recorded checksum."""
+    found = formats.crc32([row_bytes(row)])
+    expected = crcs.get(k)
+    if expected == found:
+        return
+    where = f"{str(Path(path) / WEIGHTS)!r}" if path is not None else WEIGHTS
+    step = f"w_{k}, the point after step {k - 1}" if k else "w_0, the initial point"
+    exp = f"{expected:08x}" if expected is not None else f"none ({CHECKSUMS} has no line for it: that file is damaged)"
+    raise TrajectoryChecksumError(
+        f"pkfast.Trajectory: weight row {k} ({step}) of {where} does not match its recorded checksum: expected "
+        f"CRC-32 {exp}, found {found:08x}. The file changed after it was recorded (a flipped bit, a partial copy, "
+        "an edit); re-record the trajectory or restore weights.bin and weights.crc from a good copy")
+
+
+def keep_checksums(path: Path, rows: int, num_params: int, dtype: np.dtype) -> None:
+    """Rewrite ``weights.crc`` to rows ``0 … rows-1`` (a resume truncated the recording there): recorded
+    checksums are kept; a row without one (a recording made before pkfast wrote checksums) gets one computed
+    from the file as it is now."""
+    crcs = read_checksums(path) or {}
+    missing = [k for k in range(rows) if k not in crcs]
+    if missing:
+        mm = np.memmap(path / WEIGHTS, dtype=dtype, mode="r", shape=(rows, num_params))
+        for k in missing:
+            crcs[k] = formats.crc32([row_bytes(mm[k])])
+        del mm
+        logger.info("pkfast.TrajectoryRecorder: %r: computed the missing checksums of %d recorded weight row(s) "
+                    "from %s as it is now", str(path), len(missing), WEIGHTS)
+    formats.atomic_write(path / CHECKSUMS, "".join(formats.crc_line(f"{k} {crcs[k]:08x}") for k in range(rows)))
+
+
 # ---------------------------------------------------------------------------------------------- writing
 class TrajectoryWriter:
     """Low-level append-only writer of the trajectory directory format (used by the recorder and ``save``)."""
@@ -153,6 +240,7 @@ class TrajectoryWriter:
             }
             formats.atomic_write(self.path / MANIFEST, json.dumps(manifest, indent=1), fsync=fsync)
         self._w = open(self.path / WEIGHTS, "ab")
+        self._c = open(self.path / CHECKSUMS, "ab")
         self._s = open(self.path / STEPS, "ab")
         self.rows = self._w.tell() // (self.num_params * torch.empty((), dtype=dtype).element_size())
 
@@ -162,18 +250,24 @@ class TrajectoryWriter:
             os.fsync(f.fileno())
 
     def append_point(self, flat: torch.Tensor | Sequence[torch.Tensor]) -> None:
-        """Append one weight row, given flat or as its parts in spec order (written without concatenating)."""
+        """Append one weight row, given flat or as its parts in spec order (written without concatenating), then
+        its checksum line once the row is flushed (and fsync'd with ``fsync``)."""
         parts = [flat] if isinstance(flat, torch.Tensor) else list(flat)
         n = sum(p.numel() for p in parts)
         if n != self.num_params:
             raise ValueError(f"pkfast: weight row has {n} values; expected {self.num_params}")
+        crc = 0
         for p in parts:
             p = p.detach()
             if p.device.type != "cpu" or p.dtype != self.dtype:
                 p = p.to("cpu", self.dtype)
             # the tensor's own memory goes to the file: no intermediate bytes object
-            self._w.write(memoryview(p.contiguous().numpy()).cast("B"))
+            b = row_bytes(p)
+            self._w.write(b)
+            crc = formats.crc32([b], crc)
         self._flush(self._w)
+        self._c.write(formats.crc_line(f"{self.rows} {crc:08x}").encode())
+        self._flush(self._c)
         self.rows += 1
 
     def append_step(self, flat: torch.Tensor | Sequence[torch.Tensor], lr: float, batch_indices: Any = None,
@@ -186,7 +280,7 @@ class TrajectoryWriter:
         self._flush(self._s)
 
     def close(self) -> None:
-        for f in (self._w, self._s):
+        for f in (self._w, self._c, self._s):
             if not f.closed:
                 f.close()
 

@@ -24,8 +24,9 @@ import torch
 
 from pkfast.store import formats
 from pkfast.trajectory.checkpoints import as_state_dict, compare_spec, load_checkpoint_file, trainer_step_sizes
-from pkfast.trajectory.files import (MANIFEST, TARGETS, TORCH_FROM_NAME, WEIGHTS, TrajectoryWriter, complete_rows,
-                                     dtype_name, read_manifest, read_steps, save_targets, storage_dtype)
+from pkfast.trajectory.files import (MANIFEST, TARGETS, TORCH_FROM_NAME, WEIGHTS, TrajectoryWriter, check_row,
+                                     complete_rows, dtype_name, note_no_checksums, read_checksums, read_manifest,
+                                     read_steps, save_targets, storage_dtype)
 from pkfast.trajectory.recording import Recording
 
 __all__ = ["Trajectory"]
@@ -133,6 +134,8 @@ class Trajectory:
         self.meta: dict[str, Any] = dict(meta or {})
         self.source = source
         self._checked: set[int] = set()
+        self._crcs: dict[int, int] | None = None  # recorded row checksums (set by load), verified on first read
+        self._crc_ok: set[int] = set()
 
     # ------------------------------------------------------------------ properties
     @property
@@ -174,6 +177,11 @@ class Trajectory:
     @property
     def is_memory_mapped(self) -> bool:
         return isinstance(self._weights, np.memmap)
+
+    @property
+    def has_checksums(self) -> bool:
+        """Whether the rows carry recorded checksums (a trajectory loaded from a recording that has them)."""
+        return self._crcs is not None
 
     def batch_indices(self, step: int) -> np.ndarray | None:
         """The ordered training indices used at ``step``, or None if not recorded."""
@@ -226,13 +234,18 @@ class Trajectory:
 
     # ------------------------------------------------------------------ access
     def flat(self, k: int) -> torch.Tensor:
-        """Row ``k`` (w_k flattened) as a CPU tensor; raises if it holds NaN/Inf (naming the entry)."""
+        """Row ``k`` (w_k flattened) as a CPU tensor. On its first read, a loaded row is checked against its recorded
+        checksum (:class:`pkfast.trajectory.TrajectoryChecksumError` on a mismatch, naming the file, the row
+        and both checksums); raises if it holds NaN/Inf (naming the entry)."""
         if not -self.num_points <= k < self.num_points:
             raise IndexError(f"pkfast.Trajectory: point {k} out of range [0, {self.num_points})")
         k = k % self.num_points
         w = self._weights
         row = w[k] if isinstance(w, torch.Tensor) else torch.from_numpy(np.array(w[k]))
         if k not in self._checked:
+            if self._crcs is not None and k not in self._crc_ok:
+                check_row(self.source, k, row, self._crcs)
+                self._crc_ok.add(k)
             self._check_finite(k, row)
             self._checked.add(k)
         return row
@@ -256,9 +269,19 @@ class Trajectory:
                 )
 
     def check(self) -> None:
-        """Scan every point for NaN/Inf (done lazily on access otherwise)."""
+        """Scan every point for NaN/Inf and, where recorded, checksum mismatches (done lazily on access otherwise)."""
         for k in range(self.num_points):
             self.flat(k)
+
+    def verify(self) -> None:
+        """Check every row against its recorded checksum now, one row at a time (``load(verify=True)``); nothing
+        for a trajectory without checksums."""
+        if self._crcs is None:
+            return
+        for k in range(self.num_points):
+            if k not in self._crc_ok:
+                check_row(self.source, k, self._weights[k], self._crcs)
+                self._crc_ok.add(k)
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -343,17 +366,22 @@ class Trajectory:
         return cls(torch.stack(rows), step_sizes, spec, batch_indices=batch_indices)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, allow_truncated: bool = False) -> "Trajectory":
+    def load(cls, path: str | os.PathLike, *, allow_truncated: bool = False, verify: bool = False) -> "Trajectory":
         """Open a trajectory directory lazily: weights stay on disk (``np.memmap``), rows are read on access.
 
         Incomplete trailing data left by a crash (a partial weight row or step line) is ignored: a crash loses at
-        most the step being written.
+        most the step being written. Each row's recorded checksum (``weights.crc``) is verified when the row is
+        first read; a mismatch raises :class:`pkfast.trajectory.TrajectoryChecksumError` (a
+        :class:`pkfast.store.StoreError`) naming the file, the row and both checksums. A recording made before pkfast
+        wrote checksums loads unverified, with a one-time note (logged to ``pkfast.trajectory``).
 
         Args:
             path: the directory written by :class:`pkfast.TrajectoryRecorder` or :meth:`save`.
             allow_truncated: a recording whose weight file holds fewer complete rows than its log has steps
                 lost data after it was written (a truncated copy, a full disk): it is refused, saying what is
                 missing, unless this is True — then the complete prefix is loaded, with a warning.
+            verify: check every row against its checksum now (reading the whole weight file once) instead of
+                each row when it is first read.
         """
         path = Path(path)
         man_path = path / MANIFEST
@@ -394,7 +422,7 @@ class Trajectory:
         weights = np.memmap(wpath, dtype=np_dtype, mode="r", shape=(T + 1, P))
         batch = [s.get("batch_indices") for s in steps]
         tpath = path / TARGETS
-        return cls(
+        traj = cls(
             weights,
             [s["lr"] for s in steps],
             spec,
@@ -404,6 +432,12 @@ class Trajectory:
             step_meta=[{k: v for k, v in s.items() if k not in ("lr", "batch_indices")} for s in steps],
             targets=np.load(tpath) if tpath.exists() else None,
         )
+        traj._crcs = read_checksums(path)
+        if traj._crcs is None:
+            note_no_checksums(path)
+        elif verify:
+            traj.verify()
+        return traj
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write this trajectory in the on-disk format (readable lazily with :meth:`load`)."""

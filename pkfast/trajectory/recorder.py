@@ -2,7 +2,9 @@
 
 The format is described in :mod:`pkfast.trajectory.files`; the manifest's metadata and every step's line are
 written through the typed record of :mod:`pkfast.trajectory.recording`. Appending never rewrites earlier steps,
-and a crash loses at most the step being written.
+and a crash loses at most the step being written. Every weight row gets a CRC-32 checksum line in
+``weights.crc``, written after the row and before its step is committed; a resume keeps the checksums of the
+rows it keeps (and computes them for a recording made before pkfast wrote checksums).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pkfast.store import formats
 from pkfast.loss import LossSpec
 from pkfast.trajectory.points import Trajectory
 from pkfast.trajectory.files import (MANIFEST, STEPS, WEIGHTS, TrajectoryWriter, complete_rows, dtype_name,
-                                     read_manifest, read_steps, save_targets, storage_dtype)
+                                     keep_checksums, read_manifest, read_steps, save_targets, storage_dtype)
 from pkfast.trajectory.recording import STEP_HYPER, GroupHyper, OptimizerKind, OptimizerSpec, Recording, StepRecord
 
 __all__ = ["TrajectoryRecorder"]
@@ -41,7 +43,7 @@ class TrajectoryRecorder:
         path: a directory to create (or, with ``resume=True``, to continue).
         overwrite: replace an existing recording at ``path``.
         resume: continue an existing recording after a restart: the model's current weights must equal one
-            of the recorded points ``w_k`` (the recording is truncated after it).
+            of the recorded points ``w_k`` (the recording, its checksums included, is truncated after it).
         buffers: also record floating buffers.
         fsync: ``os.fsync`` after every step (survives power loss, not only a process crash; slower).
         meta: extra JSON-serialisable metadata stored in the manifest.
@@ -193,6 +195,7 @@ class TrajectoryRecorder:
             f.truncate((k + 1) * P * itemsize)
         lines = (self.path / STEPS).read_bytes().splitlines(keepends=True)[:k] if k else []
         formats.atomic_write(self.path / STEPS, b"".join(lines))
+        keep_checksums(self.path, k + 1, P, current.dtype)
         return TrajectoryWriter(self.path, spec, dtype, append=True)
 
     # ------------------------------------------------------------------ public

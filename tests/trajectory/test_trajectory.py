@@ -193,7 +193,7 @@ def test_save_load_round_trip(tmp_path):
     traj.meta = {"note": "round trip", "nested": {"a": [1, 2]}}
     out = traj.save(tmp_path / "t")
     assert out == tmp_path / "t"
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "steps.jsonl", "weights.bin"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "steps.jsonl", "weights.bin", "weights.crc"]
     assert (out / "weights.bin").stat().st_size == traj.num_points * traj.num_params * 4
 
     back = Trajectory.load(out)
@@ -308,6 +308,7 @@ def test_inf_reported_by_check_on_loaded_trajectory(tmp_path):
     with open(tmp_path / "t" / "weights.bin", "r+b") as f:
         f.seek((1 * traj.num_params + col) * 4)
         f.write(np.array([np.inf], dtype=np.float32).tobytes())
+    (tmp_path / "t" / "weights.crc").unlink()  # a diverged run, not a corrupted file: no checksum to disagree
     back = Trajectory.load(tmp_path / "t")
     back.flat(0)
     with pytest.raises(ValueError, match=r"w_1 has non-finite values in '0\.bias' \(0 NaN, 1 Inf\)"):
