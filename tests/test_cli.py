@@ -103,7 +103,7 @@ def test_info_reports_a_damaged_tile(digits_run, tmp_path):
     (["gram", "--model", "nets.py:nope", "--trajectory", "traj", "--data", "X.npy", "--out", "o.npy"],
      "has no attribute 'nope'"),
     (["gram", "--model", "nets.py:make_net", "--trajectory", "missing", "--data", "X.npy", "--out", "o.npy"],
-     "missing"),
+     "'missing' does not exist"),
     (["gram", "--model", "nets.py:make_net", "--trajectory", "traj", "--data", "nofile.npy", "--out", "o.npy"],
      "no such file 'nofile.npy'"),
     (["gram", "--model", "nets.py:make_net", "--trajectory", "traj", "--data", "X.npy", "--out", "o.txt"],

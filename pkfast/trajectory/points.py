@@ -385,6 +385,9 @@ class Trajectory:
         """
         path = Path(path)
         man_path = path / MANIFEST
+        if not path.exists():
+            raise FileNotFoundError(f"pkfast.Trajectory.load: {str(path)!r} does not exist; expected the directory "
+                                    "a TrajectoryRecorder (or Trajectory.save) wrote — check the path")
         if not man_path.exists():
             raise FileNotFoundError(
                 f"pkfast.Trajectory.load: {str(path)!r} is not a recorded trajectory (no {MANIFEST} inside)"

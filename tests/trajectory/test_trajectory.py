@@ -427,7 +427,7 @@ def test_error_load_without_manifest(tmp_path):
     (tmp_path / "weights.bin").write_bytes(b"\0" * 16)
     with pytest.raises(FileNotFoundError, match=r"is not a recorded trajectory \(no manifest\.json inside\)"):
         Trajectory.load(tmp_path)
-    with pytest.raises(FileNotFoundError, match="no manifest.json inside"):
+    with pytest.raises(FileNotFoundError, match="does-not-exist' does not exist; expected the directory"):
         Trajectory.load(tmp_path / "does-not-exist")
 
 
