@@ -311,7 +311,7 @@ class Capture:
         argnums = (0, 1) if pj else 1
         in_dims = (None, None, 0) + ((0,) if Y is not None else ())
         n = X.shape[0]
-        parts: dict[str, list] = {L.name: [] for L in G.with_factors}
+        feats: dict[str, list] = {}
         Yd = None if Y is None else Y.to(fm.device)
         for a in range(0, n, chunk):
             b = min(n, a + chunk)
@@ -336,13 +336,9 @@ class Capture:
                     _put(dst[:, :, off: off + L.size], grad, weight, add)
                     off += L.size
             for L in G.with_factors:
-                parts[L.name].append(self.factors(L, jz, aux, b - a))
+                _gather(feats, L.name, self.factors(L, jz, aux, b - a), a, b, n)
             if tick is not None:
                 tick(b - a)
-        feats: dict[str, list] = {}
-        for L in G.with_factors:
-            chunks = parts[L.name]
-            feats[L.name] = [tuple(torch.cat([c[g][i] for c in chunks]) for i in range(2)) for g in range(len(chunks[0]))]
         return feats
 
     def _per_sample(self, hooked: tuple[Layer, ...], fixed: dict, statics: dict) -> Callable:
@@ -480,3 +476,17 @@ def _put(dst: torch.Tensor, src: torch.Tensor, weight: float, add: bool) -> None
         torch.mul(src, weight, out=dst)
     else:
         dst.copy_(src)
+
+
+def _gather(feats: dict[str, list], name: str, parts: list[tuple[torch.Tensor, torch.Tensor]], a: int, b: int,
+            n: int) -> None:
+    """Write one chunk's factors (rows a:b of n) into buffers allocated at their final size on the first chunk
+    (kept per chunk and concatenated, every factor was held twice); contiguous, as the products expect."""
+    if a == 0 and b == n:
+        feats[name] = [tuple(t.contiguous() for t in pair) for pair in parts]
+        return
+    if a == 0:
+        feats[name] = [tuple(t.new_empty((n, *t.shape[1:])) for t in pair) for pair in parts]
+    for dst, pair in zip(feats[name], parts):
+        for d, t in zip(dst, pair):
+            d[a:b].copy_(t)

@@ -320,11 +320,13 @@ class GramJob:
                                      (tile.shape[0] * len(term.left) if form_left else 0)
                                      + (0 if same else tile.shape[1] * len(term.right_combo)))
             if form_left:
+                loop.left = left = None  # the previous rows' side is freed before the next is formed
                 loop.left = r.side(term.left, Xr, Yr, "rows", tile.rows, tick=progress.tick)
                 loop.rows_key = key
             left = loop.left
             right = left if same else r.side(term.right_combo, Xc, Yc, "cols", tile.cols, tick=progress.tick)
             r.product(acc, left, right, term.weight, same)
+            right = None  # (not held while the next term's side is formed)
             progress.done()
         return acc
 
