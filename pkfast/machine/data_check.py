@@ -67,9 +67,10 @@ def check_data(fn: str, recording: Recording, X_train: Any, batches: Sequence[to
         Traceback (most recent call last):
         ValueError: demo: X_train is not the data the recording saw: at step 0, position 0 of its batch ...
     """
+    checked = check_inputs(fn, recording, X_train, batches)
     if y_train is not None and targets is not None:
         check_targets(fn, y_train, targets)
-    return check_inputs(fn, recording, X_train, batches)
+    return checked
 
 
 def _tensor(v: Any) -> torch.Tensor:
