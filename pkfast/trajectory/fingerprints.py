@@ -38,6 +38,8 @@ __all__ = ["KEY", "LeafPrints", "InputCapture", "row_crcs", "step_prints"]
 KEY = "input_fingerprints"
 #: Forward calls kept between two recorded steps at most (a loop that never steps keeps no unbounded list).
 MAX_CALLS = 256
+#: Whether a ``torch.compile`` trace is running (torch ≥ 2.3 tells; earlier versions trace no hook of ours here).
+_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)
 
 
 def row_crcs(x: torch.Tensor, dtype: torch.dtype | None = None) -> np.ndarray:
@@ -92,7 +94,7 @@ class InputCapture:
         self._handle = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
 
     def _before_forward(self, module, args, kwargs):
-        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if not torch.is_grad_enabled() or _compiling():
             return None
         call = {}
         for name, v in [(str(i), a) for i, a in enumerate(args)] + list(kwargs.items()):
