@@ -123,8 +123,8 @@ class KernelMachine:
         output_fn: reduces what the model returns to its output tensor (default: a tensor as it is, a mapping or
             ``ModelOutput``'s ``"logits"``, a tuple's first element; :func:`pkfast.engine.inputs.reduce_output`).
             ``X_train`` and queries may be mappings or tuples of arrays (:mod:`pkfast.engine.inputs`).
-        check_data: refuse an ``X_train`` whose rows differ from the input fingerprints the recorder took (another
-            order, other preprocessing) and a ``y_train`` unlike the recorded targets (:mod:`pkfast.machine.data_check`).
+        check_data: refuse an ``X_train`` whose rows differ from the recorder's input fingerprints (another order,
+            other preprocessing) and a ``y_train`` unlike the recorded targets (:mod:`pkfast.machine.data_check`).
 
     Example:
         >>> import torch, pkfast, tempfile
