@@ -8,12 +8,13 @@ import json
 import zlib
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
 from pkfast import Trajectory, TrajectoryRecorder
 from pkfast.cli import describe_trajectory, main as cli_main
-from pkfast.trajectory.fingerprints import KEY, row_crcs
+from pkfast.trajectory.fingerprints import KEY, row_crcs, step_prints
 
 N = 16
 
@@ -187,3 +188,14 @@ def test_old_recordings_without_fingerprints_load_as_before(tmp_path):
     traj = Trajectory.load(tmp_path / "t")
     assert traj.num_steps == 4 and all(KEY not in s.extra for s in traj.recording.steps)
     assert np.array_equal(traj.batch_indices(3), _batch(3))
+
+
+def test_edited_fingerprint_entries_are_refused_saying_what_was_expected():
+    good = {"shape": [4], "dtype": "float32", "crc32": [1, 2]}
+    assert step_prints(3, {}) is None
+    assert step_prints(3, {KEY: {"0": good}})["0"].crc32.tolist() == [1, 2]
+    for bad, expected in [({"0": [1, 2]}, "a JSON object"), ({"0": dict(good, dtype="float99")}, "a torch dtype name"),
+                          ({"0": dict(good, crc32=[-1])}, "CRC-32 values"), ({"0": dict(good, shape="4")}, "sizes"),
+                          ([1], "a JSON object")]:
+        with pytest.raises(ValueError, match=rf"step 3: {KEY}: expected .*{expected}.*re-record"):
+            step_prints(3, {KEY: bad})
