@@ -23,14 +23,15 @@ LAYERS = {
     "store": ["pkfast.store.formats", "pkfast.store.reader", "pkfast.store.writer", "pkfast.store.ranks",
               "pkfast.store.features", "pkfast.store.sinks", "pkfast.store"],
     "trajectory": ["pkfast.trajectory.files", "pkfast.trajectory.recording", "pkfast.trajectory.checkpoints",
-                   "pkfast.trajectory.points",
+                   "pkfast.trajectory.points", "pkfast.trajectory.fingerprints",
                    "pkfast.trajectory.recorder", "pkfast.trajectory"],
     "model": ["pkfast.engine.inputs", "pkfast.engine.per_sample", "pkfast.engine.functional"],
     "layers": ["pkfast.layers", "pkfast.layers.*"],
     "routes": ["pkfast.engine.capture", "pkfast.engine.meter", "pkfast.engine.routes", "pkfast.engine.routes.*"],
     "driver": ["pkfast.engine.driver", "pkfast.engine"],
     "doors": ["pkfast.gram", "pkfast.sketch", "pkfast.attribution", "pkfast.reference"],
-    "machine": ["pkfast.machine.panels", "pkfast.machine.sweep", "pkfast.machine.kernel_machine", "pkfast.machine"],
+    "machine": ["pkfast.machine.panels", "pkfast.machine.sweep", "pkfast.machine.data_check",
+                "pkfast.machine.kernel_machine", "pkfast.machine"],
     "entry": ["pkfast", "pkfast.cli", "pkfast.__main__", "pkfast.integrations", "pkfast.integrations.*"],
 }
 

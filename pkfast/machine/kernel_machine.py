@@ -41,6 +41,7 @@ from pkfast.gram import gram
 from pkfast.engine.functional import FunctionalModel
 from pkfast.loss import LossSpec
 from pkfast.options import Options, model_device
+from pkfast.machine import data_check
 from pkfast.machine.sweep import Sweep
 from pkfast.engine.quadrature import DEFAULT_NODES, EvalPoint
 from pkfast.trajectory.points import Trajectory
@@ -122,6 +123,8 @@ class KernelMachine:
         output_fn: reduces what the model returns to its output tensor (default: a tensor as it is, a mapping or
             ``ModelOutput``'s ``"logits"``, a tuple's first element; :func:`pkfast.engine.inputs.reduce_output`).
             ``X_train`` and queries may be mappings or tuples of arrays (:mod:`pkfast.engine.inputs`).
+        check_data: refuse an ``X_train`` whose rows differ from the recorder's input fingerprints (another order,
+            other preprocessing) and a ``y_train`` unlike the recorded targets (:mod:`pkfast.machine.data_check`).
 
     Example:
         >>> import torch, pkfast, tempfile
@@ -147,7 +150,7 @@ class KernelMachine:
     def __init__(self, model: torch.nn.Module, trajectory: Trajectory, X_train: Any, y_train: Any = None,
                  loss: Any = None, *, rule: str = "exact", nodes: int = DEFAULT_NODES, dtype: Any = torch.float64,
                  memory_budget: Any = None, progress: bool = True, output_fn: Any = None, verify: bool = True,
-                 update_tol: float = UPDATE_TOL) -> None:
+                 update_tol: float = UPDATE_TOL, check_data: bool = True) -> None:
         model = check_model_and_trajectory(_FN, model, trajectory)
         self.opts = Options.check(_FN, rules=("exact", "left"), strict_nodes=False, rule=rule, nodes=nodes, dtype=dtype,
                                   memory_budget=memory_budget, output_fn=output_fn)
@@ -181,6 +184,8 @@ class KernelMachine:
                              "may vary)")
         self._momentum = kinds.pop() if kinds else (0.0, 0.0, False)
         self._batches = self._read_batches(record, N)
+        if check_data:
+            data_check.check_data(_FN, record, X_train, self._batches, self.y, trajectory.targets)
 
         device = model_device(model)
         adapt = dict(packing=self._packing, output_fn=self.opts.output_fn)
