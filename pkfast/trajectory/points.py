@@ -27,7 +27,8 @@ from pkfast.trajectory.checkpoints import as_state_dict, compare_spec, load_chec
 from pkfast.trajectory.files import (MANIFEST, TARGETS, TORCH_FROM_NAME, WEIGHTS, TrajectoryWriter, check_row,
                                      complete_rows, dtype_name, note_no_checksums, read_checksums, read_manifest,
                                      read_steps, save_targets, storage_dtype)
-from pkfast.trajectory.recording import Recording
+from pkfast.trajectory.recording import OptimizerSpec, Recording
+from pkfast.trajectory.state import StateRows, clip_coefficients
 
 __all__ = ["Trajectory"]
 
@@ -136,6 +137,7 @@ class Trajectory:
         self._checked: set[int] = set()
         self._crcs: dict[int, int] | None = None  # recorded row checksums (set by load), verified on first read
         self._crc_ok: set[int] = set()
+        self._state: StateRows | None = None  # an adaptive optimizer's per-step state rows (set by load)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -204,6 +206,31 @@ class Trajectory:
             lines.append({"lr": float(self._eps[s]), "batch_indices": None if b is None else b.tolist(),
                           **{k: v for k, v in self._step_meta[s].items() if k not in ("lr", "batch_indices")}})
         return Recording.from_json(self.meta, lines, has_targets=self._targets is not None)
+
+    @property
+    def optimizer(self) -> OptimizerSpec | None:
+        """The recorded optimizer (kind, class, parameter groups at the start; per-step hyper-parameters are in
+        :attr:`recording`'s steps), or None when not recorded."""
+        return self.recording.optimizer
+
+    @property
+    def has_preconditioner(self) -> bool:
+        """Whether every step carries its recorded preconditioner row (an adaptive optimizer's recording)."""
+        return self._state is not None
+
+    def preconditioner(self, step: int, *, as_dict: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The diagonal preconditioner P_s that step ``step`` applied (:mod:`pkfast.trajectory.optimizers`: e.g.
+        Adam's 1/(√v̂_s + ε)), over the trainable parameters in the weights' order (``as_dict``: by name), read
+        from ``state.bin`` and checked against its checksum on first read."""
+        if self._state is None:
+            raise ValueError(f"pkfast.Trajectory.preconditioner: this trajectory records no optimizer state ("
+                             f"optimizer: {getattr(self.optimizer, 'class_name', None)}); expected one recorded by "
+                             "TrajectoryRecorder with Adam, AdamW, RMSprop or Adagrad")
+        return self._state.parts(step) if as_dict else self._state.row(step)
+
+    def clip_coefs(self) -> torch.Tensor:
+        """c_s, each step's gradient-clipping coefficient (float64; NaN where not known to be one scalar)."""
+        return clip_coefficients(self.recording)
 
     def output_grads(self, step: int) -> torch.Tensor | None:
         """The stored per-sample loss derivatives g_{i,s} = ∂ℓ_i/∂f of step ``step``'s batch, ``[|B_s|, C]``
@@ -436,20 +463,26 @@ class Trajectory:
             targets=np.load(tpath) if tpath.exists() else None,
         )
         traj._crcs = read_checksums(path)
+        if manifest.get("state") is not None:
+            traj._state = StateRows(path, manifest["state"], T)
         if traj._crcs is None:
             note_no_checksums(path)
         elif verify:
             traj.verify()
+        if verify and traj._state is not None:
+            traj._state.verify()
         return traj
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write this trajectory in the on-disk format (readable lazily with :meth:`load`)."""
         meta, lines = self.recording.to_json()
-        writer = TrajectoryWriter(path, self.spec, self.dtype, meta=meta, overwrite=overwrite)
+        st = self._state
+        writer = TrajectoryWriter(path, self.spec, self.dtype, meta=meta, overwrite=overwrite,
+                                  state=None if st is None else st.info)
         try:
             writer.append_point(self.flat(0))
             for s, line in enumerate(lines):
-                writer.append_step(self.flat(s + 1), **line)
+                writer.append_step(self.flat(s + 1), state=None if st is None else st.row(s), **line)
         finally:
             writer.close()
         if self.targets is not None:
