@@ -149,8 +149,8 @@ class StepWatch:
         return sum(p.numel() for _, p in self._params)
 
     @property
-    def entries(self) -> list[tuple[str, list[int]]]:
-        return [(n, list(p.shape)) for n, p in self._params]
+    def entries(self) -> list[list]:
+        return [[n, list(p.shape)] for n, p in self._params]
 
     def _on_grad(self, p: torch.Tensor) -> None:
         if p.grad is not None and not p.grad.is_sparse:
