@@ -158,6 +158,10 @@ class StepWatch:
 
     def _on_step_start(self, optimizer, args, kwargs) -> None:
         raw, self._raw = self._raw, {}
+        self.steps.append(self._measure(raw))
+
+    def _measure(self, raw: dict[int, torch.Tensor]) -> StepState:
+        """The step's clipping and skipped parameters, from the gradients ``.grad`` holds now."""
         ids = [id(p) for _, p in self._params if p.grad is not None]
         grads = {id(p): p.grad for _, p in self._params if p.grad is not None}
         st = StepState(_names=self._names)
@@ -168,12 +172,17 @@ class StepWatch:
             r = torch.stack([raw[i] for i in ids]).cpu()
             now = torch.stack([_stats(grads[i]) for i in ids]).cpu()
             st.clip_coef, st.clip_scalar = _coefficient(r, now, max(torch.finfo(grads[i].dtype).eps for i in ids))
-        self.steps.append(st)
+        return st
 
     def on_step_end(self, optimizer: torch.optim.Optimizer) -> None:
         """Take the preconditioner row of the step that just ended (called by the recorder's step post-hook)."""
         if not self.steps:  # no pre-hook ran (hooks registered mid-step)
             self.steps.append(StepState(clip_scalar=False, _names=self._names))
+        if len(self.steps[-1].skipped) == len(self._params) and self._raw:
+            # optimizer.step(closure): the backward passes (and a loop's clipping, as Lightning's) ran inside the
+            # step, after its pre-hook; the optimizers above leave .grad as it was, so measure it now
+            raw, self._raw = self._raw, {}
+            self.steps[-1] = self._measure(raw)
         st = self.steps[-1]
         if self.state_dtype is None:
             return

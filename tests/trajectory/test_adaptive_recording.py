@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import pkfast
 from pkfast.trajectory.files import TrajectoryChecksumError
+from tests.trajectory.adaptive_reference import check_updates
 
 ROOT = Path(__file__).resolve().parents[2]
 N, D, C = 24, 4, 3
@@ -97,54 +98,10 @@ def _batch_grad(w, X, y, step, rec_step):
     return {n: (torch.zeros_like(t) if g is None else g) for (n, t), g in zip(params.items(), grads)}
 
 
-def _reference_update(kind, h, lr, P, g, w, buf, t, skipped):
-    """w_{t+1} per parameter from the recorded P_t, by each optimizer's rule (docs/recording.md)."""
-    out = {}
-    for n in w:
-        if n in skipped:
-            out[n] = w[n]
-            continue
-        wd = h.weight_decay or 0.0
-        if kind == "AdamW" or (kind == "Adam" and h.decoupled_weight_decay):
-            b1 = h.betas[0]
-            buf[n] = b1 * buf.get(n, 0) + (1 - b1) * g[n]
-            out[n] = w[n] * (1 - lr * wd) - lr / (1 - b1 ** t[n]) * P[n] * buf[n]
-        elif kind == "Adam":
-            b1 = h.betas[0]
-            buf[n] = b1 * buf.get(n, 0) + (1 - b1) * (g[n] + wd * w[n])
-            out[n] = w[n] - lr / (1 - b1 ** t[n]) * P[n] * buf[n]
-        elif kind == "RMSprop":
-            d = P[n] * (g[n] + wd * w[n])
-            if h.momentum:
-                buf[n] = h.momentum * buf.get(n, 0) + d
-                d = buf[n]
-            out[n] = w[n] - lr * d
-        elif kind == "Adagrad":
-            clr = lr / (1 + (t[n] - 1) * h.lr_decay)
-            out[n] = w[n] - clr * P[n] * (g[n] + wd * w[n])
-    return out
-
-
 def _check_exact(path, tol=1e-10, traj=None):
     traj = traj or pkfast.Trajectory.load(path, verify=True)
-    rec = traj.recording
     X, y = _data()
-    kind = rec.optimizer.kind.value
-    buf, worst = {}, 0.0
-    c = traj.clip_coefs()
-    for s, st in enumerate(rec.steps):
-        w = traj.point(s)
-        g = {n: c[s] * v for n, v in _batch_grad(w, X, y, s, st).items()}
-        ref = st.optimizer_state
-        entry_names = [n for n, _ in traj.preconditioner(s, as_dict=True).items()]
-        counts = dict(zip(entry_names, ref.step_counts)) if ref.step_counts else {n: ref.step_count for n in w}
-        new = _reference_update(kind, st.groups[0], st.lr, traj.preconditioner(s, as_dict=True), g, w, buf, counts,
-                                set(ref.skipped))
-        for n in w:
-            step = traj.point(s + 1)[n] - w[n]
-            err = float((new[n] - w[n] - step).norm() / max(float(step.norm()), 1e-300))
-            worst = max(worst, err if float(step.norm()) else float((new[n] - w[n]).norm()))
-    assert worst <= tol, f"recomputed update differs from the recorded one by {worst:.3g} (relative)"
+    check_updates(traj, lambda s, w, st: _batch_grad(w, X, y, s, st), tol)
     return traj
 
 
