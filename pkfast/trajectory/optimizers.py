@@ -178,9 +178,9 @@ class StepWatch:
         """Take the preconditioner row of the step that just ended (called by the recorder's step post-hook)."""
         if not self.steps:  # no pre-hook ran (hooks registered mid-step)
             self.steps.append(StepState(clip_scalar=False, _names=self._names))
-        if len(self.steps[-1].skipped) == len(self._params) and self._raw:
-            # optimizer.step(closure): the backward passes (and a loop's clipping, as Lightning's) ran inside the
-            # step, after its pre-hook; the optimizers above leave .grad as it was, so measure it now
+        if self._raw:
+            # optimizer.step(closure): a backward pass (and a loop's clipping, as Lightning's) ran inside the step,
+            # after its pre-hook; the optimizers above leave .grad as it was, so measure it now
             raw, self._raw = self._raw, {}
             self.steps[-1] = self._measure(raw)
         st = self.steps[-1]

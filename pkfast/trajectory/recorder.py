@@ -140,8 +140,12 @@ class TrajectoryRecorder:
         spec = [(n, tuple(t.shape)) for n, t in self._tensors]
         dtype = storage_dtype([t.dtype for _, t in self._tensors])
         self._dtype = dtype
-        # (the manifest says that every step's clipping was measured: a step line without clip_coef was unclipped)
-        self._opt_spec = dataclasses.replace(OptimizerSpec.of(optimizer), extra={"clip_measured": True})
+        # (the manifest says that every step's clipping was measured: a step line without clip_coef was unclipped,
+        # and which trainable parameters each group (with trainable parameters) holds, by name, in group order
+        names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+        members = [[names[id(p)] for p in g["params"] if id(p) in names] for g in optimizer.param_groups]
+        self._opt_spec = dataclasses.replace(OptimizerSpec.of(optimizer), extra={
+            "clip_measured": True, "group_params": [m for m in members if m]})
         state = self._start_watch(optimizer, state_dtype, dtype)
         self._loss_spec = None
         if loss is not None:

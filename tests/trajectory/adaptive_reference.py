@@ -10,13 +10,14 @@ import torch
 import pkfast
 
 
-def reference_update(kind, h, lr, P, g, w, buf, t, skipped):
+def reference_update(kind, hyper, lr, P, g, w, buf, t, skipped):
     """w_{t+1} per parameter from the recorded P_t, by each optimizer's rule (docs/recording.md)."""
     out = {}
     for n in w:
         if n in skipped:
             out[n] = w[n]
             continue
+        h = hyper[n]
         wd = h.weight_decay or 0.0
         if kind == "AdamW" or (kind == "Adam" and h.decoupled_weight_decay):
             b1 = h.betas[0]
@@ -52,7 +53,11 @@ def check_updates(traj: pkfast.Trajectory, batch_grad: Callable, tol: float = 1e
         g = {n: c[s] * v for n, v in batch_grad(s, traj.point(s), st).items() if n in P}
         ref = st.optimizer_state
         counts = dict(zip(P, ref.step_counts)) if ref.step_counts else {n: ref.step_count for n in w}
-        new = reference_update(kind, st.groups[0], st.lr, P, g, w, buf, counts, set(ref.skipped))
+        members = rec.optimizer.extra["group_params"]  # which group holds each parameter
+        hyper = {n: st.groups[0 if len(st.groups) == 1 else j] for j, names in enumerate(members) for n in names}
+        lr = {n: st.lr if st.group_lrs is None else st.group_lrs[j] for j, names in enumerate(members) for n in names}
+        assert st.group_lrs is None and len(set(lr.values())) == 1
+        new = reference_update(kind, hyper, st.lr, P, g, w, buf, counts, set(ref.skipped))
         w1 = traj.point(s + 1)
         for n in w:
             step = w1[n].to(torch.float64) - w[n].to(torch.float64)
