@@ -33,6 +33,15 @@ from pkfast.trajectory.recording import STEP_HYPER, GroupHyper, OptimizerKind, O
 __all__ = ["TrajectoryRecorder"]
 
 
+def _optimizer_spec(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> OptimizerSpec:
+    """The optimizer's description, saying that every step's clipping is measured (a step line without clip_coef
+    was unclipped) and which trainable parameters each group holding some holds, by name, in group order."""
+    names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    members = [[names[id(p)] for p in g["params"] if id(p) in names] for g in optimizer.param_groups]
+    return dataclasses.replace(OptimizerSpec.of(optimizer), extra={"clip_measured": True,
+                                                                   "group_params": [m for m in members if m]})
+
+
 def _as_indices(b: Any) -> np.ndarray:
     """Training indices (a sequence, array or tensor) as a flat int64 array."""
     b = b.detach().cpu() if isinstance(b, torch.Tensor) else b if isinstance(b, np.ndarray) else list(b)
@@ -140,12 +149,7 @@ class TrajectoryRecorder:
         spec = [(n, tuple(t.shape)) for n, t in self._tensors]
         dtype = storage_dtype([t.dtype for _, t in self._tensors])
         self._dtype = dtype
-        # (the manifest says that every step's clipping was measured: a step line without clip_coef was unclipped,
-        # and which trainable parameters each group (with trainable parameters) holds, by name, in group order
-        names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
-        members = [[names[id(p)] for p in g["params"] if id(p) in names] for g in optimizer.param_groups]
-        self._opt_spec = dataclasses.replace(OptimizerSpec.of(optimizer), extra={
-            "clip_measured": True, "group_params": [m for m in members if m]})
+        self._opt_spec = _optimizer_spec(model, optimizer)
         state = self._start_watch(optimizer, state_dtype, dtype)
         self._loss_spec = None
         if loss is not None:
