@@ -10,14 +10,15 @@ derivatives), the loss convention, and whatever else the run's manifest carried.
 :meth:`Recording.from_json` reads every trajectory earlier versions wrote, and :meth:`Recording.to_json` writes the
 same keys, adding a key only where a record holds something earlier versions could not record.
 
-How it grows for adaptive optimizers. :class:`OptimizerKind` already names Adam, AdamW, RMSprop and Adagrad, and
-:class:`GroupHyper` already holds their betas, eps, amsgrad, decoupled weight decay, centered, alpha, lr_decay and
-initial accumulator. A step's gradient-clipping coefficient (:attr:`StepRecord.clip_coef`), its gradient-accumulation
-micro-batches (:attr:`StepRecord.micro_batches`, one entry today), per-group step sizes
-(:attr:`StepRecord.group_lrs`) and a reference to its optimizer state in the trajectory's files
-(:attr:`StepRecord.optimizer_state`, a :class:`StateRef`: file, row, bias-correction step count) are optional
-fields, None (or one micro-batch) for SGD; a step line gains the keys ``clip_coef``, ``micro_batches``,
-``group_lrs`` and ``optimizer_state`` only when they are set, so readers that do not know them read the rest.
+Adaptive optimizers, clipping, accumulation. :class:`OptimizerKind` names Adam, AdamW, RMSprop and Adagrad, and
+:class:`GroupHyper` holds their betas, eps, amsgrad, decoupled weight decay, centered, alpha, lr_decay and
+initial accumulator. A step's gradient-clipping coefficient (:attr:`StepRecord.clip_coef`, and
+:attr:`StepRecord.clip_scalar` False where the gradient was not scaled by one scalar), its gradient-accumulation
+micro-batches and their loss weights (:attr:`StepRecord.micro_batches`, :attr:`StepRecord.micro_weights`),
+per-group step sizes (:attr:`StepRecord.group_lrs`) and a reference to its preconditioner row in the trajectory's
+files (:attr:`StepRecord.optimizer_state`, a :class:`StateRef`: file, row, step count(s), skipped parameters) are
+optional fields, None (or one micro-batch) for SGD; a step line gains their keys only when they are set, so
+readers that do not know them read the rest (docs/recording.md).
 """
 
 from __future__ import annotations

@@ -263,3 +263,15 @@ def test_the_reference_update_is_not_trivially_satisfied(tmp_path):
     traj.clip_coefs = lambda: torch.ones(traj.num_steps, dtype=torch.float64)  # as if clipping were not recorded
     with pytest.raises(AssertionError, match="recomputed update differs"):
         _check_exact(None, traj=traj)
+
+
+def test_pkfast_info_prints_the_preconditioner_clipping_and_accumulation(tmp_path, capsys):
+    from pkfast.cli import describe_trajectory, main
+
+    _train(tmp_path / "t", "adamw")
+    assert main(["info", str(tmp_path / "t")]) == 0
+    out = capsys.readouterr().out
+    assert "preconditioner: preconditioner P_s per step (float64, 51 per row, in state.bin" in out
+    assert "clipping: 4/4 steps clipped, 0 not by one scalar; gradient accumulation: 4 steps" in out
+    d = describe_trajectory(tmp_path / "t")
+    assert d["preconditioner"]["entries"][0] == ["0.weight", [6, 4]] and d["clipped"] == 4
