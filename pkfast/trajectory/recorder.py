@@ -150,7 +150,6 @@ class TrajectoryRecorder:
         dtype = storage_dtype([t.dtype for _, t in self._tensors])
         self._dtype = dtype
         self._opt_spec = _optimizer_spec(model, optimizer)
-        state = self._start_watch(optimizer, state_dtype, dtype)
         self._loss_spec = None
         if loss is not None:
             self._loss_spec = LossSpec.from_module(loss, fn="pkfast.TrajectoryRecorder")
@@ -166,6 +165,7 @@ class TrajectoryRecorder:
                               bool(buffers)).meta_json()
         full_meta = Recording.from_json({**full_meta, **dict(meta or {})}, ()).meta_json()
 
+        state = self._start_watch(optimizer, state_dtype, dtype)  # (its hooks removed again if the files fail)
         try:
             if resume and (self.path / MANIFEST).exists():
                 self._writer = self._resume(spec, dtype, state)

@@ -275,3 +275,36 @@ def test_pkfast_info_prints_the_preconditioner_clipping_and_accumulation(tmp_pat
     assert "clipping: 4/4 steps clipped, 0 not by one scalar; gradient accumulation: 4 steps" in out
     d = describe_trajectory(tmp_path / "t")
     assert d["preconditioner"]["entries"][0] == ["0.weight", [6, 4]] and d["clipped"] == 4
+
+
+def test_a_point_folding_several_steps_keeps_the_last_steps_state_and_no_clip(tmp_path):
+    X, y = _data()
+    net = _net()
+    opt = torch.optim.Adam(net.parameters(), lr=0.05)
+    with pkfast.TrajectoryRecorder(net, opt, tmp_path / "t") as rec:
+        for s in range(4):
+            opt.zero_grad()
+            F.cross_entropy(net(X), y).backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 0.01)
+            opt.step()
+            rec.skip() if s % 2 == 0 else rec.step()
+    traj = pkfast.Trajectory.load(tmp_path / "t", verify=True)
+    steps = traj.recording.steps
+    assert traj.num_steps == 2 and [s.optimizer_steps for s in steps] == [2, 2]
+    assert [s.optimizer_state.step_count for s in steps] == [2, 4]  # the state at each recorded point
+    assert all(s.clip_coef is None for s in steps)  # a folded point has no one clipping coefficient
+    v = opt.state[net[2].bias]["exp_avg_sq"]
+    bc2 = 1 - 0.999 ** 4
+    want = 1 / (v.sqrt() / bc2 ** 0.5 + 1e-8)
+    assert torch.allclose(traj.preconditioner(1, as_dict=True)["2.bias"], want, rtol=1e-12, atol=0)
+
+
+def test_a_recorder_that_fails_to_start_leaves_no_hooks(tmp_path):
+    net = _net()
+    opt = torch.optim.Adam(net.parameters())
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "other").write_text("not a trajectory")
+    with pytest.raises(FileExistsError):
+        pkfast.TrajectoryRecorder(net, opt, tmp_path / "t")
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+    assert all(not getattr(p, "_post_accumulate_grad_hooks", None) for p in net.parameters())
