@@ -27,12 +27,12 @@ from pkfast.trajectory.checkpoints import as_state_dict, compare_spec, load_chec
 from pkfast.trajectory.files import (MANIFEST, TARGETS, TORCH_FROM_NAME, WEIGHTS, TrajectoryWriter, check_row,
                                      complete_rows, dtype_name, note_no_checksums, read_checksums, read_manifest,
                                      read_steps, save_targets, storage_dtype)
-from pkfast.trajectory.recording import OptimizerSpec, Recording
-from pkfast.trajectory.state import StateRows, clip_coefficients
+from pkfast.trajectory.recording import Recording
+from pkfast.trajectory.state import OptimizerRecord, StateRows
 
 __all__ = ["Trajectory"]
 
-class Trajectory:
+class Trajectory(OptimizerRecord):
     """Weight points ``w_0 … w_T`` and step sizes ``ε_0 … ε_{T-1}`` of a training run.
 
     Rows (:meth:`flat`) are flattened weights in the order of :attr:`spec` (a list of
@@ -206,31 +206,6 @@ class Trajectory:
             lines.append({"lr": float(self._eps[s]), "batch_indices": None if b is None else b.tolist(),
                           **{k: v for k, v in self._step_meta[s].items() if k not in ("lr", "batch_indices")}})
         return Recording.from_json(self.meta, lines, has_targets=self._targets is not None)
-
-    @property
-    def optimizer(self) -> OptimizerSpec | None:
-        """The recorded optimizer (kind, class, parameter groups at the start; per-step hyper-parameters are in
-        :attr:`recording`'s steps), or None when not recorded."""
-        return self.recording.optimizer
-
-    @property
-    def has_preconditioner(self) -> bool:
-        """Whether every step carries its recorded preconditioner row (an adaptive optimizer's recording)."""
-        return self._state is not None
-
-    def preconditioner(self, step: int, *, as_dict: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
-        """The diagonal preconditioner P_s that step ``step`` applied (:mod:`pkfast.trajectory.optimizers`: e.g.
-        Adam's 1/(√v̂_s + ε)), over the trainable parameters in the weights' order (``as_dict``: by name), read
-        from ``state.bin`` and checked against its checksum on first read."""
-        if self._state is None:
-            raise ValueError(f"pkfast.Trajectory.preconditioner: this trajectory records no optimizer state ("
-                             f"optimizer: {getattr(self.optimizer, 'class_name', None)}); expected one recorded by "
-                             "TrajectoryRecorder with Adam, AdamW, RMSprop or Adagrad")
-        return self._state.parts(step) if as_dict else self._state.row(step)
-
-    def clip_coefs(self) -> torch.Tensor:
-        """c_s, each step's gradient-clipping coefficient (float64; NaN where not known to be one scalar)."""
-        return clip_coefficients(self.recording)
 
     def output_grads(self, step: int) -> torch.Tensor | None:
         """The stored per-sample loss derivatives g_{i,s} = ∂ℓ_i/∂f of step ``step``'s batch, ``[|B_s|, C]``

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from pkfast.trajectory.files import STATE_CHECKSUMS, check_row, complete_rows, read_checksums
-from pkfast.trajectory.recording import Recording
+from pkfast.trajectory.recording import OptimizerSpec, Recording
 
-__all__ = ["StateRows", "clip_coefficients"]
+__all__ = ["StateRows", "OptimizerRecord", "clip_coefficients"]
 
 
 def clip_coefficients(recording: Recording) -> torch.Tensor:
@@ -96,3 +96,45 @@ class StateRows:
             out[n] = r[a:b].view(shape)
             a = b
         return out
+
+
+class OptimizerRecord:
+    """What :class:`pkfast.Trajectory` says about its optimizer beyond step sizes: the optimizer, each step's
+    preconditioner, clipping coefficient and micro-batches (a mixin; the trajectory holds ``recording`` and the state
+    rows ``_state``)."""
+
+    _state: StateRows | None
+    recording: Recording
+
+    @property
+    def optimizer(self) -> OptimizerSpec | None:
+        """The recorded optimizer (kind, class, parameter groups at the start; per-step hyper-parameters are in
+        :attr:`recording`'s steps), or None when not recorded."""
+        return self.recording.optimizer
+
+    @property
+    def has_preconditioner(self) -> bool:
+        """Whether every step carries its recorded preconditioner row (an adaptive optimizer's recording)."""
+        return self._state is not None
+
+    def preconditioner(self, step: int, *, as_dict: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The diagonal preconditioner P_s that step ``step`` applied (:mod:`pkfast.trajectory.optimizers`: e.g.
+        Adam's 1/(√v̂_s + ε)), over the trainable parameters in the weights' order (``as_dict``: by name), read
+        from ``state.bin`` and checked against its checksum on first read."""
+        if self._state is None:
+            raise ValueError(f"pkfast.Trajectory.preconditioner: this trajectory records no optimizer state ("
+                             f"optimizer: {getattr(self.optimizer, 'class_name', None)}); expected one recorded by "
+                             "TrajectoryRecorder with Adam, AdamW, RMSprop or Adagrad")
+        return self._state.parts(step) if as_dict else self._state.row(step)
+
+    def clip_coefs(self) -> torch.Tensor:
+        """c_s, each step's gradient-clipping coefficient (float64; NaN where not known to be one scalar)."""
+        return clip_coefficients(self.recording)
+
+    def micro_batches(self, step: int) -> list[tuple[np.ndarray, float | None]]:
+        """Step ``step``'s gradient-accumulation micro-batches, in the order their backward passes ran: (ordered
+        training indices, the loss weight recorded for it or None) each; one for a step without accumulation, []
+        when the batch was not recorded."""
+        st = self.recording.steps[step]
+        w = st.micro_weights
+        return [(b, None if w is None else w[j]) for j, b in enumerate(st.micro_batches or ())]

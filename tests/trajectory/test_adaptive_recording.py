@@ -115,6 +115,10 @@ def test_the_recorded_state_reproduces_every_update_exactly(tmp_path, name):
     st = traj.recording.steps[1]
     assert [len(b) for b in st.micro_batches] == [5, 3] and st.micro_weights == (5 / 8, 3 / 8)
     assert st.optimizer_state.step_count == 2 and st.optimizer_state.file == "state.bin"
+    (b0, w0), (b1, w1) = traj.micro_batches(1)
+    assert b0.tolist() == _micro_batches(1)[0] and b1.tolist() == _micro_batches(1)[1] and (w0, w1) == (5 / 8, 3 / 8)
+    assert traj.optimizer.kind.adaptive and traj.optimizer.extra["group_params"] == [["0.weight", "0.bias",
+                                                                                      "2.weight", "2.bias"]]
 
 
 def test_parameters_without_a_gradient_are_recorded_as_skipped(tmp_path):
