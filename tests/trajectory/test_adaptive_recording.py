@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -67,8 +68,10 @@ def _train(path, opt_name, steps=4, *, clip=0.05, extra=False, state_dtype=None,
     net = net or _net(extra)
     opt = opt or OPTIMIZERS[opt_name](net.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.3 * s)) if schedule else None
-    for _ in range(start):
-        sched and sched.step()
+    with warnings.catch_warnings():  # (a resumed run's schedule, stepped to where it stopped)
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(start):
+            sched and sched.step()
     rec = pkfast.TrajectoryRecorder(net, opt, path, state_dtype=state_dtype, resume=resume, overwrite=not resume)
     for s in range(start, start + steps):
         mbs = _micro_batches(s)
@@ -312,3 +315,25 @@ def test_a_recorder_that_fails_to_start_leaves_no_hooks(tmp_path):
         pkfast.TrajectoryRecorder(net, opt, tmp_path / "t")
     assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
     assert all(not getattr(p, "_post_accumulate_grad_hooks", None) for p in net.parameters())
+
+
+def test_a_recording_from_before_clipping_was_measured_loads_with_unknown_coefficients(tmp_path):
+    import json
+
+    X, y = _data()
+    net = _net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with pkfast.TrajectoryRecorder(net, opt, tmp_path / "old") as rec:
+        for s in range(2):
+            opt.zero_grad()
+            F.cross_entropy(net(X), y).backward()
+            opt.step()
+            rec.step(batch_indices=range(N))
+    man = json.loads((tmp_path / "old" / "manifest.json").read_text())
+    for k in ("clip_measured", "group_params"):  # the manifest as earlier versions wrote it
+        del man["meta"]["optimizer"][k]
+    (tmp_path / "old" / "manifest.json").write_text(json.dumps(man))
+    traj = pkfast.Trajectory.load(tmp_path / "old", verify=True)
+    assert traj.num_steps == 2 and not traj.has_preconditioner
+    assert bool(traj.clip_coefs().isnan().all())  # not measured: unknown, not 1
+    assert [b.tolist() for b, _ in traj.micro_batches(0)] == [list(range(N))] and traj.micro_batches(0)[0][1] is None
