@@ -31,7 +31,8 @@ LAYERS = {
     "routes": ["pkfast.engine.capture", "pkfast.engine.meter", "pkfast.engine.routes", "pkfast.engine.routes.*"],
     "driver": ["pkfast.engine.driver", "pkfast.engine"],
     "doors": ["pkfast.gram", "pkfast.sketch", "pkfast.attribution", "pkfast.reference"],
-    "machine": ["pkfast.machine.panels", "pkfast.machine.sweep", "pkfast.machine.data_check",
+    "machine": ["pkfast.machine.panels", "pkfast.machine.sweep", "pkfast.machine.adaptive",
+                "pkfast.machine.adaptive_sweep", "pkfast.machine.data_check",
                 "pkfast.machine.kernel_machine", "pkfast.machine"],
     "entry": ["pkfast", "pkfast.cli", "pkfast.__main__", "pkfast.integrations", "pkfast.integrations.*"],
 }

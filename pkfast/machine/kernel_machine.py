@@ -13,11 +13,13 @@ b(x) = f(x; w_0) − Σ_r λ^wd_r Ψ_r(x) w_r (coupled weight decay is data-free
 With ``rule="exact"`` this holds up to the quadrature error, which :meth:`KernelMachine.certificate` measures.
 
 What is exact: plain SGD, SGD with momentum/dampening/Nesterov, coupled weight decay, any lr schedule, any
-batching, mean/sum reductions, class weights, label smoothing. What is refused: Adam/AdamW and other
-optimizers (their update is exact only given the per-step preconditioner D_s, which is not recorded: the
-kernel J̄_s D_s J(x_i; w_r)ᵀ attributes no data influence that flows through D_s, see §2.7), ``maximize=True``,
-momentum state from before the recording, BatchNorm in train mode, missing batch indices or loss metadata.
-Gradient clipping or noise that the recording does not show appear as a large update residual in
+batching, mean/sum reductions, class weights, label smoothing, gradient clipping by one coefficient and
+accumulation over weighted micro-batches (as recorded); and Adam, AdamW (amsgrad), RMSprop (momentum, centered)
+and Adagrad given each step's recorded preconditioner P_t (:mod:`pkfast.machine.adaptive`, docs/math.md §6.2:
+P_t is taken as recorded, so the influence a training point has *through* P_t is attributed to no training
+point). What is refused: other optimizers, adaptive trajectories without the preconditioner (from checkpoints),
+``maximize=True``, momentum state from before the recording, BatchNorm in train mode, missing batch indices or
+loss metadata. Clipping or noise that the recording does not show appear as a large update residual in
 :meth:`certificate`.
 """
 
@@ -41,7 +43,8 @@ from pkfast.gram import gram
 from pkfast.engine.functional import FunctionalModel
 from pkfast.loss import LossSpec
 from pkfast.options import Options, model_device
-from pkfast.machine import data_check
+from pkfast.machine import adaptive, data_check
+from pkfast.machine.adaptive_sweep import AdaptiveSweep
 from pkfast.machine.sweep import Sweep
 from pkfast.engine.quadrature import DEFAULT_NODES, EvalPoint
 from pkfast.trajectory.points import Trajectory
@@ -184,6 +187,7 @@ class KernelMachine:
                              "may vary)")
         self._momentum = kinds.pop() if kinds else (0.0, 0.0, False)
         self._batches = self._read_batches(record, N)
+        self._adaptive = record.optimizer is not None and record.optimizer.kind.adaptive
         if check_data:
             data_check.check_data(_FN, record, X_train, self._batches, self.y, trajectory.targets)
 
@@ -199,11 +203,7 @@ class KernelMachine:
         budget = self.opts.budget(device)
         per_query = 3 * self.C * self.fm.num_params * torch.empty((), dtype=self.dtype).element_size()
         self.query_chunk = max(1, int(budget // max(1, per_query)))
-        # (the sweep reads each step's weight decay by name)
-        sweep_steps = [{"weight_decay": h.weight_decay or 0.0} for h in self._steps]
-        self._sweeper = Sweep(self.fm, self.fm_loss, self.X, self.y, self.loss, steps=sweep_steps,
-                              batches=self._batches, momentum=self._momentum, rule=self.rule, nodes=self.nodes,
-                              budget=budget, progress=progress)
+        self._sweeper = self._make_sweep(budget)
         #: ``[T]`` max |g_stored − g_recomputed| / max |g_stored| per step, where the recording stored the
         #: training forward pass's loss derivatives (``TrajectoryRecorder(store_output_grads=True)``; NaN for
         #: steps without them), else None. Rounding-level values mean the model's forward pass reproduces the
@@ -225,17 +225,28 @@ class KernelMachine:
         if verify:
             self.verify(update_tol)
 
+    def _make_sweep(self, budget: int) -> Sweep | AdaptiveSweep:
+        """The backward pass over the steps: the adaptive one (:mod:`pkfast.machine.adaptive_sweep`) for a recorded
+        preconditioner, else SGD's, each with the rows' weights λ (clipping, micro-batches)."""
+        weights = adaptive.row_weights(_FN, self._record, self.loss, self.y, self.C, adaptive=self._adaptive)
+        common = dict(batches=self._batches, rule=self.rule, nodes=self.nodes, budget=budget, progress=self.progress)
+        if self._adaptive:
+            plan = adaptive.read_plan(_FN, self.trajectory, self._steps)
+            return AdaptiveSweep(self.fm, self.fm_loss, self.X, self.y, plan=plan, weights=weights, fn=_FN, **common)
+        # (the sweep reads each step's weight decay by name)
+        sweep_steps = [{"weight_decay": h.weight_decay or 0.0} for h in self._steps]
+        return Sweep(self.fm, self.fm_loss, self.X, self.y, self.loss, steps=sweep_steps, momentum=self._momentum,
+                     weights=weights, **common)
+
     # ------------------------------------------------------------------ the recording
     def _read_optimizer(self, rec: Recording) -> list[GroupHyper]:
         """Each step's hyper-parameters from the typed recording, refusing what the decomposition cannot rebuild."""
         opt = rec.optimizer
-        if opt is not None and opt.kind is not OptimizerKind.SGD:
+        if opt is not None and opt.kind is not OptimizerKind.SGD and not opt.kind.adaptive:
             raise ValueError(
                 f"{_FN}: the trajectory was recorded with {opt.class_name}; the exact decomposition is implemented for "
-                "SGD (plain, momentum, Nesterov, weight decay). For Adam/AdamW the update is a kernel machine only "
-                "given the per-step preconditioner D_s = diag(1/((1−β1^{s+1})(√v̂_s + eps))), which is not "
-                "recorded, and the data influence flowing through D_s is attributed to no training point "
-                "(docs/math.md §6). Use pkfast.gram(rule='left') for the path kernel itself"
+                "SGD (plain, momentum, Nesterov, weight decay) and for Adam, AdamW, RMSprop and Adagrad recorded with "
+                "their per-step preconditioner (docs/math.md §6). Use pkfast.gram(rule='left') for the path kernel"
             )
         steps = rec.steps
         if opt is not None and opt.state_before_recording and steps and len(steps[0].groups) == 1 \
@@ -446,7 +457,10 @@ class KernelMachine:
                   "X_train or y_train in another order than the recorded batch indices, or other data",
                   "a loss other than the recorded one (reduction, label smoothing, class weights, extra terms)",
                   "a training forward pass unlike the model's (dropout, data augmentation, train-mode normalisation)"]
-        if rec.optimizer is None or rec.optimizer.kind is not OptimizerKind.SGD:
+        if rec.optimizer is not None and rec.optimizer.kind.adaptive:
+            causes.insert(0, "a recorded preconditioner that is not the one the optimizer applied (an edited or "
+                             "damaged state file, or an optimizer changed in the loop)")
+        elif rec.optimizer is None or rec.optimizer.kind is not OptimizerKind.SGD:
             causes.insert(0, "an optimizer the machine does not model (Adam/AdamW/RMSprop…: a trajectory from "
                              "checkpoints with lr= is taken as plain SGD)")
         return (f"{_FN}: the recorded weights do not follow from the recorded training: the update residual "
@@ -476,23 +490,6 @@ class KernelMachine:
         return out
 
     def _update_residuals(self) -> torch.Tensor:
-        """‖Δ_s − Δ̂_s‖/‖Δ_s‖, with Δ̂_s = −Σ_{r≤s} κ_{s,r} d_r recomputed from the batch gradients d_r
-        (and weight decay) through the sweep's coefficients κ — the one statement of the optimizer's rule, the one the
-        decomposition uses. The sum runs as Δ̂_s = −(κ_{s,s} d_s + ε_s U_s), with U_s = Σ_{r<s} κ_{s,r}/ε_s d_r
-        = μ U_{s−1} + tail(s−1, s) d_{s−1} (:meth:`Sweep.tail`: κ_{s,r} = ε_s tail(r, s) for r < s)."""
-        sw = self._sweeper
-        eps = self.trajectory.step_sizes.tolist()
-        mu = sw.momentum[0]
-        U = None
-        out = []
-        for s, h in enumerate(self._steps):
-            w = sw.panels.to_panel(self.fm.state(EvalPoint(s))[0])
-            d = sw.batch_grads(s).sum(0)
-            if h.weight_decay:
-                d = d + h.weight_decay * w
-            step = -sw.kappa(s, s) * d if U is None else -(sw.kappa(s, s) * d + eps[s] * U)
-            if mu:
-                U = sw.tail(s, s + 1) * d if U is None else U.mul_(mu).add_(d, alpha=sw.tail(s, s + 1))
-            delta = sw.panels.to_panel(self.fm.state(EvalPoint(s + 1))[0]) - w
-            out.append(float((delta - step).norm() / delta.norm().clamp_min(1e-300)))
-        return torch.tensor(out, dtype=torch.float64)
+        """``[T]`` ‖Δ_s − Δ̂_s‖/‖Δ_s‖ through the sweep's own coefficients (:meth:`Sweep.update_residuals`,
+        :meth:`AdaptiveSweep.update_residuals`)."""
+        return self._sweeper.update_residuals()

@@ -1,0 +1,126 @@
+"""adaptive_sweep: the kernel machine's backward pass for adaptive optimizers (docs/math.md §6.2) — for a chunk of
+queries, the bias b(x), Σ_i c_i(x) and the contributions c_i(x), from materialised per-parameter gradient panels
+(:mod:`pkfast.machine.panels`: layer factors where layers have rules), since a diagonal preconditioner breaks the
+(a·a′)(δ·δ′) factorisation of the SGD sweep's pairs.
+
+With the recursion of :mod:`pkfast.machine.adaptive` (m_t = β_t m_{t−1} + c_t A_t ⊙ g_t, Δ_t = −σ_t B_t ⊙ m_t −
+δ_t w_t), the contribution of g_s to f(x; w_T) − f(x; w_0) = Σ_t J̄_t Δ_t is −⟨Ψ_s, g_s⟩ with
+
+    S_s = σ_s B_s ⊙ J̄_s + β_{s+1} S_{s+1},      Ψ_s = c_s A_s ⊙ S_s,
+
+swept backwards from s = T−1, one P-wide accumulator per query output.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from pkfast.engine.functional import FunctionalModel
+from pkfast.engine.quadrature import EvalPoint, gauss_legendre
+from pkfast.machine.adaptive import AdaptivePlan, preconditioner_flat
+from pkfast.machine.panels import Panels
+
+__all__ = ["AdaptiveSweep"]
+
+
+class AdaptiveSweep:
+    """The adaptive recording's plan, batches and per-row weights, and the gradient panels of the model's outputs
+    and loss; :meth:`run` sweeps a chunk of queries, :meth:`update_residuals` replays the updates. Batch gradients
+    are cached for later query chunks within a quarter of ``budget``."""
+
+    def __init__(self, fm: FunctionalModel, fm_loss: FunctionalModel, X: torch.Tensor, y: torch.Tensor, *,
+                 plan: AdaptivePlan, batches: list[torch.Tensor], weights: list[torch.Tensor], rule: str, nodes: int,
+                 budget: int, progress: bool, fn: str) -> None:
+        self.fm, self.fm_loss, self.X, self.y = fm, fm_loss, X, y
+        self.plan, self.batches, self.fn = plan, batches, fn
+        self.C, self.trajectory, self.dtype = fm.num_outputs, fm.trajectory, fm.dtype
+        self.weights = [w.to(fm.device, fm.dtype) for w in weights]
+        self.rule, self.nodes, self.progress = rule, nodes, progress
+        self.cache_budget, self.cached_bytes = budget // 4, 0
+        self.panels, self.loss_panels = Panels(fm, X), Panels(fm_loss, X)
+        Panels.matched(self.panels, self.loss_panels)
+        self._grads: dict[int, torch.Tensor] = {}
+        self._pre: dict[int, torch.Tensor] = {}
+        self._names = list(zip(fm.names, fm._slices))
+
+    def combo(self, s: int) -> tuple[tuple[EvalPoint, float], ...]:
+        if self.rule == "left":
+            return ((EvalPoint(s), 1.0),)
+        return tuple((EvalPoint(s, tau), om) for tau, om in gauss_legendre(self.nodes))
+
+    # ------------------------------------------------------------------ per-step vectors, panel column order
+    def pre(self, s: int) -> torch.Tensor:
+        """P_s ``[P]`` in the panel's column order (cached: T × P floats, the size of the trajectory's state)."""
+        got = self._pre.get(s)
+        if got is None:
+            flat = preconditioner_flat(self.fn, self.trajectory, self._names, s)
+            got = self._pre[s] = self.panels.to_panel(flat.to(self.fm.device, self.dtype))
+        return got
+
+    def weights_at(self, s: int) -> torch.Tensor:
+        return self.panels.to_panel(self.fm.state(EvalPoint(s))[0])
+
+    def batch_grads(self, s: int) -> torch.Tensor:
+        """λ_{s,i} ∇_w ℓ(x_i; w_s) for the rows of B_s, ``[|B_s|, P]`` in the panel's column order."""
+        got = self._grads.get(s)
+        if got is not None:
+            return got
+        b, P = self.batches[s], self.fm.num_params
+        if b.numel() == 0:
+            return torch.zeros(0, P, dtype=self.dtype, device=self.fm.device)
+        G = self.loss_panels.panel(((EvalPoint(s), 1.0),), self.X[b], self.y[b]).view(b.numel(), P)
+        G.mul_(self.weights[s][:, None])
+        nbytes = G.numel() * G.element_size()
+        if self.cached_bytes + nbytes <= self.cache_budget:
+            self._grads[s] = G
+            self.cached_bytes += nbytes
+        return G
+
+    # ------------------------------------------------------------------ the sweep
+    def run(self, Xq: torch.Tensor, *, samples: bool, per_step: bool = False):
+        """One backward pass over the steps for the queries ``Xq``: (bias [M, C], Σ_i c_i [M, C],
+        contributions [M, N, C] or per-step [T, M, N, C] or None)."""
+        T, N, C, M = self.trajectory.num_steps, self.X.shape[0], self.C, Xq.shape[0]
+        dev, dt, pl = self.fm.device, self.dtype, self.plan
+        bias = self.fm.outputs(EvalPoint(0), Xq).to(dt)
+        total = torch.zeros(M, C, dtype=dt, device=dev)
+        contrib = torch.zeros((T, M, N, C) if per_step else (M, N, C), dtype=dt, device=dev) if samples else None
+        S = None
+        bar = tqdm(total=T, desc="pkfast.KernelMachine steps", unit="step", disable=not self.progress, leave=False)
+        for s in range(T - 1, -1, -1):
+            J = self.panels.panel(self.combo(s), Xq).view(M * C, -1)  # J̄_s
+            P = self.pre(s)
+            u = J * (pl.sigma[s] * P) if not pl.at_gradient else J * pl.sigma[s]
+            S = u if S is None else S.mul_(pl.beta[s + 1]).add_(u)
+            psi = S * (pl.c[s] * P) if pl.at_gradient else S * pl.c[s]
+            if pl.coupled[s] or pl.decoupled[s]:
+                w = self.weights_at(s)
+                bias -= (pl.coupled[s] * (psi @ w) + pl.decoupled[s] * (J @ w)).view(M, C)
+            G = self.batch_grads(s)
+            if G.shape[0]:
+                cr = -(psi @ G.T).view(M, C, -1).transpose(1, 2)  # [M, |B_s|, C]
+                total += cr.sum(1)
+                if contrib is not None:
+                    (contrib[s] if per_step else contrib).index_add_(1, self.batches[s].to(dev), cr)
+            del J, u, psi
+            bar.update(1)
+        bar.close()
+        return bias, total, contrib
+
+    def update_residuals(self) -> torch.Tensor:
+        """``[T]`` ‖Δ_t − Δ̂_t‖/‖Δ_t‖, with Δ̂_t = −σ_t B_t ⊙ m_t − δ_t w_t replayed forward from the batch
+        gradients, the recorded P_t and the plan — the coefficients :meth:`run` uses."""
+        pl, m, out = self.plan, None, []
+        for s in range(self.trajectory.num_steps):
+            w = self.weights_at(s)
+            g = self.batch_grads(s).sum(0)
+            if pl.coupled[s]:
+                g = g + pl.coupled[s] * w
+            P = self.pre(s)
+            a = pl.c[s] * (P * g if pl.at_gradient else g)
+            m = a if m is None else m.mul_(pl.beta[s]).add_(a)
+            step = -pl.sigma[s] * (m if pl.at_gradient else P * m) - pl.decoupled[s] * w
+            delta = self.weights_at(s + 1) - w
+            out.append(float((delta - step).norm() / delta.norm().clamp_min(1e-300)))
+        return torch.tensor(out, dtype=torch.float64)
