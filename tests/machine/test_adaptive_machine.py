@@ -1,0 +1,181 @@
+"""The exact kernel machine of adaptive optimizers (issue 26): for Adam, AdamW (amsgrad), RMSprop (plain, momentum,
+centered) and Adagrad, trained with gradient clipping on some steps, unequal accumulation micro-batches and an lr
+schedule, and recorded by TrajectoryRecorder, ``KernelMachine.predict`` equals the network to 1e-10, the contributions
+equal an independent float64 computation (the optimizers' update rules replayed on one training point's gradients,
+tests/trajectory/adaptive_reference.py), verify() shows rounding, and a wrong preconditioner is refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, grad, jacrev
+
+import pkfast
+from tests.trajectory.adaptive_reference import reference_update
+
+N, D, H, C, T = 16, 3, 5, 3, 4
+
+OPTIMIZERS = {
+    "adam": lambda p: torch.optim.Adam(p, lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.01),
+    "adam_decoupled": lambda p: torch.optim.Adam(p, lr=0.05, weight_decay=0.1, decoupled_weight_decay=True),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.1),
+    "adamw_amsgrad": lambda p: torch.optim.AdamW(p, lr=0.05, amsgrad=True, weight_decay=0.05),
+    "rmsprop": lambda p: torch.optim.RMSprop(p, lr=0.01, alpha=0.9, eps=1e-6, weight_decay=0.01),
+    "rmsprop_momentum": lambda p: torch.optim.RMSprop(p, lr=0.01, momentum=0.8),
+    "rmsprop_centered": lambda p: torch.optim.RMSprop(p, lr=0.01, centered=True, weight_decay=0.02),
+    "rmsprop_centered_momentum": lambda p: torch.optim.RMSprop(p, lr=0.01, momentum=0.9, centered=True),
+    "adagrad": lambda p: torch.optim.Adagrad(p, lr=0.1, lr_decay=0.01, initial_accumulator_value=0.1,
+                                             weight_decay=0.01, eps=1e-8),
+}
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(N, D, generator=g, dtype=torch.float64), torch.randint(0, C, (N,), generator=g)
+
+
+def _net():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(D, H), nn.Tanh(), nn.Linear(H, C)).double()
+
+
+def _micro(step):
+    perm = torch.randperm(N, generator=torch.Generator().manual_seed(100 + step))
+    return [perm[:5].tolist(), perm[5:8].tolist()]  # unequal micro-batches, weights 5/8 and 3/8: the batch mean
+
+
+def _train(path, name, *, clip_value=False, weights=True, opt=None, halves=False):
+    """T steps of ``name`` with accumulation over two unequal micro-batches, clip_grad_norm_ on odd steps and a
+    decaying lr (``halves``: each micro-batch's mean loss weighted 1/2, not the batch mean); returns the trained
+    network and the loaded trajectory."""
+    X, y = _data()
+    net = _net()
+    opt = opt or OPTIMIZERS[name]
+    opt = opt(net.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.3 * s))
+    with pkfast.TrajectoryRecorder(net, opt, path, loss=nn.CrossEntropyLoss(), targets=y) as rec:
+        for s in range(T):
+            mbs = _micro(s)
+            ws = [0.5, 0.5] if halves else [len(b) / 8 for b in mbs]
+            opt.zero_grad()
+            for b, w in zip(mbs, ws):
+                (w * F.cross_entropy(net(X[b]), y[b])).backward()
+            if clip_value:
+                torch.nn.utils.clip_grad_value_(net.parameters(), 0.01)
+            elif s % 2:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), 0.05)
+            opt.step()
+            rec.step(micro_batches=mbs, **({"micro_weights": ws} if weights else {}))
+            sched.step()
+    return net, pkfast.Trajectory.load(path)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_the_adaptive_machine_is_the_network(tmp_path, name):
+    net, traj = _train(tmp_path / "t", name)
+    X, _ = _data()
+    assert bool((traj.clip_coefs()[1::2] < 1).all())  # the clipped steps
+    km = pkfast.KernelMachine(net, traj, X, nodes=6, progress=False)
+    assert float(km.update_residual.max()) < 1e-13, km.update_residual
+    Xq = torch.randn(5, D, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    f = net(Xq).detach()
+    pred = km.predict(Xq)
+    assert float((pred - f).abs().max() / f.abs().max()) <= 1e-10
+    c = km.contributions(Xq)
+    scale = float(c.abs().max())
+    assert torch.allclose(km.bias(Xq) + c.sum(1), pred, rtol=0, atol=1e-13 * scale)
+    per = km.contributions(Xq, per_step=True)
+    assert per.shape == (T, 5, N, C) and torch.allclose(per.sum(0), c, rtol=0, atol=1e-13 * scale)
+    cert = km.certificate(Xq)
+    assert cert.max_quadrature < 1e-11
+
+
+def _reference_contributions(traj, X, y, Xq):
+    """a_i(x) = Σ_t ∇f(x; w_t) · Δ_t^{(i)}: Δ_t^{(i)} the update that training point i's own (clipped, weighted)
+    gradients alone give, by each optimizer's rule from the recorded P_t (adaptive_reference.reference_update with
+    w = 0, so that no weight decay enters) — the left rule's contributions, computed with torch.func."""
+    rec = traj.recording
+    kind, net = rec.optimizer.kind.value, _net()
+    members = rec.optimizer.extra["group_params"]
+    clip = traj.clip_coefs()
+    out = torch.zeros(Xq.shape[0], N, C, dtype=torch.float64)
+
+    def loss_i(p, x, t):
+        return F.cross_entropy(functional_call(net, p, (x[None],)), t[None])
+
+    for i in range(N):
+        buf = {}
+        for s, st in enumerate(rec.steps):
+            w = {n: v.to(torch.float64) for n, v in traj.point(s).items()}
+            P = traj.preconditioner(s, as_dict=True)
+            g = {n: torch.zeros_like(v) for n, v in w.items()}
+            for b, wt in zip(st.micro_batches, st.micro_weights):
+                hits = int((np.asarray(b) == i).sum())
+                if hits:
+                    gi = grad(loss_i)(w, X[i], y[i])
+                    for n in g:
+                        g[n] += clip[s] * wt * hits / len(b) * gi[n]
+            hyper = {n: st.groups[0 if len(st.groups) == 1 else j] for j, ns in enumerate(members) for n in ns}
+            counts = {n: st.optimizer_state.step_count for n in w}
+            zero = {n: torch.zeros_like(v) for n, v in w.items()}
+            step = reference_update(kind, hyper, st.lr, P, g, zero, buf, counts, set())
+            J = jacrev(lambda p: functional_call(net, p, (Xq,)))(w)  # {name: [M, C, *shape]}
+            for n in w:
+                out[:, i] += (J[n].reshape(Xq.shape[0], C, -1) @ step[n].reshape(-1)).reshape(-1, C)
+    return out
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "rmsprop_centered_momentum", "adagrad"])
+def test_contributions_equal_an_independent_reference(tmp_path, name):
+    net, traj = _train(tmp_path / "t", name)
+    X, y = _data()
+    Xq = torch.randn(3, D, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    km = pkfast.KernelMachine(net, traj, X, rule="left", progress=False)
+    ref = _reference_contributions(traj, X, y, Xq)
+    got = km.contributions(Xq)
+    assert float((got - ref).abs().max() / ref.abs().max()) <= 1e-10
+    # the points outside every batch contribute nothing; explain() and out= agree with contributions()
+    seen = {int(i) for st in traj.recording.steps for b in st.micro_batches for i in b}
+    assert all(float(got[:, i].abs().max()) == 0.0 for i in range(N) if i not in seen)
+    e = km.explain(Xq[0], k=3, target=1)
+    assert abs(e.total - float(got[0, :, 1].sum())) < 1e-13
+    mm = km.contributions(Xq, out=str(tmp_path / "c.npy"))
+    assert np.array_equal(np.asarray(mm), got.numpy())
+
+
+def test_a_wrong_preconditioner_is_refused(tmp_path, monkeypatch):
+    net, traj = _train(tmp_path / "t", "adamw")
+    X, _ = _data()
+    true = traj.preconditioner
+
+    def scaled(s, as_dict=False):  # P_2 off by 1 %: what an edited state file would read as
+        got = true(s, as_dict=as_dict)
+        return got if s != 2 else ({n: 1.01 * v for n, v in got.items()} if as_dict else 1.01 * got)
+
+    monkeypatch.setattr(traj, "preconditioner", scaled)
+    with pytest.raises(ValueError, match=r"(?s)update residual.*on 1 of 4 steps.*first bad step 2.*preconditioner"):
+        pkfast.KernelMachine(net, traj, X, progress=False)
+
+
+def test_what_the_exact_machine_cannot_rebuild_is_refused(tmp_path):
+    X, _ = _data()
+    net, traj = _train(tmp_path / "v", "adam", clip_value=True)
+    with pytest.raises(ValueError, match=r"step 0's gradient was changed .* by something other than one factor"):
+        pkfast.KernelMachine(net, traj, X, progress=False)
+    net, traj = _train(tmp_path / "w", "adam", weights=False)
+    with pytest.raises(ValueError, match=r"accumulated 2 micro-batches but their loss weights were not recorded"):
+        pkfast.KernelMachine(net, traj, X, progress=False)
+
+
+def test_sgd_with_clipping_and_unequal_micro_batches_is_exact(tmp_path):
+    """Defect 1 of issue 26: unequal micro-batches (and clipping) were silently wrong for SGD too; the rows now carry
+    the recorded micro-batch loss weights and clipping coefficient."""
+    net, traj = _train(tmp_path / "t", "sgd", opt=lambda p: torch.optim.SGD(p, lr=0.3, momentum=0.5,
+                                                                             weight_decay=0.01), halves=True)
+    X, _ = _data()
+    km = pkfast.KernelMachine(net, traj, X, nodes=4, progress=False)
+    assert float(km.update_residual.max()) < 1e-13
+    assert torch.allclose(km.predict(X), net(X), rtol=0, atol=1e-12)
