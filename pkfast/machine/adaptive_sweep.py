@@ -80,33 +80,64 @@ class AdaptiveSweep:
     # ------------------------------------------------------------------ the sweep
     def run(self, Xq: torch.Tensor, *, samples: bool, per_step: bool = False):
         """One backward pass over the steps for the queries ``Xq``: (bias [M, C], Σ_i c_i [M, C],
-        contributions [M, N, C] or per-step [T, M, N, C] or None)."""
+        contributions [M, N, C] or per-step [T, M, N, C] or None).
+
+        S is held as one contiguous ``[M, C, width]`` block per panel slot, each step's J̄_s formed into it (or a
+        scratch block, to be scaled by P_s) from the layer factors of all quadrature nodes at once; the factor
+        c_s A_s of Ψ_s goes to the training side (|B_s| rows, not M·C), so the P-wide work per step is one pass."""
         T, N, C, M = self.trajectory.num_steps, self.X.shape[0], self.C, Xq.shape[0]
         dev, dt, pl = self.fm.device, self.dtype, self.plan
         bias = self.fm.outputs(EvalPoint(0), Xq).to(dt)
         total = torch.zeros(M, C, dtype=dt, device=dev)
         contrib = torch.zeros((T, M, N, C) if per_step else (M, N, C), dtype=dt, device=dev) if samples else None
-        S = None
+        slots = self.panels.slots()
+        cols = [slice(a, a + w) for a, w in zip(_starts([w for _, _, w in slots]), [w for _, _, w in slots])]
+        S = [torch.zeros(M, C, w, dtype=dt, device=dev) for _, _, w in slots]
+        scratch = None if pl.at_gradient else [torch.empty(M, C, w, dtype=dt, device=dev) if L is not None else None
+                                                 for L, _, w in slots]
         bar = tqdm(total=T, desc="pkfast.KernelMachine steps", unit="step", disable=not self.progress, leave=False)
         for s in range(T - 1, -1, -1):
-            J = self.panels.panel(self.combo(s), Xq).view(M * C, -1)  # J̄_s
-            P = self.pre(s)
-            u = J * (pl.sigma[s] * P) if not pl.at_gradient else J * pl.sigma[s]
-            S = u if S is None else S.mul_(pl.beta[s + 1]).add_(u)
-            psi = S * (pl.c[s] * P) if pl.at_gradient else S * pl.c[s]
-            if pl.coupled[s] or pl.decoupled[s]:
-                w = self.weights_at(s)
-                bias -= (pl.coupled[s] * (psi @ w) + pl.decoupled[s] * (J @ w)).view(M, C)
+            jac, nodes = self.panels.evaluate(self.combo(s), Xq)
+            P, beta = self.pre(s), pl.beta[s + 1] if s + 1 < T else 0.0
+            w = self.weights_at(s) if (pl.coupled[s] or pl.decoupled[s]) else None
+            for i, slot in enumerate(slots):
+                J = self._advance(slot, S[i], None if scratch is None else scratch[i], jac, nodes, P[cols[i]], s, beta)
+                if pl.decoupled[s]:
+                    bias -= pl.decoupled[s] * (J.view(M * C, -1) @ w[cols[i]]).view(M, C)
+            h = pl.c[s] * P if pl.at_gradient else torch.full_like(P, pl.c[s])  # c_s A_s, on the training side
+            if w is not None and pl.coupled[s]:
+                hw = h * w
+                bias -= pl.coupled[s] * sum(Si.view(M * C, -1) @ hw[cl] for Si, cl in zip(S, cols)).view(M, C)
             G = self.batch_grads(s)
             if G.shape[0]:
-                cr = -(psi @ G.T).view(M, C, -1).transpose(1, 2)  # [M, |B_s|, C]
+                Gh = G * h
+                cr = -sum(Si.view(M * C, -1) @ Gh[:, cl].T for Si, cl in zip(S, cols))
+                cr = cr.view(M, C, -1).transpose(1, 2)  # [M, |B_s|, C]
                 total += cr.sum(1)
                 if contrib is not None:
                     (contrib[s] if per_step else contrib).index_add_(1, self.batches[s].to(dev), cr)
-            del J, u, psi
             bar.update(1)
         bar.close()
         return bias, total, contrib
+
+    def _advance(self, slot, S: torch.Tensor, scratch: torch.Tensor | None, jac, nodes, P: torch.Tensor, s: int,
+                 beta: float) -> torch.Tensor:
+        """S ← β S + σ_s B_s ⊙ J̄_s for one slot (B_s = P_s for Adam, 1 for RMSprop/Adagrad); returns J̄_s of the
+        slot (for decoupled weight decay; meaningful where B_s = P_s)."""
+        sigma = self.plan.sigma[s]
+        if self.plan.at_gradient:
+            if slot[0] is None:
+                S.mul_(beta).add_(jac, alpha=sigma)
+            else:
+                Panels.write(slot, [(sigma * om, f) for om, f in nodes], S, beta=beta)
+            return S
+        if slot[0] is None:
+            J = jac
+        else:
+            Panels.write(slot, nodes, scratch, beta=0.0)
+            J = scratch
+        S.mul_(beta).addcmul_(J, P.view(1, 1, -1), value=sigma)
+        return J
 
     def update_residuals(self) -> torch.Tensor:
         """``[T]`` ‖Δ_t − Δ̂_t‖/‖Δ_t‖, with Δ̂_t = −σ_t B_t ⊙ m_t − δ_t w_t replayed forward from the batch
@@ -124,3 +155,11 @@ class AdaptiveSweep:
             delta = self.weights_at(s + 1) - w
             out.append(float((delta - step).norm() / delta.norm().clamp_min(1e-300)))
         return torch.tensor(out, dtype=torch.float64)
+
+
+def _starts(widths: list[int]) -> list[int]:
+    out, a = [], 0
+    for w in widths:
+        out.append(a)
+        a += w
+    return out
