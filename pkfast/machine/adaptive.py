@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pkfast.loss import LossSpec
@@ -123,7 +124,7 @@ def row_weights(fn: str, rec: Recording, loss: LossSpec, y: torch.Tensor, C: int
             raise ValueError(f"{fn}: step {st.index} accumulated {len(mbs)} micro-batches but their loss weights were "
                              "not recorded; pass rec.step(micro_batches=…, micro_weights=[the factor each "
                              "micro-batch's loss was multiplied by]) so each point's share of the gradient is known")
-        parts = [c * (1.0 if mw is None else float(mw[j])) * loss.batch_weights(y[torch.as_tensor(b)], C)
+        parts = [c * (1.0 if mw is None else float(mw[j])) * loss.batch_weights(y[torch.from_numpy(np.array(b, dtype=np.int64))], C)
                  for j, b in enumerate(mbs)]
         out.append(torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64))
     return out

@@ -47,12 +47,12 @@ def _micro(step):
     return [perm[:5].tolist(), perm[5:8].tolist()]  # unequal micro-batches, weights 5/8 and 3/8: the batch mean
 
 
-def _train(path, name, *, clip_value=False, weights=True, opt=None, halves=False):
+def _train(path, name, *, clip_value=False, weights=True, opt=None, halves=False, net=None):
     """T steps of ``name`` with accumulation over two unequal micro-batches, clip_grad_norm_ on odd steps and a
     decaying lr (``halves``: each micro-batch's mean loss weighted 1/2, not the batch mean); returns the trained
     network and the loaded trajectory."""
     X, y = _data()
-    net = _net()
+    net = net or _net()
     opt = opt or OPTIMIZERS[name]
     opt = opt(net.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.3 * s))
@@ -179,3 +179,27 @@ def test_sgd_with_clipping_and_unequal_micro_batches_is_exact(tmp_path):
     km = pkfast.KernelMachine(net, traj, X, nodes=4, progress=False)
     assert float(km.update_residual.max()) < 1e-13
     assert torch.allclose(km.predict(X), net(X), rtol=0, atol=1e-12)
+
+
+class _Scaled(nn.Module):
+    """A layer without a gradient rule (its parameter goes to the panels' vmap(jacrev) part)."""
+
+    def __init__(self):
+        super().__init__()
+        self.g = nn.Parameter(torch.linspace(0.5, 1.5, H, dtype=torch.float64))
+
+    def forward(self, x):
+        return x * self.g
+
+
+@pytest.mark.parametrize("name", ["adamw", "rmsprop_momentum"])
+def test_a_parameter_without_a_layer_rule(tmp_path, name):
+    torch.manual_seed(2)
+    net, traj = _train(tmp_path / "t", name, net=nn.Sequential(nn.Linear(D, H), nn.Tanh(), _Scaled(),
+                                                               nn.Linear(H, C)).double())
+    X, _ = _data()
+    km = pkfast.KernelMachine(net, traj, X, nodes=6, progress=False)
+    slots = km._sweeper.panels.slots()
+    assert slots[0][0] is None and len(slots) > 1  # a vmap(jacrev) part and layers from factors
+    f = net(X).detach()
+    assert float((km.predict(X) - f).abs().max() / f.abs().max()) <= 1e-10
