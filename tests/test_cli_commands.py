@@ -45,6 +45,18 @@ def make_dict():
 
 def doubled(o):
     return 2 * o[0]
+
+class Tokens(torch.nn.Module):
+    """[n, 6] -> [n, L=4, V=3]: a sequence model's shape, for --output-fn last-token."""
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.lin = torch.nn.Linear(6, 12).double()
+    def forward(self, x):
+        return torch.tanh(self.lin(x)).view(x.shape[0], 4, 3)
+
+def make_tokens():
+    return Tokens()
 '''
 
 
@@ -133,6 +145,21 @@ def test_output_fn_by_name_or_import_spec(run, monkeypatch, capsys, tmp_path, fa
     assert rc == 0, err
     K = pkfast.gram(ns[factory]().eval(), traj, run[5], output_fn=fn, dtype=F64, progress=False)
     np.testing.assert_allclose(np.load(tmp_path / "O.npy"), K.numpy(), rtol=1e-10, atol=0)
+
+
+def test_output_fn_last_token(run, monkeypatch, capsys, tmp_path):
+    d, ns, Xq = run[0], run[1], run[5]
+    net = ns["make_tokens"]()
+    w0 = {k: v.clone() for k, v in net.state_dict().items()}
+    pkfast.Trajectory.from_checkpoints([w0, {k: 0.9 * v for k, v in w0.items()}], lr=0.1).save(tmp_path / "tt")
+    rc, _, err = _main(d, monkeypatch, capsys, "gram", "--model", "nets.py:make_tokens", "--trajectory", tmp_path / "tt",
+                       "--dtype", "float64", "--no-progress", "--data", "Xq.npy", "--output-fn", "last-token",
+                       "--outputs", "full", "--out", tmp_path / "LT.npy")
+    assert rc == 0, err
+    K = pkfast.gram(net, pkfast.Trajectory.load(tmp_path / "tt"), Xq, output_fn=lambda o: o[:, -1], outputs="full",
+                    dtype=F64, progress=False)
+    assert K.shape == (4, 4, 3, 3)
+    np.testing.assert_allclose(np.load(tmp_path / "LT.npy"), K.numpy(), rtol=1e-10, atol=0)
 
 
 def test_output_fn_mistakes(run, monkeypatch, capsys, tmp_path):
