@@ -204,6 +204,15 @@ def test_interrupted_stored_scores_resume_computing_only_the_missing_blocks(tmp_
     assert out.read_bytes() == (tmp_path / "ref.npy").read_bytes()
     assert pkfast.open_gram(out).complete and pkfast.open_gram(out).verify() == []
     assert isinstance(got, np.memmap)
+    # a damaged finished block is reported (by the function writing it) and recomputed alone
+    m = pkfast.open_gram(out).manifest
+    with open(out, "r+b") as f:
+        f.seek(m["data_offset"] + 8)  # query 0, training point 1: block 0
+        f.write(b"\xff" * 8)
+    calls.clear()
+    with pytest.warns(RuntimeWarning, match=r"^pkfast\.attribution\.scores: 1 finished tile\(s\) .* no longer match"):
+        scores(query, train, out=out, block=7, progress=False)
+    assert len(calls) == 1 and out.read_bytes() == (tmp_path / "ref.npy").read_bytes()
 
 
 def test_sketched_stored_scores_resume_and_refuse_other_features(tmp_path):
