@@ -32,7 +32,7 @@ LAYERS = {
     "doors": ["pkfast.gram", "pkfast.sketch", "pkfast.attribution", "pkfast.reference"],
     "machine": ["pkfast.machine.panels", "pkfast.machine.sweep", "pkfast.machine.data_check",
                 "pkfast.machine.kernel_machine", "pkfast.machine"],
-    "entry": ["pkfast", "pkfast.cli", "pkfast.__main__", "pkfast.integrations", "pkfast.integrations.*"],
+    "entry": ["pkfast", "pkfast.cli", "pkfast.cli.*", "pkfast.__main__", "pkfast.integrations", "pkfast.integrations.*"],
 }
 
 #: The most lines a function may take: from its ``def`` line to the last line of its body, the docstring not
