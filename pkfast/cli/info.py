@@ -64,6 +64,10 @@ def describe_trajectory(path: str | os.PathLike) -> dict[str, Any]:
         "targets": rec.has_targets, "source": rec.extra.get("source"),
         "checksums": read_checksums(Path(path)) is not None,
         "input_fingerprints": sum(KEY in s.extra for s in rec.steps),
+        "preconditioner": man.get("state"), "clipped": sum(s.clip_coef not in (None, 1.0) for s in rec.steps),
+        "not_scalar_clipped": sum(s.clip_scalar is False for s in rec.steps),
+        "clip_measured": bool(opt is not None and opt.extra.get("clip_measured")),
+        "accumulated": sum(s.micro_batches is not None and len(s.micro_batches) > 1 for s in rec.steps),
     }
 
 
@@ -89,6 +93,12 @@ def _info_trajectory(a: argparse.Namespace) -> int:
     print(f"  input fingerprints: {d['input_fingerprints']}/{d['steps']} steps (a CRC-32 per batch row of the model's "
           "inputs, against which KernelMachine checks X_train)" if d["input_fingerprints"] else
           "  input fingerprints: none (X_train cannot be checked against the data the model saw)")
+    st = d["preconditioner"]
+    print(f"  preconditioner: {st['kind']} P_s per step ({st['dtype']}, {st['num_params']} per row, in {st['file']}, "
+          "checksummed)" if st else "  preconditioner: none recorded")
+    print(f"  clipping: {d['clipped']}/{d['steps']} steps clipped, {d['not_scalar_clipped']} not by one scalar; "
+          f"gradient accumulation: {d['accumulated']} steps with several micro-batches" if d["clip_measured"] else
+          f"  clipping: not measured; gradient accumulation: {d['accumulated']} steps with several micro-batches")
     return 0
 
 

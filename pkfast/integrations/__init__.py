@@ -36,13 +36,13 @@ class LoopRecorder:
 
     def __init__(self, path: str | os.PathLike, *, every: int = 1, overwrite: bool = False, resume: bool = False,
                  fsync: bool = False, buffers: bool = True, loss: Any = None, targets: Any = None,
-                 meta: dict | None = None, fingerprint: bool = True) -> None:
+                 meta: dict | None = None, fingerprint: bool = True, state_dtype: torch.dtype | None = None) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"pkfast: every must be a positive int (record a point every k optimizer steps); "
                              f"found {every!r}")
         self.path, self.every = path, every
         self._kw = dict(overwrite=overwrite, resume=resume, fsync=fsync, buffers=buffers, loss=loss, targets=targets,
-                        fingerprint=fingerprint)
+                        fingerprint=fingerprint, state_dtype=state_dtype)
         self._meta = dict(meta or {})
         self.recorder: TrajectoryRecorder | None = None
         self.steps = 0
@@ -54,16 +54,23 @@ class LoopRecorder:
                                            meta={"source": source, "every": self.every, **self._meta}, **self._kw)
         self.steps = 0
 
-    def after_step(self, batch_indices: Any = None) -> None:
-        """After the loop's optimizer step (nothing happens when the optimizer did not step)."""
+    def after_step(self, batch_indices: Any = None, *, micro_batches: list | None = None,
+                   micro_weights: list[float] | None = None, **extra: Any) -> None:
+        """After the loop's optimizer step (nothing happens when the optimizer did not step): its batch, or its
+        gradient-accumulation micro-batches and their loss weights (recorded when every step is)."""
         rec = self.recorder
         if rec is None or rec.pending == 0:
             return
         self.steps += 1
         if self.steps % self.every:
             rec.skip()
+        elif self.every > 1:
+            rec.step()
+        elif micro_batches is not None and len(micro_batches) > 1:
+            rec.step(micro_batches=micro_batches, micro_weights=micro_weights, **extra)
         else:
-            rec.step(batch_indices=batch_indices if self.every == 1 else None)
+            b = micro_batches[0] if micro_batches else batch_indices
+            rec.step(batch_indices=b, micro_weights=micro_weights if b is not None else None, **extra)
 
     def finish(self) -> None:
         """Record the steps folded since the last point, and close."""

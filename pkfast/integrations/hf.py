@@ -17,6 +17,14 @@ step records the indices of its micro-batches. With them, targets and the loss c
 ``loss=``), an SGD run (``optim="sgd"``, ``max_grad_norm=0``) feeds the exact kernel machine, which checks its
 ``X_train`` against the fingerprints of the model's inputs recorded at each step (``fingerprint=True``). The Trainer
 drops inputs the model's ``forward`` does not name unless ``TrainingArguments(remove_unused_columns=False)``.
+
+**The Trainer's defaults** (AdamW, ``max_grad_norm=1.0``, warm-up, ``gradient_accumulation_steps``) are recorded as
+the plain recorder records them: each step's AdamW preconditioner row and hyper-parameters, its clipping
+coefficient (the Trainer clips between the backward passes and ``optimizer.step()``), and, with indices, one
+micro-batch per forward pass with its loss weight: ``1/k`` over ``k`` micro-batches when the Trainer divides each
+micro-batch's loss by ``k``; when the model takes ``num_items_in_batch`` (its loss is the sum over the whole
+accumulated batch's items divided by their count, e.g. causal LMs) the weights are left unrecorded and the step
+line holds ``num_items_in_batch`` instead.
 """
 
 from __future__ import annotations
@@ -41,10 +49,12 @@ class TrajectoryCallback(transformers.TrainerCallback):
 
     def __init__(self, path: str | os.PathLike, *, every: int = 1, overwrite: bool = False, resume: bool = False,
                  fsync: bool = False, buffers: bool = True, loss: Any = None, targets: Any = None,
-                 meta: dict | None = None, fingerprint: bool = True) -> None:
+                 meta: dict | None = None, fingerprint: bool = True, state_dtype: torch.dtype | None = None) -> None:
         self._loop = LoopRecorder(path, every=every, overwrite=overwrite, resume=resume, fsync=fsync,
-                                  buffers=buffers, loss=loss, targets=targets, meta=meta, fingerprint=fingerprint)
+                                  buffers=buffers, loss=loss, targets=targets, meta=meta, fingerprint=fingerprint,
+                                  state_dtype=state_dtype)
         self._seen: list[torch.Tensor] = []
+        self._items: list[Any] = []  # the num_items_in_batch each micro-batch's forward received (None: none)
         self._hook = None
 
     @property
@@ -56,7 +66,7 @@ class TrajectoryCallback(transformers.TrainerCallback):
             raise RuntimeError("pkfast.integrations.hf.TrajectoryCallback: the Trainer passed no model or optimizer "
                                "to on_train_begin")
         self._loop.start(model, optimizer, f"transformers.Trainer {transformers.__version__}")
-        self._seen = []
+        self._seen, self._items = [], []
         # (before the recorder's own hook: the inputs it fingerprints are the model's, without the index key)
         self._hook = model.register_forward_pre_hook(self._take_indices, with_kwargs=True, prepend=True)
 
@@ -64,11 +74,19 @@ class TrajectoryCallback(transformers.TrainerCallback):
         idx = kwargs.pop(INDEX_KEY, None)
         if idx is not None and module.training:
             self._seen.append(torch.as_tensor(idx).reshape(-1).cpu())
+            n = kwargs.get("num_items_in_batch")
+            self._items.append(None if n is None else float(n.sum() if isinstance(n, torch.Tensor) else n))
         return args, kwargs
 
     def on_step_end(self, args, state, control, **kwargs):
-        seen, self._seen = self._seen, []
-        self._loop.after_step(torch.cat(seen) if seen else None)
+        seen, items, self._seen, self._items = self._seen, self._items, [], []
+        extra: dict[str, Any] = {}
+        weights = None
+        if seen and all(n is None for n in items):  # the Trainer divides each micro-batch's loss by their count
+            weights = [1.0 / len(seen)] * len(seen)
+        elif seen and len(set(items)) == 1:
+            extra["num_items_in_batch"] = items[0]
+        self._loop.after_step(micro_batches=seen or None, micro_weights=weights, **extra)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._hook is not None:

@@ -10,7 +10,10 @@ The recorder starts at ``on_train_start`` with the module's trainable parameters
 ``module.named_parameters()``) and the first optimizer, and records after each optimizer step
 (``on_train_batch_end`` when the optimizer stepped: gradient accumulation and skipped steps record nothing).
 ``batch_indices``, a function of the batch, gives each step's training indices (e.g. a dataset that returns its
-index with each sample) — what the exact kernel machine needs. The fingerprints of the inputs (``fingerprint=True``)
+index with each sample) — what the exact kernel machine needs; with ``accumulate_grad_batches=k`` each step records
+its ``k`` micro-batches, each with loss weight ``1/k`` (Lightning divides each micro-batch's loss by ``k``), and the
+clipping coefficient of ``gradient_clip_val`` (norm clipping), adaptive optimizers their preconditioner rows
+(:class:`pkfast.TrajectoryRecorder`). The fingerprints of the inputs (``fingerprint=True``)
 are taken from calls of the LightningModule itself (``self(x)`` in ``training_step``), not of a submodule.
 """
 
@@ -35,10 +38,13 @@ class TrajectoryCallback(pl.Callback):
 
     def __init__(self, path: str | os.PathLike, *, every: int = 1, batch_indices: Callable[[Any], Any] | None = None,
                  overwrite: bool = False, resume: bool = False, fsync: bool = False, buffers: bool = True,
-                 loss: Any = None, targets: Any = None, meta: dict | None = None, fingerprint: bool = True) -> None:
+                 loss: Any = None, targets: Any = None, meta: dict | None = None, fingerprint: bool = True,
+                 state_dtype: Any = None) -> None:
         self._loop = LoopRecorder(path, every=every, overwrite=overwrite, resume=resume, fsync=fsync,
-                                  buffers=buffers, loss=loss, targets=targets, meta=meta, fingerprint=fingerprint)
+                                  buffers=buffers, loss=loss, targets=targets, meta=meta, fingerprint=fingerprint,
+                                  state_dtype=state_dtype)
         self._indices = batch_indices
+        self._micro: list[Any] = []
 
     @property
     def recorder(self):
@@ -49,12 +55,19 @@ class TrajectoryCallback(pl.Callback):
             raise ValueError(f"pkfast.integrations.lightning.TrajectoryCallback: the module has "
                              f"{len(trainer.optimizers)} optimizers; a trajectory has one step size per step")
         self._loop.start(pl_module, trainer.optimizers[0], f"lightning {pl.__version__}")
+        self._micro = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         rec = self._loop.recorder
-        if rec is None or rec.pending == 0:
+        if rec is None:
             return
-        self._loop.after_step(None if self._indices is None else self._indices(batch))
+        if self._indices is not None:
+            self._micro.append(self._indices(batch))
+        if rec.pending == 0:  # between the micro-batches of gradient accumulation
+            return
+        micro, self._micro = self._micro, []
+        k = trainer.accumulate_grad_batches
+        self._loop.after_step(micro_batches=micro or None, micro_weights=[1.0 / k] * len(micro) if micro else None)
 
     def on_train_end(self, trainer, pl_module):
         self._loop.finish()

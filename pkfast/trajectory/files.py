@@ -8,6 +8,9 @@ Layout (a directory)::
     steps.jsonl     one JSON object per step s: {"lr": ε_s, "batch_indices": [...] | null, ...}
     weights.crc     one CRC-carrying line per weight row k: "k <CRC-32 of row k's bytes>" (:func:`formats.crc_line`)
     targets.npy     optional: the training targets the batch indices refer to
+    state.bin       adaptive optimizers only: raw row-major [T, S] array, row s the optimizer state of step s
+                    (:mod:`pkfast.trajectory.optimizers`; the manifest's "state" says its dtype, width, entries)
+    state.crc       one checksum line per state row, as weights.crc
 
 ``steps.jsonl`` is the commit log: step ``s`` exists once its line is complete *and* row ``s+1`` of
 ``weights.bin`` is complete. A crash while writing therefore loses at most the step being written, and
@@ -18,7 +21,9 @@ Integrity: row ``k``'s checksum line in ``weights.crc`` is appended after the ro
 ``fsync=True``) and before the step that row closes is committed, so every committed step's row has its
 checksum; a torn or corrupted checksum line is ignored like a torn step line, and a later line for the same
 row (after a resume) replaces an earlier one. A reader verifies a row against its checksum before using it
-(:func:`check_row`) and raises :class:`TrajectoryChecksumError` on a mismatch. Recordings written before
+(:func:`check_row`) and raises :class:`TrajectoryChecksumError` on a mismatch. The optional state rows
+follow the same rules through the same functions (each takes the file pair it reads): state row ``s`` and its
+checksum are flushed after weight row ``s+1`` and before step ``s`` is committed. Recordings written before
 checksums existed have no ``weights.crc``: they still load, with a one-time note that they carry none.
 """
 
@@ -50,6 +55,8 @@ WEIGHTS = "weights.bin"
 STEPS = "steps.jsonl"
 TARGETS = "targets.npy"
 CHECKSUMS = "weights.crc"
+STATE = "state.bin"
+STATE_CHECKSUMS = "state.crc"
 
 NP_DTYPES = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
 TORCH_FROM_NAME = {"float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
@@ -119,9 +126,9 @@ def read_steps(path: Path) -> list[dict[str, Any]]:
     return out
 
 
-def complete_rows(path: Path, num_params: int, itemsize: int) -> int:
-    """Complete weight rows in ``weights.bin`` (a partial trailing row does not count)."""
-    wpath = path / WEIGHTS
+def complete_rows(path: Path, num_params: int, itemsize: int, file: str = WEIGHTS) -> int:
+    """Complete rows in ``weights.bin`` (or ``file``; a partial trailing row does not count)."""
+    wpath = path / file
     return (wpath.stat().st_size if wpath.exists() else 0) // (num_params * itemsize)
 
 
@@ -136,10 +143,10 @@ def row_bytes(row: torch.Tensor | np.ndarray) -> memoryview:
     return memoryview(a).cast("B")
 
 
-def read_checksums(path: Path) -> dict[int, int] | None:
-    """{row: CRC-32} from ``weights.crc`` (torn or corrupted lines skipped, the last line of a row wins), or
-    None for a recording without checksums (written before pkfast recorded them)."""
-    p = path / CHECKSUMS
+def read_checksums(path: Path, crc_file: str = CHECKSUMS) -> dict[int, int] | None:
+    """{row: CRC-32} from ``weights.crc`` (or ``crc_file``; torn or corrupted lines skipped, the last line of a
+    row wins), or None for a recording without checksums (written before pkfast recorded them)."""
+    p = path / crc_file
     if not p.exists():
         return None
     out: dict[int, int] = {}
@@ -167,35 +174,40 @@ def note_no_checksums(path: Path) -> None:
                        "resume=True) or re-saving it (Trajectory.save) adds them", str(path), CHECKSUMS)
 
 
-def check_row(path: str | os.PathLike | None, k: int, row: torch.Tensor | np.ndarray, crcs: dict[int, int]) -> None:
-    """Raise :class:`TrajectoryChecksumError` unless row ``k`` matches its recorded checksum."""
+def check_row(path: str | os.PathLike | None, k: int, row: torch.Tensor | np.ndarray, crcs: dict[int, int], *,
+              file: str = WEIGHTS, crc_file: str = CHECKSUMS) -> None:
+    """Raise :class:`TrajectoryChecksumError` unless row ``k`` of ``file`` matches its checksum in ``crc_file``."""
     found = formats.crc32([row_bytes(row)])
     expected = crcs.get(k)
     if expected == found:
         return
-    where = f"{str(Path(path) / WEIGHTS)!r}" if path is not None else WEIGHTS
-    step = f"w_{k}, the point after step {k - 1}" if k else "w_0, the initial point"
-    exp = f"{expected:08x}" if expected is not None else f"none ({CHECKSUMS} has no line for it: that file is damaged)"
+    where = f"{str(Path(path) / file)!r}" if path is not None else file
+    if file == WEIGHTS:
+        what = "weight row " + str(k) + (f" (w_{k}, the point after step {k - 1})" if k else " (w_0, the initial point)")
+    else:
+        what = f"state row {k} (the optimizer state after step {k})"
+    exp = f"{expected:08x}" if expected is not None else f"none ({crc_file} has no line for it: that file is damaged)"
     raise TrajectoryChecksumError(
-        f"pkfast.Trajectory: weight row {k} ({step}) of {where} does not match its recorded checksum: expected "
+        f"pkfast.Trajectory: {what} of {where} does not match its recorded checksum: expected "
         f"CRC-32 {exp}, found {found:08x}. The file changed after it was recorded (a flipped bit, a partial copy, "
-        "an edit); re-record the trajectory or restore weights.bin and weights.crc from a good copy")
+        f"an edit); re-record the trajectory or restore {file} and {crc_file} from a good copy")
 
 
-def keep_checksums(path: Path, rows: int, num_params: int, dtype: np.dtype) -> None:
-    """Rewrite ``weights.crc`` to rows ``0 … rows-1`` (a resume truncated the recording there): recorded
-    checksums are kept; a row without one (a recording made before pkfast wrote checksums) gets one computed
-    from the file as it is now."""
-    crcs = read_checksums(path) or {}
+def keep_checksums(path: Path, rows: int, num_params: int, dtype: np.dtype, *, file: str = WEIGHTS,
+                   crc_file: str = CHECKSUMS) -> None:
+    """Rewrite ``weights.crc`` (or ``crc_file``) to rows ``0 … rows-1`` (a resume truncated the recording there):
+    recorded checksums are kept; a row without one (a recording made before pkfast wrote checksums) gets one
+    computed from the file as it is now."""
+    crcs = read_checksums(path, crc_file) or {}
     missing = [k for k in range(rows) if k not in crcs]
     if missing:
-        mm = np.memmap(path / WEIGHTS, dtype=dtype, mode="r", shape=(rows, num_params))
+        mm = np.memmap(path / file, dtype=dtype, mode="r", shape=(rows, num_params))
         for k in missing:
             crcs[k] = formats.crc32([row_bytes(mm[k])])
         del mm
         logger.info("pkfast.TrajectoryRecorder: %r: computed the missing checksums of %d recorded weight row(s) "
-                    "from %s as it is now", str(path), len(missing), WEIGHTS)
-    formats.atomic_write(path / CHECKSUMS, "".join(formats.crc_line(f"{k} {crcs[k]:08x}") for k in range(rows)))
+                    "from %s as it is now", str(path), len(missing), file)
+    formats.atomic_write(path / crc_file, "".join(formats.crc_line(f"{k} {crcs[k]:08x}") for k in range(rows)))
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -212,7 +224,10 @@ class TrajectoryWriter:
         overwrite: bool = False,
         fsync: bool = False,
         append: bool = False,
+        state: Mapping[str, Any] | None = None,
     ) -> None:
+        """``state``: the optimizer-state rows' description (``{"file", "dtype", "num_params", …}``, stored as the
+        manifest's ``"state"``; with ``append=True`` read from the manifest): every step then takes a state row."""
         self.path = Path(path)
         self.dtype = dtype
         self.fsync = fsync
@@ -237,12 +252,18 @@ class TrajectoryWriter:
                 "spec": [[n, list(s)] for n, s in spec],
                 "num_params": self.num_params,
                 "meta": jsonable(dict(meta or {})),
+                **({} if state is None else {"state": jsonable(dict(state))}),
             }
             formats.atomic_write(self.path / MANIFEST, json.dumps(manifest, indent=1), fsync=fsync)
-        self._w = open(self.path / WEIGHTS, "ab")
-        self._c = open(self.path / CHECKSUMS, "ab")
+        if append and state is None:
+            state = read_manifest(self.path).get("state")
+        self.state = None if state is None else dict(state)
+        self._weights = RowFile(self.path, WEIGHTS, CHECKSUMS, self.num_params, dtype, self)
+        self._state = None if state is None else RowFile(
+            self.path, str(state["file"]), str(state.get("checksums", STATE_CHECKSUMS)), int(state["num_params"]),
+            TORCH_FROM_NAME[state["dtype"]], self)
         self._s = open(self.path / STEPS, "ab")
-        self.rows = self._w.tell() // (self.num_params * torch.empty((), dtype=dtype).element_size())
+        self.rows = self._weights.rows
 
     def _flush(self, f) -> None:
         f.flush()
@@ -252,10 +273,53 @@ class TrajectoryWriter:
     def append_point(self, flat: torch.Tensor | Sequence[torch.Tensor]) -> None:
         """Append one weight row, given flat or as its parts in spec order (written without concatenating), then
         its checksum line once the row is flushed (and fsync'd with ``fsync``)."""
+        self._weights.append(flat)
+        self.rows = self._weights.rows
+
+    def append_step(self, flat: torch.Tensor | Sequence[torch.Tensor], lr: float, batch_indices: Any = None, *,
+                    state: torch.Tensor | Sequence[torch.Tensor] | None = None, **extra: Any) -> None:
+        """Write w_{s+1} (and, for a writer with state rows, step s's state row ``state``), then commit step s
+        (its line in steps.jsonl)."""
+        if (state is None) != (self._state is None):
+            raise ValueError("pkfast: this trajectory " + ("records an optimizer state row with every step; pass "
+                             "state=" if state is None else "has no optimizer state rows; found state="))
+        if self._state is not None and self._state.rows != self.rows - 1:
+            raise ValueError(f"pkfast: {self._state.file} holds {self._state.rows} rows for {self.rows - 1} steps; "
+                             "expected one per step (the recording is damaged: re-record it)")
+        self.append_point(flat)
+        if self._state is not None:
+            self._state.append(state)
+        rec = {"lr": float(lr), "batch_indices": jsonable(batch_indices)}
+        rec.update({k: jsonable(v) for k, v in extra.items()})
+        self._s.write((json.dumps(rec, separators=(",", ":")) + "\n").encode())
+        self._flush(self._s)
+
+    def close(self) -> None:
+        for f in (self._weights, self._state, self._s):
+            if f is not None and not f.closed:
+                f.close()
+
+
+class RowFile:
+    """An append-only file of fixed-width rows (``weights.bin``, ``state.bin``) with its checksum file: each row is
+    written, flushed (and fsync'd with the writer's ``fsync``), then its checksum line is appended and flushed."""
+
+    def __init__(self, path: Path, file: str, crc_file: str, width: int, dtype: torch.dtype,
+                 owner: "TrajectoryWriter") -> None:
+        self.file, self.width, self.dtype, self._owner = file, width, dtype, owner
+        self._f = open(path / file, "ab")
+        self._c = open(path / crc_file, "ab")
+        self.rows = self._f.tell() // (width * torch.empty((), dtype=dtype).element_size()) if width else 0
+
+    @property
+    def closed(self) -> bool:
+        return self._f.closed
+
+    def append(self, flat: torch.Tensor | Sequence[torch.Tensor]) -> None:
         parts = [flat] if isinstance(flat, torch.Tensor) else list(flat)
         n = sum(p.numel() for p in parts)
-        if n != self.num_params:
-            raise ValueError(f"pkfast: weight row has {n} values; expected {self.num_params}")
+        if n != self.width:
+            raise ValueError(f"pkfast: a row of {self.file} has {n} values; expected {self.width}")
         crc = 0
         for p in parts:
             p = p.detach()
@@ -263,24 +327,15 @@ class TrajectoryWriter:
                 p = p.to("cpu", self.dtype)
             # the tensor's own memory goes to the file: no intermediate bytes object
             b = row_bytes(p)
-            self._w.write(b)
+            self._f.write(b)
             crc = formats.crc32([b], crc)
-        self._flush(self._w)
+        self._owner._flush(self._f)
         self._c.write(formats.crc_line(f"{self.rows} {crc:08x}").encode())
-        self._flush(self._c)
+        self._owner._flush(self._c)
         self.rows += 1
 
-    def append_step(self, flat: torch.Tensor | Sequence[torch.Tensor], lr: float, batch_indices: Any = None,
-                    **extra: Any) -> None:
-        """Write w_{s+1}, then commit step s (its line in steps.jsonl)."""
-        self.append_point(flat)
-        rec = {"lr": float(lr), "batch_indices": jsonable(batch_indices)}
-        rec.update({k: jsonable(v) for k, v in extra.items()})
-        self._s.write((json.dumps(rec, separators=(",", ":")) + "\n").encode())
-        self._flush(self._s)
-
     def close(self) -> None:
-        for f in (self._w, self._c, self._s):
+        for f in (self._f, self._c):
             if not f.closed:
                 f.close()
 

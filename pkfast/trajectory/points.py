@@ -28,10 +28,11 @@ from pkfast.trajectory.files import (MANIFEST, STEPS, TARGETS, TORCH_FROM_NAME, 
                                      complete_rows, dtype_name, note_no_checksums, read_checksums, read_manifest,
                                      read_steps, save_targets, storage_dtype)
 from pkfast.trajectory.recording import Recording
+from pkfast.trajectory.state import OptimizerRecord, StateRows
 
 __all__ = ["Trajectory"]
 
-class Trajectory:
+class Trajectory(OptimizerRecord):
     """Weight points ``w_0 … w_T`` and step sizes ``ε_0 … ε_{T-1}`` of a training run.
 
     Rows (:meth:`flat`) are flattened weights in the order of :attr:`spec` (a list of
@@ -136,6 +137,7 @@ class Trajectory:
         self._checked: set[int] = set()
         self._crcs: dict[int, int] | None = None  # recorded row checksums (set by load), verified on first read
         self._crc_ok: set[int] = set()
+        self._state: StateRows | None = None  # an adaptive optimizer's per-step state rows (set by load)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -455,20 +457,26 @@ class Trajectory:
             targets=np.load(tpath) if tpath.exists() else None,
         )
         traj._crcs = read_checksums(path)
+        if manifest.get("state") is not None:
+            traj._state = StateRows(path, manifest["state"], T)
         if traj._crcs is None:
             note_no_checksums(path)
         elif verify:
             traj.verify()
+        if verify and traj._state is not None:
+            traj._state.verify()
         return traj
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write this trajectory in the on-disk format (readable lazily with :meth:`load`)."""
         meta, lines = self.recording.to_json()
-        writer = TrajectoryWriter(path, self.spec, self.dtype, meta=meta, overwrite=overwrite)
+        st = self._state
+        writer = TrajectoryWriter(path, self.spec, self.dtype, meta=meta, overwrite=overwrite,
+                                  state=None if st is None else st.info)
         try:
             writer.append_point(self.flat(0))
             for s, line in enumerate(lines):
-                writer.append_step(self.flat(s + 1), **line)
+                writer.append_step(self.flat(s + 1), state=None if st is None else st.row(s), **line)
         finally:
             writer.close()
         if self.targets is not None:

@@ -11,6 +11,7 @@ each step's line also holds a CRC-32 per row of the inputs the training forward 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,11 +24,29 @@ from pkfast.store import formats
 from pkfast.loss import LossSpec
 from pkfast.trajectory.points import Trajectory
 from pkfast.trajectory.fingerprints import KEY as FINGERPRINTS, InputCapture
-from pkfast.trajectory.files import (MANIFEST, STEPS, WEIGHTS, TrajectoryWriter, complete_rows, dtype_name,
-                                     keep_checksums, read_manifest, read_steps, save_targets, storage_dtype)
+from pkfast.trajectory.files import (MANIFEST, STATE, STATE_CHECKSUMS, STEPS, WEIGHTS, TrajectoryWriter, complete_rows,
+                                     dtype_name, keep_checksums, read_manifest, read_steps, save_targets,
+                                     storage_dtype)
+from pkfast.trajectory.optimizers import STATE_KIND, StepState, StepWatch
 from pkfast.trajectory.recording import STEP_HYPER, GroupHyper, OptimizerKind, OptimizerSpec, Recording, StepRecord
 
 __all__ = ["TrajectoryRecorder"]
+
+
+def _optimizer_spec(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> OptimizerSpec:
+    """The optimizer's description, saying that every step's clipping is measured (a step line without clip_coef
+    was unclipped) and which trainable parameters each group holding some holds, by name, in group order."""
+    names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    members = [[names[id(p)] for p in g["params"] if id(p) in names] for g in optimizer.param_groups]
+    return dataclasses.replace(OptimizerSpec.of(optimizer), extra={"clip_measured": True,
+                                                                   "group_params": [m for m in members if m]})
+
+
+def _as_indices(b: Any) -> np.ndarray:
+    """Training indices (a sequence, array or tensor) as a flat int64 array."""
+    b = b.detach().cpu() if isinstance(b, torch.Tensor) else b if isinstance(b, np.ndarray) else list(b)
+    return np.asarray(b, dtype=np.int64).reshape(-1)
+
 
 class TrajectoryRecorder:
     """Record w_0 … w_T and the applied learning rates of a training run to ``path``.
@@ -67,9 +86,15 @@ class TrajectoryRecorder:
             ``X_train`` whose rows are not the ones the batch indices stood for (another order, other
             preprocessing). One CRC per batch row, of its float32 (integer: int64) bytes, copied to the CPU.
 
+        state_dtype: the dtype of the per-step preconditioner rows of an adaptive optimizer (Adam, AdamW,
+            RMSprop, Adagrad; ``torch.float32`` or ``torch.float64``; default: the weights' dtype).
+
     Each step records the applied lr, the ordered ``batch_indices`` passed to :meth:`step` and the optimizer's
-    hyperparameters at that step (momentum, dampening, nesterov, weight_decay, …), which the exact
-    decomposition needs (docs/math.md §8).
+    hyperparameters at that step (momentum, dampening, nesterov, weight_decay, betas, eps, amsgrad, …), which the
+    exact decomposition needs (docs/math.md §8); its gradient-clipping coefficient (``clip_grad_norm_`` between
+    ``backward()`` and ``optimizer.step()``, measured by gradient hooks); and for an adaptive optimizer its
+    preconditioner P_s (one row of floats per step in ``state.bin``, checksummed in ``state.crc`` like the
+    weights) with the step count of its bias correction (:mod:`pkfast.trajectory.optimizers`, docs/recording.md).
 
     Example:
         >>> import torch, pkfast, tempfile
@@ -100,6 +125,7 @@ class TrajectoryRecorder:
         targets: Any = None,
         store_output_grads: bool = False,
         fingerprint: bool = True,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"pkfast.TrajectoryRecorder: model must be a torch.nn.Module; found {type(model).__name__}")
@@ -123,7 +149,7 @@ class TrajectoryRecorder:
         spec = [(n, tuple(t.shape)) for n, t in self._tensors]
         dtype = storage_dtype([t.dtype for _, t in self._tensors])
         self._dtype = dtype
-        self._opt_spec = OptimizerSpec.of(optimizer)
+        self._opt_spec = _optimizer_spec(model, optimizer)
         self._loss_spec = None
         if loss is not None:
             self._loss_spec = LossSpec.from_module(loss, fn="pkfast.TrajectoryRecorder")
@@ -139,22 +165,42 @@ class TrajectoryRecorder:
                               bool(buffers)).meta_json()
         full_meta = Recording.from_json({**full_meta, **dict(meta or {})}, ()).meta_json()
 
-        if resume and (self.path / MANIFEST).exists():
-            self._writer = self._resume(spec, dtype)
-        else:
-            self._writer = TrajectoryWriter(self.path, spec, dtype, meta=full_meta, overwrite=overwrite, fsync=fsync)
-            self._writer.append_point(self._parts())
+        state = self._start_watch(optimizer, state_dtype, dtype)  # (its hooks removed again if the files fail)
+        try:
+            if resume and (self.path / MANIFEST).exists():
+                self._writer = self._resume(spec, dtype, state)
+            else:
+                self._writer = TrajectoryWriter(self.path, spec, dtype, meta=full_meta, overwrite=overwrite,
+                                                fsync=fsync, state=state)
+                self._writer.append_point(self._parts())
+        except BaseException:
+            self._watch.remove()
+            raise
         self._writer.fsync = fsync
         if targets is not None:
             save_targets(self.path, self._targets_t.numpy())
         self._applied_lrs: list[list[float]] = []
         self._applied_hyper: list[tuple[GroupHyper, ...]] = []
+        self._folded_state = StepState()  # the last folded optimizer step's (skip())
         self._skipped_lr, self._skipped = 0.0, 0  # optimizer steps since the last recorded point (skip())
         self._hook = optimizer.register_step_post_hook(self._after_optimizer_step)
         self._capture = InputCapture(model) if fingerprint else None
         self.num_steps = self._writer.rows - 1
 
     # ------------------------------------------------------------------ internals
+    def _start_watch(self, optimizer, state_dtype, dtype) -> dict[str, Any] | None:
+        """Hook the optimizer's steps (:class:`StepWatch`); the state file's description (adaptive optimizers)."""
+        if state_dtype not in (None, torch.float32, torch.float64):
+            raise ValueError("pkfast.TrajectoryRecorder: state_dtype must be torch.float32 or torch.float64 (or None: "
+                             f"the weights' dtype); found {state_dtype!r}")
+        trainable = [(n, p) for n, p in self._tensors if id(p) in self._trainable_ids]
+        self._watch = StepWatch(trainable, optimizer, self._opt_spec.kind,
+                                state_dtype or (dtype if dtype != torch.float16 else torch.float32))
+        return None if self._watch.state_dtype is None else {
+            "file": STATE, "checksums": STATE_CHECKSUMS, "kind": STATE_KIND,
+            "dtype": dtype_name(self._watch.state_dtype), "num_params": self._watch.width,
+            "entries": self._watch.entries}
+
     def _flat(self) -> torch.Tensor:
         return torch.cat([t.detach().reshape(-1).to("cpu", self._dtype) for _, t in self._tensors])
 
@@ -162,6 +208,7 @@ class TrajectoryRecorder:
         return [t for _, t in self._tensors]
 
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
+        self._watch.on_step_end(optimizer)
         lrs, hyper = [], []
         typed = self._opt_spec.kind is not OptimizerKind.OTHER
         for g in optimizer.param_groups:
@@ -174,7 +221,7 @@ class TrajectoryRecorder:
             hyper = []
         self._applied_hyper.append(tuple(hyper[:1]) if all(h == hyper[0] for h in hyper) else tuple(hyper))
 
-    def _resume(self, spec, dtype) -> TrajectoryWriter:
+    def _resume(self, spec, dtype, state) -> TrajectoryWriter:
         manifest = read_manifest(self.path)
         if [[n, list(s)] for n, s in spec] != manifest["spec"]:
             raise ValueError(
@@ -206,7 +253,26 @@ class TrajectoryRecorder:
         lines = (self.path / STEPS).read_bytes().splitlines(keepends=True)[:k] if k else []
         formats.atomic_write(self.path / STEPS, b"".join(lines))
         keep_checksums(self.path, k + 1, P, current.dtype)
+        self._resume_state(manifest.get("state"), state, k)
         return TrajectoryWriter(self.path, spec, dtype, append=True)
+
+    def _resume_state(self, recorded: dict | None, state: dict | None, k: int) -> None:
+        """Cut the state rows after step k-1 (each kept step keeps its row and checksum)."""
+        if (recorded is None) != (state is None) or (state is not None and any(
+                recorded.get(key) != state[key] for key in ("dtype", "num_params", "entries", "kind"))):
+            raise ValueError(f"pkfast.TrajectoryRecorder: cannot resume {str(self.path)!r}: its optimizer state rows "
+                             f"were recorded as {recorded!r}; this optimizer and state_dtype give {state!r}. Resume "
+                             "with the optimizer (and state_dtype) the recording was made with")
+        if state is None:
+            return
+        itemsize = torch.empty((), dtype=self._watch.state_dtype).element_size()
+        S = int(state["num_params"])
+        if complete_rows(self.path, S, itemsize, STATE) < k:
+            raise ValueError(f"pkfast.TrajectoryRecorder: cannot resume {str(self.path)!r}: {STATE} holds fewer "
+                             f"than the {k} rows its {k} kept steps need; the recording is damaged: re-record it")
+        with open(self.path / STATE, "r+b") as f:
+            f.truncate(k * S * itemsize)
+        keep_checksums(self.path, k, S, np.dtype(state["dtype"]), file=STATE, crc_file=STATE_CHECKSUMS)
 
     # ------------------------------------------------------------------ public
     def skip(self) -> None:
@@ -214,7 +280,7 @@ class TrajectoryRecorder:
         next :meth:`step` records the point with the interval's weight Σ lr of the steps since the last one, its
         batches unrecorded (``optimizer_steps`` in its metadata). Such a recording serves the Gram and the
         sketch; the exact kernel machine needs every step and refuses it."""
-        lr, _ = self._pop_applied("skip")
+        lr, _, self._folded_state = self._pop_applied("skip")
         self._take_prints(None)
         self._skipped_lr += lr
         self._skipped += 1
@@ -225,20 +291,28 @@ class TrajectoryRecorder:
         if self._writer is None:
             raise RuntimeError("pkfast.TrajectoryRecorder.flush: the recorder is closed")
         if self._skipped:
-            self._commit({"lr": self._skipped_lr, "batch_indices": None, "optimizer_steps": self._skipped})
+            self._commit({"lr": self._skipped_lr, "batch_indices": None, "optimizer_steps": self._skipped},
+                         self._folded_state, folded=True)
             self._skipped_lr, self._skipped = 0.0, 0
 
-    def _commit(self, line: dict[str, Any]) -> None:
-        """Write the current weights and commit the step, its line validated as a :class:`StepRecord`."""
+    def _commit(self, line: dict[str, Any], st: StepState, folded: bool = False) -> None:
+        """Write the current weights (and the step's state row) and commit the step, its line validated as a
+        :class:`StepRecord` (a point folding several optimizer steps keeps the last one's state, not its clip)."""
         typed = self._opt_spec.kind is not OptimizerKind.OTHER
-        rec = StepRecord.from_json(self.num_steps, line, typed=typed)
-        self._writer.append_step(self._parts(), **rec.to_json())
+        keys = st.step_line(None if self._writer.state is None else STATE, self.num_steps)
+        if folded:
+            keys = {k: v for k, v in keys.items() if k == "optimizer_state"}
+        rec = StepRecord.from_json(self.num_steps, {**line, **keys}, typed=typed)
+        row = None if self._writer.state is None else st.row
+        if self._writer.state is not None and row is None:
+            row = torch.zeros(self._watch.width, dtype=self._watch.state_dtype)
+        self._writer.append_step(self._parts(), state=row, **rec.to_json())
         self.num_steps += 1
 
     def _take_prints(self, n: int | None) -> dict[str, Any] | None:
         return None if self._capture is None else self._capture.take(n)
 
-    def _pop_applied(self, fn: str) -> tuple[float, tuple[GroupHyper, ...]]:
+    def _pop_applied(self, fn: str) -> tuple[float, tuple[GroupHyper, ...], StepState]:
         if self._writer is None:
             raise RuntimeError(f"pkfast.TrajectoryRecorder.{fn}: the recorder is closed")
         n = len(self._applied_lrs)
@@ -249,19 +323,28 @@ class TrajectoryRecorder:
             )
         lrs = self._applied_lrs.pop()
         hyper = self._applied_hyper.pop() if self._applied_hyper else ()
+        st = self._watch.pop()
+        self._watch.clear()
         if len(set(lrs)) > 1:
             raise ValueError(
                 f"pkfast.TrajectoryRecorder.{fn}: parameter groups applied different learning rates {lrs}; the "
                 "path kernel with one step size per step needs a single lr for all trainable parameters"
             )
-        return (lrs[0] if lrs else 0.0), hyper
+        return (lrs[0] if lrs else 0.0), hyper, st
 
     def step(self, batch_indices: Sequence[int] | np.ndarray | torch.Tensor | None = None, *,
-             outputs: torch.Tensor | None = None, **extra: Any) -> None:
+             outputs: torch.Tensor | None = None, micro_batches: Sequence[Any] | None = None,
+             micro_weights: Sequence[float] | None = None, **extra: Any) -> None:
         """Record w_{s+1} after one ``optimizer.step()``, with the lr that step applied.
 
         Args:
             batch_indices: the ordered indices of the training points in this step's mini-batch.
+            micro_batches: instead of ``batch_indices``, with gradient accumulation: the ordered indices of each
+                micro-batch whose ``backward()`` added to this step's gradient, in the order they ran.
+            micro_weights: the factor each micro-batch's loss was multiplied by before its ``backward()`` (e.g.
+                ``[1/k] * k`` for the usual ``(loss / k).backward()``; with unequal micro-batches of a mean loss the
+                factors that make the step's gradient the whole batch's mean are ``|B_j|/|B|``). Not inferred: a
+                step recorded without them has its micro-batches' weights unrecorded.
             outputs: with ``store_output_grads=True``: the batch's outputs ``[|B|, C]`` from the training forward
                 pass of this step (before ``optimizer.step()``); g = ∂ℓ/∂f per sample is stored from them.
             **extra: JSON-serialisable per-step metadata (e.g. ``loss=...``).
@@ -270,17 +353,25 @@ class TrajectoryRecorder:
             raise ValueError("pkfast.TrajectoryRecorder.step: after skip() the point covers "
                              f"{self._skipped + 1} optimizer steps, whose batches are not recorded; pass no "
                              "batch_indices or outputs")
-        lr, hyper = self._pop_applied("step")
+        if micro_batches is not None:
+            if batch_indices is not None:
+                raise ValueError("pkfast.TrajectoryRecorder.step: pass batch_indices= or micro_batches=, not both "
+                                 "(the batch is its micro-batches one after the other)")
+            mbs = [_as_indices(b) for b in micro_batches]
+            batch_indices = np.concatenate(mbs) if mbs else None
+            extra = {"micro_batches": [m.tolist() for m in mbs], **extra}
+        if micro_weights is not None:
+            if batch_indices is None:
+                raise ValueError("pkfast.TrajectoryRecorder.step: micro_weights= needs the micro-batches they weigh "
+                                 "(micro_batches=, or batch_indices= for one)")
+            extra = {"micro_weights": [float(w) for w in micro_weights], **extra}
+        lr, hyper, st = self._pop_applied("step")
         if self._skipped:  # the interval since the last point spans several optimizer steps
             lr += self._skipped_lr
             extra = {"optimizer_steps": self._skipped + 1, **extra}
             self._skipped_lr, self._skipped = 0.0, 0
         if batch_indices is not None:
-            batch_indices = np.asarray(
-                batch_indices.detach().cpu() if isinstance(batch_indices, torch.Tensor) else list(batch_indices)
-                if not isinstance(batch_indices, np.ndarray) else batch_indices,
-                dtype=np.int64,
-            ).reshape(-1)
+            batch_indices = _as_indices(batch_indices)
         if self._store_g:
             if outputs is None or batch_indices is None:
                 raise ValueError("pkfast.TrajectoryRecorder.step: store_output_grads=True needs outputs= (the batch's "
@@ -300,7 +391,7 @@ class TrajectoryRecorder:
         if hyper:
             g = [h.to_json() for h in hyper]
             extra = {"optimizer": g[0] if len(g) == 1 else {"groups": g}, **extra}
-        self._commit({"lr": lr, "batch_indices": batch_indices, **extra})
+        self._commit({"lr": lr, "batch_indices": batch_indices, **extra}, st, folded="optimizer_steps" in extra)
 
     @property
     def pending(self) -> int:
@@ -321,6 +412,7 @@ class TrajectoryRecorder:
         """Stop recording (removes the optimizer hook, closes the files). Idempotent."""
         if self._writer is not None:
             self._hook.remove()
+            self._watch.remove()
             if self._capture is not None:
                 self._capture.remove()
             self._writer.close()

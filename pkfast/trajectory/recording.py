@@ -10,19 +10,19 @@ derivatives), the loss convention, and whatever else the run's manifest carried.
 :meth:`Recording.from_json` reads every trajectory earlier versions wrote, and :meth:`Recording.to_json` writes the
 same keys, adding a key only where a record holds something earlier versions could not record.
 
-How it grows for adaptive optimizers. :class:`OptimizerKind` already names Adam, AdamW, RMSprop and Adagrad, and
-:class:`GroupHyper` already holds their betas, eps, amsgrad, decoupled weight decay, centered, alpha, lr_decay and
-initial accumulator. A step's gradient-clipping coefficient (:attr:`StepRecord.clip_coef`), its gradient-accumulation
-micro-batches (:attr:`StepRecord.micro_batches`, one entry today), per-group step sizes
-(:attr:`StepRecord.group_lrs`) and a reference to its optimizer state in the trajectory's files
-(:attr:`StepRecord.optimizer_state`, a :class:`StateRef`: file, row, bias-correction step count) are optional
-fields, None (or one micro-batch) for SGD; a step line gains the keys ``clip_coef``, ``micro_batches``,
-``group_lrs`` and ``optimizer_state`` only when they are set, so readers that do not know them read the rest.
+Adaptive optimizers, clipping, accumulation. :class:`OptimizerKind` names Adam, AdamW, RMSprop and Adagrad, and
+:class:`GroupHyper` holds their betas, eps, amsgrad, decoupled weight decay, centered, alpha, lr_decay and
+initial accumulator. A step's gradient-clipping coefficient (:attr:`StepRecord.clip_coef`, and
+:attr:`StepRecord.clip_scalar` False where the gradient was not scaled by one scalar), its gradient-accumulation
+micro-batches and their loss weights (:attr:`StepRecord.micro_batches`, :attr:`StepRecord.micro_weights`),
+per-group step sizes (:attr:`StepRecord.group_lrs`) and a reference to its preconditioner row in the trajectory's
+files (:attr:`StepRecord.optimizer_state`, a :class:`StateRef`: file, row, step count(s), skipped parameters) are
+optional fields, None (or one micro-batch) for SGD; a step line gains their keys only when they are set, so
+readers that do not know them read the rest (docs/recording.md).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from enum import Enum
@@ -31,18 +31,19 @@ from typing import Any
 
 import numpy as np
 
+from pkfast.trajectory.checks import _FIX, _FN, _bad, _count, _flag, _indices, _number, _set
 from pkfast.trajectory.files import MANIFEST, TARGETS, complete_rows, jsonable, read_manifest, read_steps
 
 __all__ = ["OptimizerKind", "GroupHyper", "OptimizerSpec", "StateRef", "StepRecord", "Recording", "STEP_HYPER"]
 
-_FN = "pkfast.Recording"
 
 #: The optimizer hyper-parameters recorded with every step (those an exact decomposition reads).
-STEP_HYPER = ("momentum", "dampening", "nesterov", "weight_decay", "maximize", "betas", "eps", "amsgrad")
+STEP_HYPER = ("momentum", "dampening", "nesterov", "weight_decay", "maximize", "betas", "eps", "amsgrad",
+              "decoupled_weight_decay", "centered", "alpha", "lr_decay", "initial_accumulator_value")
 
 #: The keys of a step line that are not the record's typed fields (the rest is the user's per-step metadata).
 _STEP_KEYS = ("lr", "batch_indices", "optimizer", "output_grads", "optimizer_steps", "micro_batches", "group_lrs",
-              "clip_coef", "optimizer_state")
+              "clip_coef", "optimizer_state", "clip_scalar", "micro_weights")
 #: The manifest meta keys the recording types.
 _META_KEYS = ("optimizer", "buffers_recorded", "loss")
 
@@ -66,56 +67,6 @@ class OptimizerKind(str, Enum):
     def adaptive(self) -> bool:
         """Whether the step is preconditioned by optimizer state (Adam, AdamW, RMSprop, Adagrad)."""
         return self in (OptimizerKind.ADAM, OptimizerKind.ADAMW, OptimizerKind.RMSPROP, OptimizerKind.ADAGRAD)
-
-
-# ---------------------------------------------------------------------------------------------- checks
-def _bad(where: str, expected: str, found: Any, todo: str = "") -> ValueError:
-    tail = f". {todo}" if todo else ""
-    return ValueError(f"{_FN}: {where}: expected {expected}; found {found!r}{tail}")
-
-
-_FIX = "the recording's JSON files were edited or written by another tool: re-record, or repair the value"
-
-
-def _number(where: str, v: Any, *, low: float | None = None, below: float | None = None) -> float:
-    if isinstance(v, list) and len(v) == 1:  # a one-element tensor hyper-parameter (torch allows lr=tensor([…]))
-        v = v[0]
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    ok = ok and (low is None or v >= low) and (below is None or v < below)
-    if not ok:
-        rng = "" if low is None else f" ≥ {low:g}" + ("" if below is None else f" and < {below:g}")
-        raise _bad(where, f"a finite number{rng}", v, _FIX)
-    return float(v)
-
-
-def _flag(where: str, v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise _bad(where, "true or false", v, _FIX)
-    return v
-
-
-def _count(where: str, v: Any, low: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
-        raise _bad(where, f"an integer ≥ {low}", v, _FIX)
-    return int(v)
-
-
-def _indices(where: str, v: Any) -> np.ndarray:
-    try:
-        a = np.asarray(v)
-    except (TypeError, ValueError):
-        a = None
-    if a is None or a.dtype == object or (a.size and not np.issubdtype(a.dtype, np.integer)):
-        raise _bad(where, "a list of integer training indices", v if a is None else type(v).__name__,
-                   "pass the ordered indices into the training set")
-    a = a.astype(np.int64).reshape(-1)
-    a.flags.writeable = False
-    return a
-
-
-def _set(obj: Any, name: str, value: Any) -> None:
-    """Replace field ``name`` of a frozen dataclass with its validated value."""
-    object.__setattr__(obj, name, value)
 
 
 # ---------------------------------------------------------------------------------------------- hyper-parameters
@@ -250,12 +201,16 @@ class OptimizerSpec:
 @dataclass(frozen=True)
 class StateRef:
     """Where one step's optimizer state lies in the trajectory's files (written for adaptive optimizers): row
-    ``row`` of the file ``file`` (relative to the trajectory directory), and the optimizer's step count ``t`` that
-    its bias correction used."""
+    ``row`` of the file ``file`` (relative to the trajectory directory), the optimizer's step count ``t`` that
+    its bias correction used (``step_count``: shared by every updated parameter; ``step_counts``: one per state
+    entry, in the state file's entry order, where they differ), and the trainable parameters the step did not
+    update (``skipped``: no gradient, so Adam left their weights, moments and step count unchanged)."""
 
     file: str
     row: int
     step_count: int | None = None
+    step_counts: tuple[int, ...] | None = None
+    skipped: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.file, str) or not self.file or Path(self.file).is_absolute() or ".." in Path(
@@ -264,16 +219,24 @@ class StateRef:
         _set(self, "row", _count("optimizer_state.row", self.row, 0))
         if self.step_count is not None:
             _set(self, "step_count", _count("optimizer_state.step_count", self.step_count, 1))
+        if self.step_counts is not None:
+            _set(self, "step_counts", tuple(_count("optimizer_state.step_counts", c, 0) for c in self.step_counts))
+        if isinstance(self.skipped, str) or not all(isinstance(n, str) for n in self.skipped):
+            raise _bad("optimizer_state.skipped", "a list of parameter names", self.skipped, _FIX)
+        _set(self, "skipped", tuple(self.skipped))
 
     @classmethod
     def from_json(cls, d: Any) -> "StateRef":
         if not isinstance(d, Mapping) or not {"file", "row"} <= set(d):
             raise _bad("optimizer_state", 'a JSON object {"file": …, "row": …}', d, _FIX)
-        return cls(d["file"], d["row"], d.get("step_count"))
+        return cls(d["file"], d["row"], d.get("step_count"), d.get("step_counts"), d.get("skipped", ()))
 
     def to_json(self) -> dict[str, Any]:
-        return {"file": self.file, "row": self.row, **({} if self.step_count is None else
-                                                       {"step_count": self.step_count})}
+        out: dict[str, Any] = {"file": self.file, "row": self.row}
+        for k in ("step_count", "step_counts", "skipped"):
+            if getattr(self, k):
+                out[k] = list(v) if isinstance(v := getattr(self, k), tuple) else v
+        return out
 
 
 @dataclass(frozen=True, eq=False)
@@ -291,7 +254,14 @@ class StepRecord:
             None: one, not written).
         output_grads: the stored per-sample loss derivatives ∂ℓ_i/∂f of the batch (float64), or None.
         group_lrs: the step size of each trainable group where they differ (None: every group applied ``lr``).
-        clip_coef: the gradient-clipping coefficient c_s of the step (None: not clipped, or not recorded).
+        clip_coef: the gradient-clipping coefficient c_s of the step, ‖g_clipped‖/‖g_raw‖ as measured by the
+            recorder between the backward passes and ``optimizer.step()`` (None: not measured; 1.0 is written only
+            when a step's gradient was measured unchanged and the recording measures clipping).
+        clip_scalar: False when the gradient was changed between backward and ``optimizer.step()`` by something
+            other than one scalar for all parameters (``clip_grad_value_``, per-tensor scaling): the step's update
+            is then not ``c_s`` times the batch gradient and the exact machine must refuse it. None: not measured.
+        micro_weights: the factor each micro-batch's loss was multiplied by before its ``backward()`` (e.g.
+            ``1/k`` for ``loss / k`` over ``k`` accumulation micro-batches), or None when not recorded.
         optimizer_state: where the step's optimizer state lies (None: not recorded; always None for SGD).
         extra: the per-step metadata passed to ``rec.step(**extra)``, as recorded.
     """
@@ -305,6 +275,8 @@ class StepRecord:
     group_lrs: tuple[float, ...] | None = None
     clip_coef: float | None = None
     optimizer_state: StateRef | None = None
+    clip_scalar: bool | None = None
+    micro_weights: tuple[float, ...] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -331,6 +303,14 @@ class StepRecord:
             _set(self, "group_lrs", tuple(_number(f"{at}: group_lrs", v, low=0.0) for v in self.group_lrs))
         if self.clip_coef is not None:
             _set(self, "clip_coef", _number(f"{at}: clip_coef", self.clip_coef, low=0.0))
+        if self.clip_scalar is not None:
+            _set(self, "clip_scalar", _flag(f"{at}: clip_scalar", self.clip_scalar))
+        if self.micro_weights is not None:
+            mw = tuple(_number(f"{at}: micro_weights", v, low=0.0) for v in self.micro_weights)
+            if self.micro_batches is None or len(mw) != len(self.micro_batches):
+                raise _bad(f"{at}: micro_weights", "one loss weight per micro-batch "
+                           f"({0 if self.micro_batches is None else len(self.micro_batches)})", list(mw), _FIX)
+            _set(self, "micro_weights", mw)
         if self.optimizer_state is not None and not isinstance(self.optimizer_state, StateRef):
             raise _bad(f"{at}: optimizer_state", "a StateRef", self.optimizer_state)
         if not isinstance(self.extra, Mapping):
@@ -372,7 +352,7 @@ class StepRecord:
         st = line.get("optimizer_state")
         return cls(index, line["lr"], mb, tuple(groups), line.get("optimizer_steps"), line.get("output_grads"),
                    line.get("group_lrs"), line.get("clip_coef"), None if st is None else StateRef.from_json(st),
-                   {k: v for k, v in line.items() if k not in _STEP_KEYS})
+                   line.get("clip_scalar"), line.get("micro_weights"), {k: v for k, v in line.items() if k not in _STEP_KEYS})
 
     def to_json(self) -> dict[str, Any]:
         """The step's line of ``steps.jsonl`` (keys in the order pkfast has always written them)."""
@@ -390,6 +370,10 @@ class StepRecord:
         for k in ("group_lrs", "clip_coef"):
             if getattr(self, k) is not None:
                 out[k] = list(self.group_lrs) if k == "group_lrs" else self.clip_coef
+        if self.micro_weights is not None:
+            out["micro_weights"] = list(self.micro_weights)
+        if self.clip_scalar is not None:
+            out["clip_scalar"] = self.clip_scalar
         if self.optimizer_state is not None:
             out["optimizer_state"] = self.optimizer_state.to_json()
         return {**out, **{k: jsonable(v) for k, v in self.extra.items()}}
