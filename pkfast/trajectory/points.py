@@ -24,7 +24,7 @@ import torch
 
 from pkfast.store import formats
 from pkfast.trajectory.checkpoints import as_state_dict, compare_spec, load_checkpoint_file, trainer_step_sizes
-from pkfast.trajectory.files import (MANIFEST, TARGETS, TORCH_FROM_NAME, WEIGHTS, TrajectoryWriter, check_row,
+from pkfast.trajectory.files import (MANIFEST, STEPS, TARGETS, TORCH_FROM_NAME, WEIGHTS, TrajectoryWriter, check_row,
                                      complete_rows, dtype_name, note_no_checksums, read_checksums, read_manifest,
                                      read_steps, save_targets, storage_dtype)
 from pkfast.trajectory.recording import Recording
@@ -253,7 +253,21 @@ class Trajectory(OptimizerRecord):
         return row
 
     def point(self, k: int) -> dict[str, torch.Tensor]:
-        """w_k as a ``{name: tensor}`` dict of views into :meth:`flat`."""
+        """The weights w_k after ``k`` steps (``k = 0``: the initial weights; ``k = T``: the trained ones) as a
+        ``{name: tensor}`` dict of views into :meth:`flat` (row k, read and checksum-verified on first use), in the
+        order and shapes of the recorded parameters — what ``model.load_state_dict(..., strict=False)`` takes.
+
+        Example:
+            >>> import torch, pkfast
+            >>> net = torch.nn.Linear(3, 2)
+            >>> w0 = {k: v.clone() for k, v in net.state_dict().items()}
+            >>> w1 = {k: v + 0.1 for k, v in w0.items()}
+            >>> traj = pkfast.Trajectory.from_checkpoints([w0, w1], lr=0.5)
+            >>> p = traj.point(1)
+            >>> sorted(p), p["weight"].shape, torch.equal(p["bias"], w1["bias"])
+            (['bias', 'weight'], torch.Size([2, 3]), True)
+            >>> _ = net.load_state_dict(traj.point(0))           # back to the initial weights
+        """
         row = self.flat(k)
         return {n: row[a:b].view(s) for (n, s), a, b in zip(self._spec, self._offsets[:-1], self._offsets[1:])}
 
@@ -403,6 +417,11 @@ class Trajectory(OptimizerRecord):
         rows = complete_rows(path, P, np_dtype.itemsize)
         if rows < 1:
             raise ValueError(f"pkfast.Trajectory.load: {str(path)!r} holds no complete weight row (w_0 is missing)")
+        if not (path / STEPS).exists():  # a recorder creates it with w_0: without it, the steps' sizes are lost
+            raise FileNotFoundError(
+                f"pkfast.Trajectory.load: {str(path)!r} has no step log {STEPS} (the step sizes and batches of the "
+                f"steps whose weights {WEIGHTS} holds: {rows - 1}); it was not copied with the rest or was deleted. "
+                f"Copy the whole directory as recorded ({MANIFEST}, {WEIGHTS}, {STEPS}, …)")
         # one logged step whose row is torn is a crash at the tail (the step being written is lost, as documented);
         # fewer complete rows than logged steps means rows were lost after they were written
         if rows < len(steps):
