@@ -20,6 +20,7 @@ gradient) is attributed to no training point.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,7 +30,10 @@ from pkfast.loss import LossSpec
 from pkfast.trajectory.points import Trajectory
 from pkfast.trajectory.recording import GroupHyper, OptimizerKind, Recording
 
-__all__ = ["AdaptivePlan", "read_plan", "row_weights", "preconditioner_flat"]
+__all__ = ["AdaptivePlan", "read_plan", "row_weights", "preconditioner_flat", "decay_only", "flat_by_name"]
+
+#: a per-step weight-decay coefficient: one for every parameter, or one per parameter group ({recorded name: value})
+Decay = float | dict
 
 
 @dataclass
@@ -42,8 +46,31 @@ class AdaptivePlan:
     beta: list[float]
     c: list[float]
     sigma: list[float]
-    coupled: list[float]
-    decoupled: list[float]
+    coupled: list[Decay]
+    decoupled: list[Decay]
+
+
+def decay_only(groups) -> bool:
+    """Whether parameter groups differ in their weight decay alone (the Trainer's AdamW: no decay for biases and
+    normalisation weights), which the adaptive machine takes per parameter."""
+    plain = [dataclasses.replace(g, weight_decay=0.0, extra={}) for g in groups]
+    return all(p == plain[0] for p in plain)
+
+
+def _decay(rec: Recording, st, h: GroupHyper) -> Decay:
+    """The step's weight decay: h's, or {parameter name: its group's} where groups differ (group_params)."""
+    if len(st.groups) <= 1:
+        return float(h.weight_decay or 0.0)
+    members = rec.optimizer.extra.get("group_params") if rec.optimizer is not None else None
+    if not members or len(members) != len(st.groups):
+        raise ValueError(f"pkfast.KernelMachine: step {st.index}: parameter groups with different weight decay, but "
+                         "the recording does not name each group's parameters (group_params); re-record with "
+                         "pkfast.TrajectoryRecorder")
+    return {n: float(g.weight_decay or 0.0) for g, names in zip(st.groups, members) for n in names}
+
+
+def _scaled(d: Decay, k: float) -> Decay:
+    return k * d if isinstance(d, float) else {n: k * v for n, v in d.items()}
 
 
 def _step_count(fn: str, st, kind: OptimizerKind) -> int:
@@ -82,7 +109,7 @@ def read_plan(fn: str, trajectory: Trajectory, steps: list[GroupHyper]) -> Adapt
         if k != first + st.index:
             raise ValueError(f"{fn}: step {st.index} has optimizer step count {k}; expected {first + st.index} (one "
                              "optimizer step per recorded step): record every optimizer step")
-        wd = h.weight_decay or 0.0
+        wd = _decay(rec, st, h)
         if kind in (OptimizerKind.ADAM, OptimizerKind.ADAMW):
             b1 = float(h.betas[0])
             beta, c, sigma = b1, 1.0 - b1, lr / (1.0 - b1 ** k)
@@ -98,7 +125,7 @@ def read_plan(fn: str, trajectory: Trajectory, steps: list[GroupHyper]) -> Adapt
         plan.c.append(c)
         plan.sigma.append(sigma)
         plan.coupled.append(0.0 if decoupled else wd)
-        plan.decoupled.append(lr * wd if decoupled else 0.0)
+        plan.decoupled.append(_scaled(wd, lr) if decoupled else 0.0)
     return plan
 
 
@@ -130,21 +157,30 @@ def row_weights(fn: str, rec: Recording, loss: LossSpec, y: torch.Tensor, C: int
     return out
 
 
-def preconditioner_flat(fn: str, trajectory: Trajectory, names_slices: list[tuple[str, slice]], s: int
-                        ) -> torch.Tensor:
-    """P_s over the functional model's trainable parameters, flattened in its order (float64): ``names_slices``
-    gives each parameter's name in the model and its columns in the trajectory's weight row."""
-    parts = trajectory.preconditioner(s, as_dict=True)
+def flat_by_name(fn: str, trajectory: Trajectory, names_slices: list[tuple[str, slice]], parts: dict, what: str
+                 ) -> torch.Tensor:
+    """Per-parameter values ``parts`` ({recorded name: tensor or number}) over the functional model's trainable
+    parameters, flattened in its order (float64): ``names_slices`` gives each parameter's name in the model and its
+    columns in the trajectory's weight row."""
     by_start = {trajectory.slice_of(n).start: n for n in trajectory.names}
     out = []
     for name, sl in names_slices:
         hit = by_start.get(sl.start)
         if hit not in parts:
-            raise ValueError(f"{fn}: the model's trainable parameter {name!r} has no recorded preconditioner (the "
-                             f"recorded ones: {list(parts)[:5]}); expected the parameters the optimizer trained: pass "
-                             "the model as recorded, with the same parameters trainable")
-        out.append(parts[hit].reshape(-1).to(torch.float64))
-    P = torch.cat(out)
+            raise ValueError(f"{fn}: the model's trainable parameter {name!r} has no recorded {what} (the recorded "
+                             f"ones: {list(parts)[:5]}); expected the parameters the optimizer trained: pass the model "
+                             "as recorded, with the same parameters trainable")
+        v = parts[hit]
+        out.append(v.reshape(-1).to(torch.float64) if isinstance(v, torch.Tensor) else
+                   torch.full((sl.stop - sl.start,), float(v), dtype=torch.float64))
+    return torch.cat(out)
+
+
+def preconditioner_flat(fn: str, trajectory: Trajectory, names_slices: list[tuple[str, slice]], s: int
+                        ) -> torch.Tensor:
+    """P_s over the functional model's trainable parameters, flattened in its order (float64, :func:`flat_by_name`),
+    refusing negative or non-finite entries."""
+    P = flat_by_name(fn, trajectory, names_slices, trajectory.preconditioner(s, as_dict=True), "preconditioner")
     if not bool(torch.isfinite(P).all()) or bool((P < 0).any()):
         raise ValueError(f"{fn}: step {s}'s recorded preconditioner holds negative or non-finite entries; expected "
                          "1/(√v + ε) > 0: the state file is damaged or edited, re-record the run")

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from pkfast.engine.functional import FunctionalModel
 from pkfast.engine.quadrature import EvalPoint, gauss_legendre
-from pkfast.machine.adaptive import AdaptivePlan, preconditioner_flat
+from pkfast.machine.adaptive import AdaptivePlan, flat_by_name, preconditioner_flat
 from pkfast.machine.panels import Panels
 
 __all__ = ["AdaptiveSweep"]
@@ -43,6 +43,13 @@ class AdaptiveSweep:
         self._grads: dict[int, torch.Tensor] = {}
         self._pre: dict[int, torch.Tensor] = {}
         self._names = list(zip(fm.names, fm._slices))
+        for decay in (plan.coupled, plan.decoupled):  # per-group weight decay: a vector in the panel's order
+            for s, d in enumerate(decay):
+                if isinstance(d, dict):
+                    v = flat_by_name(fn, self.trajectory, self._names, d, "parameter group")
+                    decay[s] = None if not bool(v.any()) else self.panels.to_panel(v.to(fm.device, fm.dtype))
+                elif not d:
+                    decay[s] = None
 
     def combo(self, s: int) -> tuple[tuple[EvalPoint, float], ...]:
         if self.rule == "left":
@@ -99,15 +106,16 @@ class AdaptiveSweep:
         for s in range(T - 1, -1, -1):
             jac, nodes = self.panels.evaluate(self.combo(s), Xq)
             P, beta = self.pre(s), pl.beta[s + 1] if s + 1 < T else 0.0
-            w = self.weights_at(s) if (pl.coupled[s] or pl.decoupled[s]) else None
+            w = self.weights_at(s) if (pl.coupled[s] is not None or pl.decoupled[s] is not None) else None
+            dw = None if pl.decoupled[s] is None else pl.decoupled[s] * w  # δ_s w_s
             for i, slot in enumerate(slots):
                 J = self._advance(slot, S[i], None if scratch is None else scratch[i], jac, nodes, P[cols[i]], s, beta)
-                if pl.decoupled[s]:
-                    bias -= pl.decoupled[s] * (J.view(M * C, -1) @ w[cols[i]]).view(M, C)
+                if dw is not None:
+                    bias -= (J.view(M * C, -1) @ dw[cols[i]]).view(M, C)
             h = pl.c[s] * P if pl.at_gradient else torch.full_like(P, pl.c[s])  # c_s A_s, on the training side
-            if w is not None and pl.coupled[s]:
-                hw = h * w
-                bias -= pl.coupled[s] * sum(Si.view(M * C, -1) @ hw[cl] for Si, cl in zip(S, cols)).view(M, C)
+            if pl.coupled[s] is not None:
+                hw = h * (pl.coupled[s] * w)
+                bias -= sum(Si.view(M * C, -1) @ hw[cl] for Si, cl in zip(S, cols)).view(M, C)
             G = self.batch_grads(s)
             if G.shape[0]:
                 Gh = G * h
@@ -146,12 +154,14 @@ class AdaptiveSweep:
         for s in range(self.trajectory.num_steps):
             w = self.weights_at(s)
             g = self.batch_grads(s).sum(0)
-            if pl.coupled[s]:
+            if pl.coupled[s] is not None:
                 g = g + pl.coupled[s] * w
             P = self.pre(s)
             a = pl.c[s] * (P * g if pl.at_gradient else g)
             m = a if m is None else m.mul_(pl.beta[s]).add_(a)
-            step = -pl.sigma[s] * (m if pl.at_gradient else P * m) - pl.decoupled[s] * w
+            step = -pl.sigma[s] * (m if pl.at_gradient else P * m)
+            if pl.decoupled[s] is not None:
+                step = step - pl.decoupled[s] * w
             delta = self.weights_at(s + 1) - w
             out.append(float((delta - step).norm() / delta.norm().clamp_min(1e-300)))
         return torch.tensor(out, dtype=torch.float64)

@@ -257,10 +257,12 @@ class KernelMachine:
                 raise ValueError(f"{_FN}: point {s + 1} of the recording covers {step.covers} optimizer "
                                  "steps (recorded every k steps); the exact decomposition needs every step's weights "
                                  "and batch. Record every step, or use pkfast.gram for the path kernel")
-            if len(step.groups) > 1:
+            per_group_decay = opt is not None and opt.kind.adaptive and adaptive.decay_only(step.groups)
+            if len(step.groups) > 1 and not per_group_decay:
                 raise ValueError(f"{_FN}: step {s}: parameter groups used different hyperparameters "
-                                 f"{[g.to_json() for g in step.groups]}; one decomposition needs one momentum/weight "
-                                 "decay for all trainable parameters")
+                                 f"{[g.to_json() for g in step.groups]}; one decomposition needs one lr, momentum and "
+                                 "weight decay for all trainable parameters (Adam, AdamW, RMSprop, Adagrad: groups may "
+                                 "differ in weight decay)")
             h = step.groups[0] if step.groups else GroupHyper()
             if h.maximize:
                 raise ValueError(f"{_FN}: step {s} used maximize=True; the decomposition assumes descent")

@@ -203,3 +203,25 @@ def test_a_parameter_without_a_layer_rule(tmp_path, name):
     assert slots[0][0] is None and len(slots) > 1  # a vmap(jacrev) part and layers from factors
     f = net(X).detach()
     assert float((km.predict(X) - f).abs().max() / f.abs().max()) <= 1e-10
+
+
+def _grouped(cls, **kw):
+    """Two parameter groups differing in weight decay only, as transformers.Trainer builds for AdamW."""
+    def make(params):
+        params = list(params)
+        return cls([{"params": [p for p in params if p.ndim > 1]}, {"params": [p for p in params if p.ndim == 1],
+                                                                      "weight_decay": 0.0}], **kw)
+    return make
+
+
+@pytest.mark.parametrize("opt", [_grouped(torch.optim.AdamW, lr=0.05, weight_decay=0.2),
+                                 _grouped(torch.optim.Adam, lr=0.05, weight_decay=0.05),
+                                 _grouped(torch.optim.RMSprop, lr=0.01, momentum=0.5, weight_decay=0.05)])
+def test_parameter_groups_with_their_own_weight_decay(tmp_path, opt):
+    net, traj = _train(tmp_path / "t", None, opt=opt)
+    assert len(traj.recording.steps[0].groups) == 2
+    X, _ = _data()
+    km = pkfast.KernelMachine(net, traj, X, nodes=6, progress=False)
+    assert float(km.update_residual.max()) < 1e-13, km.update_residual
+    f = net(X).detach()
+    assert float((km.predict(X) - f).abs().max() / f.abs().max()) <= 1e-10
