@@ -52,7 +52,14 @@ class AdaptivePlan:
 
 def decay_only(groups) -> bool:
     """Whether parameter groups differ in their weight decay alone (the Trainer's AdamW: no decay for biases and
-    normalisation weights), which the adaptive machine takes per parameter."""
+    normalisation weights), which the adaptive machine takes per parameter.
+
+    Example:
+        >>> decay_only([GroupHyper(lr=0.1, weight_decay=0.01), GroupHyper(lr=0.1, weight_decay=0.0)])
+        True
+        >>> decay_only([GroupHyper(lr=0.1), GroupHyper(lr=0.2)])
+        False
+    """
     plain = [dataclasses.replace(g, weight_decay=0.0, extra={}) for g in groups]
     return all(p == plain[0] for p in plain)
 
@@ -134,7 +141,17 @@ def row_weights(fn: str, rec: Recording, loss: LossSpec, y: torch.Tensor, C: int
     """λ_{s,i} of every row of every step's batch (float64; the micro-batches one after the other, as
     ``batch_indices``): the clipping coefficient c_s × the micro-batch's loss weight × the loss convention's
     per-sample weight within its micro-batch. Refuses a step clipped by more than one scalar, and unequal
-    micro-batches whose loss weights were not recorded."""
+    micro-batches whose loss weights were not recorded.
+
+    Example:
+        >>> import numpy as np, torch
+        >>> from pkfast.trajectory.recording import StepRecord
+        >>> st = StepRecord(0, 0.1, micro_batches=(np.array([0, 1, 2]), np.array([3])), micro_weights=(0.75, 0.25),
+        ...                 clip_coef=0.5)   # a mean loss over 3 + 1 points, clipped by half
+        >>> row_weights("f", Recording(steps=(st,)), LossSpec.from_module(torch.nn.CrossEntropyLoss()),
+        ...             torch.tensor([0, 1, 2, 0]), 3, adaptive=False)
+        [tensor([0.1250, 0.1250, 0.1250, 0.1250], dtype=torch.float64)]
+    """
     opt = rec.optimizer
     measured = opt is not None and opt.extra.get("clip_measured") is True
     out = []
