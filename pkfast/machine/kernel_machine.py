@@ -458,8 +458,9 @@ class KernelMachine:
             causes.insert(0, "a recorded preconditioner that is not the one the optimizer applied (an edited or "
                              "damaged state file, or an optimizer changed in the loop)")
         elif rec.optimizer is None or rec.optimizer.kind is not OptimizerKind.SGD:
-            causes.insert(0, "an optimizer the machine does not model (Adam/AdamW/RMSprop…: a trajectory from "
-                             "checkpoints with lr= is taken as plain SGD)")
+            causes.insert(0, "an optimizer other than plain SGD (a trajectory from checkpoints with lr= is taken as "
+                             "plain SGD; for Adam/AdamW/RMSprop/Adagrad record the run with pkfast.TrajectoryRecorder, "
+                             "whose per-step preconditioner makes the machine exact)")
         return (f"{_FN}: the recorded weights do not follow from the recorded training: the update residual "
                 f"‖Δ_s − Δ̂_s‖/‖Δ_s‖ exceeds {tol:g} on {len(bad)} of {len(res)} steps (worst {float(res[worst]):.3g} "
                 f"at step {worst}; first bad step {bad[0]}), so the kernel machine would not reproduce the network. "
