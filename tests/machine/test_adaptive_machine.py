@@ -225,3 +225,55 @@ def test_parameter_groups_with_their_own_weight_decay(tmp_path, opt):
     assert float(km.update_residual.max()) < 1e-13, km.update_residual
     f = net(X).detach()
     assert float((km.predict(X) - f).abs().max() / f.abs().max()) <= 1e-10
+
+
+def _late(path, opt_fn):
+    """One optimizer step before the recorder starts, then T recorded steps on full batches."""
+    X, y = _data()
+    net = _net()
+    opt = opt_fn(net.parameters())
+    lossf = nn.CrossEntropyLoss()
+    opt.zero_grad(); lossf(net(X), y).backward(); opt.step()  # noqa: E702
+    with pkfast.TrajectoryRecorder(net, opt, path, loss=lossf, targets=y) as rec:
+        for s in range(T):
+            idx = torch.arange(s % 2 * 8, s % 2 * 8 + 8)
+            opt.zero_grad(); lossf(net(X[idx]), y[idx]).backward(); opt.step()  # noqa: E702
+            rec.step(batch_indices=idx)
+    return net, pkfast.Trajectory.load(path)
+
+
+def test_optimizer_state_from_before_the_recording(tmp_path):
+    X, _ = _data()
+    net, traj = _late(tmp_path / "a", OPTIMIZERS["adamw"])  # Adam's momentum holds the unrecorded gradient
+    with pytest.raises(ValueError, match=r"had taken 1 steps when recording started.*fresh optimizer"):
+        pkfast.KernelMachine(net, traj, X, progress=False)
+    net, traj = _late(tmp_path / "r", OPTIMIZERS["rmsprop"])  # no momentum: P_t (recorded) is all it carries
+    km = pkfast.KernelMachine(net, traj, X, nodes=6, progress=False)
+    f = net(X).detach()
+    assert float((km.predict(X) - f).abs().max() / f.abs().max()) <= 1e-10
+
+
+class _WithAux(nn.Module):
+    """A network with a head its forward never uses (so the optimizer never updates it)."""
+
+    def __init__(self, body):
+        super().__init__()
+        self.body, self.aux = body, nn.Linear(C, C).double()
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_a_parameter_left_without_gradient_is_refused(tmp_path):
+    X, y = _data()
+    net = _net()
+    model = _WithAux(net)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    lossf = nn.CrossEntropyLoss()
+    with pkfast.TrajectoryRecorder(model, opt, tmp_path / "t", loss=lossf, targets=y) as rec:
+        for s in range(2):
+            opt.zero_grad(); lossf(net(X), y).backward(); opt.step()  # noqa: E702  (aux gets no gradient)
+            rec.step(batch_indices=range(N))
+    traj = pkfast.Trajectory.load(tmp_path / "t")
+    with pytest.raises(ValueError, match=r"step 0 did not update \['aux.weight', 'aux.bias'\]"):
+        pkfast.KernelMachine(model, traj, X, progress=False)
