@@ -30,7 +30,8 @@ LAYERS = {
     "routes": ["pkfast.engine.capture", "pkfast.engine.routes", "pkfast.engine.routes.*"],
     "driver": ["pkfast.engine.driver", "pkfast.engine"],
     "doors": ["pkfast.gram", "pkfast.sketch", "pkfast.attribution", "pkfast.reference"],
-    "machine": ["pkfast.machine.panels", "pkfast.machine.sweep", "pkfast.machine.checks",
+    "machine": ["pkfast.machine.panels", "pkfast.machine.sweep", "pkfast.machine.directional",
+                "pkfast.machine.checks",
                 "pkfast.machine.kernel_machine", "pkfast.machine"],
     "entry": ["pkfast", "pkfast.cli", "pkfast.__main__", "pkfast.integrations", "pkfast.integrations.*"],
 }
