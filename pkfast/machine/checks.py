@@ -8,6 +8,7 @@ imply, no query needed), and the comparison of stored with recomputed loss deriv
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,6 +155,19 @@ class SelfChecks:
                 "Likely causes: " + "; ".join(causes) + ". Fix the recording (TrajectoryRecorder around the "
                 "real loop, the same X_train order and loss), or pass verify=False to build the machine anyway "
                 "(its predictions then differ from the network; certificate() shows by how much)")
+
+    def _warn_output_grad_mismatch(self) -> None:
+        """Warn (at the constructor's caller) where the stored loss derivatives differ from the recomputed ones."""
+        if self.output_grad_mismatch is None:
+            return
+        worst = float(torch.nan_to_num(self.output_grad_mismatch, nan=0.0).max())
+        if worst > 1e-6:
+            warnings.warn(
+                f"{_FN}: the loss derivatives recorded during training differ from those recomputed from the model "
+                f"by up to {worst:.2e} (relative): the training forward pass was not the model's (data "
+                "augmentation, dropout or train-mode normalisation?), so the kernel machine reproduces the "
+                "trajectory's weights through the model's own gradients, not the training run's",
+                stacklevel=3)
 
     def _output_grad_mismatch(self) -> torch.Tensor | None:
         T = self.trajectory.num_steps

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 
 import logging
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +40,7 @@ from pkfast.engine.functional import FunctionalModel
 from pkfast.loss import LossSpec
 from pkfast.options import Options, model_device
 from pkfast.machine.checks import UPDATE_TOL, Certificate, SelfChecks
+from pkfast.machine.nodes import NodesCheck, choose_nodes
 from pkfast.machine.sweep import Sweep
 from pkfast.engine.quadrature import DEFAULT_NODES
 from pkfast.trajectory.points import Trajectory
@@ -87,7 +87,13 @@ class KernelMachine(SelfChecks):
             :class:`pkfast.LossSpec`); default: the one recorded.
         rule: ``"exact"`` (Gauss–Legendre test-side Jacobians: exact to quadrature precision) or ``"left"``
             (Jacobians at w_s: Domingos' Riemann reading, error O(lr)).
-        nodes: Gauss–Legendre nodes per step for ``rule="exact"`` (default 2).
+        nodes: Gauss–Legendre nodes per step for ``rule="exact"``. Default ``None``: chosen at construction, the
+            first of 2, 4, 8, 16 whose estimated quadrature error on a sample of steps × training inputs is at most
+            :data:`~pkfast.machine.nodes.QUAD_TOL` (1e-6) of the output change (:mod:`pkfast.machine.nodes`;
+            smooth networks keep 2, attention with large or momentum steps may need 8), with a warning if none
+            is; an explicit count is checked the same way and warned about, with the count that would do, when
+            it is too few. The choice and its estimate are :attr:`nodes` and :attr:`nodes_check`.
+        check_nodes: ``False`` skips the quadrature check (``nodes=None`` then means 2).
         dtype: computation dtype (default ``torch.float64``).
         memory_budget: bytes (or ``"2GiB"``) for the query-side accumulators; sets the query chunk. Default: half
             of the free memory of the compute device (the rule of every pkfast computation).
@@ -113,7 +119,9 @@ class KernelMachine(SelfChecks):
         ...         idx = torch.arange(s % 2 * 8, s % 2 * 8 + 8)
         ...         opt.zero_grad(); lossf(net(X[idx]), y[idx]).backward(); opt.step()
         ...         rec.step(batch_indices=idx)
-        >>> km = pkfast.KernelMachine(net, pkfast.Trajectory.load(path), X, nodes=3, progress=False)
+        >>> km = pkfast.KernelMachine(net, pkfast.Trajectory.load(path), X, progress=False)
+        >>> km.nodes, km.nodes_check.error < 1e-6   # the quadrature nodes chosen, and their estimated error
+        (2, True)
         >>> Xq = torch.randn(2, 4, dtype=torch.float64)
         >>> bool(torch.allclose(km.predict(Xq), net(Xq), atol=1e-9))
         True
@@ -122,11 +130,12 @@ class KernelMachine(SelfChecks):
     """
 
     def __init__(self, model: torch.nn.Module, trajectory: Trajectory, X_train: Any, y_train: Any = None,
-                 loss: Any = None, *, rule: str = "exact", nodes: int = DEFAULT_NODES, dtype: Any = torch.float64,
+                 loss: Any = None, *, rule: str = "exact", nodes: int | None = None, dtype: Any = torch.float64,
                  memory_budget: Any = None, progress: bool = True, output_fn: Any = None, verify: bool = True,
-                 update_tol: float = UPDATE_TOL) -> None:
+                 update_tol: float = UPDATE_TOL, check_nodes: bool = True) -> None:
         model = check_model_and_trajectory(_FN, model, trajectory)
-        self.opts = Options.check(_FN, rules=("exact", "left"), strict_nodes=False, rule=rule, nodes=nodes, dtype=dtype,
+        self.opts = Options.check(_FN, rules=("exact", "left"), strict_nodes=False, rule=rule,
+                                  nodes=DEFAULT_NODES if nodes is None else nodes, dtype=dtype,
                                   memory_budget=memory_budget, output_fn=output_fn)
         self.rule, self.nodes, self.dtype = self.opts.rule, self.opts.nodes, self.opts.dtype
         self.progress = progress
@@ -182,20 +191,24 @@ class KernelMachine(SelfChecks):
         #: training one; larger ones (augmentation, dropout, train-mode normalisation) mean the decomposition —
         #: which uses the recomputed derivatives — describes the model, not the training run.
         self.output_grad_mismatch = self._output_grad_mismatch()
-        if self.output_grad_mismatch is not None:
-            worst = float(torch.nan_to_num(self.output_grad_mismatch, nan=0.0).max())
-            if worst > 1e-6:
-                warnings.warn(
-                    f"{_FN}: the loss derivatives recorded during training differ from those recomputed from the model "
-                    f"by up to {worst:.2e} (relative): the training forward pass was not the model's (data "
-                    "augmentation, dropout or train-mode normalisation?), so the kernel machine reproduces the "
-                    "trajectory's weights through the model's own gradients, not the training run's",
-                    stacklevel=2)
+        self._warn_output_grad_mismatch()
         #: ``[T]`` the update residual ‖Δ_s − Δ̂_s‖/‖Δ_s‖ of every recorded step (measured at construction when
         #: ``verify=True``, else on the first :meth:`certificate`).
         self.update_residual: torch.Tensor | None = None
         if verify:
             self.verify(update_tol)
+        #: the quadrature check's findings (:class:`~pkfast.machine.nodes.NodesCheck`: the nodes, the estimated
+        #: error of each count tried, the sample), or None where it did not run (``rule="left"``,
+        #: ``check_nodes=False``).
+        self.nodes_check: NodesCheck | None = None
+        if self.rule == "exact" and check_nodes:
+            self.nodes_check = choose_nodes(self, nodes)
+            self.nodes = self._sweeper.nodes = self.nodes_check.nodes
+
+    def __repr__(self) -> str:
+        quad = f"nodes={self.nodes}" if self.nodes_check is None else str(self.nodes_check)
+        return (f"pkfast.KernelMachine({self.trajectory.num_steps} steps, {self.X.shape[0]} training points, "
+                f"{self.C} outputs, rule={self.rule!r}" + (f", {quad}" if self.rule == "exact" else "") + ")")
 
     # ------------------------------------------------------------------ the recording
     def _read_optimizer(self, rec: Recording) -> list[GroupHyper]:

@@ -78,9 +78,58 @@ def test_certificate_runs_on_attention_models(tmp_path, kind):
 
 def test_fallback_routes_agree_with_forward_ad_on_an_mlp(tmp_path):
     net, traj, X = trained(tmp_path, mlp(), lr=0.3)
-    km = pkfast.KernelMachine(net, traj, X, nodes=2, progress=False)
+    km = pkfast.KernelMachine(net, traj, X, nodes=2, check_nodes=False, progress=False)
     fwd = _certificate(km, X[:5], "forward")
     assert float(fwd.quadrature.abs().max()) > 1e-9  # (a residual to compare: nodes=2 is not exact here)
     for route in ("math", "reverse"):
         got = _certificate(km, X[:5], route)
         assert float((got.quadrature - fwd.quadrature).abs().max()) <= 1e-10, route
+
+
+# ---------------------------------------------------------------------------------------------- the nodes
+def rel_error(km, net, X):
+    with torch.no_grad():
+        f = net(X)
+    return float((km.predict(X) - f).abs().max() / (f - km.bias(X)).abs().max())
+
+
+def test_auto_nodes_raise_the_quadrature_where_two_nodes_are_off(tmp_path):
+    """A tiny ViT trained with momentum: 2 nodes are off by ~3e-3 of the output change (before: silently, as the
+    default); nodes=None measures that at construction and takes more."""
+    net, traj, X = trained(tmp_path, TinyViT("encoder"))
+    km = pkfast.KernelMachine(net, traj, X, progress=False)
+    assert km.nodes > 2 and km.nodes_check.auto
+    assert km.nodes_check.estimates[2] > 1e-4  # what the default used to be
+    assert km.nodes_check.error <= pkfast.machine.nodes.QUAD_TOL
+    assert rel_error(km, net, X) <= 1e-6  # the network, to the tolerance
+    assert f"nodes={km.nodes} (auto)" in repr(km)
+    with pytest.warns(UserWarning, match=rf"(?s)nodes=2 is too few.*nodes={km.nodes} meets it.*check_nodes=False"):
+        two = pkfast.KernelMachine(net, traj, X, nodes=2, progress=False)
+    assert two.nodes == 2 and rel_error(two, net, X) > 1e-3  # an explicit count is kept (and was warned about)
+
+
+def test_a_smooth_mlp_keeps_two_nodes_after_one_check(tmp_path):
+    net, traj, X = trained(tmp_path, mlp(), lr=0.1, momentum=0.0)
+    km = pkfast.KernelMachine(net, traj, X, progress=False)
+    assert km.nodes == 2 and list(km.nodes_check.estimates) == [2]
+    assert rel_error(km, net, X) <= 1e-6
+
+
+def test_the_check_can_be_skipped_and_is_not_run_for_the_left_rule(tmp_path, recwarn):
+    net, traj, X = trained(tmp_path, TinyViT("encoder"))
+    km = pkfast.KernelMachine(net, traj, X, nodes=2, check_nodes=False, progress=False)
+    assert km.nodes == 2 and km.nodes_check is None
+    assert pkfast.KernelMachine(net, traj, X, check_nodes=False, progress=False).nodes == 2
+    assert pkfast.KernelMachine(net, traj, X, rule="left", progress=False).nodes_check is None
+    assert not [w for w in recwarn if "nodes" in str(w.message)]
+
+
+def test_no_count_enough_warns_with_what_was_found(tmp_path, monkeypatch):
+    from pkfast.machine import nodes
+    monkeypatch.setattr(nodes, "CANDIDATES", (1, 2))
+    monkeypatch.setattr(nodes, "QUAD_TOL", 1e-30)
+    net, traj, X = trained(tmp_path, TinyViT("encoder"))
+    with pytest.warns(UserWarning, match=r"(?s)no Gauss–Legendre node count up to 2.*1 nodes: .*2 nodes: .*using "
+                                         r"nodes=2.*Pass a larger nodes="):
+        km = pkfast.KernelMachine(net, traj, X, progress=False)
+    assert km.nodes == 2 and set(km.nodes_check.estimates) == {1, 2}
