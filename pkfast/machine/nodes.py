@@ -150,8 +150,8 @@ def _too_few(found: NodesCheck, good: list[int]) -> str:
 def _none_enough(found: NodesCheck) -> str:
     return (f"{_FN}: no Gauss–Legendre node count up to {CANDIDATES[-1]} makes the quadrature of the steps "
             f"accurate to {found.tol:.2g} of the output change ({_tried(found)}; measured on {found.steps} steps × "
-            f"{found.inputs} training inputs); using nodes={found.nodes}, so predictions and contributions are off "
-            f"by about {found.error:.2g} of the output change. Expected a network smooth along the steps: ReLU "
+            f"{found.inputs} training inputs); using nodes={found.nodes} (the most accurate; the sweep's cost grows with "
+            f"the nodes), so predictions and contributions are off by about {found.error:.2g} of the output change. Expected a network smooth along the steps: ReLU "
             "kinks or very large steps slow the quadrature down. Pass a larger nodes= explicitly (check_nodes=False "
             "to skip this check), train with smaller steps or smooth activations (GELU, SiLU), and measure the "
             "error on your queries with certificate(X)")
