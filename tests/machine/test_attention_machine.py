@@ -86,6 +86,45 @@ def test_fallback_routes_agree_with_forward_ad_on_an_mlp(tmp_path):
         assert float((got.quadrature - fwd.quadrature).abs().max()) <= 1e-10, route
 
 
+
+class _Tanh(torch.autograd.Function):
+    """tanh with a backward and no forward-mode derivative (no ``jvp``): forward AD fails on it."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+
+class _NoJvpTanh(nn.Module):
+    def forward(self, x):
+        return _Tanh.apply(x)
+
+
+def test_an_operation_without_forward_derivative_takes_double_backward(tmp_path):
+    """A custom autograd Function without jvp: the certificate runs by double backward and equals forward AD's on
+    the same network written with nn.Tanh (same parameter names, same trajectory)."""
+    net, traj, X = trained(tmp_path, nn.Sequential(nn.Linear(PATCH * NPATCH, 8), _NoJvpTanh(), nn.Linear(8, C)),
+                           lr=0.3)
+    km = pkfast.KernelMachine(net, traj, X, nodes=2, check_nodes=False, progress=False)
+    cert = km.certificate(X[:5])
+    assert km._directional.route == "reverse"
+    twin = nn.Sequential(nn.Linear(PATCH * NPATCH, 8), nn.Tanh(), nn.Linear(8, C)).double()
+    ref = pkfast.KernelMachine(twin, traj, X, nodes=2, check_nodes=False, progress=False).certificate(X[:5])
+    assert float(ref.quadrature.abs().max()) > 1e-9
+    assert float((cert.quadrature - ref.quadrature).abs().max()) <= 1e-10
+
+
 # ---------------------------------------------------------------------------------------------- the nodes
 def rel_error(km, net, X):
     with torch.no_grad():
