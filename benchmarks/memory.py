@@ -2,7 +2,9 @@
 and reports the growth of its peak RSS over one ``pkfast.gram`` call beside ``memory_budget`` and the plan's
 estimate (``pkfast.plan(...).tiles.used``).
 
-    python benchmarks/memory.py [--cases mlp5000,resnet,...] [--csv benchmarks/results/memory_cpu.csv]
+    python benchmarks/memory.py [--cases mlp5000,resnet,...] [--csv benchmarks/results/memory_cpu.csv] [--label L]
+
+Before/after in one run (what benchmarks/results/memory_cpu.csv holds): ``benchmarks/memory_compare.sh``.
 
 Cases (float32, T = 1 step, eval mode; models built from code, data generated):
 
@@ -134,6 +136,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--csv", default=str(RESULTS_DIR / "memory_cpu.csv"))
+    ap.add_argument("--label", default="", help="the version measured (a column of the CSV): run the script with "
+                    "PYTHONPATH=<an older checkout> and --label <its commit> to compare before/after in one run")
     ap.add_argument("--worker", nargs=2, metavar=("CASE", "BUDGET"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
@@ -156,7 +160,7 @@ def main() -> None:
             print(f"{name:11s} budget {row['budget_mib']:>8.1f} MiB  plan {row['plan_mib']:>8.1f} MiB  "
                   f"peak growth {row['peak_growth_mib']:>8.1f} MiB  ({row['ratio_to_budget']:.2f}× budget"
                   f"{'' if ok else ' — OVER'})  {row['tiles']} tiles  {row['seconds']} s  [{row['routes']}]")
-            rows.append(dict(row, commit=env.get("commit", "")))
+            rows.append(dict(row, version=a.label, commit=env.get("commit", "")))
     append_csv(a.csv, rows)
     sys.exit(1 if failed else 0)
 

@@ -206,7 +206,34 @@ def top_k(query: Source, train: Source, k: int = 10, *, block: int | None = None
     """The ``k`` proponents (highest scores) and opponents (lowest) of each query among the training points,
     streamed: M × (k + block) scores are held at a time.
 
-    Ties keep the lower training index first."""
+    Args:
+        query, train: both :class:`Exact` (exact loss-kernel scores) or both :class:`~pkfast.PathFeatures`
+            (sketched, from :func:`features` with one ``k`` and ``seed``).
+        k: proponents and opponents kept per query (at most the number of training points).
+        block: training rows scored per step (default: blocks of at most 64 MiB).
+        progress: a progress bar over the training points.
+
+    Returns:
+        :class:`TopK`: ``[M, k]`` training indices and their scores, best first. Ties keep the lower training
+        index first.
+
+    Example:
+        >>> import torch, pkfast
+        >>> from pkfast.attribution import Exact, scores, top_k
+        >>> _ = torch.manual_seed(0)
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
+        >>> w0 = {k: v.clone() for k, v in net.state_dict().items()}
+        >>> traj = pkfast.Trajectory.from_checkpoints([w0, {k: v * 0.9 for k, v in w0.items()}], lr=0.1)
+        >>> X, y = torch.randn(20, 3, dtype=torch.float64), torch.randint(0, 2, (20,))
+        >>> train = Exact(net, traj, X, y, loss="cross_entropy", dtype=torch.float64)
+        >>> query = Exact(net, traj, X[:2], y[:2], loss="cross_entropy", dtype=torch.float64)
+        >>> best = top_k(query, train, k=3, progress=False)
+        >>> S = scores(query, train, progress=False)          # the [2, 20] matrix it ranks
+        >>> bool((best.proponents[:, 0] == S.argmax(1)).all()), bool((best.opponents[:, 0] == S.argmin(1)).all())
+        (True, True)
+        >>> torch.allclose(best.proponent_scores, S.sort(1, descending=True).values[:, :3])
+        True
+    """
     fn = "pkfast.attribution.top_k"
     _check(fn, query, train)
     N = len(train)
@@ -232,7 +259,33 @@ def _merge(run: tuple[torch.Tensor, torch.Tensor] | None, S: torch.Tensor, idx: 
 
 
 def self_influence(train: Source, *, block: int | None = None, progress: bool = True) -> torch.Tensor:
-    """``[N]``: s(z, z) for every training point (the diagonal of the train × train scores), streamed."""
+    """``[N]``: s(z, z) for every training point (the diagonal of the train × train scores), streamed.
+
+    A training point's own steps moved its loss most when its self-influence is high: mislabelled and atypical
+    points rank first (TracIn's self-influence, along the recorded path).
+
+    Args:
+        train: :class:`Exact` (the exact diagonal of the loss kernel, never the full Gram) or
+            :class:`~pkfast.PathFeatures` (the squared norms of the sketched features).
+        block: training rows per step (default: blocks of at most 64 MiB).
+        progress: a progress bar over the training points.
+
+    Example:
+        >>> import torch, pkfast
+        >>> from pkfast.attribution import Exact, scores, self_influence
+        >>> _ = torch.manual_seed(0)
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
+        >>> w0 = {k: v.clone() for k, v in net.state_dict().items()}
+        >>> traj = pkfast.Trajectory.from_checkpoints([w0, {k: v * 0.9 for k, v in w0.items()}], lr=0.1)
+        >>> X, y = torch.randn(20, 3, dtype=torch.float64), torch.randint(0, 2, (20,))
+        >>> train = Exact(net, traj, X, y, loss="cross_entropy", dtype=torch.float64)
+        >>> s = self_influence(train, progress=False)
+        >>> s.shape, bool((s >= 0).all())                      # a kernel's diagonal: never negative
+        (torch.Size([20]), True)
+        >>> torch.allclose(s, scores(train, train, progress=False).diagonal())
+        True
+        >>> suspicious = s.argsort(descending=True)[:3]         # the points to inspect first
+    """
     fn = "pkfast.attribution.self_influence"
     if not isinstance(train, (Exact, PathFeatures)):
         raise TypeError(f"{fn}: train must be pkfast.attribution.Exact or pkfast.PathFeatures; found "

@@ -246,6 +246,7 @@ def describe(path: str | os.PathLike, *, verify: bool = False) -> dict[str, Any]
 def describe_trajectory(path: str | os.PathLike) -> dict[str, Any]:
     """What ``pkfast info`` prints for a recorded trajectory directory, read through its typed recording."""
     from pkfast.trajectory.files import read_checksums, read_manifest
+    from pkfast.trajectory.fingerprints import KEY
     from pkfast.trajectory.recording import Recording
 
     rec = Recording.from_files(path)
@@ -262,6 +263,7 @@ def describe_trajectory(path: str | os.PathLike) -> dict[str, Any]:
         "every_step": all(s.covers == 1 for s in rec.steps), "loss": None if rec.loss is None else dict(rec.loss),
         "targets": rec.has_targets, "source": rec.extra.get("source"),
         "checksums": read_checksums(Path(path)) is not None,
+        "input_fingerprints": sum(KEY in s.extra for s in rec.steps),
     }
 
 
@@ -284,6 +286,9 @@ def _info_trajectory(a: argparse.Namespace) -> int:
     print(f"  loss: {loss['kind'] + ' (' + str(loss.get('reduction')) + ')' if loss else 'not recorded'}")
     print("  checksums: " + ("present (a CRC-32 per weight row, in weights.crc)" if d["checksums"] else
                              "none (recorded before pkfast wrote weight checksums; rows are read unverified)"))
+    print(f"  input fingerprints: {d['input_fingerprints']}/{d['steps']} steps (a CRC-32 per batch row of the model's "
+          "inputs, against which KernelMachine checks X_train)" if d["input_fingerprints"] else
+          "  input fingerprints: none (X_train cannot be checked against the data the model saw)")
     return 0
 
 

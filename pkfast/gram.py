@@ -251,7 +251,27 @@ class GramPlan:
             lines.append(j.route.passes())
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.append(f"total ≈ {self.flops / 1e9:.3g} GFLOP in {self.tiles!r}")
+        if self.tiles.problem:
+            lines += ["DOES NOT FIT: " + self.tiles.problem] + self._cheaper()
         return "\n".join(lines)
+
+    def _cheaper(self) -> list[str]:
+        """What to do when no tile fits: the layers that take most per sample, and the cheaper kernels."""
+        j, o = self.job, self.job.opts
+        big = sorted(self.layers, key=lambda L: -L.bytes_per_sample)[:3]
+        total = sum(L.bytes_per_sample for L in self.layers) or 1
+        out = ["  largest per sample: " + ", ".join(
+            f"{L.name or '(root)'} ({L.type}, {L.bytes_per_sample / 2**20:.3g} MiB, "
+            f"{100 * L.bytes_per_sample / total:.0f}%)" for L in big)]
+        tips = []
+        if o.of != "loss" and j.num_outputs > 1:
+            tips.append(f"of='loss' (the loss kernel: 1 output per sample instead of C={j.num_outputs})")
+        if o.method != "sketch":
+            tips.append("method='sketch' with k= (k random features per sample instead of the Jacobian)")
+        if self.job.fm.itemsize > 4:
+            tips.append("dtype=torch.float32 (half the bytes)")
+        tips.append(f"memory_budget of at least {self.tiles.tile_bytes:,} bytes")
+        return out + ["  cheaper: " + "; ".join(tips)]
 
     __repr__ = __str__
 

@@ -1,5 +1,6 @@
 """One test per user-facing error of pkfast.gram: each says what was expected and what was found."""
 
+import re
 import numpy as np
 import pytest
 import torch
@@ -260,3 +261,37 @@ def test_plan_names_a_misspelt_option():
     traj = pkfast.Trajectory.from_checkpoints([net.state_dict(), net.state_dict()], lr=0.1)
     with pytest.raises(TypeError, match=r"pkfast.plan: unknown option\(s\) 'outptus'; expected some of .*outputs"):
         pkfast.plan(net, traj, torch.randn(4, 3), outptus="full")
+
+
+def _vocab_lm():
+    """A vocabulary-sized head: 3,000 outputs, so one sample's trace panel alone is ~35 MiB."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Embedding(3000, 32), torch.nn.Flatten(), torch.nn.Linear(128, 64),
+                              torch.nn.Tanh(), torch.nn.Linear(64, 3000))
+    traj = pkfast.Trajectory.from_checkpoints([net.state_dict(), net.state_dict()], lr=0.1)
+    return net, traj, torch.randint(0, 3000, (16, 4))
+
+
+def test_plan_prints_what_does_not_fit_and_what_to_do():
+    """Defect 7: plan() raised when one tile did not fit; now it prints the plan, marks the largest layers and
+    names the cheaper kernels, while gram() with the same options refuses with the same figures."""
+    net, traj, X = _vocab_lm()
+    p = pkfast.plan(net, traj, X, memory_budget="64MiB")
+    text = str(p)
+    assert p.tiles.problem and p.tiles.tiles == []
+    assert "DOES NOT FIT: pkfast.plan: memory_budget of 67,108,864 bytes is too small for one tile" in text
+    assert re.search(r"largest per sample: 4 \(Linear, [\d.]+ MiB, 9\d%\)", text)
+    assert "of='loss'" in text and "method='sketch'" in text and f"at least {p.tiles.tile_bytes:,} bytes" in text
+    with pytest.raises(ValueError, match=r"pkfast.gram: memory_budget of 67,108,864 bytes is too small for one "
+                                         r"tile.*cheaper kernel: of='loss'.*pkfast.plan\(\.\.\.\)"):
+        pkfast.gram(net, traj, X, memory_budget="64MiB", progress=False)
+    # the loss kernel it suggests fits the same budget
+    assert not pkfast.plan(net, traj, X, memory_budget="64MiB", of="loss", y=torch.randint(0, 3000, (16,)),
+                           loss="cross_entropy").tiles.problem
+
+
+def test_plan_counts_the_measured_per_sample_pass(setup):
+    """The tiling holds what one per-sample pass takes at its peak (measured), and the plan says how much."""
+    p = pkfast.plan(*setup, memory_budget="1GiB", method="jacobian")
+    assert p.tiles.pass_bytes > 0 and p.tiles.pass_bytes <= p.tiles.tile_bytes
+    assert f"one pass over {p.tiles.chunk} samples holds" in repr(p.tiles)

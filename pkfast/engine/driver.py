@@ -37,7 +37,8 @@ from pkfast.engine.routes.layered import LayeredRoute, find_layers
 from pkfast.engine.routes.sketch import Sketcher, SketchRoute
 from pkfast.engine.quadrature import Term, is_symmetric, terms_for
 from pkfast.store.sinks import MemorySink, Sink
-from pkfast.engine.tiles import Tile, Tiling, solve_diagonal, solve_tiling
+from pkfast.engine.meter import MEASURE_SAMPLES, PassCost, pass_cost
+from pkfast.engine.tiles import BudgetTooSmall, Tile, Tiling, solve_diagonal, solve_tiling
 from pkfast.trajectory.points import Trajectory
 
 __all__ = ["GramJob", "check_data", "check_model_and_trajectory"]
@@ -112,17 +113,52 @@ class _Geometry:
         N, M = self.N, self.M
         return N if self.diagonal else (N * (N + 1) / 2 if self.symmetric else N * M)
 
-    def tiling(self, route: Route, layout: TileLayout, fm: FunctionalModel, terms: tuple[Term, ...]) -> Tiling:
-        """The tiles for ``route``'s planning figures within the budget."""
+    def tiling(self, route: Route, layout: TileLayout, fm: FunctionalModel, terms: tuple[Term, ...],
+               cost: PassCost | None = None) -> Tiling:
+        """The tiles for ``route``'s planning figures within the budget (``cost``: its measured pass). Where no
+        tile fits, :func:`pkfast.plan` gets a tiling without tiles whose ``problem`` says so (every other caller
+        gets the error)."""
+        try:
+            return self._solve(route, layout, fm, terms, cost)
+        except BudgetTooSmall as e:
+            if self.fn != "pkfast.plan":
+                cheaper = "of='loss' (one output per sample), " if fm.num_outputs > 1 else ""
+                raise BudgetTooSmall(f"{e} Or compute a cheaper kernel: {cheaper}method='sketch' with k=; "
+                                     "pkfast.plan(...) with the same arguments prints which layers take the memory",
+                                     e.need, e.chunk, e.bytes_per_sample, e.held) from None
+            return Tiling(self.N, self.M, 0, 0, self.symmetric, e.chunk, e.bytes_per_sample, e.need, self.budget,
+                          [], e.held, problem=str(e))
+
+    def _solve(self, route: Route, layout: TileLayout, fm: FunctionalModel, terms: tuple[Term, ...],
+               cost: PassCost | None) -> Tiling:
         block = layout.num_outputs ** 2 if layout.full else 1
         acc = block * fm.itemsize * route.acc_multiplier
         if layout.diagonal:
             return solve_diagonal(self.N, bytes_per_sample=route.bytes_per_sample, acc_bytes_per_sample=acc,
-                                 budget=self.budget, chunk=route.chunk, fn=self.fn, reserved=route.reserved)
+                                 budget=self.budget, chunk=route.chunk, fn=self.fn, reserved=route.reserved,
+                                 pass_cost=cost)
         reuse = len(route.terms(list(terms))) == 1 and route.row_reuse
         return solve_tiling(self.N, self.M, symmetric=self.symmetric, bytes_per_sample=route.bytes_per_sample,
                           acc_bytes_per_pair=acc, budget=self.budget, chunk=route.chunk, fn=self.fn,
-                          reuse_rows=reuse, reserved=route.reserved)
+                          reuse_rows=reuse, reserved=route.reserved, pass_cost=cost)
+
+
+def _measured(route: Route, data: Data, terms: tuple[Term, ...], costs: dict, budget: int) -> PassCost | None:
+    """The route's pass, measured once per set of layer routes (:func:`pkfast.engine.meter.pass_cost`) at the
+    first term's first evaluation point; None (the tiling then estimates it) if the measurement fails."""
+    key = repr(route.record())
+    m = min(MEASURE_SAMPLES, data.X.shape[0])
+    if key not in costs and 2 * m * route.bytes_per_sample > budget:
+        log.info("pkfast: not measuring the per-sample pass: %d samples' panels alone exceed the budget", m)
+        costs[key] = None
+    if key not in costs:
+        try:
+            costs[key] = pass_cost(route, data, terms[0].left[0][0])
+        except Exception as e:  # noqa: BLE001 — an op the meter cannot follow: plan without the measurement
+            log.info("pkfast: the per-sample pass's memory could not be measured (%s: %s); estimating it",
+                     type(e).__name__, e)
+            costs[key] = None
+    return costs[key]
 
 
 def _choose_routes(opts: Options, fm: FunctionalModel, data: Data, layout: TileLayout, terms: tuple[Term, ...],
@@ -132,10 +168,11 @@ def _choose_routes(opts: Options, fm: FunctionalModel, data: Data, layout: TileL
     layers = find_layers(fm.model, fm)
     nodes = max((len(t.left) for t in terms), default=1)
     figures = dict(C=fm.num_outputs, full=layout.full, pairs=geo.pairs * nodes, terms=len(terms), itemsize=fm.itemsize)
+    costs: dict = {}
     if opts.method == "jacobian":
         choices = choose_routes(layers, method="jacobian", samples=geo.samples, **figures)
         route: Route = JacobianRoute(layout, fm, requested=opts.method, choices=choices)
-        return route, geo.tiling(route, layout, fm, terms), choices
+        return route, geo.tiling(route, layout, fm, terms, _measured(route, data, terms, costs, geo.budget)), choices
     capture = Capture(fm, layers)
     layers = list(capture.discover(data.X))
 
@@ -146,7 +183,7 @@ def _choose_routes(opts: Options, fm: FunctionalModel, data: Data, layout: TileL
                                         stream_budget=stream_bytes(geo.budget))
         else:  # nothing routed: the plain Jacobian route does the same, without the capture machinery
             route = JacobianRoute(layout, fm, requested=opts.method, choices=choices)
-        return route, geo.tiling(route, layout, fm, terms), choices
+        return route, geo.tiling(route, layout, fm, terms, _measured(route, data, terms, costs, geo.budget)), choices
 
     route, tiling, choices = fit(geo.samples)
     if isinstance(route, LayeredRoute) and len(tiling.tiles) > 1:

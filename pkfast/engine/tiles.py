@@ -1,8 +1,10 @@
 """tiles: the tiling — splits the Gram's (rows × cols) grid into tiles whose working memory fits a byte budget.
 
-The working memory of one tile is its two Jacobian panels (``b_r`` and ``b_c`` samples × C·P values), the
-Jacobian workspace of one ``vmap`` chunk, and the tile accumulator (``b_r × b_c`` entries, × C² for the full
-block Gram). Tile sides are solved from the budget, never fixed; ragged edges are allowed. For a symmetric
+The working memory of one tile is its two Jacobian panels (``b_r`` and ``b_c`` samples × C·P values), what one
+per-sample pass over a chunk of samples holds at its peak (measured: :func:`pkfast.engine.meter.pass_cost`; without
+a measurement, twice the chunk's panel), and the tile accumulator (``b_r × b_c`` entries, × C² for the full block
+Gram). A pass may take at most a quarter of the budget: the chunk is lowered until it does. Tile sides are solved
+from the budget, never fixed; ragged edges are allowed. For a symmetric
 Gram (X2 is None and a symmetric rule) only tiles on or above the diagonal are planned.
 """
 
@@ -28,6 +30,14 @@ class Tile:
         return (self.rows.stop - self.rows.start, self.cols.stop - self.cols.start)
 
 
+class BudgetTooSmall(ValueError):
+    """No tile fits ``memory_budget``: ``need`` bytes would (:func:`pkfast.plan` prints the plan anyway)."""
+
+    def __init__(self, message: str, need: int, chunk: int, bytes_per_sample: int, held: int) -> None:
+        super().__init__(message)
+        self.need, self.chunk, self.bytes_per_sample, self.held = need, chunk, bytes_per_sample, held
+
+
 @dataclass
 class Tiling:
     n_rows: int
@@ -40,6 +50,11 @@ class Tiling:
     tile_bytes: int
     budget: int
     tiles: list[Tile] = field(default_factory=list)
+    #: bytes one pass over ``chunk`` samples holds at its peak (included in ``tile_bytes``)
+    pass_bytes: int = 0
+    #: why no tile fits the budget (a plan that cannot run: :func:`pkfast.plan` prints it; :func:`pkfast.gram`
+    #: raises it); empty when the tiling runs
+    problem: str = ""
 
     @property
     def num_pairs(self) -> int:
@@ -48,11 +63,16 @@ class Tiling:
 
     def __repr__(self) -> str:
         kind = "upper-triangle" if self.symmetric else "full"
+        if self.problem:
+            return f"Tiling({self.n_rows}×{self.n_cols}: does not fit the {self.budget / 2**20:.1f} MiB budget)"
         return (
             f"Tiling({self.n_rows}×{self.n_cols}, {len(self.tiles)} {kind} tiles of ≤{self.row_block}×"
             f"{self.col_block}, vmap chunk {self.chunk}, ~{self.tile_bytes / 2**20:.1f} MiB of "
-            f"{self.budget / 2**20:.1f} MiB budget)"
+            f"{self.budget / 2**20:.1f} MiB budget{self._pass_note()})"
         )
+
+    def _pass_note(self) -> str:
+        return f"; one pass over {self.chunk} samples holds {self.pass_bytes / 2**20:.2g} MiB" if self.pass_bytes else ""
 
 
 def _panel_sizes(budget: int, fixed: int, u: int, k: int, n_rows: int, n_cols: int, square: bool) -> tuple[int, int]:
@@ -70,6 +90,19 @@ def _panel_sizes(budget: int, fixed: int, u: int, k: int, n_rows: int, n_cols: i
     elif bc < b:
         br = min(n_rows, int((room - bc * u) // (u + bc * k)))
     return br, bc
+
+
+def _chunk_and_fixed(chunk: int, u: int, budget: int, reserved: int, cost) -> tuple[int, int, int]:
+    """(samples per pass, bytes held whatever the tiles' size, of which one pass's): the measured pass ``cost``
+    (:class:`~pkfast.engine.meter.PassCost`) within a quarter of the budget — else, unmeasured (0 is returned
+    as the pass's), the chunk's output and its copy (2 × chunk × u) within a quarter."""
+    if cost is None:
+        chunk = max(1, min(chunk, budget // (8 * u) if u else chunk))
+        return chunk, 2 * chunk * u + int(reserved), 0
+    else:
+        chunk = max(1, min(chunk, (budget // 4 - cost.fixed) // max(1, cost.per_sample)))
+        held = cost.bytes(chunk)
+    return chunk, held + int(reserved), held
 
 
 def _reuse_sizes(room: int, u: int, k: int, n: int) -> tuple[int, int]:
@@ -95,6 +128,7 @@ def solve_tiling(
     fn: str = "pkfast.gram",
     reuse_rows: bool = False,
     reserved: int = 0,
+    pass_cost=None,
 ) -> Tiling:
     """Plan tiles for an ``n_rows × n_cols`` Gram.
 
@@ -111,28 +145,26 @@ def solve_tiling(
         chunk: the preferred samples per ``vmap`` call; reduced if the budget needs it.
         reserved: bytes held besides the tiles whatever their size (the streaming workspace of
             :mod:`pkfast.engine.routes.layered`).
+        pass_cost: what one per-sample pass holds (:class:`~pkfast.engine.meter.PassCost`; None: estimated).
     """
     u, k = int(bytes_per_sample), int(acc_bytes_per_pair)
-    # the vmap chunk's output and the concatenated copy: ≤ a quarter of the budget
-    chunk = max(1, min(chunk, budget // (8 * u) if u else chunk))
-    fixed = 2 * chunk * u + int(reserved)
+    chunk, fixed, held = _chunk_and_fixed(chunk, u, budget, reserved, pass_cost)
     if symmetric and fixed + n_rows * u + n_rows * n_rows * k <= budget:
         # one diagonal tile: its column panel is its row panel, so only one panel is held
         chunk = min(chunk, n_rows)
         tiles = [Tile(0, slice(0, n_rows), slice(0, n_rows), diagonal=True)]
         used = fixed + n_rows * u + n_rows * n_rows * k
-        return Tiling(n_rows, n_cols, n_rows, n_rows, True, chunk, u, used, budget, tiles)
+        return Tiling(n_rows, n_cols, n_rows, n_rows, True, chunk, u, used, budget, tiles, held)
     if symmetric and reuse_rows:
         br, bc = _reuse_sizes(budget - fixed, u, k, n_rows)
     else:
         br, bc = _panel_sizes(budget, fixed, u, k, n_rows, n_cols, square=symmetric)
     if br < 1 or bc < 1:
         need = fixed + 2 * u + k
-        raise ValueError(
+        raise BudgetTooSmall(
             f"{fn}: memory_budget of {budget:,} bytes is too small for one tile; a 1×1 tile needs {need:,} bytes "
-            f"(one sample's Jacobian panel and layer factors take {u:,} bytes{_reserved_note(reserved)}). "
-            f"Raise memory_budget to at least {need:,}."
-        )
+            f"(one sample's Jacobian panel and layer factors take {u:,} bytes{_reserved_note(reserved, held)}). "
+            f"Raise memory_budget to at least {need:,}.", need, chunk, u, held)
     chunk = min(chunk, max(br, bc))
     tiles: list[Tile] = []
     for r0 in range(0, n_rows, br):
@@ -146,29 +178,29 @@ def solve_tiling(
             cols = slice(c0, min(n_cols, c0 + bc))
             tiles.append(Tile(len(tiles), rows, cols, diagonal=symmetric and c0 == r0))
     used = fixed + (br + bc) * u + br * max(br if symmetric and reuse_rows else 0, bc) * k
-    return Tiling(n_rows, n_cols, br, bc, symmetric, chunk, u, used, budget, tiles)
+    return Tiling(n_rows, n_cols, br, bc, symmetric, chunk, u, used, budget, tiles, held)
 
 
-def _reserved_note(reserved: int) -> str:
-    return f", besides a {reserved:,}-byte workspace" if reserved else ""
+def _reserved_note(reserved: int, held: int = 0) -> str:
+    parts = ([f"a {reserved:,}-byte workspace"] if reserved else []) + (
+        [f"{held:,} bytes that one per-sample pass holds"] if held else [])
+    return ", besides " + " and ".join(parts) if parts else ""
 
 
 def solve_diagonal(n: int, *, bytes_per_sample: int, acc_bytes_per_sample: int, budget: int, chunk: int,
-                  fn: str = "pkfast.gram", reserved: int = 0) -> Tiling:
+                  fn: str = "pkfast.gram", reserved: int = 0, pass_cost=None) -> Tiling:
     """Row panels for the diagonal K(x_a, x_a): one (or two, for asymmetric rules) panels per block."""
     u = int(bytes_per_sample)
-    chunk = max(1, min(chunk, budget // (8 * u) if u else chunk))
-    fixed = 2 * chunk * u + int(reserved)
+    chunk, fixed, held = _chunk_and_fixed(chunk, u, budget, reserved, pass_cost)
     b = min(n, (budget - fixed) // (2 * u + acc_bytes_per_sample))
     if b < 1:
         need = fixed + 2 * u + acc_bytes_per_sample
-        raise ValueError(
+        raise BudgetTooSmall(
             f"{fn}: memory_budget of {budget:,} bytes is too small; one sample needs {need:,} bytes "
-            f"(one sample's Jacobian panel and layer factors take {u:,} bytes{_reserved_note(reserved)}). "
-            f"Raise memory_budget to at least {need:,}."
-        )
+            f"(one sample's Jacobian panel and layer factors take {u:,} bytes{_reserved_note(reserved, held)}). "
+            f"Raise memory_budget to at least {need:,}.", need, chunk, u, held)
     chunk = min(chunk, b)
     tiles = [Tile(i, slice(a, min(n, a + b)), slice(a, min(n, a + b)), diagonal=True)
              for i, a in enumerate(range(0, n, b))]
     used = fixed + 2 * b * u + b * acc_bytes_per_sample
-    return Tiling(n, n, b, b, True, chunk, u, used, budget, tiles)
+    return Tiling(n, n, b, b, True, chunk, u, used, budget, tiles, held)

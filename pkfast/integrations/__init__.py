@@ -36,12 +36,13 @@ class LoopRecorder:
 
     def __init__(self, path: str | os.PathLike, *, every: int = 1, overwrite: bool = False, resume: bool = False,
                  fsync: bool = False, buffers: bool = True, loss: Any = None, targets: Any = None,
-                 meta: dict | None = None) -> None:
+                 meta: dict | None = None, fingerprint: bool = True) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"pkfast: every must be a positive int (record a point every k optimizer steps); "
                              f"found {every!r}")
         self.path, self.every = path, every
-        self._kw = dict(overwrite=overwrite, resume=resume, fsync=fsync, buffers=buffers, loss=loss, targets=targets)
+        self._kw = dict(overwrite=overwrite, resume=resume, fsync=fsync, buffers=buffers, loss=loss, targets=targets,
+                        fingerprint=fingerprint)
         self._meta = dict(meta or {})
         self.recorder: TrajectoryRecorder | None = None
         self.steps = 0

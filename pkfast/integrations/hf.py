@@ -14,7 +14,8 @@ skipped, e.g. on an fp16 overflow, records nothing).
 returns each sample's index under the key ``"pkfast_index"`` (:data:`INDEX_KEY`); the callback's forward
 pre-hook takes that key out of the model's inputs (the model never sees it) while the model trains, and each
 step records the indices of its micro-batches. With them, targets and the loss convention (``targets=``,
-``loss=``), an SGD run (``optim="sgd"``, ``max_grad_norm=0``) feeds the exact kernel machine. The Trainer
+``loss=``), an SGD run (``optim="sgd"``, ``max_grad_norm=0``) feeds the exact kernel machine, which checks its
+``X_train`` against the fingerprints of the model's inputs recorded at each step (``fingerprint=True``). The Trainer
 drops inputs the model's ``forward`` does not name unless ``TrainingArguments(remove_unused_columns=False)``.
 """
 
@@ -40,9 +41,9 @@ class TrajectoryCallback(transformers.TrainerCallback):
 
     def __init__(self, path: str | os.PathLike, *, every: int = 1, overwrite: bool = False, resume: bool = False,
                  fsync: bool = False, buffers: bool = True, loss: Any = None, targets: Any = None,
-                 meta: dict | None = None) -> None:
+                 meta: dict | None = None, fingerprint: bool = True) -> None:
         self._loop = LoopRecorder(path, every=every, overwrite=overwrite, resume=resume, fsync=fsync,
-                                  buffers=buffers, loss=loss, targets=targets, meta=meta)
+                                  buffers=buffers, loss=loss, targets=targets, meta=meta, fingerprint=fingerprint)
         self._seen: list[torch.Tensor] = []
         self._hook = None
 
@@ -56,7 +57,8 @@ class TrajectoryCallback(transformers.TrainerCallback):
                                "to on_train_begin")
         self._loop.start(model, optimizer, f"transformers.Trainer {transformers.__version__}")
         self._seen = []
-        self._hook = model.register_forward_pre_hook(self._take_indices, with_kwargs=True)
+        # (before the recorder's own hook: the inputs it fingerprints are the model's, without the index key)
+        self._hook = model.register_forward_pre_hook(self._take_indices, with_kwargs=True, prepend=True)
 
     def _take_indices(self, module, args, kwargs):
         idx = kwargs.pop(INDEX_KEY, None)

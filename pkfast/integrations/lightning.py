@@ -10,7 +10,8 @@ The recorder starts at ``on_train_start`` with the module's trainable parameters
 ``module.named_parameters()``) and the first optimizer, and records after each optimizer step
 (``on_train_batch_end`` when the optimizer stepped: gradient accumulation and skipped steps record nothing).
 ``batch_indices``, a function of the batch, gives each step's training indices (e.g. a dataset that returns its
-index with each sample) — what the exact kernel machine needs.
+index with each sample) — what the exact kernel machine needs. The fingerprints of the inputs (``fingerprint=True``)
+are taken from calls of the LightningModule itself (``self(x)`` in ``training_step``), not of a submodule.
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ class TrajectoryCallback(pl.Callback):
 
     def __init__(self, path: str | os.PathLike, *, every: int = 1, batch_indices: Callable[[Any], Any] | None = None,
                  overwrite: bool = False, resume: bool = False, fsync: bool = False, buffers: bool = True,
-                 loss: Any = None, targets: Any = None, meta: dict | None = None) -> None:
+                 loss: Any = None, targets: Any = None, meta: dict | None = None, fingerprint: bool = True) -> None:
         self._loop = LoopRecorder(path, every=every, overwrite=overwrite, resume=resume, fsync=fsync,
-                                  buffers=buffers, loss=loss, targets=targets, meta=meta)
+                                  buffers=buffers, loss=loss, targets=targets, meta=meta, fingerprint=fingerprint)
         self._indices = batch_indices
 
     @property

@@ -41,6 +41,7 @@ from pkfast.loss import LossSpec
 from pkfast.options import Options, model_device
 from pkfast.machine.checks import UPDATE_TOL, Certificate, SelfChecks
 from pkfast.machine.nodes import NodesCheck, choose_nodes
+from pkfast.machine import data_check
 from pkfast.machine.sweep import Sweep
 from pkfast.engine.quadrature import DEFAULT_NODES
 from pkfast.trajectory.points import Trajectory
@@ -105,6 +106,8 @@ class KernelMachine(SelfChecks):
         output_fn: reduces what the model returns to its output tensor (default: a tensor as it is, a mapping or
             ``ModelOutput``'s ``"logits"``, a tuple's first element; :func:`pkfast.engine.inputs.reduce_output`).
             ``X_train`` and queries may be mappings or tuples of arrays (:mod:`pkfast.engine.inputs`).
+        check_data: refuse an ``X_train`` whose rows differ from the recorder's input fingerprints (another order,
+            other preprocessing) and a ``y_train`` unlike the recorded targets (:mod:`pkfast.machine.data_check`).
 
     Example:
         >>> import torch, pkfast, tempfile
@@ -132,7 +135,7 @@ class KernelMachine(SelfChecks):
     def __init__(self, model: torch.nn.Module, trajectory: Trajectory, X_train: Any, y_train: Any = None,
                  loss: Any = None, *, rule: str = "exact", nodes: int | None = None, dtype: Any = torch.float64,
                  memory_budget: Any = None, progress: bool = True, output_fn: Any = None, verify: bool = True,
-                 update_tol: float = UPDATE_TOL, check_nodes: bool = True) -> None:
+                 update_tol: float = UPDATE_TOL, check_data: bool = True, check_nodes: bool = True) -> None:
         model = check_model_and_trajectory(_FN, model, trajectory)
         self.opts = Options.check(_FN, rules=("exact", "left"), strict_nodes=False, rule=rule,
                                   nodes=DEFAULT_NODES if nodes is None else nodes, dtype=dtype,
@@ -167,6 +170,8 @@ class KernelMachine(SelfChecks):
                              "may vary)")
         self._momentum = kinds.pop() if kinds else (0.0, 0.0, False)
         self._batches = self._read_batches(record, N)
+        if check_data:
+            data_check.check_data(_FN, record, X_train, self._batches, self.y, trajectory.targets)
 
         device = model_device(model)
         adapt = dict(packing=self._packing, output_fn=self.opts.output_fn)

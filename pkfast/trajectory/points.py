@@ -251,7 +251,21 @@ class Trajectory:
         return row
 
     def point(self, k: int) -> dict[str, torch.Tensor]:
-        """w_k as a ``{name: tensor}`` dict of views into :meth:`flat`."""
+        """The weights w_k after ``k`` steps (``k = 0``: the initial weights; ``k = T``: the trained ones) as a
+        ``{name: tensor}`` dict of views into :meth:`flat` (row k, read and checksum-verified on first use), in the
+        order and shapes of the recorded parameters — what ``model.load_state_dict(..., strict=False)`` takes.
+
+        Example:
+            >>> import torch, pkfast
+            >>> net = torch.nn.Linear(3, 2)
+            >>> w0 = {k: v.clone() for k, v in net.state_dict().items()}
+            >>> w1 = {k: v + 0.1 for k, v in w0.items()}
+            >>> traj = pkfast.Trajectory.from_checkpoints([w0, w1], lr=0.5)
+            >>> p = traj.point(1)
+            >>> sorted(p), p["weight"].shape, torch.equal(p["bias"], w1["bias"])
+            (['bias', 'weight'], torch.Size([2, 3]), True)
+            >>> _ = net.load_state_dict(traj.point(0))           # back to the initial weights
+        """
         row = self.flat(k)
         return {n: row[a:b].view(s) for (n, s), a, b in zip(self._spec, self._offsets[:-1], self._offsets[1:])}
 

@@ -4,7 +4,9 @@ The format is described in :mod:`pkfast.trajectory.files`; the manifest's metada
 written through the typed record of :mod:`pkfast.trajectory.recording`. Appending never rewrites earlier steps,
 and a crash loses at most the step being written. Every weight row gets a CRC-32 checksum line in
 ``weights.crc``, written after the row and before its step is committed; a resume keeps the checksums of the
-rows it keeps (and computes them for a recording made before pkfast wrote checksums).
+rows it keeps (and computes them for a recording made before pkfast wrote checksums). With ``fingerprint=True``
+each step's line also holds a CRC-32 per row of the inputs the training forward pass received
+(:mod:`pkfast.trajectory.fingerprints`), which the kernel machine checks ``X_train`` against.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from pkfast.store import formats
 from pkfast.loss import LossSpec
 from pkfast.trajectory.points import Trajectory
+from pkfast.trajectory.fingerprints import KEY as FINGERPRINTS, InputCapture
 from pkfast.trajectory.files import (MANIFEST, STEPS, WEIGHTS, TrajectoryWriter, complete_rows, dtype_name,
                                      keep_checksums, read_manifest, read_steps, save_targets, storage_dtype)
 from pkfast.trajectory.recording import STEP_HYPER, GroupHyper, OptimizerKind, OptimizerSpec, Recording, StepRecord
@@ -58,6 +61,11 @@ class TrajectoryRecorder:
             with the derivatives it recomputes from the model, which exposes a training forward pass that
             differs from the model's (augmentation, dropout, train-mode normalisation): see
             :attr:`pkfast.KernelMachine.output_grad_mismatch`.
+        fingerprint: also store, per step, a CRC-32 of every row of the model's tensor inputs in the training
+            forward pass (taken by a forward pre-hook on ``model``: calls with autograd enabled since the last
+            step; :mod:`pkfast.trajectory.fingerprints`), so that :class:`pkfast.KernelMachine` can refuse an
+            ``X_train`` whose rows are not the ones the batch indices stood for (another order, other
+            preprocessing). One CRC per batch row, of its float32 (integer: int64) bytes, copied to the CPU.
 
     Each step records the applied lr, the ordered ``batch_indices`` passed to :meth:`step` and the optimizer's
     hyperparameters at that step (momentum, dampening, nesterov, weight_decay, …), which the exact
@@ -91,6 +99,7 @@ class TrajectoryRecorder:
         loss: Any = None,
         targets: Any = None,
         store_output_grads: bool = False,
+        fingerprint: bool = True,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"pkfast.TrajectoryRecorder: model must be a torch.nn.Module; found {type(model).__name__}")
@@ -142,6 +151,7 @@ class TrajectoryRecorder:
         self._applied_hyper: list[tuple[GroupHyper, ...]] = []
         self._skipped_lr, self._skipped = 0.0, 0  # optimizer steps since the last recorded point (skip())
         self._hook = optimizer.register_step_post_hook(self._after_optimizer_step)
+        self._capture = InputCapture(model) if fingerprint else None
         self.num_steps = self._writer.rows - 1
 
     # ------------------------------------------------------------------ internals
@@ -205,6 +215,7 @@ class TrajectoryRecorder:
         batches unrecorded (``optimizer_steps`` in its metadata). Such a recording serves the Gram and the
         sketch; the exact kernel machine needs every step and refuses it."""
         lr, _ = self._pop_applied("skip")
+        self._take_prints(None)
         self._skipped_lr += lr
         self._skipped += 1
 
@@ -223,6 +234,9 @@ class TrajectoryRecorder:
         rec = StepRecord.from_json(self.num_steps, line, typed=typed)
         self._writer.append_step(self._parts(), **rec.to_json())
         self.num_steps += 1
+
+    def _take_prints(self, n: int | None) -> dict[str, Any] | None:
+        return None if self._capture is None else self._capture.take(n)
 
     def _pop_applied(self, fn: str) -> tuple[float, tuple[GroupHyper, ...]]:
         if self._writer is None:
@@ -280,6 +294,9 @@ class TrajectoryRecorder:
         elif outputs is not None:
             raise ValueError("pkfast.TrajectoryRecorder.step: outputs= is stored only with "
                              "TrajectoryRecorder(store_output_grads=True)")
+        prints = self._take_prints(None if batch_indices is None else len(batch_indices))
+        if prints:
+            extra = {FINGERPRINTS: prints, **extra}
         if hyper:
             g = [h.to_json() for h in hyper]
             extra = {"optimizer": g[0] if len(g) == 1 else {"groups": g}, **extra}
@@ -304,6 +321,8 @@ class TrajectoryRecorder:
         """Stop recording (removes the optimizer hook, closes the files). Idempotent."""
         if self._writer is not None:
             self._hook.remove()
+            if self._capture is not None:
+                self._capture.remove()
             self._writer.close()
             self._writer = None  # type: ignore[assignment]
 

@@ -50,7 +50,7 @@ def test_stored_equals_in_memory_bitwise(tmp_path, case):
     X = torch.randn(13, 5, dtype=torch.float64)
     kw = dict(outputs="full" if "full" in case else ("mean" if case == "mean" else "trace"),
               X2=torch.randn(6, 5, dtype=torch.float64) if case == "cross" else None,
-              diagonal="diagonal" in case, memory_budget=20_000, method="jacobian", progress=False, dtype=torch.float64)
+              diagonal="diagonal" in case, memory_budget=40_000, method="jacobian", progress=False, dtype=torch.float64)
     K = pkfast.gram(model, traj, X, **kw)
     out = tmp_path / "g.npy"
     M = pkfast.gram(model, traj, X, out=out, **kw)
@@ -121,7 +121,7 @@ def small(tmp_path):
     traj = random_trajectory(model)
     X = torch.randn(11, 5)
     out = tmp_path / "g.npy"
-    pkfast.gram(model, traj, X, out=out, memory_budget=8_000, method="jacobian", progress=False)
+    pkfast.gram(model, traj, X, out=out, memory_budget=16_000, method="jacobian", progress=False)
     return model, traj, X, out
 
 
@@ -131,7 +131,7 @@ def small(tmp_path):
 ])
 def test_mismatched_restart_is_refused_and_says_what_differs(small, change, says):
     model, traj, X, out = small
-    kw = dict(out=out, memory_budget=8_000, method="jacobian", progress=False)
+    kw = dict(out=out, memory_budget=16_000, method="jacobian", progress=False)
     if change == "X":
         X = X + 1
     elif change == "trajectory":
@@ -167,7 +167,7 @@ def test_corrupted_tile_is_detected_and_recomputed(small):
     del arr
     assert pkfast.open_gram(out).verify() == [1]
     with pytest.warns(RuntimeWarning, match=r"no longer match their checksum \(tiles 1\)"):
-        pkfast.gram(model, traj, X, out=out, memory_budget=8_000, method="jacobian", progress=False)
+        pkfast.gram(model, traj, X, out=out, memory_budget=16_000, method="jacobian", progress=False)
     assert _bytes(out) == good
 
 
@@ -217,12 +217,12 @@ def test_second_writer_is_refused(small):
     holder = store.GramStore.attach(out)  # another writer holds the lock
     try:
         with pytest.raises(store.StoreError, match=f"being written by another process \\(pid {os.getpid()}"):
-            pkfast.gram(model, traj, X, out=out, memory_budget=8_000, method="jacobian", progress=False)
+            pkfast.gram(model, traj, X, out=out, memory_budget=16_000, method="jacobian", progress=False)
         with pytest.raises(store.StoreError, match="another process is writing it"):
             pkfast.gram(model, traj, X, out=out, overwrite=True, progress=False)
     finally:
         holder.close()
-    pkfast.gram(model, traj, X, out=out, memory_budget=8_000, method="jacobian", progress=False)  # free again
+    pkfast.gram(model, traj, X, out=out, memory_budget=16_000, method="jacobian", progress=False)  # free again
 
 
 def test_disk_full_mid_run_is_a_clear_error_and_resumable(tmp_path, monkeypatch):
@@ -230,7 +230,7 @@ def test_disk_full_mid_run_is_a_clear_error_and_resumable(tmp_path, monkeypatch)
     traj = random_trajectory(model)
     X = torch.randn(11, 5)
     ref = tmp_path / "ref.npy"
-    pkfast.gram(model, traj, X, out=ref, memory_budget=8_000, method="jacobian", progress=False)
+    pkfast.gram(model, traj, X, out=ref, memory_budget=16_000, method="jacobian", progress=False)
     out = tmp_path / "g.npy"
     real = os.pwrite
     calls = {"n": 0}
@@ -243,11 +243,11 @@ def test_disk_full_mid_run_is_a_clear_error_and_resumable(tmp_path, monkeypatch)
 
     monkeypatch.setattr(store.os, "pwrite", pwrite)
     with pytest.raises(store.StoreError, match="disk full while writing tile .* finished tiles are kept"):
-        pkfast.gram(model, traj, X, out=out, memory_budget=8_000, method="jacobian", progress=False)
+        pkfast.gram(model, traj, X, out=out, memory_budget=16_000, method="jacobian", progress=False)
     monkeypatch.setattr(store.os, "pwrite", real)
     g = pkfast.open_gram(out)
     assert 0 < len(g.done) < g.num_tiles and g.verify() == []
-    pkfast.gram(model, traj, X, out=out, memory_budget=8_000, method="jacobian", progress=False)
+    pkfast.gram(model, traj, X, out=out, memory_budget=16_000, method="jacobian", progress=False)
     assert _bytes(out) == _bytes(ref)
 
 
@@ -316,7 +316,7 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, reference):
 
 def test_two_gloo_ranks_factorized_route(tmp_path):
     """The factorised route shares tiles across ranks too: two ranks write the bytes of one process."""
-    extra = ("--method", "factorized", "--budget", "8000")
+    extra = ("--method", "factorized", "--budget", "16000")
     ref = tmp_path / "one.npy"
     subprocess.run([sys.executable, WORKER, str(ref), *extra], check=True, env=ENV, timeout=300)
     g = pkfast.open_gram(ref)
@@ -377,7 +377,7 @@ def test_small_write_slabs_give_the_same_bytes(tmp_path, monkeypatch):
     traj = random_trajectory(model, steps=2)
     X = torch.randn(17, 5, dtype=torch.float64)
     for outputs in ("trace", "full"):
-        kw = dict(outputs=outputs, memory_budget=20_000, method="jacobian", progress=False, dtype=torch.float64)
+        kw = dict(outputs=outputs, memory_budget=40_000, method="jacobian", progress=False, dtype=torch.float64)
         K = pkfast.gram(model, traj, X, **kw)
         monkeypatch.setattr(store, "WRITE_SLAB", 3 * 8 * K[0].numel() // 2)  # 1–2 rows per slab
         M = pkfast.gram(model, traj, X, out=tmp_path / f"{outputs}.npy", **kw)

@@ -148,7 +148,10 @@ def test_lightning_callback_records_steps_lrs_and_batches(tmp_path):
     seen = torch.cat([torch.as_tensor(traj.batch_indices(s)) for s in range(4)])
     assert sorted(seen.tolist()) == list(range(32))  # one epoch: every index once
     # with batches, loss and targets recorded, the exact kernel machine rebuilds the module
+    assert all(list(s.extra["input_fingerprints"]) == ["0"] for s in traj.recording.steps)  # self(x) in the step
     km = pkfast.KernelMachine(m.double(), traj, X.double(), dtype=torch.float64, progress=False)
+    with pytest.raises(ValueError, match="X_train appears permuted"):  # checked against those fingerprints
+        pkfast.KernelMachine(m, traj, X.double().flip(0), dtype=torch.float64, progress=False)
     cert = km.certificate(X[:2].double())
     assert float(cert.update.max()) < 1e-5  # float32 training: the recomputed steps agree to its rounding
 
@@ -260,6 +263,8 @@ def test_hf_trainer_with_indices_feeds_the_exact_kernel_machine(tmp_path):
     batches = [traj.batch_indices(s) for s in range(traj.num_steps)]
     assert all(b is not None and len(b) == 3 for b in batches)
     assert sorted(int(i) for b in batches for i in b) == list(range(12))  # one epoch, every sequence once
+    # the model's inputs are fingerprinted as the model received them (the index key already taken out)
+    assert all(sorted(s.extra["input_fingerprints"]) == ["input_ids", "labels"] for s in traj.recording.steps)
     model.eval()
     shift = lambda o: o.logits[:, :-1]  # noqa: E731  (the next-token logits of targets ids[:, 1:])
     km = pkfast.KernelMachine(model, traj, {"input_ids": ids}, output_fn=shift, nodes=4, progress=False)
