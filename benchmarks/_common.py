@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pkfast
-from pkfast.engine.alloc import reuse_freed_memory
+from pkfast.engine.resources.alloc import reuse_freed_memory
 from pkfast.engine.driver import GramJob
 from pkfast.engine.quadrature import EvalPoint
 

@@ -30,7 +30,11 @@ import torch
 from tqdm.auto import tqdm
 
 from pkfast.engine import inputs
+from pkfast.engine.driver import GramJob
+from pkfast.store import formats, ranks
 from pkfast.store.features import PathFeatures
+from pkfast.store.reader import Chunk, read_manifest
+from pkfast.store.writer import ChunkStore
 from pkfast.gram import gram
 from pkfast.sketch import sketch
 
@@ -43,6 +47,9 @@ BLOCK_BYTES = 64 * 2**20
 #: (Spearman 0.96, top-10 overlap 0.9, median over queries) and not at 1,024 (0.71, 0.5); with Kronecker-factored
 #: layers, k costs storage (N·k) and scoring (M·N·k), hardly the features' computation.
 ATTRIBUTION_K = 16384
+#: ``options["kind"]`` of stored scores (``scores(out=…)``): a query × train loss-kernel matrix in the stored-Gram
+#: layout, one chunk per block of training columns.
+SCORES = "attribution-scores"
 
 
 class Exact:
@@ -163,43 +170,105 @@ def _block_rows(fn: str, M: int, N: int, block: int | None, row_bytes: int = 0) 
 def _blocks(fn: str, query: Source, train: Source, block: int | None, progress: bool):
     """(rows, scores [M, rows]) over the training set, ``block`` rows at a time."""
     N = len(train)
-    feats = isinstance(query, PathFeatures)
-    b = _block_rows(fn, len(query), N, block, 4 * train.features[0].numel() if feats else 0)
-    q = query.read(0, len(query)).reshape(len(query), -1) if feats else None
+    b = _block_rows(fn, len(query), N, block, _row_bytes(train))
+    q = _query_features(query)
     with tqdm(total=N, unit="train", unit_scale=True, desc=fn, disable=not progress, leave=False) as bar:
         for a in range(0, N, b):
             rows = slice(a, min(N, a + b))
-            if q is not None:
-                S = q @ train.read(a, rows.stop).reshape(rows.stop - a, -1).T
-            else:
-                S = query.block(train, rows)
-            yield rows, S
+            yield rows, _score_block(query, train, q, rows)
             bar.update(rows.stop - a)
 
 
-def scores(query: Source, train: Source, *, out: str | os.PathLike | None = None, block: int | None = None,
-           progress: bool = True) -> torch.Tensor | np.memmap:
+def scores(query: Source, train: Source, *, out: str | os.PathLike | None = None, overwrite: bool = False,
+           block: int | None = None, progress: bool = True) -> torch.Tensor | np.memmap:
     """The ``[M, N]`` scores s(q, z) of every query against every training point.
 
-    With ``out`` (a path ending in ``.npy``) they are written there block by block and returned as a read-only
-    memmap, never held in memory; without it, returned as a tensor. ``block``: training rows per step
-    (default: 16 Mi entries per block)."""
+    Without ``out``, returned as a tensor. With ``out`` (a path ending in ``.npy``) they are written there as
+    :func:`pkfast.gram`'s ``out`` writes a Gram — the chunked store of :mod:`pkfast.store.writer`, one chunk per
+    block of training columns, journaled with its CRC, a manifest and a lock in ``<out>.pkfast/`` — and returned
+    as a read-only memmap, never held in memory. The same call again returns the finished file (computing
+    nothing) or resumes an interrupted one from its finished blocks; a file from other queries, training points,
+    model, trajectory or options — or one pkfast did not write — is refused (saying what differs) unless
+    ``overwrite=True`` discards it. ``pkfast.open_gram(out)`` opens the file with its metadata. ``block``:
+    training rows per step (default: 16 Mi entries per block; a resumed file keeps its stored blocks).
+
+    Example:
+        >>> import torch, pkfast, tempfile, os, numpy as np
+        >>> from pkfast.attribution import Exact, scores
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+        >>> w0 = {k: v.clone() for k, v in net.state_dict().items()}
+        >>> traj = pkfast.Trajectory.from_checkpoints([w0, {k: v * 0.9 for k, v in w0.items()}], lr=0.1)
+        >>> train = Exact(net, traj, torch.randn(20, 3), torch.randint(0, 2, (20,)), loss="cross_entropy")
+        >>> query = Exact(net, traj, torch.randn(2, 3), torch.tensor([0, 1]), loss="cross_entropy")
+        >>> S = scores(query, train, progress=False)
+        >>> out = os.path.join(tempfile.mkdtemp(), "scores.npy")
+        >>> stored = scores(query, train, out=out, block=8, progress=False)  # the same call again returns it
+        >>> S.shape, bool(np.allclose(stored, S.numpy(), rtol=1e-5))
+        (torch.Size([2, 20]), True)
+    """
     fn = "pkfast.attribution.scores"
     _check(fn, query, train)
+    if not isinstance(overwrite, bool) or (overwrite and out is None):
+        raise ValueError(f"{fn}: overwrite=True applies to stored scores; expected out='….npy' with it, found "
+                         f"overwrite={overwrite!r}, out={out!r}")
     M, N = len(query), len(train)
     if out is None:
         res = torch.empty(M, N, dtype=torch.float64 if _is64(query) else torch.float32)
         for rows, S in _blocks(fn, query, train, block, progress):
             res[:, rows] = S
         return res
-    if not str(out).endswith(".npy"):
-        raise ValueError(f"{fn}: out must be a path ending in .npy; found {str(out)!r}")
-    arr = np.lib.format.open_memmap(out, mode="w+", dtype=np.float64 if _is64(query) else np.float32, shape=(M, N))
-    for rows, S in _blocks(fn, query, train, block, progress):
-        arr[:, rows] = S.numpy()
-    arr.flush()
-    del arr
+    b = _block_rows(fn, M, N, block, _row_bytes(train))
+    q = _query_features(query)
+    options, fps = _store_record(fn, query, train)
+    manifest = ChunkStore.new_manifest(
+        shape=(M, N), dtype=np.dtype(np.float64 if _is64(query) else np.float32), options=options, fingerprints=fps,
+        chunks=[Chunk(i, slice(0, M), slice(a, min(N, a + b))) for i, a in enumerate(range(0, N, b))],
+        blocks=(M, b, b), symmetric=False, diagonal=False, num_outputs=1, scale=1.0)
+    ranks.fill(out, manifest, lambda chunk: _score_block(query, train, q, chunk.cols), overwrite=overwrite, fn=fn,
+               progress=progress, axis=1)
     return np.load(out, mmap_mode="r")
+
+
+def _store_record(fn: str, query: Source, train: Source) -> tuple[dict[str, Any], dict[str, str]]:
+    """The manifest options and fingerprints of stored scores: what a resumed call must share with the first."""
+    if isinstance(query, PathFeatures):
+        options = {"kind": SCORES, "source": "sketched", "of": query.of, "k": query.k, "seed": query.seed,
+                   "rule": query.rule, "sketch": query.fingerprint}
+        return options, formats.fingerprints(query.parts["model"], query.parts["trajectory"], _content(query),
+                                             _content(train), options=options)
+    opts = {k: v for k, v in query.options.items() if k != "progress"}
+    job = GramJob.create(query.model, query.trajectory, query.X, train.X, y=query.y, y2=train.y, fn=fn, of="loss",
+                         loss=query.loss, **opts)
+    options = dict(job.record(), kind=SCORES, source="exact")
+    return options, formats.fingerprints(job.fm.fingerprint(), job.fm.trajectory.fingerprint(), job.data.X,
+                                         job.data.X2, y=job.data.Y, y2=job.data.Y2, options=options)
+
+
+def _content(features: PathFeatures) -> str:
+    """A digest of which features these are: for features opened from a store, its record of the sketched
+    samples and the rows taken (the file is not re-read); else their values."""
+    if features._file is not None:
+        path, offset = features._file
+        return formats.digest(read_manifest(path)["fingerprints"]["X"], offset, len(features))
+    return formats.digest(features.features)
+
+
+def _row_bytes(train: Source) -> int:
+    return 4 * train.features[0].numel() if isinstance(train, PathFeatures) else 0
+
+
+def _query_features(query: Source) -> torch.Tensor | None:
+    """Sketched queries' features ``[M, C·k]`` (read once), or None for exact ones."""
+    if isinstance(query, PathFeatures):
+        return query.read(0, len(query)).reshape(len(query), -1)
+    return None
+
+
+def _score_block(query: Source, train: Source, q: torch.Tensor | None, rows: slice) -> torch.Tensor:
+    """``[M, rows]``: the scores of every query against training rows ``rows``."""
+    if q is not None:
+        return q @ train.read(rows.start, rows.stop).reshape(rows.stop - rows.start, -1).T
+    return query.block(train, rows)
 
 
 def top_k(query: Source, train: Source, k: int = 10, *, block: int | None = None, progress: bool = True) -> TopK:
@@ -291,7 +360,7 @@ def self_influence(train: Source, *, block: int | None = None, progress: bool = 
         raise TypeError(f"{fn}: train must be pkfast.attribution.Exact or pkfast.PathFeatures; found "
                         f"{type(train).__name__}")
     N = len(train)
-    b = _block_rows(fn, 1, N, block, 4 * train.features[0].numel() if isinstance(train, PathFeatures) else 0)
+    b = _block_rows(fn, 1, N, block, _row_bytes(train))
     parts = []
     with tqdm(total=N, unit="train", unit_scale=True, desc=fn, disable=not progress, leave=False) as bar:
         for a in range(0, N, b):

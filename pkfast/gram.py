@@ -50,6 +50,7 @@ def gram(
     seed: int | None = None,
     projection: str = "auto",
     output_fn: Any = None,
+    threads: int | str | None = None,
 ) -> torch.Tensor | np.memmap:
     r"""The path-kernel Gram matrix of ``model`` along ``trajectory`` between samples ``X`` (and ``X2``).
 
@@ -100,6 +101,11 @@ def gram(
             accumulators; tiles are sized from it. Default: half of the free memory of the compute device.
             The returned Gram itself is not counted.
         progress: show a progress bar (tqdm, on stderr) with throughput in kernel entries per second.
+        threads: CPU threads: ``"auto"`` (default, or the ``PKFAST_THREADS`` environment variable) runs with
+            torch's thread count lowered to the cores other processes leave free, re-decided at each tile
+            (on a shared machine, oversubscribed OpenMP regions cost a time slice each: see
+            :mod:`pkfast.engine.resources.threads`); ``"all"``: torch's count; an integer pins it (bitwise
+            reproducible runs). torch's count is restored afterwards.
         precision: input precision of the Gram products: ``"ieee"`` (exact fp32/fp64), ``"tf32"`` or
             ``"bf16"`` (Triton only; fp32 accumulation; relative error ≈ 1e-3 and ≈ 4e-3 of the entries'
             scale respectively, see ``tests/engine/test_triton_kernel.py``).
@@ -160,7 +166,8 @@ def gram(
     """
     job = GramJob.create(model, trajectory, X, X2, y=y, y2=y2, fn=_FN, outputs=outputs, rule=rule, diagonal=diagonal,
                          backend=backend, dtype=dtype, memory_budget=memory_budget, precision=precision, nodes=nodes,
-                         of=of, loss=loss, method=method, k=k, seed=seed, projection=projection, output_fn=output_fn)
+                         of=of, loss=loss, method=method, k=k, seed=seed, projection=projection, output_fn=output_fn,
+                         threads=threads)
     if out is not None:
         return job.run(store_sink(job, out, overwrite=overwrite), progress=progress)
     if overwrite:

@@ -25,6 +25,7 @@ from pkfast import _checks
 from pkfast.engine.accumulate import BACKENDS, PRECISIONS
 from pkfast.loss import LossSpec
 from pkfast.engine.quadrature import DEFAULT_NODES, RULES
+from pkfast.engine.resources.threads import check_threads
 
 __all__ = ["Options", "OUTPUTS", "OF", "METHODS", "PROJECTIONS", "BACKENDS", "PRECISIONS", "resolve_budget", "default_memory_budget",
            "stream_bytes", "model_device"]
@@ -70,6 +71,9 @@ class Options:
     seed: int | None = None
     projection: str = "auto"
     output_fn: Any = None
+    #: CPU threads: "auto" (fewer while other processes hold the cores), "all" or an int
+    #: (:mod:`pkfast.engine.resources.threads`); never changes the numbers beyond rounding, so not in :meth:`record`
+    threads: str | int = "auto"
 
     @classmethod
     def check(cls, fn: str, *, trajectory: Any = None, rules: tuple[str, ...] = RULES, strict_nodes: bool = True,
@@ -90,6 +94,7 @@ class Options:
             raise ValueError(f"{fn}: precision={o['precision']!r} applies to float32; dtype=torch.float64 computes in "
                              "ieee fp64")
         _check_of(fn, o, trajectory)
+        o["threads"] = check_threads(fn, o.get("threads"))
         return cls(fn=fn, **o)
 
     @property

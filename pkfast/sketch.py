@@ -83,6 +83,7 @@ from pkfast.store.features import STORAGE_DTYPES, PathFeatures, store_options, w
 from pkfast.options import SKETCH_RULES, Options, model_device
 from pkfast.engine.routes.sketch import Sketcher, block_rows, projection_block
 from pkfast.engine.quadrature import terms_for
+from pkfast.engine.resources.threads import ThreadPolicy
 from pkfast.trajectory.points import Trajectory
 
 __all__ = ["sketch", "PathFeatures", "required_k", "projection_block", "block_rows"]
@@ -134,6 +135,7 @@ def sketch(
     out: str | os.PathLike | None = None,
     storage_dtype: torch.dtype | str | None = None,
     overwrite: bool = False,
+    threads: int | str | None = None,
 ) -> PathFeatures:
     r"""Sketched path features Φ(x) = Σ_s √w_s J_s(x) R_s ∈ R^{C×k} of the samples ``X`` (see :mod:`pkfast.sketch`).
 
@@ -168,6 +170,7 @@ def sketch(
             then formed in float32 from the stored values; bfloat16 is stored as its 16-bit patterns in an
             ``int16`` ``.npy``); default: ``dtype``.
         overwrite: with ``out``, discard an existing store and start afresh.
+        threads: CPU threads, as in :func:`pkfast.gram` (decided once, when the sketch starts).
 
     Returns:
         :class:`PathFeatures` with ``features`` a CPU ``[N, C, k]`` tensor (with ``out``: memory-mapped from
@@ -189,7 +192,8 @@ def sketch(
     model = check_model_and_trajectory(_FN, model, trajectory)
     opts = Options.check(_FN, trajectory=trajectory, rules=SKETCH_RULES, k=1024 if k is None else k,
                          seed=0 if seed is None else seed, rule=rule, of=of, loss=loss, dtype=dtype,
-                         memory_budget=memory_budget, projection=projection, method="sketch", output_fn=output_fn)
+                         memory_budget=memory_budget, projection=projection, method="sketch", output_fn=output_fn,
+                         threads=threads)
     data = check_data(_FN, opts, X, y=y)
     dev = _device(device, model)
     fm = functional_model(_FN, model, trajectory, opts, data, dev)
@@ -199,10 +203,11 @@ def sketch(
                          f"overwrite={overwrite!r}, out={out!r}")
     sk = Sketcher(fm, terms_for(opts.rule, trajectory.step_sizes), k=opts.k, seed=opts.seed, rule=opts.rule,
                   of=opts.of, loss=opts.loss, budget=opts.budget(dev), fn=_FN, projection=opts.projection, X=data.X)
-    if out is not None:
-        return _store(sk, data, out, storage, overwrite=overwrite, progress=progress)
-    return PathFeatures(sk.project(data.X, data.Y, progress=progress), k=sk.k, seed=sk.seed, rule=sk.rule, of=sk.of,
-                        parts=sk.parts)
+    with ThreadPolicy(opts.threads, _FN):
+        if out is not None:
+            return _store(sk, data, out, storage, overwrite=overwrite, progress=progress)
+        return PathFeatures(sk.project(data.X, data.Y, progress=progress), k=sk.k, seed=sk.seed, rule=sk.rule,
+                            of=sk.of, parts=sk.parts)
 
 
 #: Rows per stored chunk at most: a crash loses at most this many samples' work.

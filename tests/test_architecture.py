@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1] / "pkfast"
 LAYERS = {
     "base": ["pkfast._version", "pkfast._checks", "pkfast.loss", "pkfast.engine.quadrature", "pkfast.engine.tiles",
              "pkfast.engine.accumulate", "pkfast.engine.accumulate.*", "pkfast.options", "pkfast.engine.products",
-             "pkfast.engine.distributed", "pkfast.engine.alloc", "pkfast.engine.costs"],
+             "pkfast.engine.distributed", "pkfast.engine.costs", "pkfast.engine.resources", "pkfast.engine.resources.*"],
     "store": ["pkfast.store.formats", "pkfast.store.reader", "pkfast.store.writer", "pkfast.store.ranks",
               "pkfast.store.features", "pkfast.store.sinks", "pkfast.store"],
     "trajectory": ["pkfast.trajectory.files", "pkfast.trajectory.recording", "pkfast.trajectory.checkpoints",
@@ -27,13 +27,13 @@ LAYERS = {
                    "pkfast.trajectory.recorder", "pkfast.trajectory"],
     "model": ["pkfast.engine.inputs", "pkfast.engine.per_sample", "pkfast.engine.functional"],
     "layers": ["pkfast.layers", "pkfast.layers.*"],
-    "routes": ["pkfast.engine.capture", "pkfast.engine.meter", "pkfast.engine.routes", "pkfast.engine.routes.*"],
+    "routes": ["pkfast.engine.capture", "pkfast.engine.routes", "pkfast.engine.routes.*"],
     "driver": ["pkfast.engine.driver", "pkfast.engine"],
     "doors": ["pkfast.gram", "pkfast.sketch", "pkfast.attribution", "pkfast.reference"],
     "machine": ["pkfast.machine.panels", "pkfast.machine.sweep", "pkfast.machine.data_check",
                 "pkfast.machine.directional", "pkfast.machine.checks", "pkfast.machine.nodes",
                 "pkfast.machine.kernel_machine", "pkfast.machine"],
-    "entry": ["pkfast", "pkfast.cli", "pkfast.__main__", "pkfast.integrations", "pkfast.integrations.*"],
+    "entry": ["pkfast", "pkfast.cli", "pkfast.cli.*", "pkfast.__main__", "pkfast.integrations", "pkfast.integrations.*"],
 }
 
 #: The most lines a function may take: from its ``def`` line to the last line of its body, the docstring not

@@ -143,3 +143,95 @@ def test_features_have_the_attribution_defaults_and_stream_from_the_file(tmp_pat
     torch.testing.assert_close(scores(q, st, progress=False), scores(q, mem, progress=False), rtol=2e-2, atol=2e-2 *
                                float(q.gram(mem).abs().max()))
     assert ATTRIBUTION_K == 16384 and features.__kwdefaults__["k"] == ATTRIBUTION_K
+
+
+# ---------------------------------------------------------------------------------------------- stored scores
+def _stored_problem(tmp_path):
+    net, traj, X, y, Xq, yq = _problem()
+    kw = dict(loss="cross_entropy", dtype=F64)
+    return Exact(net, traj, Xq, yq, **kw), Exact(net, traj, X, y, **kw), tmp_path / "s.npy"
+
+
+def test_stored_scores_rerun_returns_them_and_other_inputs_are_refused_unless_overwrite(tmp_path, monkeypatch):
+    """scores(out=) as gram(out=): the same call again computes nothing; other queries, or a file pkfast did not
+    write, are refused with what to do (not overwritten silently); overwrite=True recomputes."""
+    query, train, out = _stored_problem(tmp_path)
+    S = scores(query, train, progress=False)
+    scores(query, train, out=out, block=7, progress=False)
+    before = out.read_bytes()
+    with monkeypatch.context() as m:
+        m.setattr(Exact, "block", lambda *a, **k: pytest.fail("recomputed a finished block"))
+        again = scores(query, train, out=out, block=7, progress=False)
+    assert out.read_bytes() == before and np.allclose(np.asarray(again), S.numpy(), rtol=1e-12, atol=0)
+    other = Exact(query.model, query.trajectory, query.X + 1, query.y, loss="cross_entropy", dtype=F64)
+    other_train = Exact(query.model, query.trajectory, train.X, train.y, loss="cross_entropy", dtype=F64)
+    with pytest.raises(pkfast.store.writer.StoreError, match=r"differs: the data X.*pass overwrite=True"):
+        scores(other, other_train, out=out, progress=False)
+    assert out.read_bytes() == before
+    new = scores(other, other_train, out=out, overwrite=True, progress=False)
+    ref = pkfast.gram(query.model, query.trajectory, other.X, train.X, of="loss", y=other.y, y2=train.y,
+                      loss="cross_entropy", dtype=F64, progress=False)
+    assert np.allclose(np.asarray(new), ref.numpy(), rtol=1e-12, atol=0)
+    foreign = tmp_path / "foreign.npy"
+    np.save(foreign, np.zeros(3))
+    with pytest.raises(pkfast.store.writer.StoreError, match=r"not written by pkfast.attribution.scores\(out=…\) "
+                                                              r".*pass overwrite=True to replace it"):
+        scores(query, train, out=foreign, progress=False)
+    assert np.array_equal(np.load(foreign), np.zeros(3))
+    with pytest.raises(ValueError, match=r"overwrite=True applies to stored scores"):
+        scores(query, train, overwrite=True, progress=False)
+
+
+def test_interrupted_stored_scores_resume_computing_only_the_missing_blocks(tmp_path, monkeypatch):
+    query, train, out = _stored_problem(tmp_path)
+    scores(query, train, out=tmp_path / "ref.npy", block=7, progress=False)
+    orig, calls, armed = Exact.block, [], [True]
+
+    def failing(self, other, rows):
+        calls.append(rows)
+        if armed[0] and len(calls) == 3:
+            armed[0] = False
+            raise RuntimeError("interrupted")
+        return orig(self, other, rows)
+
+    monkeypatch.setattr(Exact, "block", failing)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        scores(query, train, out=out, block=7, progress=False)
+    assert not pkfast.open_gram(out).complete and len(pkfast.open_gram(out).done) == 2
+    calls.clear()
+    got = scores(query, train, out=out, block=3, progress=False)  # the stored blocks are kept, whatever block says
+    assert len(calls) == 5 - 2  # 30 training rows in blocks of 7: 5 blocks, 2 finished before the interruption
+    assert out.read_bytes() == (tmp_path / "ref.npy").read_bytes()
+    assert pkfast.open_gram(out).complete and pkfast.open_gram(out).verify() == []
+    assert isinstance(got, np.memmap)
+    # a damaged finished block is reported (by the function writing it) and recomputed alone
+    m = pkfast.open_gram(out).manifest
+    with open(out, "r+b") as f:
+        f.seek(m["data_offset"] + 8)  # query 0, training point 1: block 0
+        f.write(b"\xff" * 8)
+    calls.clear()
+    with pytest.warns(RuntimeWarning, match=r"^pkfast\.attribution\.scores: 1 finished tile\(s\) .* no longer match"):
+        scores(query, train, out=out, block=7, progress=False)
+    assert len(calls) == 1 and out.read_bytes() == (tmp_path / "ref.npy").read_bytes()
+
+
+def test_sketched_stored_scores_resume_and_refuse_other_features(tmp_path):
+    from pkfast.attribution import features
+
+    net, traj, X, y, Xq, yq = _problem()
+    kw = dict(loss="cross_entropy", k=64, progress=False)
+    train, query = features(net, traj, X, y, **kw), features(net, traj, Xq, yq, **kw)
+    out = tmp_path / "s.npy"
+    S = scores(query, train, out=out, block=8, progress=False)
+    assert np.allclose(np.asarray(S), (query.features.reshape(4, -1) @ train.features.reshape(30, -1).T).numpy())
+    with pytest.raises(pkfast.store.writer.StoreError, match=r"differs: the data X"):
+        scores(train[:4], train, out=out, progress=False)
+
+
+def test_stored_scores_in_an_unwritable_place_say_so(tmp_path):
+    query, train, _ = _stored_problem(tmp_path)
+    with pytest.raises(pkfast.store.writer.StoreError, match=r"cannot create files in /proc/self .*not a writable "
+                                                              r"location.*choose another out path"):
+        scores(query, train, out="/proc/self/s.npy", progress=False)
+    with pytest.raises(FileNotFoundError, match=r"its directory .*missing does not exist"):
+        scores(query, train, out=tmp_path / "missing" / "s.npy", progress=False)

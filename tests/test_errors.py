@@ -295,3 +295,46 @@ def test_plan_counts_the_measured_per_sample_pass(setup):
     p = pkfast.plan(*setup, memory_budget="1GiB", method="jacobian")
     assert p.tiles.pass_bytes > 0 and p.tiles.pass_bytes <= p.tiles.tile_bytes
     assert f"one pass over {p.tiles.chunk} samples holds" in repr(p.tiles)
+
+
+class _Compiled(nn.Module):
+    """A module named like torch.compile's wrapper (its parameters under ``_orig_mod.``), without compiling."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self._orig_mod = inner
+
+    def forward(self, x):
+        return self._orig_mod(x)
+
+
+def test_a_trajectory_of_a_compiled_module_loads_into_the_plain_one_and_back():
+    """torch.compile prefixes parameter names with '_orig_mod.': pkfast matches them with the prefix added or
+    dropped (unambiguous here), and the Gram is the one of the plain names."""
+    torch.manual_seed(0)
+    net = mlp(hidden=6).double()
+    X = torch.randn(4, 5, dtype=torch.float64)
+    traj = random_trajectory(net, steps=2)
+    K = pkfast.gram(net, traj, X, progress=False)
+    pts = [traj.point(k) for k in range(traj.num_steps + 1)]
+    compiled_traj = pkfast.Trajectory.from_checkpoints([{f"_orig_mod.{n}": t for n, t in p.items()} for p in pts],
+                                                       lr=traj.step_sizes.tolist())
+    assert compiled_traj.names[0].startswith("_orig_mod.")
+    torch.testing.assert_close(pkfast.gram(net, compiled_traj, X, progress=False), K, rtol=1e-12, atol=0)
+    torch.testing.assert_close(pkfast.gram(_Compiled(net), traj, X, progress=False), K, rtol=1e-12, atol=0)
+    compiled = torch.compile(net)  # the real wrapper's names (it compiles only when called)
+    assert sorted(n for n, _ in compiled.named_parameters()) == sorted(compiled_traj.names)
+
+
+def test_an_ambiguous_compile_prefix_is_named_in_the_error():
+    torch.manual_seed(0)
+    net = mlp(hidden=6).double()
+    traj = random_trajectory(net, steps=1)
+    both = [dict(p, **{f"_orig_mod.{n}": t for n, t in p.items()}) for p in (traj.point(0), traj.point(1))]
+    twice = pkfast.Trajectory.from_checkpoints(both, lr=0.1)
+    with pytest.raises(ValueError, match=r"matches no parameter or buffer.*torch\.compile'd module.*2 entries that "
+                                         r"match it with '_orig_mod\.' added or dropped.*ambiguous"):
+        pkfast.gram(_Compiled(net), twice, torch.randn(3, 5, dtype=torch.float64), progress=False)
+    with pytest.raises(ValueError, match=r"trajectory entry '_orig_mod\.0\.weight' matches no parameter.*"
+                                         r"so the match is ambiguous"):
+        pkfast.gram(net, twice, torch.randn(3, 5, dtype=torch.float64), progress=False)

@@ -24,7 +24,7 @@ from pkfast import _checks
 from pkfast.store import formats
 
 from pkfast.engine import inputs
-from pkfast.engine.alloc import reuse_freed_memory
+from pkfast.engine.resources.alloc import reuse_freed_memory
 from pkfast.engine.accumulate import select_backend
 from pkfast.engine.functional import FunctionalModel
 from pkfast.engine.capture import Capture
@@ -37,7 +37,8 @@ from pkfast.engine.routes.layered import LayeredRoute, find_layers
 from pkfast.engine.routes.sketch import Sketcher, SketchRoute
 from pkfast.engine.quadrature import Term, is_symmetric, terms_for
 from pkfast.store.sinks import MemorySink, Sink
-from pkfast.engine.meter import MEASURE_SAMPLES, PassCost, pass_cost
+from pkfast.engine.resources.meter import MEASURE_SAMPLES, PassCost, pass_cost
+from pkfast.engine.resources.threads import ThreadPolicy
 from pkfast.engine.tiles import BudgetTooSmall, Tile, Tiling, solve_diagonal, solve_tiling
 from pkfast.trajectory.points import Trajectory
 
@@ -144,7 +145,7 @@ class _Geometry:
 
 
 def _measured(route: Route, data: Data, terms: tuple[Term, ...], costs: dict, budget: int) -> PassCost | None:
-    """The route's pass, measured once per set of layer routes (:func:`pkfast.engine.meter.pass_cost`) at the
+    """The route's pass, measured once per set of layer routes (:func:`pkfast.engine.resources.meter.pass_cost`) at the
     first term's first evaluation point; None (the tiling then estimates it) if the measurement fails."""
     key = repr(route.record())
     m = min(MEASURE_SAMPLES, data.X.shape[0])
@@ -315,7 +316,7 @@ class GramJob:
             bar = tqdm(total=pairs, unit="pair", unit_scale=True, desc=self.describe(), disable=not progress,
                        leave=False)
             dev = self.fm.device
-            with reuse_freed_memory(dev.type == "cpu"):
+            with reuse_freed_memory(dev.type == "cpu"), ThreadPolicy(self.opts.threads, self.opts.fn) as threads:
                 if pending and terms:
                     needs_cols = not all(t.diagonal or self.layout.diagonal for t in tiling.tiles) \
                         or not is_symmetric(terms)
@@ -327,6 +328,7 @@ class GramJob:
                 loop = _Loop(torch.empty(most, dtype=self.dtype, device=dev))
                 try:
                     for tile in mine:
+                        threads.update()
                         acc = self.compute_tile(tile, loop, bar)
                         block, mirror = self.layout.finish(tile, acc, mirrored=tiling.symmetric)
                         del acc

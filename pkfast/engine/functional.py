@@ -25,7 +25,7 @@ from pkfast.engine.inputs import Packing, adapt, reduce_output
 from pkfast.engine.quadrature import EvalPoint
 from pkfast.trajectory.points import Trajectory
 
-__all__ = ["FunctionalModel", "EvalPoint"]
+__all__ = ["FunctionalModel", "EvalPoint", "compile_prefix_map"]
 
 log = logging.getLogger("pkfast")
 
@@ -78,8 +78,11 @@ class FunctionalModel:
         self._statics_from_traj: list[tuple[str, slice, torch.Size]] = []
         statics_fixed: dict[str, torch.Tensor] = {}
         used: set[str] = set()
+        # the model's names as the trajectory spells them (torch.compile's "_orig_mod." added or dropped)
+        tmap = compile_prefix_map([a for v in (*aliases.values(), *buffer_aliases.values()) for a in v],
+                                  trajectory.names)
         for n, p in model.named_parameters():
-            names = aliases[id(p)]
+            names = [tmap.get(a, a) for a in aliases[id(p)]]
             hit = next((a for a in names if a in traj_names), None)
             if p.requires_grad:
                 self._add_trainable(fn, n, p, names, hit, traj_names, traj_shapes)
@@ -90,7 +93,7 @@ class FunctionalModel:
                 statics_fixed[n] = p.detach()
             used.update(names)
         for n, b in model.named_buffers():
-            names = buffer_aliases[id(b)]
+            names = [tmap.get(a, a) for a in buffer_aliases[id(b)]]
             hit = next((a for a in names if a in traj_names), None)
             if hit is not None and b.is_floating_point():
                 self._check_static_shape(fn, n, b, traj_shapes[hit])
@@ -103,6 +106,7 @@ class FunctionalModel:
             raise ValueError(
                 f"{fn}: trajectory entry {extra[0]!r} matches no parameter or buffer of the model "
                 f"({len(extra)} unmatched); was the trajectory recorded from a different model?"
+                + _prefix_hint(extra[0], trajectory.names)
             )
         if not self.names:
             raise ValueError(f"{fn}: the model has no trainable parameters (requires_grad=True); the kernel is empty")
@@ -116,6 +120,7 @@ class FunctionalModel:
             raise ValueError(
                 f"{fn}: the trajectory has no entry for the model's trainable parameter {n!r} "
                 f"(shape {tuple(p.shape)}); trajectory entries: {preview(trajectory.names)}"
+                + _prefix_hint(n, trajectory.names)
             )
         if traj_shapes[hit] != p.shape:
             raise ValueError(
@@ -311,6 +316,57 @@ class FunctionalModel:
 
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+#: The attribute under which ``torch.compile`` keeps the original module: its names gain this prefix.
+COMPILE_PREFIX = "_orig_mod."
+
+
+def _without_prefix(name: str) -> str:
+    return ".".join(part for part in name.split(".") if part != COMPILE_PREFIX[:-1])
+
+
+def compile_prefix_map(model_names: Sequence[str], traj_names: Sequence[str]) -> dict[str, str]:
+    """{model name: trajectory name} for the model's names that the trajectory spells with ``torch.compile``'s
+    ``_orig_mod.`` prefix added or dropped (a trajectory recorded from a compiled module loaded into the plain
+    one, or the other way round) — only where that is unambiguous: the trajectory has no entry of that name
+    itself and exactly one entry equal to it with every ``_orig_mod.`` removed.
+
+    Example:
+        >>> compile_prefix_map(["0.weight", "0.bias"], ["_orig_mod.0.weight", "_orig_mod.0.bias"])
+        {'0.weight': '_orig_mod.0.weight', '0.bias': '_orig_mod.0.bias'}
+        >>> compile_prefix_map(["w"], ["w", "_orig_mod.w"])  # already matched by name: nothing to map
+        {}
+    """
+    traj = set(traj_names)
+    if all(n in traj for n in model_names) or not any(COMPILE_PREFIX in n for n in (*model_names, *traj_names)):
+        return {}
+    by_stripped: dict[str, list[str]] = {}
+    for t in traj_names:
+        by_stripped.setdefault(_without_prefix(t), []).append(t)
+    out = {}
+    for n in model_names:
+        hits = by_stripped.get(_without_prefix(n), [])
+        if n not in traj and len(hits) == 1:
+            out[n] = hits[0]
+    if out:
+        log.info("pkfast: %d model name(s) matched to the trajectory with torch.compile's %r prefix %s (e.g. %r → %r)",
+                 len(out), COMPILE_PREFIX, "added" if COMPILE_PREFIX in next(iter(out.values())) else "dropped",
+                 *next(iter(out.items())))
+    return out
+
+
+def _prefix_hint(name: str, traj_names: Sequence[str]) -> str:
+    """What to say when a name did not match and torch.compile's prefix is involved (else nothing)."""
+    if not any(COMPILE_PREFIX in n for n in (name, *traj_names)):
+        return ""
+    hits = [t for t in traj_names if _without_prefix(t) == _without_prefix(name)]
+    found = (f"the trajectory has {len(hits)} entries that match it with '_orig_mod.' added or dropped "
+             f"({preview(hits)}), so the match is ambiguous" if len(hits) > 1 else
+             "no entry matches it with '_orig_mod.' added or dropped either")
+    return (f". Names with '_orig_mod.' come from a torch.compile'd module, whose parameters are the original "
+            f"module's under that prefix: pkfast adds or drops it where that is unambiguous, but {found}; record "
+            "from (or load into) the same module — compiled or not — or rename the entries")
 
 
 def _aliases(named) -> dict[int, list[str]]:

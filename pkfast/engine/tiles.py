@@ -1,7 +1,7 @@
 """tiles: the tiling — splits the Gram's (rows × cols) grid into tiles whose working memory fits a byte budget.
 
 The working memory of one tile is its two Jacobian panels (``b_r`` and ``b_c`` samples × C·P values), what one
-per-sample pass over a chunk of samples holds at its peak (measured: :func:`pkfast.engine.meter.pass_cost`; without
+per-sample pass over a chunk of samples holds at its peak (measured: :func:`pkfast.engine.resources.meter.pass_cost`; without
 a measurement, twice the chunk's panel), and the tile accumulator (``b_r × b_c`` entries, × C² for the full block
 Gram). A pass may take at most a quarter of the budget: the chunk is lowered until it does. Tile sides are solved
 from the budget, never fixed; ragged edges are allowed. For a symmetric
@@ -94,7 +94,7 @@ def _panel_sizes(budget: int, fixed: int, u: int, k: int, n_rows: int, n_cols: i
 
 def _chunk_and_fixed(chunk: int, u: int, budget: int, reserved: int, cost) -> tuple[int, int, int]:
     """(samples per pass, bytes held whatever the tiles' size, of which one pass's): the measured pass ``cost``
-    (:class:`~pkfast.engine.meter.PassCost`) within a quarter of the budget — else, unmeasured (0 is returned
+    (:class:`~pkfast.engine.resources.meter.PassCost`) within a quarter of the budget — else, unmeasured (0 is returned
     as the pass's), the chunk's output and its copy (2 × chunk × u) within a quarter."""
     if cost is None:
         chunk = max(1, min(chunk, budget // (8 * u) if u else chunk))
@@ -145,7 +145,7 @@ def solve_tiling(
         chunk: the preferred samples per ``vmap`` call; reduced if the budget needs it.
         reserved: bytes held besides the tiles whatever their size (the streaming workspace of
             :mod:`pkfast.engine.routes.layered`).
-        pass_cost: what one per-sample pass holds (:class:`~pkfast.engine.meter.PassCost`; None: estimated).
+        pass_cost: what one per-sample pass holds (:class:`~pkfast.engine.resources.meter.PassCost`; None: estimated).
     """
     u, k = int(bytes_per_sample), int(acc_bytes_per_pair)
     chunk, fixed, held = _chunk_and_fixed(chunk, u, budget, reserved, pass_cost)

@@ -42,7 +42,7 @@ from pkfast.options import Options, model_device
 from pkfast.machine.checks import UPDATE_TOL, Certificate, SelfChecks
 from pkfast.machine.nodes import NodesCheck, choose_nodes
 from pkfast.machine import data_check
-from pkfast.machine.sweep import Sweep
+from pkfast.machine.sweep import Sweep, one_momentum
 from pkfast.engine.quadrature import DEFAULT_NODES
 from pkfast.trajectory.points import Trajectory
 from pkfast.trajectory.recording import GroupHyper, OptimizerKind, Recording
@@ -163,12 +163,7 @@ class KernelMachine(SelfChecks):
             loss = dict(rec)
         self.loss = LossSpec.from_module(loss, fn=_FN)
         self._steps = self._read_optimizer(record)
-        kinds = {(h.momentum or 0.0, h.dampening or 0.0, bool(h.nesterov)) for h in self._steps}
-        if len(kinds) > 1:
-            raise ValueError(f"{_FN}: momentum, dampening or nesterov changed during training ({sorted(kinds)[:3]}); "
-                             "the decomposition supports one setting for the whole recording (lr and weight decay "
-                             "may vary)")
-        self._momentum = kinds.pop() if kinds else (0.0, 0.0, False)
+        self._momentum = one_momentum(self._steps, _FN)
         self._batches = self._read_batches(record, N)
         if check_data:
             data_check.check_data(_FN, record, X_train, self._batches, self.y, trajectory.targets)

@@ -24,7 +24,7 @@ from pkfast.loss import LossSpec
 from pkfast.machine.panels import Panels
 from pkfast.engine.quadrature import EvalPoint, gauss_legendre
 
-__all__ = ["Sweep"]
+__all__ = ["Sweep", "one_momentum"]
 
 #: batch-gradient rows a block aims for: the tail GEMM runs near the BLAS peak from a few hundred columns on
 BLOCK_ROWS = 512
@@ -356,3 +356,19 @@ def _contract(slots, blocked, qnodes, G: list[torch.Tensor], rows: list[tuple[fl
         Panels.write((L, g, w), qnodes, tmp, beta=0.0)
         out.addmv_(tmp.view(M * C, w), u)
     return out
+
+
+def one_momentum(steps: list, fn: str) -> tuple[float, float, bool]:
+    """The (momentum, dampening, nesterov) shared by every recorded step (``GroupHyper``), which the sweep's
+    recursion needs; else a refusal saying what varied — for a momentum that follows the lr schedule
+    (OneCycleLR's and CyclicLR's default ``cycle_momentum=True``), how to train without it."""
+    kinds = {(h.momentum or 0.0, h.dampening or 0.0, bool(h.nesterov)) for h in steps}
+    if len(kinds) <= 1:
+        return kinds.pop() if kinds else (0.0, 0.0, False)
+    moms = sorted({k[0] for k in kinds})
+    found = f"momentum from {moms[0]:.6g} to {moms[-1]:.6g}" if len(moms) > 1 else f"{sorted(kinds)[:3]}"
+    hint = (". OneCycleLR and CyclicLR cycle the momentum with the lr by default (cycle_momentum=True): pass "
+            "cycle_momentum=False to the scheduler, which keeps the optimizer's momentum fixed, and record again"
+            if len(moms) > 1 else "")
+    raise ValueError(f"{fn}: momentum, dampening or nesterov changed during training (found {found}); the "
+                     f"decomposition supports one setting for the whole recording (lr and weight decay may vary){hint}")

@@ -94,17 +94,18 @@ def all_written() -> None:
 
 
 def fill(path: str | os.PathLike, manifest: dict[str, Any], compute: Callable[[Chunk], Any], *, overwrite: bool,
-         fn: str, progress: bool = False) -> None:
+         fn: str, progress: bool = False, axis: int = 0) -> None:
     """Write this rank's share of the store's unfinished chunks, ``compute(chunk)`` being a chunk's block (in
-    the file's layout and dtype), then wait for the other ranks. The progress bar counts rows."""
+    the file's layout and dtype), then wait for the other ranks. The progress bar counts rows (``axis=0``) or,
+    for chunks of columns, columns (``axis=1``)."""
     store, mine, _ = open_shared(path, manifest, overwrite=overwrite, fn=fn)
     try:
-        bar = tqdm(total=sum(c.shape[0] for c in mine), unit="sample", unit_scale=True,
+        bar = tqdm(total=sum(c.shape[axis] for c in mine), unit="sample", unit_scale=True,
                    desc=f"{fn} → {os.path.basename(str(path))}", disable=not progress, leave=False)
         with bar:
             for chunk in mine:
                 store.write(chunk.index, compute(chunk))
-                bar.update(chunk.shape[0])
+                bar.update(chunk.shape[axis])
     finally:
         store.close()
     all_written()

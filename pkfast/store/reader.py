@@ -150,7 +150,8 @@ def read_manifest(path: str | os.PathLike, *, fn: str = "pkfast", writing: bool 
     mpath = sidecar(path) / "manifest.json"
     if not mpath.exists():
         if path.exists():
-            raise StoreError(f"{fn}: {path} was not written by pkfast.gram(out=…) (it has no pkfast manifest "
+            by = fn if writing and fn.startswith("pkfast.") else "pkfast.gram"  # the writer that would resume it
+            raise StoreError(f"{fn}: {path} was not written by {by}(out=…) (it has no pkfast manifest "
                              f"{mpath.name} in {mpath.parent.name}/, or the manifest was deleted)"
                              + ("; pass overwrite=True to replace it" if writing else ""))
         raise FileNotFoundError(f"{fn}: no stored Gram at {path} (expected {mpath})")

@@ -60,6 +60,8 @@ class ChunkStore:
         self._fd: int | None = None
         self._journal: Any = None
         self._lock_fd: int | None = None
+        #: the public function writing the store (named in its messages)
+        self.fn = "pkfast.gram"
 
     # ------------------------------------------------------------------ create / validate
     @staticmethod
@@ -125,6 +127,7 @@ class ChunkStore:
         m = read_manifest(path, fn=fn, writing=True)
         geo = geometry_of(m, path)
         store = cls(path, m, geo, rank, world)
+        store.fn = fn
         store._lock(fn)
         store._fd = os.open(path, os.O_RDWR)
         store._journal = open(store.side / f"tiles.{rank}.log", "a")
@@ -159,7 +162,7 @@ class ChunkStore:
             return set(done)
         bad = [i for i, crcs in sorted(done.items()) if not chunk_ok(self.path, self.geometry, self.chunks[i], crcs)]
         if bad:
-            warnings.warn(f"pkfast.gram: {len(bad)} finished tile(s) of {self.path} no longer match their "
+            warnings.warn(f"{self.fn}: {len(bad)} finished tile(s) of {self.path} no longer match their "
                           f"checksum (tiles {preview(bad, 8, str)}); the file was modified or damaged — recomputing them",
                           RuntimeWarning, stacklevel=3)
         return set(done) - set(bad)
@@ -182,7 +185,7 @@ class ChunkStore:
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 raise StoreError(
-                    f"pkfast.gram: disk full while writing tile {index} of {self.path}; the finished tiles "
+                    f"{self.fn}: disk full while writing tile {index} of {self.path}; the finished tiles "
                     f"are kept: free some space and run the same call again to resume"
                 ) from e
             raise

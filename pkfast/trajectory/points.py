@@ -24,7 +24,7 @@ import torch
 
 from pkfast.store import formats
 from pkfast.trajectory.checkpoints import as_state_dict, compare_spec, load_checkpoint_file, trainer_step_sizes
-from pkfast.trajectory.files import (MANIFEST, TARGETS, TORCH_FROM_NAME, WEIGHTS, TrajectoryWriter, check_row,
+from pkfast.trajectory.files import (MANIFEST, STEPS, TARGETS, TORCH_FROM_NAME, WEIGHTS, TrajectoryWriter, check_row,
                                      complete_rows, dtype_name, note_no_checksums, read_checksums, read_manifest,
                                      read_steps, save_targets, storage_dtype)
 from pkfast.trajectory.recording import Recording
@@ -415,6 +415,11 @@ class Trajectory:
         rows = complete_rows(path, P, np_dtype.itemsize)
         if rows < 1:
             raise ValueError(f"pkfast.Trajectory.load: {str(path)!r} holds no complete weight row (w_0 is missing)")
+        if not (path / STEPS).exists():  # a recorder creates it with w_0: without it, the steps' sizes are lost
+            raise FileNotFoundError(
+                f"pkfast.Trajectory.load: {str(path)!r} has no step log {STEPS} (the step sizes and batches of the "
+                f"steps whose weights {WEIGHTS} holds: {rows - 1}); it was not copied with the rest or was deleted. "
+                f"Copy the whole directory as recorded ({MANIFEST}, {WEIGHTS}, {STEPS}, …)")
         # one logged step whose row is torn is a crash at the tail (the step being written is lost, as documented);
         # fewer complete rows than logged steps means rows were lost after they were written
         if rows < len(steps):

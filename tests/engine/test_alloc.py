@@ -1,9 +1,9 @@
-"""pkfast.engine.alloc: freed memory is kept for reuse inside a Gram and glibc's usual thresholds come back after."""
+"""pkfast.engine.resources.alloc: freed memory is kept for reuse inside a Gram and glibc's usual thresholds come back after."""
 
 import pytest
 import torch
 
-from pkfast.engine import alloc as _alloc
+from pkfast.engine.resources import alloc as _alloc
 
 from tests.models import mlp, random_trajectory
 

@@ -3,7 +3,7 @@
 import torch
 
 import pkfast
-from pkfast.engine.meter import PassCost, PeakMeter
+from pkfast.engine.resources.meter import PassCost, PeakMeter
 from tests.models import random_trajectory
 
 

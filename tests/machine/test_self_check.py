@@ -92,3 +92,32 @@ def test_float32_storage_rounding_is_not_refused(tmp_path):
     traj = _record(tmp_path / "t", net, X.float(), y, lr=1e-3)
     km = pkfast.KernelMachine(net, traj, X.float(), progress=False)
     assert float(km.update_residual.max()) > 1e-9  # the rounding is visible, and tolerated
+
+
+
+@pytest.mark.parametrize("make", [
+    lambda o, c: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.3, total_steps=6, cycle_momentum=c),
+    lambda o, c: torch.optim.lr_scheduler.CyclicLR(o, base_lr=0.05, max_lr=0.3, step_size_up=2, cycle_momentum=c),
+], ids=["OneCycleLR", "CyclicLR"])
+def test_a_cycled_momentum_is_refused_with_cycle_momentum_false_as_the_remedy(tmp_path, make):
+    """OneCycleLR/CyclicLR cycle SGD's momentum by default; the refusal names the range found and the flag."""
+    X, y = _data()
+    for cycle in (True, False):
+        net, lossf = _net(), nn.CrossEntropyLoss()
+        o = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        sched = make(o, cycle)
+        with pkfast.TrajectoryRecorder(net, o, tmp_path / f"r{cycle}", loss=lossf, targets=y) as rec:
+            for s in range(5):
+                idx = torch.arange(s % 2 * 6, s % 2 * 6 + 6)
+                o.zero_grad()
+                lossf(net(X[idx]), y[idx]).backward()
+                o.step()
+                rec.step(batch_indices=idx)
+                sched.step()
+        traj = pkfast.Trajectory.load(tmp_path / f"r{cycle}")
+        if cycle:
+            with pytest.raises(ValueError, match=r"changed during training \(found momentum from 0\.\d+ to 0\.\d+\).*"
+                                                 r"pass cycle_momentum=False to the scheduler"):
+                pkfast.KernelMachine(net, traj, X, progress=False)
+        else:
+            pkfast.KernelMachine(net, traj, X, progress=False)  # a fixed momentum: accepted

@@ -476,3 +476,11 @@ def test_error_constructor_arguments():
         Trajectory([[0.0] * 5] * 3, [0.1, 0.1], spec)
     with pytest.raises(ValueError, match=r"expected 2 batch_indices entries .*found 1"):
         Trajectory(torch.zeros(3, 5), [0.1, 0.1], spec, batch_indices=[[0]])
+
+
+def test_error_load_without_step_log_names_the_file_and_what_to_do(tmp_path):
+    Trajectory.from_checkpoints(_checkpoints(3), lr=0.1).save(tmp_path / "t")
+    (tmp_path / "t" / "steps.jsonl").unlink()  # a partial copy
+    with pytest.raises(FileNotFoundError, match=r"has no step log steps\.jsonl \(the step sizes and batches of the "
+                                                r"steps whose weights weights\.bin holds: 2\).*Copy the whole directory"):
+        Trajectory.load(tmp_path / "t")

@@ -1,4 +1,4 @@
-"""engine.meter: measures the memory a route's per-sample pass allocates — every storage its operations create,
+"""engine.resources.meter: measures the memory a route's per-sample pass allocates — every storage its operations create,
 alive at once at the peak — so that the plan holds what a pass really takes, not a formula's guess.
 
 The plan's tiles hold panels and factors (:attr:`~pkfast.engine.routes.base.Route.bytes_per_sample`), which a
@@ -13,6 +13,7 @@ allocations alike (CPU or CUDA); the tensors it counts are those created by torc
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +36,7 @@ class PeakMeter(TorchDispatchMode):
 
     Example:
         >>> import torch
-        >>> from pkfast.engine.meter import PeakMeter
+        >>> from pkfast.engine.resources.meter import PeakMeter
         >>> with PeakMeter() as m:
         ...     a = torch.ones(1000, dtype=torch.float64)   # 8,000 bytes
         ...     b = a * 2                                   # 8,000 more, both alive
@@ -101,11 +102,9 @@ def pass_cost(route: Any, data: Any, point: Any) -> PassCost:
     once on ``m`` = min(N, :data:`MEASURE_SAMPLES`) samples (with any one-time check the first pass runs), again
     on m and on h = ⌈m/2⌉; ``per_sample`` = (peak(m) − peak(h)) / (m − h), ``fixed`` = the rest of peak(h) plus
     what the first pass took beyond the second. Runs the route between its ``begin`` and ``end``."""
-    from pkfast.engine.routes.base import Data
-
     m = min(MEASURE_SAMPLES, data.X.shape[0])
     X, Y = data.X[:m], None if data.Y is None else data.Y[:m]
-    route.begin(Data(X, None, Y, None, data.packing), m, 0, m, False)
+    route.begin(dataclasses.replace(data, X=X, X2=None, Y=Y, Y2=None), m, 0, m, False)
     peaks = []
     h = -(-m // 2)
     try:
