@@ -32,6 +32,7 @@ LAYERS = {
     "driver": ["pkfast.engine.driver", "pkfast.engine"],
     "doors": ["pkfast.gram", "pkfast.sketch", "pkfast.attribution", "pkfast.reference"],
     "machine": ["pkfast.machine.panels", "pkfast.machine.sweep", "pkfast.machine.data_check",
+                "pkfast.machine.directional", "pkfast.machine.checks", "pkfast.machine.nodes",
                 "pkfast.machine.kernel_machine", "pkfast.machine"],
     "entry": ["pkfast", "pkfast.cli", "pkfast.cli.*", "pkfast.__main__", "pkfast.integrations", "pkfast.integrations.*"],
 }
