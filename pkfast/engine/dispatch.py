@@ -34,6 +34,11 @@ PROBE_SAMPLES = 8
 Signature = tuple[tuple[tuple[int, ...] | None, tuple[int, ...] | None], ...]
 
 
+#: What to do about a call structure the plan did not see, for :class:`CallsChanged`'s messages.
+_TODO = (f"; put samples that take every route among the first {PROBE_SAMPLES} (planning probes them), or use "
+         "method='jacobian'")
+
+
 class CallsChanged(Exception):
     """A hooked layer's calls at run time are not those the plan was made for (a call it did not see, one
     missing, another shape): data-dependent control flow that the samples probed at planning did not show.
@@ -142,11 +147,12 @@ def check_call(name: str, key: str, probes: dict[str, torch.Tensor], output: tor
     if key not in probes:
         raise CallsChanged(f"pkfast: layer {name!r}'s call structure at run time differs from the planned one "
                            f"(call {key!r}, output shape {tuple(output.shape)}, was not seen when planning): "
-                           "data-dependent control flow (e.g. mask dispatch) that the probed samples did not show")
+                           "data-dependent control flow (e.g. mask dispatch) that the probed samples did not show"
+                           + _TODO)
     if strict and tuple(output.shape) != tuple(probes[key].shape):
         raise CallsChanged(f"pkfast: layer {name!r}'s call structure at run time differs from the planned one "
                            f"(call {key!r}: output shape {tuple(output.shape)}, planned "
-                           f"{tuple(probes[key].shape)}): data-dependent control flow (e.g. mask dispatch)")
+                           f"{tuple(probes[key].shape)}): data-dependent control flow (e.g. mask dispatch)" + _TODO)
 
 
 def check_calls(planned, made) -> None:
@@ -155,4 +161,4 @@ def check_calls(planned, made) -> None:
     if missing:
         raise CallsChanged(f"pkfast: the call structure at run time differs from the planned one (planned calls "
                            f"{', '.join(map(repr, missing[:3]))} were not made): data-dependent control flow "
-                           "(e.g. mask dispatch) that the probed samples did not show")
+                           "(e.g. mask dispatch) that the probed samples did not show" + _TODO)

@@ -131,8 +131,8 @@ class LayeredRoute(Route):
         fb = self.fallback = JacobianRoute(self.layout, self.fm, requested=self.requested, choices=self.choices)
         warnings.warn(f"{why}. The rest of this computation takes the Jacobian route (vmap(jacrev) of all "
                       f"{self.fm.num_params:,} parameters): exact, but slower, with panels of "
-                      f"{fb.bytes_per_sample:,} bytes per sample where the plan counted {self.bytes_per_sample:,}; "
-                      "method='jacobian' plans for it from the start", stacklevel=2)
+                      f"{fb.bytes_per_sample:,} bytes per sample where the plan counted {self.bytes_per_sample:,}",
+                      stacklevel=2)
         self._buf, self._ws = {}, None
         if self._begun:
             data, rows, cols, chunk, progress = self._begun
