@@ -127,3 +127,37 @@ def test_a_call_structure_seen_only_at_run_time_falls_back_exactly_with_a_warnin
         K = pkfast.gram(net, traj, X, dtype=F64, progress=False)
     assert sum("call structure" in str(w.message) for w in got) == 1
     assert rel_err(K, R) <= 1e-10
+
+
+def test_ordinary_calls_are_not_taken_for_dispatch():
+    """Calls that are not batch-first (sequence-first), flattened over the batch, or shared by every sample (a
+    positional embedding of arange(L)) keep their layer routes: only data-dependent calls are dispatch."""
+    class SeqNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Embedding(3, 4)
+            self.a = nn.Linear(4, 4)
+            self.b = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):  # x: [n, 3, 4]
+            h = x + self.pos(torch.arange(3))
+            h = torch.tanh(self.a(h.transpose(0, 1))).transpose(0, 1)          # [3, n, 4]
+            h = torch.tanh(self.b(h.reshape(-1, 4))).reshape(x.shape[0], 3, 4)  # [3n, 4]
+            return self.head(h.mean(1))
+
+    torch.manual_seed(0)
+    net = SeqNet().to(F64)
+    traj = _trajectory_of(net)
+    X = torch.randn(6, 3, 4, dtype=F64)
+    p = pkfast.plan(net, traj, X, dtype=F64)
+    assert not any("data-dependent" in L.reason for L in p.layers), str(p)
+    assert {L.name: L.route.value for L in p.layers}["head"] != "jacobian"
+    assert rel_err(pkfast.gram(net, traj, X, dtype=F64, progress=False), gram_reference(net, traj, X)) <= 1e-10
+
+
+def _trajectory_of(net: nn.Module) -> pkfast.Trajectory:
+    g = torch.Generator().manual_seed(0)
+    points = [{k: v.detach().clone() for k, v in net.state_dict().items()}]
+    points.append({k: v + 0.1 * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in points[0].items()})
+    return pkfast.Trajectory.from_checkpoints(points, lr=0.1)
