@@ -28,11 +28,12 @@ LAYERS = {
                    "pkfast.trajectory.recorder", "pkfast.trajectory"],
     "model": ["pkfast.engine.inputs", "pkfast.engine.per_sample", "pkfast.engine.functional"],
     "layers": ["pkfast.layers", "pkfast.layers.*"],
-    "routes": ["pkfast.engine.capture", "pkfast.engine.routes", "pkfast.engine.routes.*"],
+    "routes": ["pkfast.engine.dispatch", "pkfast.engine.capture", "pkfast.engine.routes", "pkfast.engine.routes.*"],
     "driver": ["pkfast.engine.driver", "pkfast.engine"],
     "doors": ["pkfast.gram", "pkfast.sketch", "pkfast.attribution", "pkfast.reference"],
     "machine": ["pkfast.machine.panels", "pkfast.machine.sweep", "pkfast.machine.adaptive",
                 "pkfast.machine.adaptive_sweep", "pkfast.machine.data_check",
+                "pkfast.machine.directional", "pkfast.machine.checks", "pkfast.machine.nodes",
                 "pkfast.machine.kernel_machine", "pkfast.machine"],
     "entry": ["pkfast", "pkfast.cli", "pkfast.cli.*", "pkfast.__main__", "pkfast.integrations", "pkfast.integrations.*"],
 }

@@ -23,6 +23,7 @@ import torch
 from torch.func import functional_call
 
 from pkfast.engine.costs import RouteKind
+from pkfast.engine.dispatch import CallsChanged, check_call, check_calls, find_dispatch
 from pkfast.engine.functional import FunctionalModel
 from pkfast.engine.quadrature import EvalPoint
 from pkfast.layers.base import Layer, LayerRule, materialize
@@ -33,8 +34,8 @@ __all__ = ["Capture", "Groups"]
 class _Call:
     """State of one traced forward pass: probes to add, and what was captured and seen, per layer call."""
 
-    def __init__(self, probes: dict[str, torch.Tensor] | None) -> None:
-        self.probes = probes
+    def __init__(self, probes: dict[str, torch.Tensor] | None, strict: bool = False) -> None:
+        self.probes, self.strict = probes, strict  # strict: a per-sample pass, each probe the call's shape
         self.count: dict[str, int] = {}
         self.inputs: dict[str, torch.Tensor] = {}
         self.shapes: dict[str, tuple[torch.Size, torch.Size]] = {}
@@ -136,6 +137,7 @@ class Capture:
             if call.probes is None:
                 call.shapes[key] = (args[0].shape, output.shape)
                 return None
+            check_call(layer.name, key, call.probes, output, call.strict)
             return output + call.probes[key]
         return hook
 
@@ -198,8 +200,10 @@ class Capture:
     def discover(self, X: torch.Tensor) -> tuple[Layer, ...]:
         """One forward pass on one sample: calls, positions S, fan-in I and fan-out O of each layer with a rule,
         then the checks; returns (and keeps) the discovered layers, those that failed a check without their rule."""
-        candidates = [L for L in self.layers if L.kind != "other"]
-        self._check_patches(X, candidates)
+        self._check_patches(X, [L for L in self.layers if L.kind != "other"])
+        for name, why in find_dispatch(self.fm, [L for L in self.layers if L.kind != "other"], X,
+                                       self._patched).items():
+            self._drop(self.layer(name), why)
         candidates = [L for L in self.layers if L.kind != "other"]
         fm = self.fm
         flat, statics = fm.state(EvalPoint(0))
@@ -274,7 +278,7 @@ class Capture:
             reached = any(true[p] is not None for p in L.params)
             if L.calls == 0:
                 if reached:
-                    self._drop(L, "its parameters are used without calling the module")
+                    self._drop(L, "its parameters are used without calling the module (e.g. through F.linear)")
                 continue
             try:
                 rebuilt = materialize(L, self.factors(L, jz, aux, 1, C=1), 1).reshape(-1)
@@ -347,9 +351,10 @@ class Capture:
         fm, loss = self.fm, self.fm.loss
 
         def per_sample(pj_, zs, x, *y):
-            call = _Call(zs)
+            call = _Call(zs, strict=True)
             out = self._run(hooked, call,
                             lambda: functional_call(fm.model, ({**pj_, **fixed}, statics), (x.unsqueeze(0),)))
+            check_calls(zs, call.inputs)
             f = out.reshape(-1)
             if loss is not None:
                 f = loss.per_sample(f, y[0], fm.output_shape).reshape(1)
@@ -379,7 +384,7 @@ class Capture:
         with torch.enable_grad():
             try:
                 out = self._run(hooked, call, lambda: functional_call(fm.model, (params, statics), (x,)))
-            except RuntimeError:  # a probe of the wrong shape: this call's batch axis is not the first
+            except (RuntimeError, CallsChanged):  # a probe of the wrong shape: a call's batch axis is not the first
                 self.batched = False
                 return None
             if set(call.inputs) != set(keys) or any(

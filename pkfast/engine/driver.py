@@ -28,6 +28,7 @@ from pkfast.engine.resources.alloc import reuse_freed_memory
 from pkfast.engine.accumulate import select_backend
 from pkfast.engine.functional import FunctionalModel
 from pkfast.engine.capture import Capture
+from pkfast.engine.dispatch import CallsChanged
 from pkfast.engine.costs import LayerChoice, choose_routes
 from pkfast.options import Options, model_device, stream_bytes
 from pkfast.engine.products import TileLayout
@@ -329,7 +330,7 @@ class GramJob:
                 try:
                     for tile in mine:
                         threads.update()
-                        acc = self.compute_tile(tile, loop, bar)
+                        acc = self._tile(tile, loop, bar)
                         block, mirror = self.layout.finish(tile, acc, mirrored=tiling.symmetric)
                         del acc
                         sink.write(tile, block, mirror)
@@ -341,6 +342,19 @@ class GramJob:
         finally:
             sink.close()
         return sink.result()
+
+    def _tile(self, tile: Tile, loop: "_Loop", bar: Any) -> torch.Tensor:
+        """:meth:`compute_tile`; where the model's calls change at run time (data-dependent control flow the plan
+        did not see), the route falls back to the Jacobian route (with a warning) and the tile is recomputed."""
+        try:
+            return self.compute_tile(tile, loop, bar)
+        except CallsChanged as e:
+            fall_back = getattr(self.route, "fall_back", None)
+            if fall_back is None or getattr(self.route, "fallback", None) is not None:
+                raise
+            fall_back(e)
+            loop.left, loop.rows_key = None, None
+            return self.compute_tile(tile, loop, bar)
 
     def compute_tile(self, tile: Tile, loop: "_Loop", bar: Any = None) -> torch.Tensor:
         """Σ over terms of weight · ⟨rows' side, columns' side⟩ for this tile, as the accumulator (on the compute

@@ -27,13 +27,11 @@ from __future__ import annotations
 
 
 import logging
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from torch.func import functional_call, jvp
 
 from pkfast import _checks
 
@@ -43,10 +41,12 @@ from pkfast.gram import gram
 from pkfast.engine.functional import FunctionalModel
 from pkfast.loss import LossSpec
 from pkfast.options import Options, model_device
+from pkfast.machine.checks import UPDATE_TOL, Certificate, SelfChecks
+from pkfast.machine.nodes import NodesCheck, choose_nodes
 from pkfast.machine import adaptive, data_check
 from pkfast.machine.adaptive_sweep import AdaptiveSweep
 from pkfast.machine.sweep import Sweep, one_momentum
-from pkfast.engine.quadrature import DEFAULT_NODES, EvalPoint
+from pkfast.engine.quadrature import DEFAULT_NODES
 from pkfast.trajectory.points import Trajectory
 from pkfast.trajectory.recording import GroupHyper, OptimizerKind, Recording
 
@@ -55,11 +55,6 @@ log = logging.getLogger("pkfast")
 __all__ = ["KernelMachine", "Explanation", "Certificate"]
 
 _FN = "pkfast.KernelMachine"
-#: The largest relative update residual ‖Δ_s − Δ̂_s‖/‖Δ_s‖ a step may show before the machine refuses the
-#: recording (:meth:`KernelMachine.verify`). Complete float64 recordings show ~1e-14, float32 ones ~1e-6; the
-#: unrecorded training events seen in practice (clipping, accumulation, shuffled X_train, Adam read as SGD)
-#: show 0.04–14.
-UPDATE_TOL = 1e-3
 
 
 @dataclass
@@ -83,25 +78,7 @@ class Explanation:
     coverage: float
 
 
-@dataclass
-class Certificate:
-    """How exact the kernel machine is on some queries (:meth:`KernelMachine.certificate`).
-
-    Attributes:
-        quadrature: ``[T, M, C]`` per-step residual r_s(x) = f(x; w_{s+1}) − f(x; w_s) − J̄_s(x) Δ_s (the
-            quadrature error of the segment integral; 0 up to rounding for exact quadrature).
-        update: ``[T]`` relative error ‖Δ_s − Δ̂_s‖ / ‖Δ_s‖ between the recorded step and the step recomputed
-            from the batch gradients and the optimizer's rule (≈ rounding when the recording is complete;
-            large when something unrecorded — clipping, noise, another loss — moved the weights).
-        max_quadrature: max |r_s(x)| relative to max |f(x; w_T) − f(x; w_0)|.
-    """
-
-    quadrature: torch.Tensor
-    update: torch.Tensor
-    max_quadrature: float
-
-
-class KernelMachine:
+class KernelMachine(SelfChecks):
     """A network trained by SGD, recorded, rewritten as ``f(x) = b(x) + Σ_i c_i(x)`` over its training points.
 
     Args:
@@ -114,7 +91,13 @@ class KernelMachine:
             :class:`pkfast.LossSpec`); default: the one recorded.
         rule: ``"exact"`` (Gauss–Legendre test-side Jacobians: exact to quadrature precision) or ``"left"``
             (Jacobians at w_s: Domingos' Riemann reading, error O(lr)).
-        nodes: Gauss–Legendre nodes per step for ``rule="exact"`` (default 2).
+        nodes: Gauss–Legendre nodes per step for ``rule="exact"``. Default ``None``: chosen at construction, the
+            first of 2, 4, 8, 16 whose estimated quadrature error on a sample of steps × training inputs is at most
+            :data:`~pkfast.machine.nodes.QUAD_TOL` (1e-6) of the output change (:mod:`pkfast.machine.nodes`;
+            smooth networks keep 2, attention with large or momentum steps may need 8), with a warning if none
+            is; an explicit count is checked the same way and warned about, with the count that would do, when
+            it is too few. The choice and its estimate are :attr:`nodes` and :attr:`nodes_check`.
+        check_nodes: ``False`` skips the quadrature check (``nodes=None`` then means 2).
         dtype: computation dtype (default ``torch.float64``).
         memory_budget: bytes (or ``"2GiB"``) for the query-side accumulators; sets the query chunk. Default: half
             of the free memory of the compute device (the rule of every pkfast computation).
@@ -142,7 +125,9 @@ class KernelMachine:
         ...         idx = torch.arange(s % 2 * 8, s % 2 * 8 + 8)
         ...         opt.zero_grad(); lossf(net(X[idx]), y[idx]).backward(); opt.step()
         ...         rec.step(batch_indices=idx)
-        >>> km = pkfast.KernelMachine(net, pkfast.Trajectory.load(path), X, nodes=3, progress=False)
+        >>> km = pkfast.KernelMachine(net, pkfast.Trajectory.load(path), X, progress=False)
+        >>> km.nodes, km.nodes_check.error < 1e-6   # the quadrature nodes chosen, and their estimated error
+        (2, True)
         >>> Xq = torch.randn(2, 4, dtype=torch.float64)
         >>> bool(torch.allclose(km.predict(Xq), net(Xq), atol=1e-9))
         True
@@ -151,11 +136,12 @@ class KernelMachine:
     """
 
     def __init__(self, model: torch.nn.Module, trajectory: Trajectory, X_train: Any, y_train: Any = None,
-                 loss: Any = None, *, rule: str = "exact", nodes: int = DEFAULT_NODES, dtype: Any = torch.float64,
+                 loss: Any = None, *, rule: str = "exact", nodes: int | None = None, dtype: Any = torch.float64,
                  memory_budget: Any = None, progress: bool = True, output_fn: Any = None, verify: bool = True,
-                 update_tol: float = UPDATE_TOL, check_data: bool = True) -> None:
+                 update_tol: float = UPDATE_TOL, check_data: bool = True, check_nodes: bool = True) -> None:
         model = check_model_and_trajectory(_FN, model, trajectory)
-        self.opts = Options.check(_FN, rules=("exact", "left"), strict_nodes=False, rule=rule, nodes=nodes, dtype=dtype,
+        self.opts = Options.check(_FN, rules=("exact", "left"), strict_nodes=False, rule=rule,
+                                  nodes=DEFAULT_NODES if nodes is None else nodes, dtype=dtype,
                                   memory_budget=memory_budget, output_fn=output_fn)
         self.rule, self.nodes, self.dtype = self.opts.rule, self.opts.nodes, self.opts.dtype
         self.progress = progress
@@ -205,20 +191,24 @@ class KernelMachine:
         #: training one; larger ones (augmentation, dropout, train-mode normalisation) mean the decomposition —
         #: which uses the recomputed derivatives — describes the model, not the training run.
         self.output_grad_mismatch = self._output_grad_mismatch()
-        if self.output_grad_mismatch is not None:
-            worst = float(torch.nan_to_num(self.output_grad_mismatch, nan=0.0).max())
-            if worst > 1e-6:
-                warnings.warn(
-                    f"{_FN}: the loss derivatives recorded during training differ from those recomputed from the model "
-                    f"by up to {worst:.2e} (relative): the training forward pass was not the model's (data "
-                    "augmentation, dropout or train-mode normalisation?), so the kernel machine reproduces the "
-                    "trajectory's weights through the model's own gradients, not the training run's",
-                    stacklevel=2)
+        self._warn_output_grad_mismatch()
         #: ``[T]`` the update residual ‖Δ_s − Δ̂_s‖/‖Δ_s‖ of every recorded step (measured at construction when
         #: ``verify=True``, else on the first :meth:`certificate`).
         self.update_residual: torch.Tensor | None = None
         if verify:
             self.verify(update_tol)
+        #: the quadrature check's findings (:class:`~pkfast.machine.nodes.NodesCheck`: the nodes, the estimated
+        #: error of each count tried, the sample), or None where it did not run (``rule="left"``,
+        #: ``check_nodes=False``).
+        self.nodes_check: NodesCheck | None = None
+        if self.rule == "exact" and check_nodes:
+            self.nodes_check = choose_nodes(self, nodes)
+            self.nodes = self._sweeper.nodes = self.nodes_check.nodes
+
+    def __repr__(self) -> str:
+        quad = f"nodes={self.nodes}" if self.nodes_check is None else str(self.nodes_check)
+        return (f"pkfast.KernelMachine({self.trajectory.num_steps} steps, {self.X.shape[0]} training points, "
+                f"{self.C} outputs, rule={self.rule!r}" + (f", {quad}" if self.rule == "exact" else "") + ")")
 
     def _make_sweep(self, budget: int) -> Sweep | AdaptiveSweep:
         """The backward pass over the steps: the adaptive one (:mod:`pkfast.machine.adaptive_sweep`) for a recorded
@@ -380,114 +370,3 @@ class KernelMachine:
         ok = kp.abs() > tol * kp.abs().max()
         a = c / kp.unsqueeze(-1)
         return torch.where(ok.unsqueeze(-1), a, torch.full_like(a, float("nan")))
-
-    def certificate(self, X: Any) -> Certificate:
-        """Per-step quadrature residuals on the queries and the recorded-vs-recomputed update error."""
-        X = self._queries(X)
-        T = self.trajectory.num_steps
-        fm = self.fm
-        Xd = fm.prepare(X)
-        quad = []
-        f_prev = fm.outputs(EvalPoint(0), X)
-        f0 = f_prev
-        for s in range(T):
-            f_next = fm.outputs(EvalPoint(s + 1), X)
-            delta = fm.state(EvalPoint(s + 1))[0] - fm.state(EvalPoint(s))[0]
-            lin = torch.zeros_like(f_prev)
-            for point, om in self._sweeper.combo(s):
-                flat, statics = fm.state(point)
-
-                def f(p, statics=statics):
-                    return functional_call(fm.model, (fm.params(p), statics), (Xd,)).reshape(X.shape[0], -1)
-
-                lin += om * jvp(f, (flat,), (delta,))[1]
-            quad.append(f_next - f_prev - lin)
-            f_prev = f_next
-        quad_t = torch.stack(quad).cpu()
-        scale = float((f_prev - f0).abs().max()) or 1.0
-        if self.update_residual is None:
-            self.update_residual = self._update_residuals()
-        return Certificate(quad_t, self.update_residual, float(quad_t.abs().max()) / scale)
-
-    def verify(self, tol: float = None) -> torch.Tensor:
-        """Check that the recorded steps are the steps this machine's coefficients imply; refuse if not.
-
-        Each recorded update Δ_s = w_{s+1} − w_s is compared with the update Δ̂_s recomputed from the recorded
-        batches, targets, loss and optimizer settings (no query needed: one batch gradient per step, the cost of
-        replaying training once). Where ‖Δ_s − Δ̂_s‖/‖Δ_s‖ exceeds ``tol`` (default :data:`UPDATE_TOL`, raised to
-        the storage dtype's rounding where weights were stored in low precision) on any step, the decomposition
-        would not reproduce the network, so this raises with what it found and the likely causes. Called by the
-        constructor unless ``verify=False``.
-
-        Returns:
-            ``[T]`` the relative update residual per step (also kept as :attr:`update_residual`).
-
-        Example:
-            >>> km.verify()  # doctest: +SKIP
-            tensor([3.1e-16, 2.9e-16, ...], dtype=torch.float64)
-        """
-        tol = UPDATE_TOL if tol is None else float(tol)
-        res = self._update_residuals()
-        self.update_residual = res
-        allowed = torch.clamp(self._rounding_floor(), min=tol)
-        bad = torch.nonzero(~(res <= allowed)).flatten().tolist()
-        if bad:
-            raise ValueError(self._refusal(res, bad, tol))
-        return res
-
-    def _rounding_floor(self) -> torch.Tensor:
-        """``[T]`` the update residual that storing the weights in the trajectory's dtype alone can cause:
-        8 u ‖w_{s+1}‖ / ‖Δ_s‖ (each stored weight is within u |w| of the trained one)."""
-        u = torch.finfo(self.trajectory.dtype).eps
-        out = []
-        for s in range(self.trajectory.num_steps):
-            w0, w1 = self.fm.state(EvalPoint(s))[0], self.fm.state(EvalPoint(s + 1))[0]
-            out.append(float(8 * u * w1.norm() / (w1 - w0).norm().clamp_min(1e-300)))
-        return torch.tensor(out, dtype=torch.float64)
-
-    def _refusal(self, res: torch.Tensor, bad: list[int], tol: float) -> str:
-        worst = int(torch.nan_to_num(res, nan=float("inf")).argmax())
-        rec = self._record
-        causes = ["gradient clipping (clip_grad_norm_ between backward and step) or gradient noise that the "
-                  "recording does not show",
-                  "gradient accumulation over micro-batches (several backward passes per optimizer step)",
-                  "X_train or y_train in another order than the recorded batch indices, or other data",
-                  "a loss other than the recorded one (reduction, label smoothing, class weights, extra terms)",
-                  "a training forward pass unlike the model's (dropout, data augmentation, train-mode normalisation)"]
-        if rec.optimizer is not None and rec.optimizer.kind.adaptive:
-            causes.insert(0, "a recorded preconditioner that is not the one the optimizer applied (an edited or "
-                             "damaged state file, or an optimizer changed in the loop)")
-        elif rec.optimizer is None or rec.optimizer.kind is not OptimizerKind.SGD:
-            causes.insert(0, "an optimizer other than plain SGD (a trajectory from checkpoints with lr= is taken as "
-                             "plain SGD; for Adam/AdamW/RMSprop/Adagrad record the run with pkfast.TrajectoryRecorder, "
-                             "whose per-step preconditioner makes the machine exact)")
-        return (f"{_FN}: the recorded weights do not follow from the recorded training: the update residual "
-                f"‖Δ_s − Δ̂_s‖/‖Δ_s‖ exceeds {tol:g} on {len(bad)} of {len(res)} steps (worst {float(res[worst]):.3g} "
-                f"at step {worst}; first bad step {bad[0]}), so the kernel machine would not reproduce the network. "
-                "Likely causes: " + "; ".join(causes) + ". Fix the recording (TrajectoryRecorder around the "
-                "real loop, the same X_train order and loss), or pass verify=False to build the machine anyway "
-                "(its predictions then differ from the network; certificate() shows by how much)")
-
-    def _output_grad_mismatch(self) -> torch.Tensor | None:
-        T = self.trajectory.num_steps
-        stored = [None if st.output_grads is None else torch.from_numpy(st.output_grads.copy())
-                  for st in self._record.steps]
-        if all(g is None for g in stored):
-            return None
-        out = torch.full((T,), float("nan"), dtype=torch.float64)
-        for s, g in enumerate(stored):
-            b = self._batches[s]
-            if g is None or b.numel() == 0:
-                continue
-            if g.shape != (b.numel(), self.C):
-                raise ValueError(f"{_FN}: step {s} stored output gradients of shape {tuple(g.shape)}; expected "
-                                 f"({b.numel()}, {self.C}) for its batch of {b.numel()}")
-            f = self.fm.outputs(EvalPoint(s), self.X[b]).to("cpu", torch.float64)
-            rec = self.loss.output_grad(f, self.y[b], self.fm.output_shape)
-            out[s] = float((rec - g).abs().max() / g.abs().max().clamp_min(1e-300))
-        return out
-
-    def _update_residuals(self) -> torch.Tensor:
-        """``[T]`` ‖Δ_s − Δ̂_s‖/‖Δ_s‖ through the sweep's own coefficients (:meth:`Sweep.update_residuals`,
-        :meth:`AdaptiveSweep.update_residuals`)."""
-        return self._sweeper.update_residuals()

@@ -13,6 +13,7 @@ the other parameters go through ``jacrev`` (docs/math.md §5).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -20,9 +21,11 @@ import torch
 from pkfast.engine.accumulate import accumulate
 from pkfast.engine.capture import Capture, Groups
 from pkfast.engine.costs import LayerChoice, chunk_for, route_counts
+from pkfast.engine.dispatch import CallsChanged
 from pkfast.engine.functional import FunctionalModel
 from pkfast.engine.products import WORKSPACE_BYTES, TileLayout, factor_pair_product
 from pkfast.engine.routes.base import Combo, Data, Route, Side
+from pkfast.engine.routes.jacobian import JacobianRoute
 from pkfast.layers import rule_for
 from pkfast.layers.base import Layer
 
@@ -86,6 +89,9 @@ class LayeredRoute(Route):
         self.method = "factorized" if g.factorized else "materialized"
         self._buf: dict[str, torch.Tensor] = {}
         self._ws: torch.Tensor | None = None
+        self._begun: tuple = ()
+        #: the Jacobian route this one hands over to when the model's calls change at run time (:meth:`fall_back`)
+        self.fallback: JacobianRoute | None = None
 
     @staticmethod
     def figures(layout: TileLayout, fm: FunctionalModel, choices: tuple[LayerChoice, ...], groups: Groups,
@@ -107,7 +113,7 @@ class LayeredRoute(Route):
 
     # ------------------------------------------------------------------ running
     def begin(self, data: Data, row_block: int, col_block: int, chunk: int, progress: bool) -> None:
-        self.chunk = chunk
+        self.chunk, self._begun = chunk, (data, row_block, col_block, chunk, progress)
         C, P, fm = self.layout.num_outputs, self.panel_width, self.fm
         if P:
             self._buf = {"rows": torch.empty(row_block, C, P, dtype=fm.dtype, device=fm.device),
@@ -115,9 +121,27 @@ class LayeredRoute(Route):
 
     def end(self) -> None:
         self._buf, self._ws = {}, None
+        if self.fallback is not None:
+            self.fallback.end()
+
+    def fall_back(self, why: CallsChanged) -> None:
+        """Form every later side by the Jacobian route (exact for any control flow), after one warning: the
+        model's calls at run time are not those the plan saw (``why``), so the factors cannot be trusted. The
+        caller recomputes the tile that raised; the tiles finished before it had the planned calls."""
+        fb = self.fallback = JacobianRoute(self.layout, self.fm, requested=self.requested, choices=self.choices)
+        warnings.warn(f"{why}. The rest of this computation takes the Jacobian route (vmap(jacrev) of all "
+                      f"{self.fm.num_params:,} parameters): exact, but slower, with panels of "
+                      f"{fb.bytes_per_sample:,} bytes per sample where the plan counted {self.bytes_per_sample:,}",
+                      stacklevel=2)
+        self._buf, self._ws = {}, None
+        if self._begun:
+            data, rows, cols, chunk, progress = self._begun
+            fb.begin(data, rows, cols, min(chunk, fb.chunk), progress)
 
     def side(self, combo: Combo, X: torch.Tensor, Y: torch.Tensor | None, slot: str, rows: slice,
              tick: Callable[[int], None] | None = None) -> Side:
+        if self.fallback is not None:
+            return self.fallback.side(combo, X, Y, slot, rows, tick)
         n = X.shape[0]
         panel = self._buf[slot][:n] if self.panel_width else None
         factors = []
@@ -127,6 +151,8 @@ class LayeredRoute(Route):
         return Side(n, panel, factors)
 
     def product(self, acc: torch.Tensor, left: Side, right: Side, weight: float, same: bool) -> None:
+        if self.fallback is not None:
+            return self.fallback.product(acc, left, right, weight, same)
         lay = self.layout
         if self.panel_width:
             lay.panel_product(acc, left.panel, right.panel, weight, same)
