@@ -79,12 +79,18 @@ class Explanation:
 
 
 class KernelMachine(SelfChecks):
-    """A network trained by SGD, recorded, rewritten as ``f(x) = b(x) + Σ_i c_i(x)`` over its training points.
+    """A network trained by SGD or an adaptive optimizer (Adam, AdamW, RMSprop, Adagrad), recorded, rewritten as
+    ``f(x) = b(x) + Σ_i c_i(x)`` over its training points.
+
+    For an adaptive optimizer each step's preconditioner P_t is taken as recorded: c_i(x) is the effect of i's
+    gradients as the optimizer applied them, and the influence i has through the second moments (and so P_t) is
+    attributed to no training point (docs/math.md §6.2).
 
     Args:
         model: the trained architecture (its weights come from the trajectory).
-        trajectory: the recording (:class:`pkfast.TrajectoryRecorder`; ``Trajectory.from_checkpoints`` with
-            ``batch_indices`` also works and is then taken as plain SGD).
+        trajectory: the recording (:class:`pkfast.TrajectoryRecorder`, with each adaptive step's preconditioner,
+            clipping coefficient and micro-batches; ``Trajectory.from_checkpoints`` with ``batch_indices`` also
+            works and is then taken as plain SGD).
         X_train: the training inputs the batch indices refer to.
         y_train: their targets (default: those recorded with the trajectory).
         loss: the training loss convention (``nn.CrossEntropyLoss``, ``nn.MSELoss``, a
