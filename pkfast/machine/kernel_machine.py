@@ -367,7 +367,13 @@ class KernelMachine(SelfChecks):
 
     def coefficients(self, X: Any, *, tol: float = 1e-12) -> torch.Tensor:
         """Domingos' a_i(x) = c_i(x) / k_p(x, x_i) ∈ R^C, with k_p the output-trace path kernel of the same rule
-        (Σ_s ε_s tr J̄_s(x) J(x_i; w_s)ᵀ): ``[M, N, C]``; NaN where |k_p| ≤ tol·max|k_p| (a_i undefined)."""
+        (Σ_s ε_s tr J̄_s(x) J(x_i; w_s)ᵀ): ``[M, N, C]``; NaN where |k_p| ≤ tol·max|k_p| (a_i undefined).
+        Refused for an adaptive optimizer, whose machine's kernel is not that Euclidean path kernel."""
+        if self._adaptive:
+            raise ValueError(f"{_FN}.coefficients: this machine was trained with {self._record.optimizer.class_name}, "
+                             "whose kernel pairs the gradients through the preconditioners P_t; dividing by the "
+                             "Euclidean path kernel would give coefficients of another kernel. Use contributions() "
+                             "(exact) instead")
         X = self._queries(X)
         c = self.contributions(X)
         nodes = self.nodes if self.rule == "exact" else DEFAULT_NODES  # (nodes means nothing to the left rule)

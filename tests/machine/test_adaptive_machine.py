@@ -144,6 +144,8 @@ def test_contributions_equal_an_independent_reference(tmp_path, name):
     assert abs(e.total - float(got[0, :, 1].sum())) < 1e-13
     mm = km.contributions(Xq, out=str(tmp_path / "c.npy"))
     assert np.array_equal(np.asarray(mm), got.numpy())
+    with pytest.raises(ValueError, match="coefficients: .* Euclidean path kernel .* contributions"):
+        km.coefficients(Xq)  # (Domingos' a_i = c_i / k_p needs the machine's own, preconditioned, kernel)
 
 
 def test_a_wrong_preconditioner_is_refused(tmp_path, monkeypatch):
