@@ -164,6 +164,10 @@ def row_weights(fn: str, rec: Recording, loss: LossSpec, y: torch.Tensor, C: int
                 "machine needs g_s = c_s × the backward passes' gradient: clip with clip_grad_norm_ (one coefficient)")
         c = 1.0 if st.clip_coef is None else float(st.clip_coef)
         mbs, mw = st.micro_batches or (), st.micro_weights
+        if len(mbs) > 1 and mw is None and st.extra.get("num_items_in_batch") is not None:
+            # (the Trainer with a model taking num_items_in_batch: each micro-batch's summed loss over the items of
+            # the whole accumulated batch, i.e. the loss convention over the whole batch)
+            mbs, mw = (np.concatenate([np.asarray(b) for b in mbs]),), None
         if len(mbs) > 1 and mw is None:
             raise ValueError(f"{fn}: step {st.index} accumulated {len(mbs)} micro-batches but their loss weights were "
                              "not recorded; pass rec.step(micro_batches=…, micro_weights=[the factor each "

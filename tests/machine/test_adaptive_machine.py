@@ -279,3 +279,47 @@ def test_a_parameter_left_without_gradient_is_refused(tmp_path):
     traj = pkfast.Trajectory.load(tmp_path / "t")
     with pytest.raises(ValueError, match=r"step 0 did not update \['aux.weight', 'aux.bias'\]"):
         pkfast.KernelMachine(model, traj, X, progress=False)
+
+
+def test_hf_trainer_defaults_feed_the_exact_machine(tmp_path):
+    """transformers.Trainer with its defaults — AdamW with no decay for biases and LayerNorm weights (two groups),
+    max_grad_norm=1.0, linear warm-up — and gradient accumulation 2 on a tiny GPT-2, recorded by the callback:
+    the kernel machine rebuilds the network (the micro-batches' weights come from num_items_in_batch)."""
+    transformers = pytest.importorskip("transformers", reason="needs transformers (pip install 'pkfast[hf]')")
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+    from pkfast.integrations.hf import INDEX_KEY, TrajectoryCallback
+    from tests.trajectory.test_loop_callbacks import _gpt2, _Tokens
+
+    data = _Tokens(n=12)
+
+    class Indexed(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(data)
+
+        def __getitem__(self, i):
+            labels = data.ids[i].clone()
+            labels[0] = -100  # (the Trainer's item count is then the targets' after the shift)
+            return {"input_ids": data.ids[i], "labels": labels, INDEX_KEY: i}
+
+    model = _gpt2(transformers).double()
+    model.set_attn_implementation("eager")
+    ids = data.ids
+    cb = TrajectoryCallback(tmp_path / "traj", loss=nn.CrossEntropyLoss(), targets=ids[:, 1:])
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        learning_rate=0.01, warmup_steps=1, weight_decay=0.01, report_to=[], use_cpu=True, seed=0,
+        save_strategy="no", logging_strategy="no", disable_tqdm=True, remove_unused_columns=False)
+    transformers.Trainer(model=model, args=args, train_dataset=Indexed(), callbacks=[cb]).train()
+    traj = pkfast.Trajectory.load(tmp_path / "traj")
+    rec = traj.recording
+    assert rec.optimizer.kind.value == "AdamW" and len(rec.steps[0].groups) == 2
+    assert all(len(s.micro_batches) == 2 for s in rec.steps) and bool((traj.clip_coefs() < 1).any())
+    model.eval()
+    shift = lambda o: o.logits[:, :-1]  # noqa: E731  (the next-token logits of targets ids[:, 1:])
+    km = pkfast.KernelMachine(model, traj, {"input_ids": ids}, output_fn=shift, progress=False)  # auto nodes
+    assert km.nodes_check.error < 1e-6  # (AdamW's steps move every weight by ~lr: attention needs more nodes)
+    Xq = {"input_ids": torch.randint(0, 23, (2, 6), generator=torch.Generator().manual_seed(5))}
+    with torch.no_grad():
+        f = model(**Xq).logits[:, :-1].reshape(2, -1)
+    assert float((km.predict(Xq) - f).norm() / f.norm()) < 1e-6  # (the Trainer's loss upcasts logits to float32)
+    assert float(km.update_residual.max()) < 1e-5
