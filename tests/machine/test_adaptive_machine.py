@@ -323,3 +323,24 @@ def test_hf_trainer_defaults_feed_the_exact_machine(tmp_path):
         f = model(**Xq).logits[:, :-1].reshape(2, -1)
     assert float((km.predict(Xq) - f).norm() / f.norm()) < 1e-6  # (the Trainer's loss upcasts logits to float32)
     assert float(km.update_residual.max()) < 1e-5
+
+
+def test_hyper_parameters_changed_during_training(tmp_path):
+    """β1, ε and weight decay changed between steps (as a schedule of them would): each step's recorded values."""
+    X, y = _data()
+    net = _net()
+    opt = torch.optim.AdamW(net.parameters(), lr=0.05, betas=(0.9, 0.99), weight_decay=0.1)
+    lossf = nn.CrossEntropyLoss()
+    with pkfast.TrajectoryRecorder(net, opt, tmp_path / "t", loss=lossf, targets=y) as rec:
+        for s in range(T):
+            if s == 2:
+                opt.param_groups[0].update(betas=(0.5, 0.9), eps=1e-4, weight_decay=0.3)
+            idx = torch.arange(s % 2 * 8, s % 2 * 8 + 8)
+            opt.zero_grad(); lossf(net(X[idx]), y[idx]).backward(); opt.step()  # noqa: E702
+            rec.step(batch_indices=idx)
+    traj = pkfast.Trajectory.load(tmp_path / "t")
+    assert traj.recording.steps[3].groups[0].betas == (0.5, 0.9)
+    km = pkfast.KernelMachine(net, traj, X, nodes=6, progress=False)
+    assert float(km.update_residual.max()) < 1e-13
+    f = net(X).detach()
+    assert float((km.predict(X) - f).abs().max() / f.abs().max()) <= 1e-10
