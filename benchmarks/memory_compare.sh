@@ -12,4 +12,4 @@ for rev in 65d5560 ed9799c; do
   PYTHONPATH="$dir" "$PY" benchmarks/memory.py --csv "$OUT" --label "$rev" || true   # the old ones go over
   git worktree remove --force "$dir"
 done
-"$PY" benchmarks/memory.py --csv "$OUT" --label "working tree"
+"$PY" benchmarks/memory.py --csv "$OUT" --label "working tree ($(git rev-parse --short HEAD))"

@@ -278,3 +278,17 @@ def test_attribution_without_its_inputs_is_one_line_in_a_subprocess(run):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert "top-k needs --trajectory, --train, --train-targets, --query, --query-targets" in lines[0]
+
+
+def test_threads_flag(run, monkeypatch, capsys, tmp_path):
+    """--threads reaches the library (a pinned count gives the library's Gram; a bad value is one line)."""
+    d, ns, traj, X, y, Xq, yq = run
+    net = ns["make_net"]().eval()
+    rc, out, err = _main(d, monkeypatch, capsys, "gram", *BASE, "--data", "X.npy", "--threads", "1", "--out",
+                         tmp_path / "K.npy")
+    assert rc == 0, err
+    K = pkfast.gram(net, traj, X, dtype=F64, progress=False)
+    np.testing.assert_allclose(np.load(tmp_path / "K.npy"), K.numpy(), rtol=1e-12, atol=0)
+    line = _error(*_main(d, monkeypatch, capsys, "gram", *BASE, "--data", "X.npy", "--threads", "many", "--out",
+                         tmp_path / "E.npy")[::2])
+    assert "threads must be 'auto'" in line and "found 'many'" in line

@@ -179,10 +179,17 @@ def add_loss_flags(q: argparse.ArgumentParser, *, targets: str = "--targets", sa
 
 
 def add_compute_flags(q: argparse.ArgumentParser) -> None:
-    """--memory, --dtype."""
+    """--memory, --dtype, --threads."""
     q.add_argument("--memory", default=None, metavar="BYTES", help="working-memory budget, e.g. 4GiB (default: "
                    "half of the free memory)")
     q.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    q.add_argument("--threads", default=None, type=_threads, metavar="auto|all|N",
+                   help="CPU threads: auto (default: fewer while other processes hold the cores), all (torch's "
+                   "count) or a number")
+
+
+def _threads(v: str) -> str | int:
+    return int(v) if v.isdigit() else v
 
 
 def inputs(a: argparse.Namespace) -> tuple[Any, Any, Any, Any]:

@@ -47,6 +47,7 @@ from pkfast.machine import adaptive, data_check
 from pkfast.machine.adaptive_sweep import AdaptiveSweep
 from pkfast.machine.sweep import Sweep, one_momentum
 from pkfast.engine.quadrature import DEFAULT_NODES
+from pkfast.engine.resources.threads import ThreadPolicy
 from pkfast.trajectory.points import Trajectory
 from pkfast.trajectory.recording import GroupHyper, OptimizerKind, Recording
 
@@ -290,8 +291,10 @@ class KernelMachine(SelfChecks):
         return X
 
     def _chunks(self, X: torch.Tensor):
-        for a in range(0, X.shape[0], self.query_chunk):
-            yield a, X[a:a + self.query_chunk]
+        with ThreadPolicy(self.opts.threads, _FN) as threads:  # fewer threads while other processes hold the cores
+            for a in range(0, X.shape[0], self.query_chunk):
+                threads.update()
+                yield a, X[a:a + self.query_chunk]
 
     # ------------------------------------------------------------------ public
     def bias(self, X: Any) -> torch.Tensor:
