@@ -344,3 +344,52 @@ def test_hyper_parameters_changed_during_training(tmp_path):
     assert float(km.update_residual.max()) < 1e-13
     f = net(X).detach()
     assert float((km.predict(X) - f).abs().max() / f.abs().max()) <= 1e-10
+
+
+def test_lightning_adam_with_clipping_and_accumulation_feeds_the_exact_machine(tmp_path):
+    try:
+        import lightning.pytorch as pl
+    except ImportError:
+        pl = pytest.importorskip("pytorch_lightning", reason="needs lightning (pip install 'pkfast[lightning]')")
+    from pkfast.integrations.lightning import TrajectoryCallback
+
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(24, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (24,), generator=g)
+
+    class Indexed(torch.utils.data.Dataset):
+        def __len__(self):
+            return 24
+
+        def __getitem__(self, i):
+            return {"index": i, "x": X[i], "y": y[i]}
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, i):
+            return F.cross_entropy(self(batch["x"]), batch["y"])
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=0.05, weight_decay=0.01)
+
+    m = Module()
+    cb = TrajectoryCallback(tmp_path / "traj", batch_indices=lambda b: b["index"], loss=nn.CrossEntropyLoss(),
+                            targets=y)
+    loader = torch.utils.data.DataLoader(Indexed(), batch_size=4, shuffle=True,
+                                         generator=torch.Generator().manual_seed(1))
+    trainer = pl.Trainer(max_epochs=1, callbacks=[cb], accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accumulate_grad_batches=2,
+                         gradient_clip_val=0.1)
+    trainer.fit(m, loader)
+    traj = pkfast.Trajectory.load(tmp_path / "traj")
+    assert bool((traj.clip_coefs() < 1).all())
+    km = pkfast.KernelMachine(m, traj, X, nodes=6, progress=False)
+    assert float(km.update_residual.max()) < 1e-13
+    f = m(X).detach()
+    assert float((km.predict(X) - f).abs().max() / f.abs().max()) <= 1e-10
