@@ -58,11 +58,16 @@ class AdaptiveSweep:
 
     # ------------------------------------------------------------------ per-step vectors, panel column order
     def pre(self, s: int) -> torch.Tensor:
-        """P_s ``[P]`` in the panel's column order (cached: T × P floats, the size of the trajectory's state)."""
+        """P_s ``[P]`` in the panel's column order, read from the trajectory's state rows (kept for later query
+        chunks while within the cache budget shared with the batch gradients)."""
         got = self._pre.get(s)
         if got is None:
             flat = preconditioner_flat(self.fn, self.trajectory, self._names, s)
-            got = self._pre[s] = self.panels.to_panel(flat.to(self.fm.device, self.dtype))
+            got = self.panels.to_panel(flat.to(self.fm.device, self.dtype))
+            nbytes = got.numel() * got.element_size()
+            if self.cached_bytes + nbytes <= self.cache_budget:
+                self._pre[s] = got
+                self.cached_bytes += nbytes
         return got
 
     def weights_at(self, s: int) -> torch.Tensor:
