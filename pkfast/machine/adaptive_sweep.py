@@ -96,7 +96,9 @@ class AdaptiveSweep:
 
         S is held as one contiguous ``[M, C, width]`` block per panel slot, each step's J̄_s formed into it (or a
         scratch block, to be scaled by P_s) from the layer factors of all quadrature nodes at once; the factor
-        c_s A_s of Ψ_s goes to the training side (|B_s| rows, not M·C), so the P-wide work per step is one pass."""
+        c_s A_s of Ψ_s goes to the training side (|B_s| rows, not M·C), so the P-wide work per step is one pass.
+        Where P_s meets the momentum (Adam) S is held as S_s = k_s R_s with k_s = Π β, R_s = R_{s+1} + σ_s P_s ⊙
+        J̄_s / k_s, so the decay costs no pass over S (R is rescaled when k falls below 1e-150)."""
         T, N, C, M = self.trajectory.num_steps, self.X.shape[0], self.C, Xq.shape[0]
         dev, dt, pl = self.fm.device, self.dtype, self.plan
         bias = self.fm.outputs(EvalPoint(0), Xq).to(dt)
@@ -108,16 +110,24 @@ class AdaptiveSweep:
         scratch = None if pl.at_gradient else [torch.empty(M, C, w, dtype=dt, device=dev) if L is not None else None
                                                  for L, _, w in slots]
         bar = tqdm(total=T, desc="pkfast.KernelMachine steps", unit="step", disable=not self.progress, leave=False)
+        k = 1.0  # S = k R where P_s meets the momentum (S itself otherwise)
         for s in range(T - 1, -1, -1):
             jac, nodes = self.panels.evaluate(self.combo(s), Xq)
             P, beta = self.pre(s), pl.beta[s + 1] if s + 1 < T else 0.0
+            if not pl.at_gradient and s + 1 < T:
+                k *= beta
+                if k < 1e-150:  # (β = 0 included: the sum restarts)
+                    for Si in S:
+                        Si.mul_(k)
+                    k = 1.0
             w = self.weights_at(s) if (pl.coupled[s] is not None or pl.decoupled[s] is not None) else None
             dw = None if pl.decoupled[s] is None else pl.decoupled[s] * w  # δ_s w_s
             for i, slot in enumerate(slots):
-                J = self._advance(slot, S[i], None if scratch is None else scratch[i], jac, nodes, P[cols[i]], s, beta)
+                J = self._advance(slot, S[i], None if scratch is None else scratch[i], jac, nodes, P[cols[i]], s,
+                                  beta, 1.0 / k)
                 if dw is not None:
                     bias -= (J.view(M * C, -1) @ dw[cols[i]]).view(M, C)
-            h = pl.c[s] * P if pl.at_gradient else torch.full_like(P, pl.c[s])  # c_s A_s, on the training side
+            h = pl.c[s] * P if pl.at_gradient else torch.full_like(P, pl.c[s] * k)  # c_s A_s (× k), training side
             if pl.coupled[s] is not None:
                 hw = h * (pl.coupled[s] * w)
                 bias -= sum(Si.view(M * C, -1) @ hw[cl] for Si, cl in zip(S, cols)).view(M, C)
@@ -134,9 +144,9 @@ class AdaptiveSweep:
         return bias, total, contrib
 
     def _advance(self, slot, S: torch.Tensor, scratch: torch.Tensor | None, jac, nodes, P: torch.Tensor, s: int,
-                 beta: float) -> torch.Tensor:
-        """S ← β S + σ_s B_s ⊙ J̄_s for one slot (B_s = P_s for Adam, 1 for RMSprop/Adagrad); returns J̄_s of the
-        slot (for decoupled weight decay; meaningful where B_s = P_s)."""
+                 beta: float, inv_k: float) -> torch.Tensor:
+        """One slot's S ← β S + σ_s J̄_s (RMSprop, Adagrad), or R ← R + σ_s P_s ⊙ J̄_s / k (Adam: S = k R); returns
+        J̄_s of the slot (for decoupled weight decay; meaningful where P_s meets the momentum)."""
         sigma = self.plan.sigma[s]
         if self.plan.at_gradient:
             if slot[0] is None:
@@ -149,7 +159,7 @@ class AdaptiveSweep:
         else:
             Panels.write(slot, nodes, scratch, beta=0.0)
             J = scratch
-        S.mul_(beta).addcmul_(J, P.view(1, 1, -1), value=sigma)
+        S.addcmul_(J, P.view(1, 1, -1), value=sigma * inv_k)
         return J
 
     def update_residuals(self) -> torch.Tensor:

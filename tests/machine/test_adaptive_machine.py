@@ -22,6 +22,8 @@ OPTIMIZERS = {
     "adam": lambda p: torch.optim.Adam(p, lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.01),
     "adam_decoupled": lambda p: torch.optim.Adam(p, lr=0.05, weight_decay=0.1, decoupled_weight_decay=True),
     "adamw": lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.1),
+    "adam_beta1_0": lambda p: torch.optim.Adam(p, lr=0.05, betas=(0.0, 0.9)),  # (no momentum: the sum restarts)
+    "adam_beta1_tiny": lambda p: torch.optim.Adam(p, lr=0.05, betas=(1e-80, 0.9)),  # (the sweep rescales its sum)
     "adamw_amsgrad": lambda p: torch.optim.AdamW(p, lr=0.05, amsgrad=True, weight_decay=0.05),
     "rmsprop": lambda p: torch.optim.RMSprop(p, lr=0.01, alpha=0.9, eps=1e-6, weight_decay=0.01),
     "rmsprop_momentum": lambda p: torch.optim.RMSprop(p, lr=0.01, momentum=0.8),
