@@ -298,12 +298,46 @@ class KernelMachine(SelfChecks):
 
     # ------------------------------------------------------------------ public
     def bias(self, X: Any) -> torch.Tensor:
-        """b(x) = f(x; w_0) − (weight-decay terms): the part of the prediction no training point carries."""
+        """b(x) = f(x; w_0) − (weight-decay terms): the part of the prediction no training point carries, ``[M, C]``.
+
+        Example:
+        >>> import torch, pkfast, tempfile
+        >>> _ = torch.manual_seed(0)
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+        >>> X, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))
+        >>> opt, lossf, path = torch.optim.SGD(net.parameters(), lr=0.1), torch.nn.CrossEntropyLoss(), tempfile.mkdtemp()
+        >>> with pkfast.TrajectoryRecorder(net, opt, path + "/t", loss=lossf, targets=y) as rec:
+        ...     for s in range(4):
+        ...         idx = torch.arange(s % 2 * 8, s % 2 * 8 + 8)
+        ...         opt.zero_grad(); lossf(net(X[idx]), y[idx]).backward(); opt.step(); rec.step(batch_indices=idx)
+        >>> km = pkfast.KernelMachine(net, pkfast.Trajectory.load(path + "/t"), X, progress=False)
+        >>> Xq = torch.randn(3, 4, dtype=torch.float64)
+        >>> net0 = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+        >>> _ = net0.load_state_dict(km.trajectory.point(0))    # no weight decay: b is the initial network
+        >>> bool(torch.allclose(km.bias(Xq), net0(Xq).detach(), rtol=1e-12, atol=1e-12))
+        True
+        """
         X = self._queries(X)
         return torch.cat([self._sweeper.run(q, samples=False)[0] for _, q in self._chunks(X)]).cpu()
 
     def predict(self, X: Any) -> torch.Tensor:
-        """b(x) + Σ_i c_i(x) as [M, C]: the network's f(x; w_T) rebuilt from the training points."""
+        """b(x) + Σ_i c_i(x) as [M, C]: the network's f(x; w_T) rebuilt from the training points.
+
+        Example:
+        >>> import torch, pkfast, tempfile
+        >>> _ = torch.manual_seed(0)
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+        >>> X, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))
+        >>> opt, lossf, path = torch.optim.SGD(net.parameters(), lr=0.1), torch.nn.CrossEntropyLoss(), tempfile.mkdtemp()
+        >>> with pkfast.TrajectoryRecorder(net, opt, path + "/t", loss=lossf, targets=y) as rec:
+        ...     for s in range(4):
+        ...         idx = torch.arange(s % 2 * 8, s % 2 * 8 + 8)
+        ...         opt.zero_grad(); lossf(net(X[idx]), y[idx]).backward(); opt.step(); rec.step(batch_indices=idx)
+        >>> km = pkfast.KernelMachine(net, pkfast.Trajectory.load(path + "/t"), X, progress=False)
+        >>> Xq = torch.randn(3, 4, dtype=torch.float64)
+        >>> float((km.predict(Xq) - net(Xq).detach()).abs().max()) < 1e-8
+        True
+        """
         X = self._queries(X)
         parts = [self._sweeper.run(q, samples=False) for _, q in self._chunks(X)]
         return torch.cat([b + t for b, t, _ in parts]).cpu()
@@ -313,7 +347,26 @@ class KernelMachine(SelfChecks):
         (``per_step=True``: ``[T, M, N, C]``, the part contributed through step r's gradient of i).
 
         ``out``: a path ending in ``.npy``: the result is written there query chunk by query chunk (a plain
-        float64 ``.npy``) and returned as a read-only memmap, so M × N × C need not fit in memory."""
+        float64 ``.npy``) and returned as a read-only memmap, so M × N × C need not fit in memory.
+
+        Example:
+        >>> import torch, pkfast, tempfile
+        >>> _ = torch.manual_seed(0)
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+        >>> X, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))
+        >>> opt, lossf, path = torch.optim.SGD(net.parameters(), lr=0.1), torch.nn.CrossEntropyLoss(), tempfile.mkdtemp()
+        >>> with pkfast.TrajectoryRecorder(net, opt, path + "/t", loss=lossf, targets=y) as rec:
+        ...     for s in range(4):
+        ...         idx = torch.arange(s % 2 * 8, s % 2 * 8 + 8)
+        ...         opt.zero_grad(); lossf(net(X[idx]), y[idx]).backward(); opt.step(); rec.step(batch_indices=idx)
+        >>> km = pkfast.KernelMachine(net, pkfast.Trajectory.load(path + "/t"), X, progress=False)
+        >>> Xq = torch.randn(3, 4, dtype=torch.float64)
+        >>> c = km.contributions(Xq)                             # [M, N, C]
+        >>> c.shape, bool(torch.allclose(km.bias(Xq) + c.sum(1), km.predict(Xq), rtol=1e-12, atol=1e-12))
+        (torch.Size([3, 16, 3]), True)
+        >>> bool(torch.allclose(km.contributions(Xq, per_step=True).sum(0), c, atol=1e-12))  # [T, M, N, C]
+        True
+        """
         X = self._queries(X)
         if out is None:
             outs = [self._sweeper.run(q, samples=True, per_step=per_step)[2] for _, q in self._chunks(X)]
@@ -341,6 +394,23 @@ class KernelMachine(SelfChecks):
                 (the predicted class).
 
         Ties are broken by the lower training index.
+
+        Example:
+        >>> import torch, pkfast, tempfile
+        >>> _ = torch.manual_seed(0)
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+        >>> X, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))
+        >>> opt, lossf, path = torch.optim.SGD(net.parameters(), lr=0.1), torch.nn.CrossEntropyLoss(), tempfile.mkdtemp()
+        >>> with pkfast.TrajectoryRecorder(net, opt, path + "/t", loss=lossf, targets=y) as rec:
+        ...     for s in range(4):
+        ...         idx = torch.arange(s % 2 * 8, s % 2 * 8 + 8)
+        ...         opt.zero_grad(); lossf(net(X[idx]), y[idx]).backward(); opt.step(); rec.step(batch_indices=idx)
+        >>> km = pkfast.KernelMachine(net, pkfast.Trajectory.load(path + "/t"), X, progress=False)
+        >>> Xq = torch.randn(3, 4, dtype=torch.float64)
+        >>> e = km.explain(Xq[0], k=2)
+        >>> c = km.contributions(Xq[:1])[0, :, e.target]          # every training point's share of that logit
+        >>> e.proponents.tolist() == c.argsort(descending=True)[:2].tolist()
+        True
         """
         if self._packing is None or not inputs.is_structured(x):  # (a structured query holds one sample per field)
             x = torch.as_tensor(x)
