@@ -25,6 +25,7 @@ from torch.func import functional_call
 from pkfast.engine.costs import RouteKind
 from pkfast.engine.dispatch import CallsChanged, check_call, check_calls, find_dispatch
 from pkfast.engine.functional import FunctionalModel
+from pkfast.engine.per_sample import mha_fastpath_off
 from pkfast.engine.quadrature import EvalPoint
 from pkfast.layers.base import Layer, LayerRule, materialize
 
@@ -158,11 +159,7 @@ class Capture:
         :meth:`_check_patches`, with PyTorch's fused fast path of attention and transformer layers off: it
         would bypass the modules' forwards, hence their hooks."""
         with contextlib.ExitStack() as stack:
-            mha = getattr(torch.backends, "mha", None)
-            if mha is not None and hasattr(mha, "set_fastpath_enabled"):
-                was = mha.get_fastpath_enabled()
-                mha.set_fastpath_enabled(False)
-                stack.callback(mha.set_fastpath_enabled, was)
+            stack.enter_context(mha_fastpath_off())
             for rule, module in self._patches:
                 stack.enter_context(rule.patch(module))
             yield

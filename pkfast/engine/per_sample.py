@@ -25,13 +25,29 @@ from torch.utils._pytree import tree_map
 
 from pkfast.engine.quadrature import EvalPoint
 
-__all__ = ["Passes", "check_independent", "random_forward_refused"]
+__all__ = ["Passes", "check_independent", "random_forward_refused", "mha_fastpath_off"]
 
 log = logging.getLogger("pkfast")
 
 #: how the passes run, fastest first, and what the plan says of the slower ones
 MODES = {"vmap": "", "loop": "a loop over the samples (jacrev per sample)",
          "autograd": "a loop over the samples and outputs (torch.autograd.grad)"}
+
+
+@contextlib.contextmanager
+def mha_fastpath_off() -> Iterator[None]:
+    """PyTorch's fused fast path of attention and transformer layers off (restored on exit): it bypasses the
+    modules' forwards (hence hooks) and has no forward-mode derivative."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    was = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(was)
 
 
 @contextlib.contextmanager

@@ -23,6 +23,8 @@ from typing import Callable
 import torch
 from torch.func import jvp, vjp
 
+from pkfast.engine.per_sample import mha_fastpath_off
+
 __all__ = ["Directional", "ROUTES", "math_attention"]
 
 #: The routes, in the order they are tried.
@@ -42,11 +44,7 @@ def math_attention():
         False
     """
     with contextlib.ExitStack() as stack:
-        mha = getattr(torch.backends, "mha", None)
-        if mha is not None and hasattr(mha, "set_fastpath_enabled"):
-            was = mha.get_fastpath_enabled()
-            mha.set_fastpath_enabled(False)
-            stack.callback(mha.set_fastpath_enabled, was)
+        stack.enter_context(mha_fastpath_off())
         try:
             from torch.nn.attention import SDPBackend, sdpa_kernel
         except ImportError:  # pragma: no cover - older torch: no backend selection, the fast path switch suffices
