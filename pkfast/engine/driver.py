@@ -37,6 +37,7 @@ from pkfast.engine.routes.jacobian import JacobianRoute
 from pkfast.engine.routes.layered import LayeredRoute, find_layers
 from pkfast.engine.routes.sketch import Sketcher, SketchRoute
 from pkfast.engine.quadrature import Term, is_symmetric, terms_for
+from pkfast.engine.precondition import PreconditionedRoute, preconditioned_choices, preconditioner_for
 from pkfast.store.sinks import MemorySink, Sink
 from pkfast.engine.resources.meter import MEASURE_SAMPLES, PassCost, pass_cost
 from pkfast.engine.resources.threads import ThreadPolicy
@@ -171,6 +172,14 @@ def _choose_routes(opts: Options, fm: FunctionalModel, data: Data, layout: TileL
     nodes = max((len(t.left) for t in terms), default=1)
     figures = dict(C=fm.num_outputs, full=layout.full, pairs=geo.pairs * nodes, terms=len(terms), itemsize=fm.itemsize)
     costs: dict = {}
+    pre = preconditioner_for(opts.preconditioner, fm, opts.rule, opts.fn)
+    if pre is not None:  # a diagonal P breaks the layer routes' factorisation: every layer by jacrev, scaled
+        if opts.method in ("factorized", "materialized"):
+            log.info("%s: method=%r with the recorded preconditioner: every layer takes the Jacobian route (%s)",
+                     opts.fn, opts.method, pre.describe)
+        choices = preconditioned_choices(choose_routes(layers, method="jacobian", samples=geo.samples, **figures))
+        scaled: Route = PreconditionedRoute(layout, fm, pre, requested=opts.method, choices=choices)
+        return scaled, geo.tiling(scaled, layout, fm, terms, _measured(scaled, data, terms, costs, geo.budget)), choices
     if opts.method == "jacobian":
         choices = choose_routes(layers, method="jacobian", samples=geo.samples, **figures)
         route: Route = JacobianRoute(layout, fm, requested=opts.method, choices=choices)
@@ -233,7 +242,8 @@ class GramJob:
             sk = Sketcher(fm, list(terms), k=1024 if opts.k is None else opts.k,
                           seed=0 if opts.seed is None else opts.seed, rule=opts.rule, of=opts.of, loss=opts.loss,
                           budget=budget, fn=fn, projection=opts.projection, X=data.X,
-                          samples=N + (0 if data.X2 is None else M))
+                          samples=N + (0 if data.X2 is None else M),
+                          precondition=preconditioner_for(opts.preconditioner, fm, opts.rule, fn))
             route: Route = SketchRoute(layout, sk, N + (0 if data.X2 is None else M))
             return cls(opts, fm, data, layout, terms, route, geometry.tiling(route, layout, fm, terms), sk.choices)
         route, tiling, choices = _choose_routes(opts, fm, data, layout, terms, geometry)
