@@ -221,7 +221,6 @@ def plan(
     for k in ("out", "overwrite", "progress"):
         if k in options:
             raise TypeError(f"pkfast.plan: {k!r} is an option of the computation, not of the plan; drop it")
-    options.setdefault("preconditioner", "auto")
     job = GramJob.create(model, trajectory, X, X2, fn="pkfast.plan", **options)
     return GramPlan(job)
 

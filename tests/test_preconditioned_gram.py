@@ -264,3 +264,36 @@ def test_the_kronecker_projection_is_refused_with_a_preconditioner(run):
         sketch(net, traj, X, k=16, projection="kronecker", progress=False)
     phi = sketch(net, traj, X, k=16, projection="kronecker", progress=False, preconditioner=None)
     assert phi.features.shape == (N, C, 16)
+
+
+# ---------------------------------------------------------------------------------------------- the CLI
+NETS = f'''import torch
+
+
+def make_net():
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.Linear({D}, 6), torch.nn.Tanh(), torch.nn.Linear(6, {C})).double()
+'''
+
+
+def test_the_cli_takes_the_preconditioner(tmp_path, monkeypatch, capsys):
+    from pkfast.cli import main
+    net, traj = _record(tmp_path / "traj", "adam", steps=2)
+    X, y = _data()
+    np.save(tmp_path / "X.npy", X.numpy())
+    np.save(tmp_path / "y.npy", y.numpy())
+    (tmp_path / "nets.py").write_text(NETS)
+    monkeypatch.chdir(tmp_path)
+    base = ["--model", "nets.py:make_net", "--trajectory", "traj", "--dtype", "float64", "--no-progress"]
+    for choice, kw in (("auto", {}), ("none", dict(preconditioner=None))):
+        assert main(["gram", *base, "--data", "X.npy", "--out", f"K_{choice}.npy", "--preconditioner", choice]) == 0
+        K = pkfast.gram(net, traj, X, dtype=F64, progress=False, **kw)
+        np.testing.assert_allclose(np.load(tmp_path / f"K_{choice}.npy"), K.numpy(), rtol=1e-12, atol=0)
+        assert pkfast.open_gram(tmp_path / f"K_{choice}.npy").options["preconditioner"] == \
+            ("recorded" if choice == "auto" else "none")
+    capsys.readouterr()
+    assert main(["plan", *base[:-1], "--data", "X.npy"]) == 0
+    assert "preconditioner: recorded" in capsys.readouterr().out
+    assert main(["sketch", *base, "--data", "X.npy", "--k", "8", "--out", "F.npy", "--of", "loss", "--targets",
+                 "y.npy", "--loss", "cross_entropy"]) == 0
+    assert pkfast.PathFeatures.open(tmp_path / "F.npy").parts["preconditioner"] == "recorded"

@@ -224,6 +224,7 @@ class GramJob:
                fn: str = "pkfast.gram", **options: Any) -> "GramJob":
         """Validate everything, choose every layer's route and the tiles, and build the route once."""
         model = check_model_and_trajectory(fn, model, trajectory)
+        options.setdefault("preconditioner", "auto")  # (the recorded one where the trajectory has it)
         opts = Options.check(fn, trajectory=trajectory, **options)
         data = check_data(fn, opts, X, X2, y, y2)
         device = model_device(model)
