@@ -297,3 +297,28 @@ def test_the_cli_takes_the_preconditioner(tmp_path, monkeypatch, capsys):
     assert main(["sketch", *base, "--data", "X.npy", "--k", "8", "--out", "F.npy", "--of", "loss", "--targets",
                  "y.npy", "--loss", "cross_entropy"]) == 0
     assert pkfast.PathFeatures.open(tmp_path / "F.npy").parts["preconditioner"] == "recorded"
+
+
+# ---------------------------------------------------------------------------------------------- attribution
+def test_attribution_scores_are_the_preconditioned_loss_kernel(run, tmp_path):
+    from pkfast.attribution import Exact, features, scores, self_influence
+    net, traj = run
+    X, y = _data()
+    loss = torch.nn.CrossEntropyLoss()
+    ref = reference(net, traj, X[:4], X, y=y[:4], y2=y)[..., 0, 0]
+    train = Exact(net, traj, X, y, loss=loss, dtype=F64)
+    query = Exact(net, traj, X[:4], y[:4], loss=loss, dtype=F64)
+    assert _rel(scores(query, train, progress=False), ref) <= TOL
+    stored = scores(query, train, out=tmp_path / "S.npy", progress=False)
+    assert _rel(torch.from_numpy(np.array(stored)), ref) <= TOL
+    assert pkfast.open_gram(tmp_path / "S.npy").options["preconditioner"] == "recorded"
+    diag = torch.diagonal(reference(net, traj, X, y=y)[..., 0, 0])
+    assert _rel(self_influence(train, progress=False), diag) <= TOL
+    euclid = Exact(net, traj, X, y, loss=loss, dtype=F64, preconditioner=None)
+    assert _rel(self_influence(euclid, progress=False), diag) > 0.1
+    # sketched features carry the choice: preconditioned and Euclidean features never multiply
+    fp = features(net, traj, X, y, loss=loss, k=64, dtype=F64, progress=False)
+    fe = features(net, traj, X, y, loss=loss, k=64, dtype=F64, progress=False, preconditioner=None)
+    assert fp.parts["preconditioner"] == "recorded" and "preconditioner" not in fe.parts
+    with pytest.raises(ValueError, match="preconditioner differs"):
+        scores(fp, fe, progress=False)
