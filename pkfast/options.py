@@ -228,6 +228,16 @@ def _adaptive_optimizer(trajectory: Any) -> str | None:
     return opt.class_name if opt is not None and opt.kind.adaptive else None
 
 
+def _outside_pkfast() -> int:
+    """The ``stacklevel`` of the first frame outside pkfast (a warning then points at the user's call)."""
+    import sys
+
+    level, f = 1, sys._getframe(1)
+    while f is not None and f.f_globals.get("__name__", "").startswith("pkfast"):
+        level, f = level + 1, f.f_back
+    return level
+
+
 def resolve_preconditioner(fn: str, value: Any, trajectory: Any) -> str | None:
     """The kernel's preconditioner for ``preconditioner=value`` (:data:`PRECONDITIONERS` or None) on ``trajectory``:
     ``"recorded"`` where it is used, ``"none"`` for the Euclidean kernel of an adaptive optimizer's trajectory
@@ -251,7 +261,7 @@ def resolve_preconditioner(fn: str, value: Any, trajectory: Any) -> str | None:
                       "recorded: computing the Euclidean path kernel Σ ε_s ∇f·∇f′ (preconditioner=None), whose kernel "
                       f"machine is not the {adaptive}-trained network. Record the run with pkfast.TrajectoryRecorder "
                       "for the preconditioned kernel, or pass preconditioner=None to choose the Euclidean one "
-                      "without this warning", stacklevel=4)
+                      "without this warning", stacklevel=_outside_pkfast())
     return "recorded" if value == "recorded" else ("none" if has or adaptive else None)
 
 

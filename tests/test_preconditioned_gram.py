@@ -322,3 +322,4 @@ def test_attribution_scores_are_the_preconditioned_loss_kernel(run, tmp_path):
     assert fp.parts["preconditioner"] == "recorded" and "preconditioner" not in fe.parts
     with pytest.raises(ValueError, match="preconditioner differs"):
         scores(fp, fe, progress=False)
+
