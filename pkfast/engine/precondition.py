@@ -12,6 +12,23 @@ How it is computed: a diagonal P breaks the layer routes' pair factorisation K_l
 Kronecker structure of a layer's gradient is not preserved by an arbitrary diagonal), so every parameter takes
 the Jacobian route (:class:`PreconditionedRoute`: ``vmap(jacrev)`` panels scaled column-wise by √D on both
 sides), and a sketch projects the scaled Jacobian densely (J √D R: still unbiased).
+
+Example (an Adam run recorded with its preconditioner: the default kernel is the preconditioned one):
+    >>> import tempfile, torch, pkfast
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    >>> opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    >>> X, y = torch.randn(6, 3, dtype=torch.float64), torch.tensor([0, 1, 0, 1, 1, 0])
+    >>> rec = pkfast.TrajectoryRecorder(net, opt, tempfile.mkdtemp() + "/run")
+    >>> for _ in range(2):
+    ...     opt.zero_grad(); torch.nn.functional.cross_entropy(net(X), y).backward(); opt.step(); rec.step()
+    >>> rec.close()
+    >>> traj = pkfast.Trajectory.load(rec.path)
+    >>> K = pkfast.gram(net, traj, X, dtype=torch.float64, progress=False)          # Σ ε_s J_s diag(P_s) J_sᵀ
+    >>> E = pkfast.gram(net, traj, X, dtype=torch.float64, progress=False, preconditioner=None)   # Euclidean
+    >>> traj.has_preconditioner, bool(torch.allclose(K, E))
+    (True, False)
 """
 
 from __future__ import annotations
