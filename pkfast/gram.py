@@ -111,8 +111,9 @@ def gram(
             ``"recorded"`` computes the preconditioned path kernel K = Σ_s ε_s J_s diag(P_s) J′_sᵀ with each step's
             recorded diagonal preconditioner P_s (every point of step s takes P_s; ``"trapezoid"`` is
             Σ_s ε_s/2 [J(w_s) P_s J(w_s)ᵀ + J(w_{s+1}) P_s J(w_{s+1})ᵀ]: :mod:`pkfast.engine.precondition`),
-            the kernel whose kernel machine is the trained network; every layer then takes the Jacobian route
-            (a diagonal P breaks the factorisation; the plan says so). ``None`` (or ``"none"``): the Euclidean
+            the kernel whose kernel machine is the trained network; no layer is then factorised (a diagonal P
+            breaks the factorisation): each is materialised and scaled by √P_s, whatever ``method`` asks (the plan
+            says so; ``method="jacobian"`` scales the Jacobian panels). ``None`` (or ``"none"``): the Euclidean
             kernel. ``"auto"`` (default): ``"recorded"`` where the trajectory records one, else Euclidean — with
             a warning where the recorded optimizer is adaptive but its preconditioner was not recorded.
             ``"recorded"`` on a trajectory without one is refused. The stored manifest records the choice.

@@ -160,15 +160,63 @@ def test_the_default_is_the_recorded_preconditioner_and_none_is_euclidean(run):
     assert pkfast.plan(net, traj, X, preconditioner=None).method == "factorized"
 
 
-def test_the_plan_says_every_layer_falls_back(run):
+def test_the_plan_says_every_layer_is_materialised(run):
     net, traj = run
     X, _ = _data()
-    p = pkfast.plan(net, traj, X, method="factorized")
-    assert p.method == "jacobian" and {str(L.route) for L in p.layers} == {"jacobian"}
-    assert all("a diagonal P breaks the factorisation" in L.reason for L in p.layers)
-    text = str(p)
-    assert "preconditioner: recorded" in text and "preconditioned" in text
+    for method in ("auto", "factorized", "materialized"):
+        p = pkfast.plan(net, traj, X, method=method)
+        assert p.method == "materialized" and {str(L.route) for L in p.layers} == {"materialized"}
+        assert all(L.reason.startswith("preconditioned: materialized (a diagonal P breaks the factorisation)")
+                   for L in p.layers)
+        text = str(p)
+        assert "preconditioner: recorded" in text and "preconditioned by the recorded P_s" in text
+    p = pkfast.plan(net, traj, X, method="jacobian")
+    assert p.method == "jacobian" and "preconditioned" in str(p)
     assert "preconditioner: none" in str(pkfast.plan(net, traj, X, preconditioner=None))
+
+
+def _mixed_net():
+    """A LayerNorm (its affine materialised into the panel), a Linear over positions, a parameter without a rule."""
+    torch.manual_seed(2)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = torch.nn.Linear(2, 5)
+            self.norm = torch.nn.LayerNorm(5)
+            self.scale = torch.nn.Parameter(torch.tensor([1.5, -0.5]))  # no layer rule: by jacrev
+            self.out = torch.nn.Linear(5, 3)
+
+        def forward(self, x):  # x: [n, 2 positions, 2]
+            h = torch.tanh(self.norm(self.inp(x)))
+            return (self.out(h) * self.scale[None, :, None]).sum(1)
+
+    return Net().double()
+
+
+@pytest.mark.parametrize("method", ["auto", "jacobian", "materialized"])
+@pytest.mark.parametrize("rule", ["left", "trapezoid", "exact"])
+def test_layers_in_the_panel_streamed_and_by_jacrev_are_scaled_in_their_layout(tmp_path, method, rule):
+    g = torch.Generator().manual_seed(5)
+    X, y = torch.randn(N, 2, 2, generator=g, dtype=F64), torch.randint(0, C, (N,), generator=g)
+    net = _mixed_net()
+    opt = torch.optim.AdamW(net.parameters(), lr=0.05, weight_decay=0.1)
+    rec = pkfast.TrajectoryRecorder(net, opt, tmp_path / "t")
+    for s in range(3):
+        opt.zero_grad()
+        F.cross_entropy(net(X[s::2]), y[s::2]).backward()
+        opt.step()
+        rec.step()
+    rec.close()
+    traj = pkfast.Trajectory.load(tmp_path / "t")
+    K = pkfast.gram(net, traj, X, outputs="full", rule=rule, method=method, dtype=F64, progress=False)
+    assert _rel(K, reference(net, traj, X, rule=rule)) <= TOL
+    Kd = pkfast.gram(net, traj, X[:5], diagonal=True, rule=rule, method=method, dtype=F64, progress=False)
+    assert _rel(Kd, torch.diagonal(torch.diagonal(reference(net, traj, X[:5], rule=rule), dim1=-2, dim2=-1).sum(-1)))\
+        <= TOL
+    if method == "auto":
+        routes = {L.name: str(L.route) for L in pkfast.plan(net, traj, X).layers}
+        assert routes["norm"] == "materialized" and routes["out"] == "materialized" and routes[""] == "jacobian"
 
 
 def test_stored_gram_records_the_choice_and_resumes(run, tmp_path, capsys):

@@ -37,7 +37,8 @@ from pkfast.engine.routes.jacobian import JacobianRoute
 from pkfast.engine.routes.layered import LayeredRoute, find_layers
 from pkfast.engine.routes.sketch import Sketcher, SketchRoute
 from pkfast.engine.quadrature import Term, is_symmetric, terms_for
-from pkfast.engine.precondition import PreconditionedRoute, preconditioned_choices, preconditioner_for
+from pkfast.engine.precondition import (PreconditionedLayeredRoute, PreconditionedRoute, preconditioned_choices,
+                                        preconditioner_for)
 from pkfast.store.sinks import MemorySink, Sink
 from pkfast.engine.resources.meter import MEASURE_SAMPLES, PassCost, pass_cost
 from pkfast.engine.resources.threads import ThreadPolicy
@@ -172,28 +173,32 @@ def _choose_routes(opts: Options, fm: FunctionalModel, data: Data, layout: TileL
     nodes = max((len(t.left) for t in terms), default=1)
     figures = dict(C=fm.num_outputs, full=layout.full, pairs=geo.pairs * nodes, terms=len(terms), itemsize=fm.itemsize)
     costs: dict = {}
+    # a recorded preconditioner: every layer materialised (a diagonal P breaks the factorisation), columns scaled
     pre = preconditioner_for(opts.preconditioner, fm, opts.rule, opts.fn)
-    if pre is not None:  # a diagonal P breaks the layer routes' factorisation: every layer by jacrev, scaled
-        if opts.method in ("factorized", "materialized"):
-            log.info("%s: method=%r with the recorded preconditioner: every layer takes the Jacobian route (%s)",
-                     opts.fn, opts.method, pre.describe)
-        choices = preconditioned_choices(choose_routes(layers, method="jacobian", samples=geo.samples, **figures))
-        scaled: Route = PreconditionedRoute(layout, fm, pre, requested=opts.method, choices=choices)
-        return scaled, geo.tiling(scaled, layout, fm, terms, _measured(scaled, data, terms, costs, geo.budget)), choices
+    method = "materialized" if pre is not None and opts.method != "jacobian" else opts.method
+
+    def jacobian_route(choices: tuple[LayerChoice, ...]) -> Route:
+        if pre is None:
+            return JacobianRoute(layout, fm, requested=opts.method, choices=choices)
+        return PreconditionedRoute(layout, fm, pre, requested=opts.method, choices=choices)
+
     if opts.method == "jacobian":
         choices = choose_routes(layers, method="jacobian", samples=geo.samples, **figures)
-        route: Route = JacobianRoute(layout, fm, requested=opts.method, choices=choices)
+        route = jacobian_route(choices)
         return route, geo.tiling(route, layout, fm, terms, _measured(route, data, terms, costs, geo.budget)), choices
     capture = Capture(fm, layers)
     layers = list(capture.discover(data.X))
 
     def fit(samples: float) -> tuple[Route, Tiling, tuple[LayerChoice, ...]]:
-        choices = choose_routes(layers, method=opts.method, samples=samples, **figures)
+        choices = choose_routes(layers, method=method, samples=samples, **figures)
+        if pre is not None:
+            choices = preconditioned_choices(choices)
+        kw = dict(requested=opts.method, nodes=nodes, stream_budget=stream_bytes(geo.budget))
         if any(c.route.hooked for c in choices):
-            route: Route = LayeredRoute(layout, fm, capture, choices, requested=opts.method, nodes=nodes,
-                                        stream_budget=stream_bytes(geo.budget))
+            route: Route = LayeredRoute(layout, fm, capture, choices, **kw) if pre is None else \
+                PreconditionedLayeredRoute(layout, fm, capture, choices, pre=pre, **kw)
         else:  # nothing routed: the plain Jacobian route does the same, without the capture machinery
-            route = JacobianRoute(layout, fm, requested=opts.method, choices=choices)
+            route = jacobian_route(choices)
         return route, geo.tiling(route, layout, fm, terms, _measured(route, data, terms, costs, geo.budget)), choices
 
     route, tiling, choices = fit(geo.samples)

@@ -9,9 +9,11 @@ step s with P_s); merged per point as the Euclidean rule is, point k carries the
 diagonal D_k = (ε_{k−1} P_{k−1} + ε_k P_k)/(ε_{k−1}+ε_k) (ε_{−1} = ε_T = 0): the same sum, T+1 Jacobians.
 
 How it is computed: a diagonal P breaks the layer routes' pair factorisation K_l = Σ (a·a′)(δ·δ′) (the
-Kronecker structure of a layer's gradient is not preserved by an arbitrary diagonal), so every parameter takes
-the Jacobian route (:class:`PreconditionedRoute`: ``vmap(jacrev)`` panels scaled column-wise by √D on both
-sides), and a sketch projects the scaled Jacobian densely (J √D R: still unbiased).
+Kronecker structure of a layer's gradient is not preserved by an arbitrary diagonal), so no layer is factorised:
+:class:`PreconditionedLayeredRoute` materialises every layer with a rule from its factors (streamed or in the
+panel, as the cost model says) and scales each gradient column by √D in the layer's gradient layout, the
+parameters without a rule by ``jacrev`` scaled likewise; ``method="jacobian"`` (:class:`PreconditionedRoute`)
+scales the ``vmap(jacrev)`` panels. A sketch projects the scaled Jacobian densely (J √D R: still unbiased).
 
 Example (an Adam run recorded with its preconditioner: the default kernel is the preconditioned one):
     >>> import tempfile, torch, pkfast
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -44,11 +47,13 @@ from pkfast.engine.products import TileLayout
 from pkfast.engine.quadrature import EvalPoint
 from pkfast.engine.routes.base import Combo, Side
 from pkfast.engine.routes.jacobian import JacobianRoute
+from pkfast.engine.routes.layered import LayeredRoute
 
-__all__ = ["Preconditioner", "PreconditionedRoute", "preconditioner_for", "preconditioned_choices", "NOTE"]
+__all__ = ["Preconditioner", "PreconditionedRoute", "PreconditionedLayeredRoute", "preconditioner_for",
+           "preconditioned_choices", "NOTE"]
 
-#: Why every layer is on the Jacobian route (the plan's note per layer).
-NOTE = "preconditioned: jacobian (a diagonal P breaks the factorisation)"
+#: Why a layer that could be factorised is not (the plan's note per layer).
+NOTE = "preconditioned: materialized (a diagonal P breaks the factorisation)"
 
 
 class Preconditioner:
@@ -115,9 +120,18 @@ def preconditioner_for(preconditioner: str | None, fm: FunctionalModel, rule: st
 
 
 def preconditioned_choices(choices: tuple[LayerChoice, ...]) -> tuple[LayerChoice, ...]:
-    """The Jacobian-route choices with each layer rule's note saying why it is not factorised or materialised."""
-    return tuple(dataclasses.replace(c, reason=NOTE) if c.route is RouteKind.JACOBIAN and c.kind != "other" else c
-                 for c in choices)
+    """The materialised choices of a preconditioned kernel, each layer that has a factorised form noting why it
+    does not take it."""
+    return tuple(dataclasses.replace(c, reason=NOTE + ("; streamed in slices" if c.stream else ""))
+                 if c.route is RouteKind.MATERIALIZED and "factorized" in c.options else c for c in choices)
+
+
+def _in_layout(L: Any, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Layer ``L``'s entries of a parameter-shaped vector (``params``: by parameter name) in the layout of its
+    materialised gradient (:meth:`~pkfast.layers.base.LayerRule.gradient_layout`), as the kernel machine's panels."""
+    roles = dict(zip(("weight", "bias"), L.rule.param_names))
+    own = {p.rsplit(".", 1)[-1]: params[p] for p in L.params}
+    return L.rule.gradient_layout(L, {r: own.get(n) for r, n in roles.items()})
 
 
 class PreconditionedRoute(JacobianRoute):
@@ -140,4 +154,56 @@ class PreconditionedRoute(JacobianRoute):
              tick: Callable[[int], None] | None = None) -> Side:
         s = super().side(combo, X, Y, slot, rows, tick)
         s.panel.mul_(self.pre.scale(combo))
+        return s
+
+
+class PreconditionedLayeredRoute(LayeredRoute):
+    """The layered route with every layer materialised (none factorised) and every gradient column scaled by √D of
+    its term's step(s): the panel (Jacobian part, then the in-panel layers in their gradient layout) as it is
+    formed, each streamed layer's gradient slice as it is formed (:attr:`Side.scale`). The products are then
+    J diag(D) J′ᵀ, layer by layer."""
+
+    def __init__(self, *args: Any, pre: Preconditioner, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pre = pre
+        self._scales: tuple[Any, torch.Tensor | None, dict[str, torch.Tensor]] | None = None
+        assert not self.groups.factorized, "a preconditioned kernel materialises every layer"
+
+    def summary(self) -> str:
+        return f"{super().summary()}, preconditioned ({self.pre.describe})"
+
+    def passes(self) -> str:
+        line = (f"preconditioned by the recorded P_s: layers materialised (a diagonal P breaks the (a·a′)(δ·δ′) "
+                f"factorisation), {self.pre.describe}")
+        base = super().passes()
+        return f"{line}\n{base}" if base else line
+
+    def _fallback_route(self) -> JacobianRoute:
+        return PreconditionedRoute(self.layout, self.fm, self.pre, requested=self.requested, choices=self.choices)
+
+    def scales(self, combo: Combo) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """(√D in the panel's column order, √D of each streamed layer as ``[groups, units, width]``)."""
+        root = self.pre.scale(combo)
+        if self._scales is not None and self._scales[0] is root:
+            return self._scales[1], self._scales[2]
+        params = self.fm.params(root)
+        G = self.groups
+        parts = [params[n].reshape(-1) for n in G.jac_names] + [_in_layout(L, params) for L in G.paneled]
+        panel = torch.cat(parts) if parts else None
+        streamed = {}
+        for L in G.streamed:
+            units, width = L.rule.units(L)
+            streamed[L.name] = _in_layout(L, params).view(-1, units, width)
+        self._scales = (root, panel, streamed)
+        return panel, streamed
+
+    def side(self, combo: Combo, X: torch.Tensor, Y: torch.Tensor | None, slot: str, rows: slice,
+             tick: Callable[[int], None] | None = None) -> Side:
+        s = super().side(combo, X, Y, slot, rows, tick)
+        if self.fallback is not None:  # (the Jacobian route it fell back to scales its own panels)
+            return s
+        panel, streamed = self.scales(combo)
+        if s.panel is not None and panel is not None:
+            s.panel.mul_(panel)
+        s.scale = streamed
         return s
