@@ -371,3 +371,39 @@ def test_attribution_scores_are_the_preconditioned_loss_kernel(run, tmp_path):
     with pytest.raises(ValueError, match="preconditioner differs"):
         scores(fp, fe, progress=False)
 
+
+
+class _ConvEmbed(torch.nn.Module):
+    """An Embedding and a grouped Conv1d with bias (their rules' gradient layouts), then a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.emb = torch.nn.Embedding(7, 4)
+        self.conv = torch.nn.Conv1d(4, 4, 2, groups=2)
+        self.head = torch.nn.Linear(4, C)
+
+    def forward(self, tokens):  # [n, L] token ids
+        h = torch.tanh(self.conv(self.emb(tokens).transpose(1, 2)))  # [n, 4, L-1]
+        return self.head(h.mean(-1))
+
+
+def test_embedding_and_grouped_convolution_layouts_under_adagrad(tmp_path):
+    g = torch.Generator().manual_seed(6)
+    X, y = torch.randint(0, 7, (N, 5), generator=g), torch.randint(0, C, (N,), generator=g)
+    net = _ConvEmbed().double()
+    opt = torch.optim.Adagrad(net.parameters(), lr=0.1)
+    rec = pkfast.TrajectoryRecorder(net, opt, tmp_path / "t")
+    for s in range(2):
+        opt.zero_grad()
+        F.cross_entropy(net(X[s::2]), y[s::2]).backward()
+        opt.step()
+        rec.step()
+    rec.close()
+    traj = pkfast.Trajectory.load(tmp_path / "t")
+    routes = {L.name: str(L.route) for L in pkfast.plan(net, traj, X).layers}
+    assert routes == {"emb": "materialized", "conv": "materialized", "head": "materialized"}, routes
+    ref = reference(net, traj, X)
+    for method in ("auto", "jacobian"):
+        K = pkfast.gram(net, traj, X, outputs="full", method=method, dtype=F64, progress=False)
+        assert _rel(K, ref) <= TOL, method
