@@ -31,3 +31,5 @@ def _check_figures(out: str) -> None:
     float64, float32 = map(float, re.search(r"float64 (\S+), float32 (\S+)", out).groups())
     assert float64 < 1e-12 and float32 < 1e-5
     assert float(re.search(r"kernel machine error (\S+)", out).group(1)) < 1e-6
+    assert float(re.search(r"adamw machine error (\S+)", out).group(1)) < 1e-14
+    assert float(re.search(r"adamw update residual (\S+)", out).group(1)) < 1e-13

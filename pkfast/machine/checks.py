@@ -146,9 +146,13 @@ class SelfChecks:
                   "X_train or y_train in another order than the recorded batch indices, or other data",
                   "a loss other than the recorded one (reduction, label smoothing, class weights, extra terms)",
                   "a training forward pass unlike the model's (dropout, data augmentation, train-mode normalisation)"]
-        if rec.optimizer is None or rec.optimizer.kind is not OptimizerKind.SGD:
-            causes.insert(0, "an optimizer the machine does not model (Adam/AdamW/RMSprop…: a trajectory from "
-                             "checkpoints with lr= is taken as plain SGD)")
+        if rec.optimizer is not None and rec.optimizer.kind.adaptive:
+            causes.insert(0, "a recorded preconditioner that is not the one the optimizer applied (an edited or "
+                             "damaged state file, or an optimizer changed in the loop)")
+        elif rec.optimizer is None or rec.optimizer.kind is not OptimizerKind.SGD:
+            causes.insert(0, "an optimizer other than plain SGD (a trajectory from checkpoints with lr= is taken as "
+                             "plain SGD; for Adam/AdamW/RMSprop/Adagrad record the run with pkfast.TrajectoryRecorder, "
+                             "whose per-step preconditioner makes the machine exact)")
         return (f"{_FN}: the recorded weights do not follow from the recorded training: the update residual "
                 f"‖Δ_s − Δ̂_s‖/‖Δ_s‖ exceeds {tol:g} on {len(bad)} of {len(res)} steps (worst {float(res[worst]):.3g} "
                 f"at step {worst}; first bad step {bad[0]}), so the kernel machine would not reproduce the network. "
@@ -189,23 +193,6 @@ class SelfChecks:
         return out
 
     def _update_residuals(self) -> torch.Tensor:
-        """‖Δ_s − Δ̂_s‖/‖Δ_s‖, with Δ̂_s = −Σ_{r≤s} κ_{s,r} d_r recomputed from the batch gradients d_r
-        (and weight decay) through the sweep's coefficients κ — the one statement of the optimizer's rule, the one the
-        decomposition uses. The sum runs as Δ̂_s = −(κ_{s,s} d_s + ε_s U_s), with U_s = Σ_{r<s} κ_{s,r}/ε_s d_r
-        = μ U_{s−1} + tail(s−1, s) d_{s−1} (:meth:`Sweep.tail`: κ_{s,r} = ε_s tail(r, s) for r < s)."""
-        sw = self._sweeper
-        eps = self.trajectory.step_sizes.tolist()
-        mu = sw.momentum[0]
-        U = None
-        out = []
-        for s, h in enumerate(self._steps):
-            w = sw.panels.to_panel(self.fm.state(EvalPoint(s))[0])
-            d = sw.batch_grads(s).sum(0)
-            if h.weight_decay:
-                d = d + h.weight_decay * w
-            step = -sw.kappa(s, s) * d if U is None else -(sw.kappa(s, s) * d + eps[s] * U)
-            if mu:
-                U = sw.tail(s, s + 1) * d if U is None else U.mul_(mu).add_(d, alpha=sw.tail(s, s + 1))
-            delta = sw.panels.to_panel(self.fm.state(EvalPoint(s + 1))[0]) - w
-            out.append(float((delta - step).norm() / delta.norm().clamp_min(1e-300)))
-        return torch.tensor(out, dtype=torch.float64)
+        """``[T]`` ‖Δ_s − Δ̂_s‖/‖Δ_s‖ through the sweep's own coefficients — the one statement of the optimizer's
+        rule, the one the decomposition uses (:meth:`Sweep.update_residuals`, :meth:`AdaptiveSweep.update_residuals`)."""
+        return self._sweeper.update_residuals()

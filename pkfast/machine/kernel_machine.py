@@ -13,11 +13,13 @@ b(x) = f(x; w_0) − Σ_r λ^wd_r Ψ_r(x) w_r (coupled weight decay is data-free
 With ``rule="exact"`` this holds up to the quadrature error, which :meth:`KernelMachine.certificate` measures.
 
 What is exact: plain SGD, SGD with momentum/dampening/Nesterov, coupled weight decay, any lr schedule, any
-batching, mean/sum reductions, class weights, label smoothing. What is refused: Adam/AdamW and other
-optimizers (their update is exact only given the per-step preconditioner D_s, which is not recorded: the
-kernel J̄_s D_s J(x_i; w_r)ᵀ attributes no data influence that flows through D_s, see §2.7), ``maximize=True``,
-momentum state from before the recording, BatchNorm in train mode, missing batch indices or loss metadata.
-Gradient clipping or noise that the recording does not show appear as a large update residual in
+batching, mean/sum reductions, class weights, label smoothing, gradient clipping by one coefficient and
+accumulation over weighted micro-batches (as recorded); and Adam, AdamW (amsgrad), RMSprop (momentum, centered)
+and Adagrad given each step's recorded preconditioner P_t (:mod:`pkfast.machine.adaptive`, docs/math.md §6.2:
+P_t is taken as recorded, so the influence a training point has *through* P_t is attributed to no training
+point). What is refused: other optimizers, adaptive trajectories without the preconditioner (from checkpoints),
+``maximize=True``, momentum state from before the recording, BatchNorm in train mode, missing batch indices or
+loss metadata. Clipping or noise that the recording does not show appear as a large update residual in
 :meth:`certificate`.
 """
 
@@ -41,7 +43,8 @@ from pkfast.loss import LossSpec
 from pkfast.options import Options, model_device
 from pkfast.machine.checks import UPDATE_TOL, Certificate, SelfChecks
 from pkfast.machine.nodes import NodesCheck, choose_nodes
-from pkfast.machine import data_check
+from pkfast.machine import adaptive, data_check
+from pkfast.machine.adaptive_sweep import AdaptiveSweep
 from pkfast.machine.sweep import Sweep, one_momentum
 from pkfast.engine.quadrature import DEFAULT_NODES
 from pkfast.engine.resources.threads import ThreadPolicy
@@ -77,12 +80,18 @@ class Explanation:
 
 
 class KernelMachine(SelfChecks):
-    """A network trained by SGD, recorded, rewritten as ``f(x) = b(x) + Σ_i c_i(x)`` over its training points.
+    """A network trained by SGD or an adaptive optimizer (Adam, AdamW, RMSprop, Adagrad), recorded, rewritten as
+    ``f(x) = b(x) + Σ_i c_i(x)`` over its training points.
+
+    For an adaptive optimizer each step's preconditioner P_t is taken as recorded: c_i(x) is the effect of i's
+    gradients as the optimizer applied them, and the influence i has through the second moments (and so P_t) is
+    attributed to no training point (docs/math.md §6.2).
 
     Args:
         model: the trained architecture (its weights come from the trajectory).
-        trajectory: the recording (:class:`pkfast.TrajectoryRecorder`; ``Trajectory.from_checkpoints`` with
-            ``batch_indices`` also works and is then taken as plain SGD).
+        trajectory: the recording (:class:`pkfast.TrajectoryRecorder`, with each adaptive step's preconditioner,
+            clipping coefficient and micro-batches; ``Trajectory.from_checkpoints`` with ``batch_indices`` also
+            works and is then taken as plain SGD).
         X_train: the training inputs the batch indices refer to.
         y_train: their targets (default: those recorded with the trajectory).
         loss: the training loss convention (``nn.CrossEntropyLoss``, ``nn.MSELoss``, a
@@ -166,6 +175,7 @@ class KernelMachine(SelfChecks):
         self._steps = self._read_optimizer(record)
         self._momentum = one_momentum(self._steps, _FN)
         self._batches = self._read_batches(record, N)
+        self._adaptive = record.optimizer is not None and record.optimizer.kind.adaptive
         if check_data:
             data_check.check_data(_FN, record, X_train, self._batches, self.y, trajectory.targets)
 
@@ -181,11 +191,7 @@ class KernelMachine(SelfChecks):
         budget = self.opts.budget(device)
         per_query = 3 * self.C * self.fm.num_params * torch.empty((), dtype=self.dtype).element_size()
         self.query_chunk = max(1, int(budget // max(1, per_query)))
-        # (the sweep reads each step's weight decay by name)
-        sweep_steps = [{"weight_decay": h.weight_decay or 0.0} for h in self._steps]
-        self._sweeper = Sweep(self.fm, self.fm_loss, self.X, self.y, self.loss, steps=sweep_steps,
-                              batches=self._batches, momentum=self._momentum, rule=self.rule, nodes=self.nodes,
-                              budget=budget, progress=progress)
+        self._sweeper = self._make_sweep(budget)
         #: ``[T]`` max |g_stored − g_recomputed| / max |g_stored| per step, where the recording stored the
         #: training forward pass's loss derivatives (``TrajectoryRecorder(store_output_grads=True)``; NaN for
         #: steps without them), else None. Rounding-level values mean the model's forward pass reproduces the
@@ -211,17 +217,28 @@ class KernelMachine(SelfChecks):
         return (f"pkfast.KernelMachine({self.trajectory.num_steps} steps, {self.X.shape[0]} training points, "
                 f"{self.C} outputs, rule={self.rule!r}" + (f", {quad}" if self.rule == "exact" else "") + ")")
 
+    def _make_sweep(self, budget: int) -> Sweep | AdaptiveSweep:
+        """The backward pass over the steps: the adaptive one (:mod:`pkfast.machine.adaptive_sweep`) for a recorded
+        preconditioner, else SGD's, each with the rows' weights λ (clipping, micro-batches)."""
+        weights = adaptive.row_weights(_FN, self._record, self.loss, self.y, self.C, adaptive=self._adaptive)
+        common = dict(batches=self._batches, rule=self.rule, nodes=self.nodes, budget=budget, progress=self.progress)
+        if self._adaptive:
+            plan = adaptive.read_plan(_FN, self.trajectory, self._steps)
+            return AdaptiveSweep(self.fm, self.fm_loss, self.X, self.y, plan=plan, weights=weights, fn=_FN, **common)
+        # (the sweep reads each step's weight decay by name)
+        sweep_steps = [{"weight_decay": h.weight_decay or 0.0} for h in self._steps]
+        return Sweep(self.fm, self.fm_loss, self.X, self.y, self.loss, steps=sweep_steps, momentum=self._momentum,
+                     weights=weights, **common)
+
     # ------------------------------------------------------------------ the recording
     def _read_optimizer(self, rec: Recording) -> list[GroupHyper]:
         """Each step's hyper-parameters from the typed recording, refusing what the decomposition cannot rebuild."""
         opt = rec.optimizer
-        if opt is not None and opt.kind is not OptimizerKind.SGD:
+        if opt is not None and opt.kind is not OptimizerKind.SGD and not opt.kind.adaptive:
             raise ValueError(
                 f"{_FN}: the trajectory was recorded with {opt.class_name}; the exact decomposition is implemented for "
-                "SGD (plain, momentum, Nesterov, weight decay). For Adam/AdamW the update is a kernel machine only "
-                "given the per-step preconditioner D_s = diag(1/((1−β1^{s+1})(√v̂_s + eps))), which is not "
-                "recorded, and the data influence flowing through D_s is attributed to no training point "
-                "(docs/math.md §6). Use pkfast.gram(rule='left') for the path kernel itself"
+                "SGD (plain, momentum, Nesterov, weight decay) and for Adam, AdamW, RMSprop and Adagrad recorded with "
+                "their per-step preconditioner (docs/math.md §6). Use pkfast.gram(rule='left') for the path kernel"
             )
         steps = rec.steps
         if opt is not None and opt.state_before_recording and steps and len(steps[0].groups) == 1 \
@@ -237,10 +254,12 @@ class KernelMachine(SelfChecks):
                 raise ValueError(f"{_FN}: point {s + 1} of the recording covers {step.covers} optimizer "
                                  "steps (recorded every k steps); the exact decomposition needs every step's weights "
                                  "and batch. Record every step, or use pkfast.gram for the path kernel")
-            if len(step.groups) > 1:
+            per_group_decay = opt is not None and opt.kind.adaptive and adaptive.decay_only(step.groups)
+            if len(step.groups) > 1 and not per_group_decay:
                 raise ValueError(f"{_FN}: step {s}: parameter groups used different hyperparameters "
-                                 f"{[g.to_json() for g in step.groups]}; one decomposition needs one momentum/weight "
-                                 "decay for all trainable parameters")
+                                 f"{[g.to_json() for g in step.groups]}; one decomposition needs one lr, momentum and "
+                                 "weight decay for all trainable parameters (Adam, AdamW, RMSprop, Adagrad: groups may "
+                                 "differ in weight decay)")
             h = step.groups[0] if step.groups else GroupHyper()
             if h.maximize:
                 raise ValueError(f"{_FN}: step {s} used maximize=True; the decomposition assumes descent")
@@ -351,7 +370,13 @@ class KernelMachine(SelfChecks):
 
     def coefficients(self, X: Any, *, tol: float = 1e-12) -> torch.Tensor:
         """Domingos' a_i(x) = c_i(x) / k_p(x, x_i) ∈ R^C, with k_p the output-trace path kernel of the same rule
-        (Σ_s ε_s tr J̄_s(x) J(x_i; w_s)ᵀ): ``[M, N, C]``; NaN where |k_p| ≤ tol·max|k_p| (a_i undefined)."""
+        (Σ_s ε_s tr J̄_s(x) J(x_i; w_s)ᵀ): ``[M, N, C]``; NaN where |k_p| ≤ tol·max|k_p| (a_i undefined).
+        Refused for an adaptive optimizer, whose machine's kernel is not that Euclidean path kernel."""
+        if self._adaptive:
+            raise ValueError(f"{_FN}.coefficients: this machine was trained with {self._record.optimizer.class_name}, "
+                             "whose kernel pairs the gradients through the preconditioners P_t; dividing by the "
+                             "Euclidean path kernel would give coefficients of another kernel. Use contributions() "
+                             "(exact) instead")
         X = self._queries(X)
         c = self.contributions(X)
         nodes = self.nodes if self.rule == "exact" else DEFAULT_NODES  # (nodes means nothing to the left rule)

@@ -39,8 +39,10 @@ class Sweep:
 
     def __init__(self, fm: FunctionalModel, fm_loss: FunctionalModel, X: torch.Tensor, y: torch.Tensor,
                  loss: LossSpec, *, steps: list[dict], batches: list[torch.Tensor], momentum: tuple[float, float, bool],
-                 rule: str, nodes: int, budget: int, progress: bool) -> None:
+                 rule: str, nodes: int, budget: int, progress: bool, weights: list[torch.Tensor] | None = None
+                 ) -> None:
         self.fm, self.fm_loss, self.X, self.y, self.loss = fm, fm_loss, X, y, loss
+        self.weights = weights  # λ per batch row (clipping, micro-batches: adaptive.row_weights), else the loss's
         self.C = fm.num_outputs
         self.trajectory = fm.trajectory
         self.steps, self.batches, self.momentum = steps, batches, momentum
@@ -128,7 +130,8 @@ class Sweep:
                     else:
                         Panels.write(slot, nodes, dst, beta=0.0)
                 feats[r] = nodes[0][1] if nodes else {}
-                lam[r] = self.loss.batch_weights(self.y[b], self.C).to(dev, dt)
+                lam[r] = (self.loss.batch_weights(self.y[b], self.C) if self.weights is None
+                          else self.weights[r]).to(dev, dt)
             at += n
         for r, w in zip(range(r0, r1), wd):
             if w:
@@ -154,6 +157,26 @@ class Sweep:
         if a == b:
             return torch.zeros(0, self.fm.num_params, dtype=self.dtype, device=self.fm.device)
         return torch.cat([g[a:b] for g in got["G"]], dim=1) * got["lam"][s][:, None]
+
+    def update_residuals(self) -> torch.Tensor:
+        """``[T]`` ‖Δ_s − Δ̂_s‖/‖Δ_s‖, with Δ̂_s = −Σ_{r≤s} κ_{s,r} d_r recomputed from the batch gradients d_r
+        (and weight decay) through the coefficients κ — the one statement of the optimizer's rule, the one the
+        decomposition uses. The sum runs as Δ̂_s = −(κ_{s,s} d_s + ε_s U_s), with U_s = Σ_{r<s} κ_{s,r}/ε_s d_r
+        = μ U_{s−1} + tail(s−1, s) d_{s−1} (:meth:`tail`: κ_{s,r} = ε_s tail(r, s) for r < s)."""
+        eps, mu, fm = self._eps, self.momentum[0], self.fm
+        U = None
+        out = []
+        for s, h in enumerate(self.steps):
+            w = self.panels.to_panel(fm.state(EvalPoint(s))[0])
+            d = self.batch_grads(s).sum(0)
+            if h["weight_decay"]:
+                d = d + h["weight_decay"] * w
+            step = -self.kappa(s, s) * d if U is None else -(self.kappa(s, s) * d + eps[s] * U)
+            if mu:
+                U = self.tail(s, s + 1) * d if U is None else U.mul_(mu).add_(d, alpha=self.tail(s, s + 1))
+            delta = self.panels.to_panel(fm.state(EvalPoint(s + 1))[0]) - w
+            out.append(float((delta - step).norm() / delta.norm().clamp_min(1e-300)))
+        return torch.tensor(out, dtype=torch.float64)
 
     # ------------------------------------------------------------------ the sweep
     def run(self, Xq: torch.Tensor, *, samples: bool, per_step: bool = False):

@@ -306,9 +306,16 @@ def test_certificate_flags_an_unrecorded_gradient_clip(tmp_path):
             o.step()
             rec.step(batch_indices=range(12))
     traj = pkfast.Trajectory.load(tmp_path / "clip")
+    assert bool((traj.clip_coefs() < 1).all())  # the recorder measured the clipping: the machine is exact (issue 26)
+    km = pkfast.KernelMachine(model, traj, X, progress=False)
+    assert float(km.update_residual.max()) < 1e-12
+    assert torch.allclose(km.predict(X[:3]), model(X[:3]), rtol=0, atol=1e-10)
+    # the same weights without the clipping record (points and batches only): refused, the opt-out still builds
+    bare = pkfast.Trajectory(torch.stack([traj.flat(k) for k in range(4)]), traj.step_sizes, traj.spec,
+                             batch_indices=[traj.batch_indices(s) for s in range(3)])
     with pytest.raises(ValueError, match=r"(?s)update residual.*gradient clipping.*verify=False"):
-        pkfast.KernelMachine(model, traj, X, progress=False)
-    km = pkfast.KernelMachine(model, traj, X, progress=False, verify=False)  # the explicit opt-out
+        pkfast.KernelMachine(model, bare, X, y, loss=nn.CrossEntropyLoss(), progress=False)
+    km = pkfast.KernelMachine(model, bare, X, y, loss=nn.CrossEntropyLoss(), progress=False, verify=False)
     assert float(km.certificate(X[:2]).update.max()) > 0.1
 
 
@@ -336,8 +343,12 @@ def test_bad_inputs_are_clear_errors(tmp_path):
 
     m2 = tanh_mlp()
     tadam = train(tmp_path, m2, X, y, steps=2, lr=0.01, opt="adam", name="adam")
-    with pytest.raises(ValueError, match="recorded with Adam.*preconditioner"):
-        pkfast.KernelMachine(m2, tadam, X, progress=False)
+    km = pkfast.KernelMachine(m2, tadam, X, nodes=4, progress=False)  # Adam with its recorded P_t: exact (issue 26)
+    assert torch.allclose(km.predict(X[:2]), m2(X[:2]), rtol=0, atol=1e-10)
+    nopre = pkfast.Trajectory(torch.stack([tadam.flat(k) for k in range(3)]), tadam.step_sizes, tadam.spec,
+                              batch_indices=[tadam.batch_indices(s) for s in range(2)], meta=tadam.meta)
+    with pytest.raises(ValueError, match="trained with Adam but records no per-step preconditioner"):
+        pkfast.KernelMachine(m2, nopre, X, y, loss=nn.CrossEntropyLoss(), progress=False)
 
     m3 = tanh_mlp()
     o = torch.optim.SGD(m3.parameters(), lr=0.1, momentum=0.9)

@@ -190,16 +190,17 @@ def test_the_recorder_and_the_loop_recorder_write_the_same_record(tmp_path):
     assert looped.extra == {"source": "test-loop", "every": 1} and plain.extra == {}
 
 
-def test_adamw_is_recorded_typed_and_refused_by_the_machine_saying_why(tmp_path):
+def test_adamw_is_recorded_typed_and_rebuilt_by_the_machine(tmp_path):
     path = _record(tmp_path / "adam", opt="adamw")
     rec = Recording.from_files(path)
     assert rec.optimizer.kind is OptimizerKind.ADAMW
     g = rec.steps[0].groups[0]
     assert g.betas == (0.9, 0.999) and g.eps == 1e-8 and g.amsgrad is False and g.weight_decay == 0.01
-    net, *_ = _run(None, opt="adamw")
-    X = torch.randn(12, 4, dtype=torch.float64)
-    with pytest.raises(ValueError, match="recorded with AdamW.*preconditioner"):
-        pkfast.KernelMachine(net, pkfast.Trajectory.load(path), X, progress=False)
+    net, _, X, _, _ = _run(None, opt="adamw")  # (the architecture; the machine takes the recorded weights)
+    km = pkfast.KernelMachine(net, pkfast.Trajectory.load(path), X, nodes=4, progress=False)  # issue 26: exact
+    trained, o, X, y, sched = _run(None, opt="adamw")
+    _train(trained, o, X, y, sched, lambda idx: None)
+    assert torch.allclose(km.predict(X), trained(X), rtol=0, atol=1e-12)
 
 
 def test_pkfast_info_describes_a_trajectory(tmp_path, capsys):
