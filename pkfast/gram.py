@@ -51,6 +51,7 @@ def gram(
     projection: str = "auto",
     output_fn: Any = None,
     threads: int | str | None = None,
+    preconditioner: str | None = "auto",
 ) -> torch.Tensor | np.memmap:
     r"""The path-kernel Gram matrix of ``model`` along ``trajectory`` between samples ``X`` (and ``X2``).
 
@@ -106,6 +107,16 @@ def gram(
             (on a shared machine, oversubscribed OpenMP regions cost a time slice each: see
             :mod:`pkfast.engine.resources.threads`); ``"all"``: torch's count; an integer pins it (bitwise
             reproducible runs). torch's count is restored afterwards.
+        preconditioner: for a trajectory of an adaptive optimizer (Adam, AdamW, RMSprop, Adagrad):
+            ``"recorded"`` computes the preconditioned path kernel K = Σ_s ε_s J_s diag(P_s) J′_sᵀ with each step's
+            recorded diagonal preconditioner P_s (every point of step s takes P_s; ``"trapezoid"`` is
+            Σ_s ε_s/2 [J(w_s) P_s J(w_s)ᵀ + J(w_{s+1}) P_s J(w_{s+1})ᵀ]: :mod:`pkfast.engine.precondition`),
+            the kernel whose kernel machine is the trained network; no layer is then factorised (a diagonal P
+            breaks the factorisation): each is materialised and scaled by √P_s, whatever ``method`` asks (the plan
+            says so; ``method="jacobian"`` scales the Jacobian panels). ``None`` (or ``"none"``): the Euclidean
+            kernel. ``"auto"`` (default): ``"recorded"`` where the trajectory records one, else Euclidean — with
+            a warning where the recorded optimizer is adaptive but its preconditioner was not recorded.
+            ``"recorded"`` on a trajectory without one is refused. The stored manifest records the choice.
         precision: input precision of the Gram products: ``"ieee"`` (exact fp32/fp64), ``"tf32"`` or
             ``"bf16"`` (Triton only; fp32 accumulation; relative error ≈ 1e-3 and ≈ 4e-3 of the entries'
             scale respectively, see ``tests/engine/test_triton_kernel.py``).
@@ -167,7 +178,7 @@ def gram(
     job = GramJob.create(model, trajectory, X, X2, y=y, y2=y2, fn=_FN, outputs=outputs, rule=rule, diagonal=diagonal,
                          backend=backend, dtype=dtype, memory_budget=memory_budget, precision=precision, nodes=nodes,
                          of=of, loss=loss, method=method, k=k, seed=seed, projection=projection, output_fn=output_fn,
-                         threads=threads)
+                         threads=threads, preconditioner=preconditioner)
     if out is not None:
         return job.run(store_sink(job, out, overwrite=overwrite), progress=progress)
     if overwrite:
@@ -239,6 +250,10 @@ class GramPlan:
         what = "loss kernel" if o.of == "loss" else f"{o.outputs} Gram"
         head = (f"pkfast.plan: {'diagonal of a ' if o.diagonal else ''}{shape} {what}, C={j.num_outputs}, "
                 f"{len(j.terms)} terms (rule={o.rule!r}), method={self.requested!r} → {self.routes}")
+        if o.preconditioner is not None:
+            head += ("\npreconditioner: recorded (K = Σ ε_s J_s diag(P_s) J′_sᵀ, the kernel of the trained network)"
+                     if o.preconditioner == "recorded" else
+                     "\npreconditioner: none (the Euclidean kernel; the optimizer is adaptive)")
         rows = [("layer", "type", "route", "S", "I", "O", "params", "GFLOP", "other routes (GFLOP)", "KiB/sample", "note")]
         for L in self.layers:
             others = ", ".join(f"{k} {v / 1e9:.3g}" for k, v in L.options.items() if k != L.route.value)

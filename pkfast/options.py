@@ -27,7 +27,7 @@ from pkfast.loss import LossSpec
 from pkfast.engine.quadrature import DEFAULT_NODES, RULES
 from pkfast.engine.resources.threads import check_threads
 
-__all__ = ["Options", "OUTPUTS", "OF", "METHODS", "PROJECTIONS", "BACKENDS", "PRECISIONS", "resolve_budget", "default_memory_budget",
+__all__ = ["Options", "PRECONDITIONERS", "OUTPUTS", "OF", "METHODS", "PROJECTIONS", "BACKENDS", "PRECISIONS", "resolve_budget", "default_memory_budget",
            "stream_bytes", "model_device"]
 
 #: ``"trace"``: Σ_c ∇f_c(x)·∇f_c(x′), shape [N, M] (the torch.func tutorial's convention);
@@ -43,6 +43,9 @@ METHODS = ("auto", "jacobian", "factorized", "materialized", "sketch")
 PROJECTIONS = ("auto", "dense", "kronecker")
 #: Rules a sketch can use: a feature map's Gram is symmetric, the exact rule is not.
 SKETCH_RULES = ("left", "trapezoid")
+#: ``preconditioner=`` values: ``"auto"`` (the recorded one where the trajectory has it, else the Euclidean kernel),
+#: ``"recorded"`` (each step's recorded diagonal P_s: the preconditioned path kernel), ``"none"`` (or None: Euclidean).
+PRECONDITIONERS = ("auto", "recorded", "none")
 #: The streaming workspace of materialised layers: at most this, and at most a quarter of the budget. A slice
 #: of a few thousand columns already multiplies at full speed (csrc/README.md), and a small one stays warm.
 STREAM_BYTES = 32 * 2**20
@@ -74,6 +77,10 @@ class Options:
     #: CPU threads: "auto" (fewer while other processes hold the cores), "all" or an int
     #: (:mod:`pkfast.engine.resources.threads`); never changes the numbers beyond rounding, so not in :meth:`record`
     threads: str | int = "auto"
+    #: ``"recorded"`` (K = Σ ε_s J_s P_s J_sᵀ with the trajectory's diagonal P_s), ``"none"`` (the Euclidean kernel,
+    #: where the trajectory's optimizer is adaptive: the choice is recorded) or None (no choice to make: SGD or an
+    #: unknown optimizer, or a caller that does not take the option)
+    preconditioner: str | None = None
 
     @classmethod
     def check(cls, fn: str, *, trajectory: Any = None, rules: tuple[str, ...] = RULES, strict_nodes: bool = True,
@@ -94,6 +101,12 @@ class Options:
             raise ValueError(f"{fn}: precision={o['precision']!r} applies to float32; dtype=torch.float64 computes in "
                              "ieee fp64")
         _check_of(fn, o, trajectory)
+        if "preconditioner" in o:
+            o["preconditioner"] = resolve_preconditioner(fn, o["preconditioner"], trajectory)
+            if o["preconditioner"] == "recorded" and o.get("projection") == "kronecker":
+                raise ValueError(f"{fn}: projection='kronecker' cannot sketch the preconditioned kernel: a diagonal "
+                                 "P_s breaks the Kronecker factorisation of a layer's gradient; expected "
+                                 "projection='dense' or 'auto' (dense with a preconditioner), or preconditioner=None")
         o["threads"] = check_threads(fn, o.get("threads"))
         return cls(fn=fn, **o)
 
@@ -116,6 +129,7 @@ class Options:
                 "nodes": self.nodes if self.rule == "exact" else None,
                 "loss": None if self.loss is None else self.loss.to_meta(), "method": self.method,
                 "k": self.k, "seed": self.seed, "projection": self.projection if self.method == "sketch" else None,
+                **({} if self.preconditioner is None else {"preconditioner": self.preconditioner}),
                 **({} if self.output_fn is None else {"output_fn": getattr(self.output_fn, "__qualname__",
                                                                             repr(self.output_fn))})}
 
@@ -203,6 +217,52 @@ def _loss_spec(loss: Any, trajectory: Any, fn: str) -> LossSpec:
                              "or 'cross_entropy'/'mse'); none was passed and the trajectory recorded none")
         return LossSpec.from_module(rec, fn=fn)
     return LossSpec.from_module(loss, fn=fn)
+
+
+def _adaptive_optimizer(trajectory: Any) -> str | None:
+    """The class name of the trajectory's recorded optimizer when it is adaptive (Adam, AdamW, RMSprop, Adagrad)."""
+    try:
+        opt = trajectory.optimizer
+    except Exception:  # noqa: BLE001 — a malformed record: no optimizer known here (loading refuses it elsewhere)
+        return None
+    return opt.class_name if opt is not None and opt.kind.adaptive else None
+
+
+def _outside_pkfast() -> int:
+    """The ``stacklevel`` of the first frame outside pkfast (a warning then points at the user's call)."""
+    import sys
+
+    level, f = 1, sys._getframe(1)
+    while f is not None and f.f_globals.get("__name__", "").startswith("pkfast"):
+        level, f = level + 1, f.f_back
+    return level
+
+
+def resolve_preconditioner(fn: str, value: Any, trajectory: Any) -> str | None:
+    """The kernel's preconditioner for ``preconditioner=value`` (:data:`PRECONDITIONERS` or None) on ``trajectory``:
+    ``"recorded"`` where it is used, ``"none"`` for the Euclidean kernel of an adaptive optimizer's trajectory
+    (``"auto"`` warns then: its kernel machine is not the trained network), None where there is no choice (a
+    trajectory without an adaptive optimizer). ``"recorded"`` on a trajectory without a recorded one is refused."""
+    value = "none" if value is None else value
+    _checks.check_choice(fn, "preconditioner", value, PRECONDITIONERS)
+    has = trajectory is not None and bool(getattr(trajectory, "has_preconditioner", False))
+    adaptive = None if trajectory is None else _adaptive_optimizer(trajectory)
+    if value == "recorded" and not has:
+        raise ValueError(f"{fn}: preconditioner='recorded' needs a trajectory that records each step's "
+                         f"preconditioner; this one records none (optimizer: {adaptive or 'not adaptive or unknown'}). "
+                         "Record the run with pkfast.TrajectoryRecorder (Adam, AdamW, RMSprop or Adagrad), or pass "
+                         "preconditioner=None for the Euclidean path kernel")
+    if value == "auto" and has:
+        return "recorded"
+    if value == "auto" and adaptive:
+        import warnings
+
+        warnings.warn(f"{fn}: the trajectory's optimizer is {adaptive} but its per-step preconditioner was not "
+                      "recorded: computing the Euclidean path kernel Σ ε_s ∇f·∇f′ (preconditioner=None), whose kernel "
+                      f"machine is not the {adaptive}-trained network. Record the run with pkfast.TrajectoryRecorder "
+                      "for the preconditioned kernel, or pass preconditioner=None to choose the Euclidean one "
+                      "without this warning", stacklevel=_outside_pkfast())
+    return "recorded" if value == "recorded" else ("none" if has or adaptive else None)
 
 
 # ---------------------------------------------------------------------------------------------- the budget

@@ -83,6 +83,7 @@ from pkfast.store.features import STORAGE_DTYPES, PathFeatures, store_options, w
 from pkfast.options import SKETCH_RULES, Options, model_device
 from pkfast.engine.routes.sketch import Sketcher, block_rows, projection_block
 from pkfast.engine.quadrature import terms_for
+from pkfast.engine.precondition import preconditioner_for
 from pkfast.engine.resources.threads import ThreadPolicy
 from pkfast.trajectory.points import Trajectory
 
@@ -136,6 +137,7 @@ def sketch(
     storage_dtype: torch.dtype | str | None = None,
     overwrite: bool = False,
     threads: int | str | None = None,
+    preconditioner: str | None = "auto",
 ) -> PathFeatures:
     r"""Sketched path features Φ(x) = Σ_s √w_s J_s(x) R_s ∈ R^{C×k} of the samples ``X`` (see :mod:`pkfast.sketch`).
 
@@ -171,6 +173,10 @@ def sketch(
             ``int16`` ``.npy``); default: ``dtype``.
         overwrite: with ``out``, discard an existing store and start afresh.
         threads: CPU threads, as in :func:`pkfast.gram` (decided once, when the sketch starts).
+        preconditioner: as in :func:`pkfast.gram`: ``"recorded"`` (the default ``"auto"`` where the trajectory
+            records one) gives features of the √P_s-scaled Jacobians, Φ(x) = Σ_s √w_s J_s(x) √P_s R_s, an unbiased
+            estimate of the preconditioned kernel; they are projected densely (``projection="kronecker"`` is
+            refused: a diagonal P breaks the Kronecker factorisation of a layer's gradient).
 
     Returns:
         :class:`PathFeatures` with ``features`` a CPU ``[N, C, k]`` tensor (with ``out``: memory-mapped from
@@ -193,7 +199,7 @@ def sketch(
     opts = Options.check(_FN, trajectory=trajectory, rules=SKETCH_RULES, k=1024 if k is None else k,
                          seed=0 if seed is None else seed, rule=rule, of=of, loss=loss, dtype=dtype,
                          memory_budget=memory_budget, projection=projection, method="sketch", output_fn=output_fn,
-                         threads=threads)
+                         threads=threads, preconditioner=preconditioner)
     data = check_data(_FN, opts, X, y=y)
     dev = _device(device, model)
     fm = functional_model(_FN, model, trajectory, opts, data, dev)
@@ -202,7 +208,8 @@ def sketch(
         raise ValueError(f"{_FN}: overwrite=True applies to stored features; expected out='….npy' with it, found "
                          f"overwrite={overwrite!r}, out={out!r}")
     sk = Sketcher(fm, terms_for(opts.rule, trajectory.step_sizes), k=opts.k, seed=opts.seed, rule=opts.rule,
-                  of=opts.of, loss=opts.loss, budget=opts.budget(dev), fn=_FN, projection=opts.projection, X=data.X)
+                  of=opts.of, loss=opts.loss, budget=opts.budget(dev), fn=_FN, projection=opts.projection, X=data.X,
+                  precondition=preconditioner_for(opts.preconditioner, fm, opts.rule, _FN))
     with ThreadPolicy(opts.threads, _FN):
         if out is not None:
             return _store(sk, data, out, storage, overwrite=overwrite, progress=progress)

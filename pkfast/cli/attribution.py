@@ -103,7 +103,7 @@ def _exact(a: argparse.Namespace, query: bool) -> tuple[Any, Any]:
 
     model, traj = model_of(a), pkfast.Trajectory.load(a.trajectory)
     kw = dict(loss=a.loss, rule=a.rule, method=a.method, dtype=getattr(torch, a.dtype), memory_budget=a.memory,
-              output_fn=load_output_fn(a.output_fn), threads=a.threads)
+              output_fn=load_output_fn(a.output_fn), threads=a.threads, preconditioner=a.preconditioner)
     X = load_array("--train", a.train)
     train = Exact(model, traj, X, load_targets("--train-targets", a.train_targets, num_samples(X), "--train"), **kw)
     if not query:

@@ -179,13 +179,19 @@ def add_loss_flags(q: argparse.ArgumentParser, *, targets: str = "--targets", sa
 
 
 def add_compute_flags(q: argparse.ArgumentParser) -> None:
-    """--memory, --dtype, --threads."""
+    """--memory, --dtype, --threads, --preconditioner."""
     q.add_argument("--memory", default=None, metavar="BYTES", help="working-memory budget, e.g. 4GiB (default: "
                    "half of the free memory)")
     q.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     q.add_argument("--threads", default=None, type=_threads, metavar="auto|all|N",
                    help="CPU threads: auto (default: fewer while other processes hold the cores), all (torch's "
                    "count) or a number")
+
+
+    q.add_argument("--preconditioner", default="auto", choices=("auto", "recorded", "none"),
+                   help="the kernel of an adaptive optimizer's trajectory: recorded (Σ ε_s J_s diag(P_s) J_sᵀ with "
+                   "each step's recorded preconditioner), none (the Euclidean kernel) or auto (default: recorded "
+                   "where the trajectory records it)")
 
 
 def _threads(v: str) -> str | int:

@@ -62,7 +62,8 @@ def options(a: argparse.Namespace, X: Any, X2: Any) -> dict[str, Any]:
 
     o: dict[str, Any] = dict(outputs=a.outputs, rule=a.rule, diagonal=a.diagonal, backend=a.backend,
                              dtype=getattr(torch, a.dtype), memory_budget=a.memory, method=a.method,
-                             output_fn=load_output_fn(a.output_fn), threads=a.threads)
+                             output_fn=load_output_fn(a.output_fn), threads=a.threads,
+                             preconditioner=a.preconditioner)
     for k in ("nodes", "k", "seed"):
         if getattr(a, k) is not None:
             o[k] = getattr(a, k)

@@ -121,11 +121,14 @@ def _options_line(o: dict[str, Any], symmetric: bool) -> str:
     if o.get("kind") == "attribution-scores":  # pkfast.attribution.scores(out=…) / pkfast attribution scores
         how = (f"exact loss kernel, rule={o.get('rule')} method={o.get('method')}" if o.get("source") == "exact" else
                f"sketched (of={o.get('of')} k={o.get('k')} seed={o.get('seed')})")
+        if o.get("preconditioner"):
+            how += f", preconditioner={o['preconditioner']}"
         return f"  attribution scores (queries × training points): {how}"
     sk = " k=%s seed=%s projection=%s" % (o.get("k"), o.get("seed"), o.get("projection") or "dense")
     return (f"  options: outputs={o['outputs']} rule={o['rule']} diagonal={o['diagonal']} backend={o['backend']} "
             f"precision={o['precision']} device={o['device']} method={o.get('method', 'jacobian')}"
             f"{' of=loss' if o.get('of') == 'loss' else ''}{sk if o.get('method') == 'sketch' else ''}"
+            f"{' preconditioner=' + str(o['preconditioner']) if o.get('preconditioner') else ''}"
             f"{' (symmetric: upper tiles mirrored)' if symmetric else ''}")
 
 

@@ -56,7 +56,7 @@ def run_sketch(a: argparse.Namespace) -> int:
         phi = pkfast.sketch(model, traj, X, k=a.k, seed=a.seed, projection=a.projection, rule=a.rule,
                             dtype=getattr(torch, a.dtype), memory_budget=a.memory, output_fn=load_output_fn(a.output_fn),
                             out=a.out, overwrite=a.overwrite, progress=not a.no_progress, storage_dtype=a.storage_dtype,
-                            threads=a.threads, **loss)
+                            threads=a.threads, preconditioner=a.preconditioner, **loss)
         if rank == 0:
             N, C, k = phi.features.shape
             print(f"pkfast: wrote {a.out}: features of {N} samples × {C} output(s) × k={k} "

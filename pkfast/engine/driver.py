@@ -37,6 +37,8 @@ from pkfast.engine.routes.jacobian import JacobianRoute
 from pkfast.engine.routes.layered import LayeredRoute, find_layers
 from pkfast.engine.routes.sketch import Sketcher, SketchRoute
 from pkfast.engine.quadrature import Term, is_symmetric, terms_for
+from pkfast.engine.precondition import (PreconditionedLayeredRoute, PreconditionedRoute, preconditioned_choices,
+                                        preconditioner_for)
 from pkfast.store.sinks import MemorySink, Sink
 from pkfast.engine.resources.meter import MEASURE_SAMPLES, PassCost, pass_cost
 from pkfast.engine.resources.threads import ThreadPolicy
@@ -171,20 +173,32 @@ def _choose_routes(opts: Options, fm: FunctionalModel, data: Data, layout: TileL
     nodes = max((len(t.left) for t in terms), default=1)
     figures = dict(C=fm.num_outputs, full=layout.full, pairs=geo.pairs * nodes, terms=len(terms), itemsize=fm.itemsize)
     costs: dict = {}
+    # a recorded preconditioner: every layer materialised (a diagonal P breaks the factorisation), columns scaled
+    pre = preconditioner_for(opts.preconditioner, fm, opts.rule, opts.fn)
+    method = "materialized" if pre is not None and opts.method != "jacobian" else opts.method
+
+    def jacobian_route(choices: tuple[LayerChoice, ...]) -> Route:
+        if pre is None:
+            return JacobianRoute(layout, fm, requested=opts.method, choices=choices)
+        return PreconditionedRoute(layout, fm, pre, requested=opts.method, choices=choices)
+
     if opts.method == "jacobian":
         choices = choose_routes(layers, method="jacobian", samples=geo.samples, **figures)
-        route: Route = JacobianRoute(layout, fm, requested=opts.method, choices=choices)
+        route = jacobian_route(choices)
         return route, geo.tiling(route, layout, fm, terms, _measured(route, data, terms, costs, geo.budget)), choices
     capture = Capture(fm, layers)
     layers = list(capture.discover(data.X))
 
     def fit(samples: float) -> tuple[Route, Tiling, tuple[LayerChoice, ...]]:
-        choices = choose_routes(layers, method=opts.method, samples=samples, **figures)
+        choices = choose_routes(layers, method=method, samples=samples, **figures)
+        if pre is not None:
+            choices = preconditioned_choices(choices)
+        kw = dict(requested=opts.method, nodes=nodes, stream_budget=stream_bytes(geo.budget))
         if any(c.route.hooked for c in choices):
-            route: Route = LayeredRoute(layout, fm, capture, choices, requested=opts.method, nodes=nodes,
-                                        stream_budget=stream_bytes(geo.budget))
+            route: Route = LayeredRoute(layout, fm, capture, choices, **kw) if pre is None else \
+                PreconditionedLayeredRoute(layout, fm, capture, choices, pre=pre, **kw)
         else:  # nothing routed: the plain Jacobian route does the same, without the capture machinery
-            route = JacobianRoute(layout, fm, requested=opts.method, choices=choices)
+            route = jacobian_route(choices)
         return route, geo.tiling(route, layout, fm, terms, _measured(route, data, terms, costs, geo.budget)), choices
 
     route, tiling, choices = fit(geo.samples)
@@ -215,6 +229,7 @@ class GramJob:
                fn: str = "pkfast.gram", **options: Any) -> "GramJob":
         """Validate everything, choose every layer's route and the tiles, and build the route once."""
         model = check_model_and_trajectory(fn, model, trajectory)
+        options.setdefault("preconditioner", "auto")  # (the recorded one where the trajectory has it)
         opts = Options.check(fn, trajectory=trajectory, **options)
         data = check_data(fn, opts, X, X2, y, y2)
         device = model_device(model)
@@ -233,7 +248,8 @@ class GramJob:
             sk = Sketcher(fm, list(terms), k=1024 if opts.k is None else opts.k,
                           seed=0 if opts.seed is None else opts.seed, rule=opts.rule, of=opts.of, loss=opts.loss,
                           budget=budget, fn=fn, projection=opts.projection, X=data.X,
-                          samples=N + (0 if data.X2 is None else M))
+                          samples=N + (0 if data.X2 is None else M),
+                          precondition=preconditioner_for(opts.preconditioner, fm, opts.rule, fn))
             route: Route = SketchRoute(layout, sk, N + (0 if data.X2 is None else M))
             return cls(opts, fm, data, layout, terms, route, geometry.tiling(route, layout, fm, terms), sk.choices)
         route, tiling, choices = _choose_routes(opts, fm, data, layout, terms, geometry)

@@ -72,6 +72,8 @@ class FunctionalModel:
         aliases = _aliases(model.named_parameters(remove_duplicate=False))
         buffer_aliases = _aliases((n, b) for n, b in model.named_buffers(remove_duplicate=False) if b is not None)
         self.names: list[str] = []
+        #: each trainable parameter's entry in the trajectory (its name there), in :attr:`names`' order
+        self.hits: list[str] = []
         self.shapes: list[torch.Size] = []
         self._slices: list[slice] = []
         self._tied: list[tuple[str, slice, str, slice]] = []  # aliases of one tensor stored twice
@@ -128,6 +130,7 @@ class FunctionalModel:
                 f"{tuple(traj_shapes[hit])} in the trajectory"
             )
         self.names.append(n)
+        self.hits.append(hit)
         self.shapes.append(p.shape)
         self._slices.append(trajectory.slice_of(hit))
         self._tied += [(hit, trajectory.slice_of(hit), a, trajectory.slice_of(a))

@@ -59,6 +59,8 @@ class Side:
     n: int
     panel: torch.Tensor | None = None
     factors: list[tuple[float, dict[str, list]]] = field(default_factory=list)
+    #: per streamed layer, a column scale of its gradient ``[groups, units, width]`` (the preconditioned route's √P)
+    scale: dict[str, torch.Tensor] | None = None
 
 
 class Route:

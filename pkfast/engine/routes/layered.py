@@ -128,7 +128,7 @@ class LayeredRoute(Route):
         """Form every later side by the Jacobian route (exact for any control flow), after one warning: the
         model's calls at run time are not those the plan saw (``why``), so the factors cannot be trusted. The
         caller recomputes the tile that raised; the tiles finished before it had the planned calls."""
-        fb = self.fallback = JacobianRoute(self.layout, self.fm, requested=self.requested, choices=self.choices)
+        fb = self.fallback = self._fallback_route()
         warnings.warn(f"{why}. The rest of this computation takes the Jacobian route (vmap(jacrev) of all "
                       f"{self.fm.num_params:,} parameters): exact, but slower, with panels of "
                       f"{fb.bytes_per_sample:,} bytes per sample where the plan counted {self.bytes_per_sample:,}",
@@ -137,6 +137,10 @@ class LayeredRoute(Route):
         if self._begun:
             data, rows, cols, chunk, progress = self._begun
             fb.begin(data, rows, cols, min(chunk, fb.chunk), progress)
+
+    def _fallback_route(self) -> JacobianRoute:
+        """The route :meth:`fall_back` hands over to."""
+        return JacobianRoute(self.layout, self.fm, requested=self.requested, choices=self.choices)
 
     def side(self, combo: Combo, X: torch.Tensor, Y: torch.Tensor | None, slot: str, rows: slice,
              tick: Callable[[int], None] | None = None) -> Side:
@@ -191,8 +195,12 @@ class LayeredRoute(Route):
                     u1 = min(units, u0 + step)
                     k = (u1 - u0) * width
                     A = L.rule.gradient_slice(L, left.factors, g, u0, u1, ws[: r * C * k].view(r, C, u1 - u0, width))
+                    if left.scale is not None:  # (preconditioned: the slice's columns scaled by √P)
+                        A.mul_(left.scale[L.name][g, u0:u1])
                     B = A if same else L.rule.gradient_slice(
                         L, right.factors, g, u0, u1, ws[r * C * k: (r + c) * C * k].view(c, C, u1 - u0, width))
+                    if not same and right.scale is not None:
+                        B.mul_(right.scale[L.name][g, u0:u1])
                     self.layout.panel_product(acc, A.view(r, C, k), B.view(B.shape[0], C, k), weight, same)
 
     def _mm(self, A: torch.Tensor, B: torch.Tensor, upper: bool = False) -> torch.Tensor:

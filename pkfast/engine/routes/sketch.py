@@ -87,8 +87,10 @@ class Sketcher:
 
     def __init__(self, fm: FunctionalModel, terms: list[Term], *, k: int, seed: int, rule: str, of: str,
                  loss: Any, budget: int, fn: str, projection: str = "auto", X: torch.Tensor | None = None,
-                 samples: int | None = None) -> None:
+                 samples: int | None = None, precondition: Any = None) -> None:
         self.fn = fn
+        #: a :class:`~pkfast.engine.precondition.Preconditioner`: features of the √P_s-scaled Jacobian (dense only)
+        self.pre = precondition
         self.fm, self.C, self.terms = fm, fm.num_outputs, terms
         self.spec, self.k, self.seed, self.rule, self.of = loss, int(k), int(seed), rule, of
         self.dtype, self.device = fm.dtype, fm.device
@@ -99,7 +101,7 @@ class Sketcher:
         self.capture: Capture | None = None
         figures = dict(k=self.k, C=self.C, terms=len(terms), itemsize=fm.itemsize,
                        samples=samples if samples is not None else 0 if X is None else X.shape[0])
-        if projection != "dense" and any(L.kind != "other" for L in layers) and X is not None:
+        if projection != "dense" and precondition is None and any(L.kind != "other" for L in layers) and X is not None:
             cap = Capture(fm, layers)
             layers = cap.discover(X)
             self.choices, self.ranks = choose_projections(layers, projection=projection, **figures)
@@ -117,7 +119,9 @@ class Sketcher:
     def describe(self) -> str:
         """The projection of each parameter group, one line (the plan, the fingerprint)."""
         if self.capture is None:
-            return f"dense: all {self.fm.num_params:,} parameters"
+            pre = "" if self.pre is None else ", preconditioned (√P_s-scaled Jacobian: a diagonal P breaks the " \
+                                              "Kronecker factorisation)"
+            return f"dense: all {self.fm.num_params:,} parameters{pre}"
         kron = [c.name for c in self.choices if c.route is RouteKind.KRONECKER]
         dense = [c.name or "(root)" for c in self.choices if c.route in (RouteKind.DENSE, RouteKind.JACOBIAN)]
         parts = []
@@ -136,6 +140,8 @@ class Sketcher:
                "dtype": str(self.dtype).replace("torch.", ""), "rng": self.rng, "block_elems": BLOCK_ELEMS}
         if self.capture is not None:
             out["projection"] = self.describe()
+        if self.pre is not None:
+            out["preconditioner"] = "recorded"
         return out
 
     def _sample_bytes(self) -> tuple[int, int]:
@@ -218,6 +224,8 @@ class Sketcher:
             alpha = math.sqrt(term.weight / k)
             if cap is None:
                 Jm = self.fm.jacobian(term.left, X[a:b], out=J[:m], chunk=vchunk, Y=y)
+                if self.pre is not None:
+                    Jm.mul_(self.pre.scale(term.left))
             else:
                 Jm = None if J is None else J[:m]
                 for s0 in range(0, m, vchunk):  # one pass's factors at a time: projected, then dropped
