@@ -173,11 +173,13 @@ def test_output_fn_mistakes(run, monkeypatch, capsys, tmp_path):
 
 def test_plan_with_the_sketch_dimension_and_the_loss_kernel(run, monkeypatch, capsys):
     d = run[0]
+    # a fixed budget: the default (half the free memory) moves between two calls, and the plan prints it
     rc, out, err = _main(d, monkeypatch, capsys, "plan", *BASE[:-1], "--data", "X.npy", "--method", "sketch", "--k",
-                         "64", "--seed", "3")
+                         "64", "--seed", "3", "--memory", "1GiB")
     assert rc == 0, err
     assert "method='sketch'" in out
-    ref = pkfast.plan(run[1]["make_net"]().eval(), run[2], run[3], method="sketch", k=64, seed=3, dtype=F64)
+    ref = pkfast.plan(run[1]["make_net"]().eval(), run[2], run[3], method="sketch", k=64, seed=3, dtype=F64,
+                      memory_budget="1GiB")
     assert out.strip() == str(ref).strip()
     rc, out, err = _main(d, monkeypatch, capsys, "plan", *BASE[:-1], "--data", "X.npy", "--of", "loss", "--targets",
                          "y.npy")
