@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pkfast.engine.resources.threads import ThreadPolicy, check_threads
 from pkfast.engine.driver import GramJob
 from pkfast.engine.quadrature import DEFAULT_NODES
 from pkfast.store.sinks import StoreSink
@@ -175,15 +176,18 @@ def gram(
         >>> K.shape, bool(torch.allclose(K, K.T))
         (torch.Size([5, 5]), True)
     """
-    job = GramJob.create(model, trajectory, X, X2, y=y, y2=y2, fn=_FN, outputs=outputs, rule=rule, diagonal=diagonal,
-                         backend=backend, dtype=dtype, memory_budget=memory_budget, precision=precision, nodes=nodes,
-                         of=of, loss=loss, method=method, k=k, seed=seed, projection=projection, output_fn=output_fn,
-                         threads=threads, preconditioner=preconditioner)
-    if out is not None:
-        return job.run(store_sink(job, out, overwrite=overwrite), progress=progress)
-    if overwrite:
-        raise ValueError(f"{_FN}: overwrite=True applies to a stored Gram; expected out='….npy' with it, found out=None")
-    return job.run(progress=progress)
+    with ThreadPolicy(check_threads(_FN, threads), _FN):  # planning too: its probes are many small operations
+        job = GramJob.create(model, trajectory, X, X2, y=y, y2=y2, fn=_FN, outputs=outputs, rule=rule,
+                             diagonal=diagonal, backend=backend, dtype=dtype, memory_budget=memory_budget,
+                             precision=precision, nodes=nodes, of=of, loss=loss, method=method, k=k, seed=seed,
+                             projection=projection, output_fn=output_fn, threads=threads,
+                             preconditioner=preconditioner)
+        if out is not None:
+            return job.run(store_sink(job, out, overwrite=overwrite), progress=progress)
+        if overwrite:
+            raise ValueError(f"{_FN}: overwrite=True applies to a stored Gram; expected out='….npy' with it, found "
+                             "out=None")
+        return job.run(progress=progress)
 
 
 def store_sink(job: GramJob, out: str | os.PathLike, *, overwrite: bool) -> StoreSink:
@@ -222,7 +226,8 @@ def plan(
     for k in ("out", "overwrite", "progress"):
         if k in options:
             raise TypeError(f"pkfast.plan: {k!r} is an option of the computation, not of the plan; drop it")
-    job = GramJob.create(model, trajectory, X, X2, fn="pkfast.plan", **options)
+    with ThreadPolicy(check_threads("pkfast.plan", options.get("threads")), "pkfast.plan"):
+        job = GramJob.create(model, trajectory, X, X2, fn="pkfast.plan", **options)
     return GramPlan(job)
 
 

@@ -200,17 +200,17 @@ def sketch(
                          seed=0 if seed is None else seed, rule=rule, of=of, loss=loss, dtype=dtype,
                          memory_budget=memory_budget, projection=projection, method="sketch", output_fn=output_fn,
                          threads=threads, preconditioner=preconditioner)
-    data = check_data(_FN, opts, X, y=y)
-    dev = _device(device, model)
-    fm = functional_model(_FN, model, trajectory, opts, data, dev)
-    storage = _storage_dtype(storage_dtype, opts.dtype, out)
-    if not isinstance(overwrite, bool) or (overwrite and out is None):
-        raise ValueError(f"{_FN}: overwrite=True applies to stored features; expected out='….npy' with it, found "
-                         f"overwrite={overwrite!r}, out={out!r}")
-    sk = Sketcher(fm, terms_for(opts.rule, trajectory.step_sizes), k=opts.k, seed=opts.seed, rule=opts.rule,
-                  of=opts.of, loss=opts.loss, budget=opts.budget(dev), fn=_FN, projection=opts.projection, X=data.X,
-                  precondition=preconditioner_for(opts.preconditioner, fm, opts.rule, _FN))
-    with ThreadPolicy(opts.threads, _FN):
+    with ThreadPolicy(opts.threads, _FN):  # the functional model's checks too: many small operations
+        data = check_data(_FN, opts, X, y=y)
+        dev = _device(device, model)
+        fm = functional_model(_FN, model, trajectory, opts, data, dev)
+        storage = _storage_dtype(storage_dtype, opts.dtype, out)
+        if not isinstance(overwrite, bool) or (overwrite and out is None):
+            raise ValueError(f"{_FN}: overwrite=True applies to stored features; expected out='….npy' with it, found "
+                             f"overwrite={overwrite!r}, out={out!r}")
+        sk = Sketcher(fm, terms_for(opts.rule, trajectory.step_sizes), k=opts.k, seed=opts.seed, rule=opts.rule,
+                      of=opts.of, loss=opts.loss, budget=opts.budget(dev), fn=_FN, projection=opts.projection, X=data.X,
+                      precondition=preconditioner_for(opts.preconditioner, fm, opts.rule, _FN))
         if out is not None:
             return _store(sk, data, out, storage, overwrite=overwrite, progress=progress)
         return PathFeatures(sk.project(data.X, data.Y, progress=progress), k=sk.k, seed=sk.seed, rule=sk.rule,

@@ -47,7 +47,7 @@ from pkfast.machine import adaptive, data_check
 from pkfast.machine.adaptive_sweep import AdaptiveSweep
 from pkfast.machine.sweep import Sweep, one_momentum
 from pkfast.engine.quadrature import DEFAULT_NODES
-from pkfast.engine.resources.threads import ThreadPolicy
+from pkfast.engine.resources.threads import ThreadPolicy, fitted_threads
 from pkfast.trajectory.points import Trajectory
 from pkfast.trajectory.recording import GroupHyper, OptimizerKind, Recording
 
@@ -142,6 +142,7 @@ class KernelMachine(SelfChecks):
         torch.Size([2, 16, 3])
     """
 
+    @fitted_threads(_FN)  # construction replays training (verify, the nodes check): many small operations
     def __init__(self, model: torch.nn.Module, trajectory: Trajectory, X_train: Any, y_train: Any = None,
                  loss: Any = None, *, rule: str = "exact", nodes: int | None = None, dtype: Any = torch.float64,
                  memory_budget: Any = None, progress: bool = True, output_fn: Any = None, verify: bool = True,

@@ -97,3 +97,34 @@ def test_gram_lowers_threads_under_load_and_restores_them(monkeypatch, two_threa
     assert torch.allclose(K1, K2, rtol=1e-12, atol=0)
     with pytest.raises(ValueError, match="threads must be"):
         pkfast.gram(net, traj, X, progress=False, threads=0)
+
+
+def test_nested_policies_decide_from_the_outermost_count(monkeypatch, two_threads):
+    """The planning's policy lowers the count; the tile loop's (nested) policy may raise it back to torch's count
+    when the load goes, never above; each restores what it found."""
+    readings = iter([6, 6, 6] + [0] * 20)
+    monkeypatch.setattr(th, "others_running", lambda: next(readings))
+    with th.ThreadPolicy("auto", "outer"):
+        assert torch.get_num_threads() == 1
+        with th.ThreadPolicy("auto", "inner") as inner:
+            for _ in range(3):
+                inner.update()
+            assert inner.base == 2 and torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2 and th.ThreadPolicy._outer_base is None
+
+
+def test_planning_runs_under_the_policy_too(monkeypatch, two_threads):
+    """pkfast.plan's probes (discovery, the measured pass) run with the lowered count under load."""
+    seen = []
+    real = pkfast.engine.driver.GramJob.create.__func__
+
+    def spy(cls, *a, **k):
+        seen.append(torch.get_num_threads())
+        return real(cls, *a, **k)
+
+    monkeypatch.setattr(pkfast.engine.driver.GramJob, "create", classmethod(spy))
+    monkeypatch.setattr(th, "others_running", lambda: 6)
+    net = mlp()
+    pkfast.plan(net, random_trajectory(net), torch.randn(6, 5), threads="auto")
+    assert seen == [1] and torch.get_num_threads() == 2

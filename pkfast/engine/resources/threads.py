@@ -17,6 +17,7 @@ a run that must be bitwise reproducible pins ``threads``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import numbers
 import os
@@ -26,7 +27,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["THREADS", "check_threads", "others_running", "ThreadPolicy"]
+__all__ = ["THREADS", "check_threads", "others_running", "ThreadPolicy", "fitted_threads"]
 
 log = logging.getLogger("pkfast")
 
@@ -74,14 +75,21 @@ class ThreadPolicy:
     """Sets torch's thread count for a computation (a context manager); :meth:`update` re-decides between
     pieces of work (tiles), from the median of the last :data:`WINDOW` readings."""
 
+    #: torch's thread count before the outermost active policy (a nested one, e.g. the tile loop inside a
+    #: planned call, decides from it, not from the count an outer policy lowered)
+    _outer_base: int | None = None
+
     def __init__(self, setting: str | int = "auto", fn: str = "pkfast") -> None:
         self.setting, self.fn = setting, fn
-        self.base = torch.get_num_threads()
         self.cores = os.cpu_count() or 1
         self._readings: list[int] = []
-        self.current = self.base
 
     def __enter__(self) -> "ThreadPolicy":
+        self.entry = torch.get_num_threads()
+        self.outermost = ThreadPolicy._outer_base is None
+        if self.outermost:
+            ThreadPolicy._outer_base = self.entry
+        self.base, self.current = ThreadPolicy._outer_base, self.entry
         if self.setting == "auto":
             for _ in range(3):
                 self._read()
@@ -89,8 +97,10 @@ class ThreadPolicy:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if torch.get_num_threads() != self.base:
-            torch.set_num_threads(self.base)
+        if torch.get_num_threads() != self.entry:
+            torch.set_num_threads(self.entry)
+        if self.outermost:
+            ThreadPolicy._outer_base = None
 
     def _read(self) -> None:
         r = others_running()
@@ -118,3 +128,14 @@ class ThreadPolicy:
                      "torch's count)", self.fn, n, self.current, statistics.median(self._readings or [0]), self.cores)
             torch.set_num_threads(n)
             self.current = n
+
+
+def fitted_threads(fn: str):
+    """Decorator: run the function under the default :class:`ThreadPolicy` (``PKFAST_THREADS``, else "auto")."""
+    def wrap(f):
+        @functools.wraps(f)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            with ThreadPolicy(check_threads(fn, None), fn):
+                return f(*args, **kwargs)
+        return run
+    return wrap
