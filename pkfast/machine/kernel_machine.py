@@ -43,7 +43,8 @@ from pkfast.loss import LossSpec
 from pkfast.options import Options, model_device
 from pkfast.machine.checks import UPDATE_TOL, Certificate, SelfChecks
 from pkfast.machine.nodes import NodesCheck, choose_nodes
-from pkfast.machine import adaptive, data_check
+from pkfast.machine.adaptive import decay_only, read_plan, row_weights
+from pkfast.machine.data_check import check_data as check_training_data
 from pkfast.machine.adaptive_sweep import AdaptiveSweep
 from pkfast.machine.sweep import Sweep, one_momentum
 from pkfast.engine.quadrature import DEFAULT_NODES
@@ -178,7 +179,7 @@ class KernelMachine(SelfChecks):
         self._batches = self._read_batches(record, N)
         self._adaptive = record.optimizer is not None and record.optimizer.kind.adaptive
         if check_data:
-            data_check.check_data(_FN, record, X_train, self._batches, self.y, trajectory.targets)
+            check_training_data(_FN, record, X_train, self._batches, self.y, trajectory.targets)
 
         device = model_device(model)
         adapt = dict(packing=self._packing, output_fn=self.opts.output_fn)
@@ -221,10 +222,10 @@ class KernelMachine(SelfChecks):
     def _make_sweep(self, budget: int) -> Sweep | AdaptiveSweep:
         """The backward pass over the steps: the adaptive one (:mod:`pkfast.machine.adaptive_sweep`) for a recorded
         preconditioner, else SGD's, each with the rows' weights λ (clipping, micro-batches)."""
-        weights = adaptive.row_weights(_FN, self._record, self.loss, self.y, self.C, adaptive=self._adaptive)
+        weights = row_weights(_FN, self._record, self.loss, self.y, self.C, adaptive=self._adaptive)
         common = dict(batches=self._batches, rule=self.rule, nodes=self.nodes, budget=budget, progress=self.progress)
         if self._adaptive:
-            plan = adaptive.read_plan(_FN, self.trajectory, self._steps)
+            plan = read_plan(_FN, self.trajectory, self._steps)
             return AdaptiveSweep(self.fm, self.fm_loss, self.X, self.y, plan=plan, weights=weights, fn=_FN, **common)
         # (the sweep reads each step's weight decay by name)
         sweep_steps = [{"weight_decay": h.weight_decay or 0.0} for h in self._steps]
@@ -255,7 +256,7 @@ class KernelMachine(SelfChecks):
                 raise ValueError(f"{_FN}: point {s + 1} of the recording covers {step.covers} optimizer "
                                  "steps (recorded every k steps); the exact decomposition needs every step's weights "
                                  "and batch. Record every step, or use pkfast.gram for the path kernel")
-            per_group_decay = opt is not None and opt.kind.adaptive and adaptive.decay_only(step.groups)
+            per_group_decay = opt is not None and opt.kind.adaptive and decay_only(step.groups)
             if len(step.groups) > 1 and not per_group_decay:
                 raise ValueError(f"{_FN}: step {s}: parameter groups used different hyperparameters "
                                  f"{[g.to_json() for g in step.groups]}; one decomposition needs one lr, momentum and "
