@@ -256,7 +256,10 @@ class GramPlan:
         head = (f"pkfast.plan: {'diagonal of a ' if o.diagonal else ''}{shape} {what}, C={j.num_outputs}, "
                 f"{len(j.terms)} terms (rule={o.rule!r}), method={self.requested!r} → {self.routes}")
         if o.preconditioner is not None:
-            head += ("\npreconditioner: recorded (K = Σ ε_s J_s diag(P_s) J′_sᵀ, the kernel of the trained network)"
+            at_checkpoints = getattr(j.fm.trajectory, "preconditioner_source", None) == "checkpoints"
+            head += (("\npreconditioner: at checkpoints only (K = Σ ε_s J_s diag(P_s) J′_sᵀ, P_s from the optimizer "
+                      "state saved with w_{s+1}: an approximation between checkpoints)" if at_checkpoints else
+                      "\npreconditioner: recorded (K = Σ ε_s J_s diag(P_s) J′_sᵀ, the kernel of the trained network)")
                      if o.preconditioner == "recorded" else
                      "\npreconditioner: none (the Euclidean kernel; the optimizer is adaptive)")
         rows = [("layer", "type", "route", "S", "I", "O", "params", "GFLOP", "other routes (GFLOP)", "KiB/sample", "note")]

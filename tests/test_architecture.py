@@ -24,6 +24,7 @@ LAYERS = {
               "pkfast.store.features", "pkfast.store.sinks", "pkfast.store"],
     "trajectory": ["pkfast.trajectory.checks", "pkfast.trajectory.files", "pkfast.trajectory.recording",
                    "pkfast.trajectory.optimizers", "pkfast.trajectory.state", "pkfast.trajectory.checkpoints",
+                   "pkfast.trajectory.checkpoint_state",
                    "pkfast.trajectory.points", "pkfast.trajectory.fingerprints",
                    "pkfast.trajectory.recorder", "pkfast.trajectory"],
     "model": ["pkfast.engine.inputs", "pkfast.engine.per_sample", "pkfast.engine.functional"],

@@ -94,7 +94,9 @@ def _info_trajectory(a: argparse.Namespace) -> int:
           "inputs, against which KernelMachine checks X_train)" if d["input_fingerprints"] else
           "  input fingerprints: none (X_train cannot be checked against the data the model saw)")
     st = d["preconditioner"]
-    print(f"  preconditioner: {st['kind']} P_s per step ({st['dtype']}, {st['num_params']} per row, in {st['file']}, "
+    when = ("at checkpoints only (segment s: the optimizer state saved with w_{s+1}; for gram, not the exact machine)"
+            if st and st.get("kind") == "preconditioner_at_checkpoints" else "per step")
+    print(f"  preconditioner: P_s {when} ({st['dtype']}, {st['num_params']} per row, in {st['file']}, "
           "checksummed)" if st else "  preconditioner: none recorded")
     print(f"  clipping: {d['clipped']}/{d['steps']} steps clipped, {d['not_scalar_clipped']} not by one scalar; "
           f"gradient accumulation: {d['accumulated']} steps with several micro-batches" if d["clip_measured"] else

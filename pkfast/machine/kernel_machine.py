@@ -149,6 +149,12 @@ class KernelMachine(SelfChecks):
                  memory_budget: Any = None, progress: bool = True, output_fn: Any = None, verify: bool = True,
                  update_tol: float = UPDATE_TOL, check_data: bool = True, check_nodes: bool = True) -> None:
         model = check_model_and_trajectory(_FN, model, trajectory)
+        if getattr(trajectory, "preconditioner_source", None) == "checkpoints":
+            raise ValueError(f"{_FN}: this trajectory's preconditioner is the optimizer state saved at its "
+                             "checkpoints only (Trajectory.from_checkpoints with optimizer_states), an approximation "
+                             "between them; the exact machine needs the preconditioner every step applied: record the "
+                             "run with pkfast.TrajectoryRecorder (or its Trainer/Lightning callback), or use "
+                             "pkfast.gram for the path kernel with the checkpoints' preconditioner")
         self.opts = Options.check(_FN, rules=("exact", "left"), strict_nodes=False, rule=rule,
                                   nodes=DEFAULT_NODES if nodes is None else nodes, dtype=dtype,
                                   memory_budget=memory_budget, output_fn=output_fn)

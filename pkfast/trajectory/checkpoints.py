@@ -5,6 +5,7 @@ only, never unpickling code), with errors that name the file and say what was fo
 from __future__ import annotations
 
 import json
+import numbers
 import pickle
 import re
 import warnings
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["load_checkpoint_file", "as_state_dict", "compare_spec", "trainer_step_sizes", "HF_WEIGHTS"]
+__all__ = ["load_checkpoint_file", "as_state_dict", "compare_spec", "trainer_step_sizes", "step_sizes_of", "HF_WEIGHTS"]
 
 #: the weight files of a Hugging Face checkpoint folder (``save_pretrained``, ``Trainer``'s ``checkpoint-N``,
 #: a PEFT adapter), in the order they are looked for; an ``.index.json`` names the shards of a sharded one
@@ -192,3 +193,23 @@ def compare_spec(ref: list[tuple[str, torch.Size]], got: list[tuple[str, torch.S
                 f"pkfast.Trajectory.from_checkpoints: {n!r} has shape {tuple(s)} in checkpoint #{i} but "
                 f"{tuple(shapes[n])} in checkpoint #0"
             )
+
+
+def step_sizes_of(lr: Any, checkpoints: list) -> list[float]:
+    """The ``T`` interval weights ε_s of :meth:`pkfast.Trajectory.from_checkpoints`'s ``lr`` for ``T+1``
+    checkpoints: one number for all, ``T`` numbers, or None (read from a ``Trainer`` run's folders)."""
+    T = len(checkpoints) - 1
+    if lr is None:
+        lr = trainer_step_sizes(list(checkpoints))
+    if (isinstance(lr, numbers.Real) and not isinstance(lr, bool)) or (
+        isinstance(lr, (torch.Tensor, np.ndarray)) and lr.ndim == 0
+    ):  # a Python, numpy or 0-d tensor scalar
+        return [float(lr)] * T
+    try:
+        step_sizes = [float(v) for v in lr]
+    except TypeError:
+        raise TypeError(f"{_FN}: lr must be a float or a list of {T} floats; found {type(lr).__name__}") from None
+    if len(step_sizes) != T:
+        raise ValueError(f"{_FN}: lr has {len(step_sizes)} values; expected {T} (one per interval between {T + 1} "
+                         "checkpoints)")
+    return step_sizes

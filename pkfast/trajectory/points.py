@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import numbers
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -23,7 +22,8 @@ import numpy as np
 import torch
 
 from pkfast.store import formats
-from pkfast.trajectory.checkpoints import as_state_dict, compare_spec, load_checkpoint_file, trainer_step_sizes
+from pkfast.trajectory.checkpoint_state import checkpoint_states, folder_states
+from pkfast.trajectory.checkpoints import as_state_dict, compare_spec, load_checkpoint_file, step_sizes_of
 from pkfast.trajectory.files import (MANIFEST, STEPS, TARGETS, TORCH_FROM_NAME, WEIGHTS, TrajectoryWriter, check_row,
                                      complete_rows, dtype_name, note_no_checksums, read_checksums, read_manifest,
                                      read_steps, save_targets, storage_dtype)
@@ -307,6 +307,8 @@ class Trajectory(OptimizerRecord):
         lr: float | Sequence[float] | None = None,
         *,
         batch_indices: Sequence[Any] | None = None,
+        optimizer_states: str | Sequence[Any] | None = "auto",
+        optimizer_params: torch.nn.Module | Sequence[str] | None = None,
     ) -> "Trajectory":
         """Build a trajectory from ``T+1`` state_dicts or checkpoint files.
 
@@ -326,6 +328,14 @@ class Trajectory(OptimizerRecord):
                 summed over the steps of each interval (a first checkpoint without a trainer state is step 0;
                 exact with ``logging_steps=1``, interpolated between logs otherwise, with a warning).
             batch_indices: optional ordered training indices per step.
+            optimizer_states: an adaptive optimizer's state saved with each checkpoint, giving the preconditioner
+                at the checkpoints only (:mod:`pkfast.trajectory.checkpoint_state`: segment s takes the state
+                saved with w_{s+1}; an approximation between checkpoints, for :func:`pkfast.gram` — the exact
+                kernel machine refuses it). ``"auto"``: each ``Trainer`` folder's ``optimizer.pt`` where every
+                folder after the first has one; a list: one ``optimizer.state_dict()`` or file per checkpoint
+                (the first may be None); None: no preconditioner (the Euclidean path kernel).
+            optimizer_params: whose parameters the states index (needed with them): the trained model (the
+                ``Trainer``'s parameter groups where the state has two) or the names in the optimizer's order.
 
         Files are read once each; the flattened weights are held in memory. For trajectories larger than
         memory, record with :class:`pkfast.TrajectoryRecorder` or convert once with :meth:`save` and use
@@ -340,26 +350,7 @@ class Trajectory(OptimizerRecord):
             raise ValueError(
                 f"pkfast.Trajectory.from_checkpoints: need at least 2 checkpoints (w_0 … w_T); found {len(checkpoints)}"
             )
-        T = len(checkpoints) - 1
-        if lr is None:
-            lr = trainer_step_sizes(list(checkpoints))
-        if (isinstance(lr, numbers.Real) and not isinstance(lr, bool)) or (
-            isinstance(lr, (torch.Tensor, np.ndarray)) and lr.ndim == 0
-        ):  # a Python, numpy or 0-d tensor scalar
-            step_sizes = [float(lr)] * T
-        else:
-            try:
-                step_sizes = [float(v) for v in lr]  # type: ignore[union-attr]
-            except TypeError:
-                raise TypeError(
-                    f"pkfast.Trajectory.from_checkpoints: lr must be a float or a list of {T} floats; "
-                    f"found {type(lr).__name__}"
-                ) from None
-            if len(step_sizes) != T:
-                raise ValueError(
-                    f"pkfast.Trajectory.from_checkpoints: lr has {len(step_sizes)} values; expected {T} "
-                    f"(one per interval between {T + 1} checkpoints)"
-                )
+        T, step_sizes = len(checkpoints) - 1, step_sizes_of(lr, checkpoints)
 
         rows: list[torch.Tensor] = []
         spec: list[tuple[str, torch.Size]] | None = None
@@ -379,7 +370,15 @@ class Trajectory(OptimizerRecord):
                 compare_spec(spec, [(k, v.shape) for k, v in entries], i)
             rows.append(torch.cat([v.detach().reshape(-1).to("cpu", dtype) for _, v in entries]))
         assert spec is not None
-        return cls(torch.stack(rows), step_sizes, spec, batch_indices=batch_indices)
+        traj = cls(torch.stack(rows), step_sizes, spec, batch_indices=batch_indices)
+        states = folder_states(checkpoints, optimizer_params) if optimizer_states == "auto" else optimizer_states
+        if states is not None:
+            if isinstance(states, (str, os.PathLike, Mapping)) or len(states) != T + 1:
+                raise ValueError(f"pkfast.Trajectory.from_checkpoints: optimizer_states must be 'auto', None or a list "
+                                 f"of {T + 1} optimizer states (one per checkpoint, the first may be None); found "
+                                 f"{type(states).__name__}{'' if isinstance(states, (str, Mapping)) else f' of {len(states)}'}")
+            traj._state = checkpoint_states(list(states), spec, optimizer_params, dtype)
+        return traj
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, allow_truncated: bool = False, verify: bool = False) -> "Trajectory":

@@ -15,6 +15,9 @@ import torch
 from pkfast.trajectory.files import STATE_CHECKSUMS, check_row, complete_rows, read_checksums
 from pkfast.trajectory.recording import OptimizerSpec, Recording
 
+#: the ``state.kind`` of a preconditioner known at checkpoints only (:mod:`pkfast.trajectory.checkpoint_state`)
+CHECKPOINT_KIND = "preconditioner_at_checkpoints"
+
 __all__ = ["StateRows", "OptimizerRecord", "clip_coefficients"]
 
 
@@ -116,6 +119,15 @@ class OptimizerRecord:
     def has_preconditioner(self) -> bool:
         """Whether every step carries its recorded preconditioner row (an adaptive optimizer's recording)."""
         return self._state is not None
+
+    @property
+    def preconditioner_source(self) -> str | None:
+        """Where the preconditioner rows come from: ``"recorded"`` (every step's, as the step applied it: the exact
+        machine's), ``"checkpoints"`` (the optimizer state saved at checkpoints only, segment s taking the one saved
+        with w_{s+1}: an approximation between them, for :func:`pkfast.gram`), or None (none)."""
+        if self._state is None:
+            return None
+        return "checkpoints" if self._state.kind == CHECKPOINT_KIND else "recorded"
 
     def preconditioner(self, step: int, *, as_dict: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
         """The diagonal preconditioner P_s that step ``step`` applied (:mod:`pkfast.trajectory.optimizers`: e.g.

@@ -278,7 +278,7 @@ def test_pkfast_info_prints_the_preconditioner_clipping_and_accumulation(tmp_pat
     _train(tmp_path / "t", "adamw")
     assert main(["info", str(tmp_path / "t")]) == 0
     out = capsys.readouterr().out
-    assert "preconditioner: preconditioner P_s per step (float64, 51 per row, in state.bin" in out
+    assert "preconditioner: P_s per step (float64, 51 per row, in state.bin" in out
     assert "clipping: 4/4 steps clipped, 0 not by one scalar; gradient accumulation: 4 steps" in out
     d = describe_trajectory(tmp_path / "t")
     assert d["preconditioner"]["entries"][0] == ["0.weight", [6, 4]] and d["clipped"] == 4
