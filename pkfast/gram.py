@@ -111,7 +111,7 @@ def gram(
         preconditioner: for a trajectory of an adaptive optimizer (Adam, AdamW, RMSprop, Adagrad):
             ``"recorded"`` computes the preconditioned path kernel K = Σ_s ε_s J_s diag(P_s) J′_sᵀ with each step's
             recorded diagonal preconditioner P_s (every point of step s takes P_s; ``"trapezoid"`` is
-            Σ_s ε_s/2 [J(w_s) P_s J(w_s)ᵀ + J(w_{s+1}) P_s J(w_{s+1})ᵀ]: :mod:`pkfast.engine.precondition`),
+            Σ_s ε_s/2 [J(w_s) P_s J(w_s)ᵀ + J(w_{s+1}) P_s J(w_{s+1})ᵀ]: :mod:`pkfast.engine.routes.preconditioned`),
             the kernel whose kernel machine is the trained network; no layer is then factorised (a diagonal P
             breaks the factorisation): each is materialised and scaled by √P_s, whatever ``method`` asks (the plan
             says so; ``method="jacobian"`` scales the Jacobian panels). ``None`` (or ``"none"``): the Euclidean
@@ -252,7 +252,8 @@ class GramPlan:
         M = N if j.X2 is None else j.X2.shape[0]
         o = j.opts
         shape = f"{N}" if o.diagonal else f"{N}×{M}"
-        what = "loss kernel" if o.of == "loss" else f"{o.outputs} Gram"
+        what = ("loss kernel" if o.of == "loss" else f"{o.outputs} Gram" if o.output_sketch is None else
+                f"Gram of the {o.output_sketch.describe()}")
         head = (f"pkfast.plan: {'diagonal of a ' if o.diagonal else ''}{shape} {what}, C={j.num_outputs}, "
                 f"{len(j.terms)} terms (rule={o.rule!r}), method={self.requested!r} → {self.routes}")
         if o.preconditioner is not None:

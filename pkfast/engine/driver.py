@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +38,9 @@ from pkfast.engine.routes.jacobian import JacobianRoute
 from pkfast.engine.routes.layered import LayeredRoute, find_layers
 from pkfast.engine.routes.sketch import Sketcher, SketchRoute
 from pkfast.engine.quadrature import Term, is_symmetric, terms_for
-from pkfast.engine.precondition import (PreconditionedLayeredRoute, PreconditionedRoute, preconditioned_choices,
+from pkfast.engine.output_sketch import (PILOT_R, PILOT_SAMPLES, OutputProjection, OutputSketch,
+                                         directions_for_target)
+from pkfast.engine.routes.preconditioned import (PreconditionedLayeredRoute, PreconditionedRoute, preconditioned_choices,
                                         preconditioner_for)
 from pkfast.store.sinks import MemorySink, Sink
 from pkfast.engine.resources.meter import MEASURE_SAMPLES, PassCost, pass_cost
@@ -230,6 +233,9 @@ class GramJob:
         """Validate everything, choose every layer's route and the tiles, and build the route once."""
         model = check_model_and_trajectory(fn, model, trajectory)
         options.setdefault("preconditioner", "auto")  # (the recorded one where the trajectory has it)
+        sk = OutputSketch.of(options.get("outputs"))
+        if sk is not None and sk.target is not None:
+            options["outputs"] = _pilot(cls, model, trajectory, X, sk, fn, options)
         opts = Options.check(fn, trajectory=trajectory, **options)
         data = check_data(fn, opts, X, X2, y, y2)
         device = model_device(model)
@@ -428,3 +434,25 @@ class _TermProgress:
         if self.bar is not None:
             self.bar.update(self.entries - self.shown)
 
+
+
+def _pilot(job: type[GramJob], model: Any, trajectory: Any, X: Any, sk: OutputSketch, fn: str,
+           options: dict[str, Any]) -> OutputSketch:
+    """The output sketch ``target`` asks for: r from a pilot of :data:`~pkfast.engine.output_sketch.PILOT_R`
+    directions on the first :data:`~pkfast.engine.output_sketch.PILOT_SAMPLES` samples of X (each sample's
+    u_jᵀ G(x, x) u_j, the diagonal blocks of the projected model's full Gram), logged."""
+    n = min(PILOT_SAMPLES, inputs.pack(fn, "X", X)[0].shape[0])
+    probe = OutputSketch(r=PILOT_R, kind=sk.kind, seed=sk.seed + 1)
+    proj = OutputProjection(probe, options.get("output_fn"))
+    keep = {k: v for k, v in options.items() if k not in ("outputs", "output_fn", "diagonal", "method", "k",
+                                                           "projection", "memory_budget")}
+    Xp = ({k: v[:n] for k, v in X.items()} if isinstance(X, Mapping) else type(X)(v[:n] for v in X)
+          if isinstance(X, (tuple, list)) else X[:n])
+    pilot = job.create(model, trajectory, Xp, fn=fn, outputs="full", diagonal=True, output_fn=proj,
+                       method="auto", memory_budget=options.get("memory_budget"), **keep)
+    blocks = pilot.run(progress=False)
+    q = torch.diagonal(blocks, dim1=-2, dim2=-1).to(torch.float64) * PILOT_R  # u_jᵀ G u_j per sample, direction
+    r = directions_for_target(q, float(sk.target), int(proj.num_outputs or 1))
+    log.info("%s: output sketch: a pilot of %d directions on %d samples chose r = %d for a %g relative standard "
+             "error of the diagonal", fn, PILOT_R, n, r, sk.target)
+    return OutputSketch(r=r, kind=sk.kind, seed=sk.seed, chosen_for=sk.target)
