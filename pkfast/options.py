@@ -88,6 +88,9 @@ class Options:
     #: the output combinations the kernel is over (``outputs="sketch"``/``"pntk"``/an OutputSketch, then
     #: ``outputs="trace"`` of the projected model, whose ``output_fn`` applies them), or None
     output_sketch: OutputSketch | None = None
+    #: a final linear head to collapse for the trace kernel (:mod:`pkfast.layers.head`): ``"auto"`` (detect it),
+    #: a module name (that one, or an error saying why not) or None (never)
+    head: str | None = "auto"
 
     @classmethod
     def check(cls, fn: str, *, trajectory: Any = None, rules: tuple[str, ...] = RULES, strict_nodes: bool = True,
@@ -123,6 +126,10 @@ class Options:
                                  "P_s breaks the Kronecker factorisation of a layer's gradient; expected "
                                  "projection='dense' or 'auto' (dense with a preconditioner), or preconditioner=None")
         o["threads"] = check_threads(fn, o.get("threads"))
+        if "head" in o:
+            o["head"] = None if o["head"] in (None, "none") else o["head"]
+            if o["head"] is not None and not (isinstance(o["head"], str) and o["head"]):
+                raise TypeError(f"{fn}: head must be 'auto', a module name (e.g. 'lm_head') or None; found {o['head']!r}")
         return cls(fn=fn, **o)
 
     @property

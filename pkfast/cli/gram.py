@@ -36,6 +36,9 @@ def add_parsers(sub: Any) -> None:
         q.add_argument("--target-error", type=float, default=None, metavar="E",
                        help="--outputs sketch: choose the directions by a pilot for this relative standard error "
                        "of the diagonal (instead of --directions)")
+        q.add_argument("--head", default="auto", metavar="auto|none|MODULE",
+                       help="collapse a final linear head for the trace/mean kernel (exact; d + 1 output gradients "
+                       "per position instead of V): auto (default: detected), none, or a module name (e.g. lm_head)")
         q.add_argument("--rule", default="left", choices=("left", "trapezoid", "exact"),
                        help="left (Riemann sum, default), trapezoid, or exact (Bell et al.'s exact path kernel: "
                        "asymmetric, Gauss–Legendre quadrature of each step)")
@@ -71,7 +74,7 @@ def options(a: argparse.Namespace, X: Any, X2: Any) -> dict[str, Any]:
     o: dict[str, Any] = dict(outputs=_outputs(a), rule=a.rule, diagonal=a.diagonal, backend=a.backend,
                              dtype=getattr(torch, a.dtype), memory_budget=a.memory, method=a.method,
                              output_fn=load_output_fn(a.output_fn), threads=a.threads,
-                             preconditioner=a.preconditioner)
+                             preconditioner=a.preconditioner, head=None if a.head == "none" else a.head)
     for k in ("nodes", "k", "seed"):
         if getattr(a, k) is not None:
             o[k] = getattr(a, k)

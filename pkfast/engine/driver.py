@@ -45,6 +45,7 @@ from pkfast.engine.routes.preconditioned import (PreconditionedLayeredRoute, Pre
 from pkfast.store.sinks import MemorySink, Sink
 from pkfast.engine.resources.meter import MEASURE_SAMPLES, PassCost, pass_cost
 from pkfast.engine.resources.threads import ThreadPolicy
+from pkfast.layers.head import collapse, resolve_head
 from pkfast.engine.tiles import BudgetTooSmall, Tile, Tiling, solve_diagonal, solve_tiling
 from pkfast.trajectory.points import Trajectory
 
@@ -240,7 +241,9 @@ class GramJob:
         data = check_data(fn, opts, X, X2, y, y2)
         device = model_device(model)
         budget = opts.budget(device)
-        fm = functional_model(fn, model, trajectory, opts, data, device)
+        head = resolve_head(fn, model, opts, data.X, data.packing)
+        fm = functional_model(fn, model if head is None else collapse(model, head), trajectory, opts, data, device)
+        fm.head = head
         terms = tuple(terms_for(opts.rule, trajectory.step_sizes, opts.nodes))
         N = data.X.shape[0]
         M = N if data.X2 is None else data.X2.shape[0]
@@ -248,7 +251,8 @@ class GramJob:
             log.info("%s: rule=%r is asymmetric: computing every tile of the %d×%d Gram (no mirroring)", fn, opts.rule,
                      N, N)
         backend = select_backend(opts.backend, device, precision=opts.precision, fn=fn)
-        layout = TileLayout(opts.outputs, opts.diagonal, fm.num_outputs, backend, opts.precision)
+        layout = TileLayout(opts.outputs, opts.diagonal, fm.num_outputs, backend, opts.precision,
+                            mean_of=None if head is None else fm.num_outputs // (head.d + 1) * head.V)
         geometry = _Geometry(N, M, data.X2 is None and is_symmetric(terms), opts.diagonal, budget, fn)
         if opts.method == "sketch":
             sk = Sketcher(fm, list(terms), k=1024 if opts.k is None else opts.k,
@@ -312,8 +316,10 @@ class GramJob:
 
     def record(self) -> dict[str, Any]:
         """The options a stored result records (all that change its numbers, the routes used among them)."""
+        head = getattr(self.fm, "head", None)
         return dict(self.opts.record(), backend=self.layout.backend, device=self.fm.device.type,
-                    symmetric=self.tiling.symmetric, **self.route.record())
+                    symmetric=self.tiling.symmetric, **self.route.record(),
+                    **({} if head is None else {"head": head.record()}))
 
     def fingerprints(self) -> dict[str, str]:
         """Digests of what the result depends on: model, trajectory, X (with y), X2 (with y2), options."""
