@@ -25,7 +25,7 @@ Example:
     >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 50))
     >>> head = find_head(net, None, None, torch.randn(2, 4))
     >>> head.describe()
-    "head '2' (Linear 8→50): the trace over its 50 outputs through an 8×8 metric: 9 output gradients per position instead of 50"
+    "head '2' (Linear 8→50): the trace over its 50 outputs through its 8×8 metric WᵀW: 9 output gradients per position instead of 50"
     >>> collapse(net, head)(torch.randn(3, 4)).shape  # [R h, z]: 8 + 1 outputs
     torch.Size([3, 9])
 """
@@ -61,7 +61,7 @@ class Head:
 
     def describe(self) -> str:
         return (f"head {self.name!r} ({self.type} {self.d}→{self.V}): the trace over its {self.V:,} outputs through "
-                f"an {self.d}×{self.d} metric: {self.d + 1} output gradients per position instead of {self.V:,}")
+                f"its {self.d}×{self.d} metric WᵀW: {self.d + 1} output gradients per position instead of {self.V:,}")
 
     def record(self) -> dict[str, Any]:
         return {"name": self.name, "type": self.type, "d": self.d, "V": self.V}
