@@ -194,9 +194,10 @@ def find_head(model: nn.Module, packing: Any, output_fn: Callable | None, X: tor
     """The model's collapsible final head (or the one named ``name``), or why there is none, from a forward pass
     on the samples ``X`` (packed as ``packing``) with ``output_fn`` applied."""
     run_model = adapt(model, packing, output_fn, reduce=True)
+    heads = _head_modules(model)
     found: dict[str, tuple[torch.Size, int]] = {}
     hooks = [m.register_forward_hook(lambda mod, a, out, n=n: found.__setitem__(
-        n, (out.shape, found.get(n, (None, 0))[1] + 1))) for n, m, _ in _head_modules(model)]
+        n, (out.shape, found.get(n, (None, 0))[1] + 1))) for n, m, _ in heads]
     try:
         with torch.no_grad():
             y = run_model(X)
@@ -204,7 +205,7 @@ def find_head(model: nn.Module, packing: Any, output_fn: Callable | None, X: tor
         for h in hooks:
             h.remove()
     reasons = []
-    for n, mod, transposed in _head_modules(model):
+    for n, mod, transposed in heads:
         if name is not None and n != name or n not in found:
             continue
         d, V = (mod.weight.shape[0], mod.weight.shape[1]) if transposed else (mod.weight.shape[1], mod.weight.shape[0])
