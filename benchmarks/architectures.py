@@ -46,9 +46,9 @@ Per kernel, in one run and on a quiet machine: ``pkfast.gram`` (default route; t
 torch.func tutorial (``vmap(jacrev)`` + einsum per parameter; for a loss kernel, of the per-sample loss), and
 Captum ``TracInCP`` (loss kernels: ``influence`` of the samples on themselves, one checkpoint with the step's
 learning rate; minutes per kernel — ``--methods pkfast,tutorial`` leaves it out). Times are the best of
-``--repeat`` runs after one warm-up run (pkfast's first, cold call is reported too); a method whose first run
-takes over ``--slow`` seconds is timed by one more run only. Errors are relative Frobenius differences from
-pkfast's Gram.
+``--repeat`` runs after one warm-up run (pkfast's first, cold call is reported too); a method (or a floor) whose
+first run takes over ``--slow`` seconds is timed by one more run only. Errors are relative Frobenius differences
+from pkfast's Gram.
 
 **The floor** (measured in the same run): one batched forward with autograd plus the backward passes the
 kernel needs — C for a C-output Gram, one for a loss kernel — over the N samples, plus the Gram product
@@ -60,7 +60,8 @@ kernel needs d + 1 output gradients, not V: its floor is one batched forward of 
 embedding counted by the L rows one sequence's gradient can touch, L · d — and the head's own part V (h·h′ + 1)).
 Reported as ms per sample per step, with each method's ratio to it.
 
-``--quick``: tiny versions of the issue-28 workloads (N = 8, no Captum), a smoke test (tests/test_architectures_bench.py).
+``--quick``: tiny versions of the issue-28 workloads (N = 8, no Captum), a smoke test
+(tests/test_architectures_bench.py).
 """
 
 from __future__ import annotations
@@ -272,12 +273,16 @@ METHODS = {"pkfast": run_pkfast, "torch.func tutorial": run_tutorial, "captum Tr
 
 
 # ---------------------------------------------------------------------------------------------- the run
-def _measure_floor(k: Kernel, repeat: int, gflops: float) -> dict[str, float]:
-    """The kernel's floor, measured now: its passes (best of ``repeat``) plus its Gram product at ``gflops``."""
+def _measure_floor(k: Kernel, repeat: int, gflops: float, slow: float) -> dict[str, float]:
+    """The kernel's floor, measured now: its passes (best of ``repeat`` after a warm-up run, or of one if that
+    took over ``slow`` seconds) plus its Gram product at ``gflops``."""
     N = k.X.shape[0]
     C = 1 if k.of_loss else k.C
     P = sum(p.numel() for p in k.model.parameters() if p.requires_grad)
-    t_pass = timeit(floor_passes(k), repeat=repeat, warmup=1).best
+    passes = floor_passes(k)
+    t0 = time.perf_counter()
+    passes()
+    t_pass = timeit(passes, repeat=1 if time.perf_counter() - t0 > slow else repeat, warmup=0).best
     t_prod = (float(N) * N * C * P if k.floor is None else k.floor[2]) / (gflops * 1e9)
     floor = t_pass + t_prod
     what = "" if k.floor is None else f" ({k.floor[1]} backward passes: the collapsed head's d + 1)"
@@ -313,7 +318,7 @@ def bench_kernel(k: Kernel, repeat: int, gflops: float, slow: float) -> list[dic
     C = 1 if k.of_loss else k.C
     print(f"\n== {k.name}: N={k.X.shape[0]}, T=1, C={C}, P={sum(p.numel() for p in k.model.parameters()):,}")
     print(pkfast.plan(k.model, k.traj, k.X, **k.pkfast_kwargs()))
-    floor = _measure_floor(k, repeat, gflops)
+    floor = _measure_floor(k, repeat, gflops, slow)
     rows, results = [], {}
     for name, make in METHODS.items():
         gc.collect()
