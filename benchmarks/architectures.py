@@ -28,7 +28,8 @@ Issue 28's workloads, written the other ways people write these models:
     ``Linear(d → 32,000)`` head; sequences of 64 tokens. Kernel: the **next-token trace kernel** over the last
     position's V = 32,000 logits, which pkfast computes through the collapsed head (``head="auto"``: d + 1 output
     gradients instead of V). One more pkfast row, the **same network with the head removed** (its trace kernel
-    over the C = d hidden outputs): issue 28's reference (target: the V-output kernel ≤ 2× its time). The
+    over the C = d hidden outputs; its row shares the kernel's floor, and its ``pkfast_speedup`` is its time over
+    the V-output kernel's): issue 28's reference (target: the V-output kernel ≤ 2× its time). The
     tutorial's Jacobians ``[N, V, P]`` do not fit in memory: its row says skipped, with the estimate.
 ``gpt-bare``
     ``GPTBare``: token Embedding plus a bare positional ``nn.Parameter`` (``pos[:L]``), an
