@@ -5,11 +5,12 @@
 
 Each round runs the script once from each tree (``PYTHONPATH=<tree>``, working directory the tree, the tree's
 own ``benchmarks/<script>``), before then after, so a drift in the machine's speed hits both alike. The script
-must write CSV rows with ``--csv`` (``methods.py`` and ``run.py`` do); this tool passes a temporary path, keeps
-the best ``best_s`` per case and version, and prints one table: before s, after s, after/before. The fp32
+must write CSV rows with ``--csv`` (``methods.py``, ``run.py`` and ``architectures.py`` do); this tool passes a
+temporary path, keeps the best ``best_s`` (or ``seconds``) per case and version, and prints one table: before s, after s, after/before. The fp32
 matmul throughput (the floor's unit) is measured before the first and after the last round and printed beside
 it: compare runs only when it did not move much. An old checkout is made with
-``git worktree add /tmp/old <commit>``.
+``git worktree add /tmp/old <commit>``. ``--same-script`` runs the after tree's script with either tree's
+pkfast (``PYTHONPATH``), for workloads the old script does not have.
 """
 
 from __future__ import annotations
@@ -38,9 +39,11 @@ def matmul_gflops(n: int = 2048, k: int = 8192, repeat: int = 5) -> float:
     return 2.0 * n * n * k / best / 1e9
 
 
-def run(tree: Path, script: str, args: list[str], csv_path: Path) -> list[dict[str, str]]:
+def run(tree: Path, script: str, args: list[str], csv_path: Path, script_tree: Path | None = None
+        ) -> list[dict[str, str]]:
+    """One run of ``benchmarks/<script>`` with ``tree``'s pkfast (the script from ``script_tree``, default ``tree``)."""
     env = dict(os.environ, PYTHONPATH=str(tree))
-    cmd = [sys.executable, str(tree / "benchmarks" / script), *args, "--csv", str(csv_path)]
+    cmd = [sys.executable, str((script_tree or tree) / "benchmarks" / script), *args, "--csv", str(csv_path)]
     r = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
     if r.returncode != 0:
         sys.stderr.write(r.stdout[-4000:] + r.stderr[-4000:])
@@ -53,7 +56,12 @@ def run(tree: Path, script: str, args: list[str], csv_path: Path) -> list[dict[s
 
 def key(row: dict[str, str]) -> tuple[str, ...]:
     """A case: the workload, its sizes and what was timed (the method or the baseline)."""
-    return tuple(row.get(c, "") for c in ("workload", "N", "T", "pkfast_method", "method"))
+    return tuple(row.get(c, "") for c in ("workload", "kernel", "N", "T", "pkfast_method", "method"))
+
+
+def seconds(row: dict[str, str]) -> str:
+    """The case's best time: ``best_s`` (methods.py, run.py) or ``seconds`` (architectures.py)."""
+    return row.get("best_s") or row.get("seconds") or ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--before", required=True, type=Path, help="the old source tree (a checkout or worktree)")
     p.add_argument("--after", default=Path("."), type=Path, help="the new source tree (default: this one)")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default 2)")
+    p.add_argument("--same-script", action="store_true",
+                   help="run the after tree's benchmark script for both versions (only pkfast differs: for a "
+                        "workload the old tree's script lacks)")
     a = p.parse_args(argv[:i])
     script, args = argv[i + 1], argv[i + 2:]
     trees = {"before": a.before.resolve(), "after": a.after.resolve()}
@@ -73,11 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     gf0 = matmul_gflops()
     for rnd in range(a.rounds):
         for label, tree in trees.items():
-            for row in run(tree, script, args, tmp / f"{label}{rnd}.csv"):
-                if row.get("status", "ok") != "ok" or not row.get("best_s"):
+            rows = run(tree, script, args, tmp / f"{label}{rnd}.csv", trees["after"] if a.same_script else None)
+            for row in rows:
+                if row.get("status", "ok") != "ok" or not seconds(row):
                     continue
                 slot = best.setdefault(key(row), {})
-                slot[label] = min(slot.get(label, float("inf")), float(row["best_s"]))
+                slot[label] = min(slot.get(label, float("inf")), float(seconds(row)))
             print(f"round {rnd + 1}/{a.rounds}: {label} done", file=sys.stderr, flush=True)
     gf1 = matmul_gflops()
     print(f"{script} {' '.join(args)}; best of {a.rounds} interleaved rounds per version")
