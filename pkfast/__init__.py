@@ -13,6 +13,8 @@ Public surface:
                          per-point contributions, explanations, Domingos coefficients, exactness certificate
     sketch, PathFeatures random JL path features Φ(x) = Σ_s √ε_s J_s(x) R_s (N×C×k, saved and reused for Grams)
     LossSpec             a training loss convention (per-sample loss and batch weights)
+    OutputSketch         outputs= over random output directions (an unbiased trace kernel for r ≪ C passes) or the
+                         pseudo-NTK
     layers               the registry of layer rules (module) — register a rule for your own layer type
     reference            the float64 oracle every fast path is tested against (module)
     attribution          training-data attribution: query × train scores, top-k proponents/opponents and
@@ -26,6 +28,7 @@ driver ← the public doors (gram, plan, sketch, KernelMachine, recorder, CLI).
 from pkfast import attribution, layers, reference
 from pkfast._version import __version__
 from pkfast.gram import gram, plan
+from pkfast.engine.output_sketch import OutputSketch
 from pkfast.loss import LossSpec
 from pkfast.machine.kernel_machine import KernelMachine
 from pkfast.trajectory.recorder import TrajectoryRecorder
@@ -33,5 +36,5 @@ from pkfast.sketch import PathFeatures, sketch
 from pkfast.store.reader import open_gram
 from pkfast.trajectory.points import Trajectory
 
-__all__ = ["gram", "plan", "open_gram", "Trajectory", "TrajectoryRecorder", "KernelMachine", "LossSpec", "sketch",
+__all__ = ["gram", "plan", "open_gram", "Trajectory", "TrajectoryRecorder", "KernelMachine", "LossSpec", "OutputSketch", "sketch",
            "PathFeatures", "layers", "reference", "attribution", "__version__"]

@@ -53,6 +53,7 @@ def gram(
     output_fn: Any = None,
     threads: int | str | None = None,
     preconditioner: str | None = "auto",
+    head: str | None = "auto",
 ) -> torch.Tensor | np.memmap:
     r"""The path-kernel Gram matrix of ``model`` along ``trajectory`` between samples ``X`` (and ``X2``).
 
@@ -111,7 +112,7 @@ def gram(
         preconditioner: for a trajectory of an adaptive optimizer (Adam, AdamW, RMSprop, Adagrad):
             ``"recorded"`` computes the preconditioned path kernel K = Σ_s ε_s J_s diag(P_s) J′_sᵀ with each step's
             recorded diagonal preconditioner P_s (every point of step s takes P_s; ``"trapezoid"`` is
-            Σ_s ε_s/2 [J(w_s) P_s J(w_s)ᵀ + J(w_{s+1}) P_s J(w_{s+1})ᵀ]: :mod:`pkfast.engine.precondition`),
+            Σ_s ε_s/2 [J(w_s) P_s J(w_s)ᵀ + J(w_{s+1}) P_s J(w_{s+1})ᵀ]: :mod:`pkfast.engine.routes.preconditioned`),
             the kernel whose kernel machine is the trained network; no layer is then factorised (a diagonal P
             breaks the factorisation): each is materialised and scaled by √P_s, whatever ``method`` asks (the plan
             says so; ``method="jacobian"`` scales the Jacobian panels). ``None`` (or ``"none"``): the Euclidean
@@ -160,6 +161,13 @@ def gram(
         output_fn: reduces what the model returns to its outputs ``[n, *out]``. Default
             (:func:`pkfast.engine.inputs.reduce_output`): a tensor as it is; a mapping or Hugging Face ``ModelOutput``
             its ``"logits"`` (else its only tensor); a tuple its first element.
+        head: a final linear head y = W h + b (``nn.Linear`` or Hugging Face ``Conv1D``, V outputs from d inputs)
+            collapsed for the trace and mean kernels: its V outputs per position cost d + 1 output gradients
+            (Σ_c ∇f_c·∇f′_c = V(h·h′ + 1) + Σ_jk (WᵀW)_jk ∇h_j·∇h′_k, exactly; docs/math.md §7.4). ``"auto"``
+            (default) detects it — the last Linear-like module with V > d + 1, called once, untied, followed only by
+            a selection of positions (checked on two samples) — and the plan says so; a module name requires that
+            one (an error says why it cannot be); None never collapses. Not used for ``outputs="full"``,
+            ``of="loss"``, output sketches, ``method="sketch"`` or a recorded preconditioner.
 
     Returns:
         A CPU ``torch.Tensor`` of dtype ``dtype``: ``[N, M]``, ``[N, M, C, C]``, ``[N]`` or ``[N, C, C]``; with
@@ -181,7 +189,7 @@ def gram(
                              diagonal=diagonal, backend=backend, dtype=dtype, memory_budget=memory_budget,
                              precision=precision, nodes=nodes, of=of, loss=loss, method=method, k=k, seed=seed,
                              projection=projection, output_fn=output_fn, threads=threads,
-                             preconditioner=preconditioner)
+                             preconditioner=preconditioner, head=head)
         if out is not None:
             return job.run(store_sink(job, out, overwrite=overwrite), progress=progress)
         if overwrite:
@@ -195,8 +203,8 @@ def store_sink(job: GramJob, out: str | os.PathLike, *, overwrite: bool) -> Stor
     lay = job.layout
     manifest = GramStore.new_manifest(
         shape=job.result_shape, dtype=np.dtype(str(job.dtype).replace("torch.", "")), options=job.record(),
-        fingerprints=job.fingerprints(), plan=job.tiling, diagonal=lay.diagonal, num_outputs=lay.num_outputs,
-        scale=1.0 / lay.num_outputs if lay.outputs == "mean" else 1.0)
+        fingerprints=job.fingerprints(), plan=job.tiling, diagonal=lay.diagonal, num_outputs=lay.divisor,
+        scale=1.0 / lay.divisor if lay.outputs == "mean" else 1.0)
     return StoreSink(out, manifest, overwrite=overwrite, fn=_FN)
 
 
@@ -252,9 +260,13 @@ class GramPlan:
         M = N if j.X2 is None else j.X2.shape[0]
         o = j.opts
         shape = f"{N}" if o.diagonal else f"{N}×{M}"
-        what = "loss kernel" if o.of == "loss" else f"{o.outputs} Gram"
-        head = (f"pkfast.plan: {'diagonal of a ' if o.diagonal else ''}{shape} {what}, C={j.num_outputs}, "
+        what = ("loss kernel" if o.of == "loss" else f"{o.outputs} Gram" if o.output_sketch is None else
+                f"Gram of the {o.output_sketch.describe()}")
+        head = (f"pkfast.plan: {'diagonal of a ' if o.diagonal else ''}{shape} {what}, C={j.layout.divisor}, "
                 f"{len(j.terms)} terms (rule={o.rule!r}), method={self.requested!r} → {self.routes}")
+        if getattr(j.fm, "head", None) is not None:
+            head += f"\nstructured {j.fm.head.describe()} (exact; head=None computes every output's gradient)"
+
         if o.preconditioner is not None:
             at_checkpoints = getattr(j.fm.trajectory, "preconditioner_source", None) == "checkpoints"
             head += (("\npreconditioner: at checkpoints only (K = Σ ε_s J_s diag(P_s) J′_sᵀ, P_s from the optimizer "

@@ -24,6 +24,7 @@ import torch
 from pkfast import _checks
 from pkfast.engine.accumulate import BACKENDS, PRECISIONS
 from pkfast.loss import LossSpec
+from pkfast.engine.output_sketch import OutputProjection, OutputSketch
 from pkfast.engine.quadrature import DEFAULT_NODES, RULES
 from pkfast.engine.resources.threads import check_threads
 
@@ -34,6 +35,9 @@ __all__ = ["Options", "PRECONDITIONERS", "OUTPUTS", "OF", "METHODS", "PROJECTION
 #: ``"mean"``: the trace divided by C (neural-tangents' ``trace_axes`` convention);
 #: ``"full"``: the C×C block per pair, shape [N, M, C, C].
 OUTPUTS = ("trace", "mean", "full")
+#: ``outputs=`` values of a kernel over combinations of the outputs (:mod:`pkfast.engine.output_sketch`): the
+#: unbiased output sketch of the trace kernel and the pseudo-NTK (or an :class:`OutputSketch`)
+OUTPUT_SKETCHES = ("sketch", "pntk")
 #: ``"output"``: kernels of the model's outputs; ``"loss"``: of the per-sample loss (TracIn's quantity).
 OF = ("output", "loss")
 #: ``method=`` values of :func:`pkfast.gram`.
@@ -81,6 +85,12 @@ class Options:
     #: where the trajectory's optimizer is adaptive: the choice is recorded) or None (no choice to make: SGD or an
     #: unknown optimizer, or a caller that does not take the option)
     preconditioner: str | None = None
+    #: the output combinations the kernel is over (``outputs="sketch"``/``"pntk"``/an OutputSketch, then
+    #: ``outputs="trace"`` of the projected model, whose ``output_fn`` applies them), or None
+    output_sketch: OutputSketch | None = None
+    #: a final linear head to collapse for the trace kernel (:mod:`pkfast.layers.head`): ``"auto"`` (detect it),
+    #: a module name (that one, or an error saying why not) or None (never)
+    head: str | None = "auto"
 
     @classmethod
     def check(cls, fn: str, *, trajectory: Any = None, rules: tuple[str, ...] = RULES, strict_nodes: bool = True,
@@ -95,12 +105,20 @@ class Options:
             raise TypeError(f"{fn}: unknown option(s) {', '.join(map(repr, sorted(unknown)))}; expected some of "
                             f"{', '.join(sorted(known))}")
         o = dict(given)
+        sk = OutputSketch.of(o.get("outputs"))
+        if sk is not None:
+            o["outputs"] = "trace"
         _check_computation(fn, o, rules, strict_nodes)
         _check_sketch(fn, o)
         if o.get("precision", "ieee") != "ieee" and o.get("dtype") == torch.float64:
             raise ValueError(f"{fn}: precision={o['precision']!r} applies to float32; dtype=torch.float64 computes in "
                              "ieee fp64")
         _check_of(fn, o, trajectory)
+        if sk is not None:
+            if o.get("of") == "loss":
+                raise ValueError(f"{fn}: outputs={given['outputs']!r} combines a model's outputs; the loss kernel has "
+                                 "one output (of='loss'): expected of='output' with it, or outputs='trace'")
+            o["output_sketch"], o["output_fn"] = sk, OutputProjection(sk, o.get("output_fn"))
         if "preconditioner" in o:
             o["preconditioner"] = resolve_preconditioner(fn, o["preconditioner"], trajectory)
             if o["preconditioner"] == "recorded" and o.get("projection") == "kronecker":
@@ -108,6 +126,10 @@ class Options:
                                  "P_s breaks the Kronecker factorisation of a layer's gradient; expected "
                                  "projection='dense' or 'auto' (dense with a preconditioner), or preconditioner=None")
         o["threads"] = check_threads(fn, o.get("threads"))
+        if "head" in o:
+            o["head"] = None if o["head"] in (None, "none") else o["head"]
+            if o["head"] is not None and not (isinstance(o["head"], str) and o["head"]):
+                raise TypeError(f"{fn}: head must be 'auto', a module name (e.g. 'lm_head') or None; found {o['head']!r}")
         return cls(fn=fn, **o)
 
     @property
@@ -130,6 +152,7 @@ class Options:
                 "loss": None if self.loss is None else self.loss.to_meta(), "method": self.method,
                 "k": self.k, "seed": self.seed, "projection": self.projection if self.method == "sketch" else None,
                 **({} if self.preconditioner is None else {"preconditioner": self.preconditioner}),
+                **({} if self.output_sketch is None else {"output_sketch": self.output_sketch.record()}),
                 **({} if self.output_fn is None else {"output_fn": getattr(self.output_fn, "__qualname__",
                                                                             repr(self.output_fn))})}
 
@@ -137,8 +160,8 @@ class Options:
 def _check_computation(fn: str, o: dict[str, Any], rules: tuple[str, ...], strict_nodes: bool) -> None:
     """The options of every computation (outputs, rule and nodes, output_fn, diagonal, backend, precision,
     dtype, memory budget, method), checked in place; ``dtype`` and ``memory_budget`` are normalised."""
-    if "outputs" in o:
-        _checks.check_choice(fn, "outputs", o["outputs"], OUTPUTS)
+    if "outputs" in o and o["outputs"] not in OUTPUTS:
+        _checks.check_choice(fn, "outputs", o["outputs"], OUTPUTS + OUTPUT_SKETCHES)
     if "rule" in o:
         _checks.check_choice(fn, "rule", o["rule"], RULES)
         if o["rule"] not in rules:

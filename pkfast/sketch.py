@@ -83,7 +83,7 @@ from pkfast.store.features import STORAGE_DTYPES, PathFeatures, store_options, w
 from pkfast.options import SKETCH_RULES, Options, model_device
 from pkfast.engine.routes.sketch import Sketcher, block_rows, projection_block
 from pkfast.engine.quadrature import terms_for
-from pkfast.engine.precondition import preconditioner_for
+from pkfast.engine.routes.preconditioned import preconditioner_for
 from pkfast.engine.resources.threads import ThreadPolicy
 from pkfast.trajectory.points import Trajectory
 

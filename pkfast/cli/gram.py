@@ -27,7 +27,18 @@ def add_parsers(sub: Any) -> None:
                        "Σ_s ε_s ∇ℓ(x)·∇ℓ(x′) (TracIn's quantity), which needs --targets (and --targets2 with --data2)")
         add_loss_flags(q)
         q.add_argument("--targets2", default=None, metavar="Y2.npy", help="targets of --data2 for --of loss")
-        q.add_argument("--outputs", default="trace", choices=("trace", "mean", "full"))
+        q.add_argument("--outputs", default="trace", choices=("trace", "mean", "full", "sketch", "pntk"),
+                       help="trace (default), mean, full (the C×C blocks); sketch: the trace kernel estimated "
+                       "without bias from --directions random output combinations (r backward passes instead of C); "
+                       "pntk: the pseudo-NTK, the kernel of Σ_c f_c/√C")
+        q.add_argument("--directions", type=int, default=None, metavar="R",
+                       help="--outputs sketch: the number of random (Rademacher, seed 0) output directions (default 64)")
+        q.add_argument("--target-error", type=float, default=None, metavar="E",
+                       help="--outputs sketch: choose the directions by a pilot for this relative standard error "
+                       "of the diagonal (instead of --directions)")
+        q.add_argument("--head", default="auto", metavar="auto|none|MODULE",
+                       help="collapse a final linear head for the trace/mean kernel (exact; d + 1 output gradients "
+                       "per position instead of V): auto (default: detected), none, or a module name (e.g. lm_head)")
         q.add_argument("--rule", default="left", choices=("left", "trapezoid", "exact"),
                        help="left (Riemann sum, default), trapezoid, or exact (Bell et al.'s exact path kernel: "
                        "asymmetric, Gauss–Legendre quadrature of each step)")
@@ -60,10 +71,10 @@ def options(a: argparse.Namespace, X: Any, X2: Any) -> dict[str, Any]:
 
     from pkfast.engine.inputs import num_samples
 
-    o: dict[str, Any] = dict(outputs=a.outputs, rule=a.rule, diagonal=a.diagonal, backend=a.backend,
+    o: dict[str, Any] = dict(outputs=_outputs(a), rule=a.rule, diagonal=a.diagonal, backend=a.backend,
                              dtype=getattr(torch, a.dtype), memory_budget=a.memory, method=a.method,
                              output_fn=load_output_fn(a.output_fn), threads=a.threads,
-                             preconditioner=a.preconditioner)
+                             preconditioner=a.preconditioner, head=None if a.head == "none" else a.head)
     for k in ("nodes", "k", "seed"):
         if getattr(a, k) is not None:
             o[k] = getattr(a, k)
@@ -81,6 +92,21 @@ def options(a: argparse.Namespace, X: Any, X2: Any) -> dict[str, Any]:
         given = [f for f, v in (("--loss", a.loss), ("--targets", a.targets), ("--targets2", a.targets2)) if v]
         raise UserError(f"{', '.join(given)} apply to the loss kernel; expected --of loss with them, found --of output")
     return o
+
+
+def _outputs(a: argparse.Namespace) -> Any:
+    """``outputs=`` from --outputs, --directions, --target-error."""
+    if a.outputs != "sketch":
+        if a.directions is not None or a.target_error is not None:
+            raise UserError("--directions and --target-error set the output sketch; expected --outputs sketch with "
+                            f"them, found --outputs {a.outputs}")
+        return a.outputs
+    from pkfast.engine.output_sketch import OutputSketch
+
+    try:
+        return OutputSketch(r=a.directions, target=a.target_error)  # (seed 0: pkfast.gram takes others)
+    except (ValueError, TypeError) as e:
+        raise UserError(str(e)) from None
 
 
 def run_gram(a: argparse.Namespace) -> int:

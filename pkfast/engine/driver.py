@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,11 +38,14 @@ from pkfast.engine.routes.jacobian import JacobianRoute
 from pkfast.engine.routes.layered import LayeredRoute, find_layers
 from pkfast.engine.routes.sketch import Sketcher, SketchRoute
 from pkfast.engine.quadrature import Term, is_symmetric, terms_for
-from pkfast.engine.precondition import (PreconditionedLayeredRoute, PreconditionedRoute, preconditioned_choices,
+from pkfast.engine.output_sketch import (PILOT_R, PILOT_SAMPLES, OutputProjection, OutputSketch,
+                                         directions_for_target)
+from pkfast.engine.routes.preconditioned import (PreconditionedLayeredRoute, PreconditionedRoute, preconditioned_choices,
                                         preconditioner_for)
 from pkfast.store.sinks import MemorySink, Sink
 from pkfast.engine.resources.meter import MEASURE_SAMPLES, PassCost, pass_cost
 from pkfast.engine.resources.threads import ThreadPolicy
+from pkfast.layers.head import collapse, resolve_head
 from pkfast.engine.tiles import BudgetTooSmall, Tile, Tiling, solve_diagonal, solve_tiling
 from pkfast.trajectory.points import Trajectory
 
@@ -230,11 +234,16 @@ class GramJob:
         """Validate everything, choose every layer's route and the tiles, and build the route once."""
         model = check_model_and_trajectory(fn, model, trajectory)
         options.setdefault("preconditioner", "auto")  # (the recorded one where the trajectory has it)
+        sk = OutputSketch.of(options.get("outputs"))
+        if sk is not None and sk.target is not None:
+            options["outputs"] = _pilot(cls, model, trajectory, X, sk, fn, options)
         opts = Options.check(fn, trajectory=trajectory, **options)
         data = check_data(fn, opts, X, X2, y, y2)
         device = model_device(model)
         budget = opts.budget(device)
-        fm = functional_model(fn, model, trajectory, opts, data, device)
+        head = resolve_head(fn, model, opts, data.X, data.packing)
+        fm = functional_model(fn, model if head is None else collapse(model, head), trajectory, opts, data, device)
+        fm.head = head
         terms = tuple(terms_for(opts.rule, trajectory.step_sizes, opts.nodes))
         N = data.X.shape[0]
         M = N if data.X2 is None else data.X2.shape[0]
@@ -242,7 +251,8 @@ class GramJob:
             log.info("%s: rule=%r is asymmetric: computing every tile of the %d×%d Gram (no mirroring)", fn, opts.rule,
                      N, N)
         backend = select_backend(opts.backend, device, precision=opts.precision, fn=fn)
-        layout = TileLayout(opts.outputs, opts.diagonal, fm.num_outputs, backend, opts.precision)
+        layout = TileLayout(opts.outputs, opts.diagonal, fm.num_outputs, backend, opts.precision,
+                            mean_of=None if head is None else fm.num_outputs // (head.d + 1) * head.V)
         geometry = _Geometry(N, M, data.X2 is None and is_symmetric(terms), opts.diagonal, budget, fn)
         if opts.method == "sketch":
             sk = Sketcher(fm, list(terms), k=1024 if opts.k is None else opts.k,
@@ -306,8 +316,10 @@ class GramJob:
 
     def record(self) -> dict[str, Any]:
         """The options a stored result records (all that change its numbers, the routes used among them)."""
+        head = getattr(self.fm, "head", None)
         return dict(self.opts.record(), backend=self.layout.backend, device=self.fm.device.type,
-                    symmetric=self.tiling.symmetric, **self.route.record())
+                    symmetric=self.tiling.symmetric, **self.route.record(),
+                    **({} if head is None else {"head": head.record()}))
 
     def fingerprints(self) -> dict[str, str]:
         """Digests of what the result depends on: model, trajectory, X (with y), X2 (with y2), options."""
@@ -428,3 +440,25 @@ class _TermProgress:
         if self.bar is not None:
             self.bar.update(self.entries - self.shown)
 
+
+
+def _pilot(job: type[GramJob], model: Any, trajectory: Any, X: Any, sk: OutputSketch, fn: str,
+           options: dict[str, Any]) -> OutputSketch:
+    """The output sketch ``target`` asks for: r from a pilot of :data:`~pkfast.engine.output_sketch.PILOT_R`
+    directions on the first :data:`~pkfast.engine.output_sketch.PILOT_SAMPLES` samples of X (each sample's
+    u_jᵀ G(x, x) u_j, the diagonal blocks of the projected model's full Gram), logged."""
+    n = min(PILOT_SAMPLES, inputs.pack(fn, "X", X)[0].shape[0])
+    probe = OutputSketch(r=PILOT_R, kind=sk.kind, seed=sk.seed + 1)
+    proj = OutputProjection(probe, options.get("output_fn"))
+    keep = {k: v for k, v in options.items() if k not in ("outputs", "output_fn", "diagonal", "method", "k",
+                                                           "projection", "memory_budget")}
+    Xp = ({k: v[:n] for k, v in X.items()} if isinstance(X, Mapping) else type(X)(v[:n] for v in X)
+          if isinstance(X, (tuple, list)) else X[:n])
+    pilot = job.create(model, trajectory, Xp, fn=fn, outputs="full", diagonal=True, output_fn=proj,
+                       method="auto", memory_budget=options.get("memory_budget"), **keep)
+    blocks = pilot.run(progress=False)
+    q = torch.diagonal(blocks, dim1=-2, dim2=-1).to(torch.float64) * PILOT_R  # u_jᵀ G u_j per sample, direction
+    r = directions_for_target(q, float(sk.target), int(proj.num_outputs or 1))
+    log.info("%s: output sketch: a pilot of %d directions on %d samples chose r = %d for a %g relative standard "
+             "error of the diagonal", fn, PILOT_R, n, r, sk.target)
+    return OutputSketch(r=r, kind=sk.kind, seed=sk.seed, chosen_for=sk.target)

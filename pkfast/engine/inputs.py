@@ -151,6 +151,8 @@ def adapt(model: nn.Module, packing: Packing | None, output_fn: Callable[[Any], 
         return model
     inner = model.forward
     final = output_fn if output_fn is not None else reduce_output
+    if getattr(output_fn, "takes_reduced", False):  # (an output sketch over the default rule's outputs)
+        final = lambda out: output_fn(reduce_output(out))  # noqa: E731
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if packing is None:

@@ -40,10 +40,18 @@ class TileLayout:
     num_outputs: int
     backend: str = "torch"
     precision: str = "ieee"
+    #: the C that ``outputs="mean"`` divides by where the computed outputs stand for more (a collapsed head's d + 1
+    #: per position for its V); None: ``num_outputs``
+    mean_of: int | None = None
 
     @property
     def full(self) -> bool:
         return self.outputs == "full"
+
+    @property
+    def divisor(self) -> int:
+        """What ``outputs="mean"`` divides the trace by: the model's C."""
+        return self.num_outputs if self.mean_of is None else self.mean_of
 
     def acc_shape(self, tile: Tile) -> tuple[int, ...]:
         C, (r, c) = self.num_outputs, tile.shape
@@ -76,7 +84,7 @@ class TileLayout:
         a second tile-sized array, so the memory budget bounds the peak (the store copies small row slabs)."""
         acc = acc.to("cpu")
         if self.outputs == "mean":
-            acc.div_(self.num_outputs)
+            acc.div_(self.divisor)
         if self.diagonal:
             return acc, None
         C = self.num_outputs

@@ -46,6 +46,7 @@ from pkfast.layers.attention import MultiheadAttentionRule
 from pkfast.layers.base import AffineRule, Layer, LayerRule
 from pkfast.layers.conv import ConvRule
 from pkfast.layers.embedding import EmbeddingRule
+from pkfast.layers.head import CollapsedHead, CollapsedHeadRule
 from pkfast.layers.hf import LAZY, TransposedLinearRule
 from pkfast.layers.linear import LinearRule
 from pkfast.layers.norm import NormRule, batch_norm, group_norm, layer_norm, rms_norm
@@ -107,6 +108,7 @@ register(nn.Conv1d, ConvRule())
 register(nn.Conv2d, ConvRule())
 register(nn.Embedding, EmbeddingRule())
 register(nn.MultiheadAttention, MultiheadAttentionRule())
+register(CollapsedHead, CollapsedHeadRule())
 register(nn.LayerNorm, NormRule(layer_norm))
 register(nn.GroupNorm, NormRule(group_norm, channel_dim=1))
 for _bn in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):

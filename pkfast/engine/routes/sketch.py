@@ -89,7 +89,7 @@ class Sketcher:
                  loss: Any, budget: int, fn: str, projection: str = "auto", X: torch.Tensor | None = None,
                  samples: int | None = None, precondition: Any = None) -> None:
         self.fn = fn
-        #: a :class:`~pkfast.engine.precondition.Preconditioner`: features of the √P_s-scaled Jacobian (dense only)
+        #: a :class:`~pkfast.engine.routes.preconditioned.Preconditioner`: features of the √P_s-scaled Jacobian (dense only)
         self.pre = precondition
         self.fm, self.C, self.terms = fm, fm.num_outputs, terms
         self.spec, self.k, self.seed, self.rule, self.of = loss, int(k), int(seed), rule, of

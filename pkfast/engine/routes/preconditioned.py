@@ -1,4 +1,4 @@
-r"""engine.precondition: the preconditioned path kernel of an adaptive optimizer's trajectory (docs/math.md §9),
+r"""engine.routes.preconditioned: the preconditioned path kernel of an adaptive optimizer's trajectory (docs/math.md §9),
 
 .. math:: K(x, x') = \sum_s \varepsilon_s\, J(x; w_s)\, \mathrm{diag}(P_s)\, J(x'; w_s)^\top,
 

@@ -1,0 +1,135 @@
+"""The structured output head (pkfast.layers.head): the trace kernel over a final Linear's V outputs through its
+d×d metric, exact against the float64 reference; and where it must not be used, it is not."""
+
+import pytest
+import torch
+from torch import nn
+
+import pkfast
+from pkfast.layers.head import find_head
+from pkfast.reference import gram_reference
+from tests.models import random_trajectory
+
+F64 = dict(dtype=torch.float64, progress=False)
+
+
+class LM(nn.Module):
+    """Embedding → Linear → tanh → head, outputs [n, L, V] (or the last position's [n, V])."""
+
+    def __init__(self, V=40, d=6, last=False, tied=False, after=None, conv1d=False):
+        super().__init__()
+        self.emb = nn.Embedding(V, d)
+        self.mid = nn.Linear(d, d)
+        if conv1d:
+            from transformers.pytorch_utils import Conv1D
+            self.head = Conv1D(V, d)  # weight [d, V]
+        else:
+            self.head = nn.Linear(d, V)
+        if tied:
+            self.head.weight = self.emb.weight
+        self.last, self.after = last, after
+
+    def forward(self, x):
+        y = self.head(torch.tanh(self.mid(self.emb(x))))
+        y = y[:, -1] if self.last else y
+        return y if self.after is None else self.after(y)
+
+
+def _case(seed=0, n=5, L=3, **kw):
+    torch.manual_seed(seed)
+    net = LM(**kw).double()
+    return net, random_trajectory(net, steps=2, seed=seed), torch.randint(0, 40, (n, L))
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def _collapsed(net, traj, X, **kw):
+    return "structured head" in str(pkfast.plan(net, traj, X, dtype=torch.float64, **kw))
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(last=True), dict(conv1d=True)], ids=["sequence", "last", "conv1d"])
+def test_head_trace_mean_diagonal_cross_exact(kw):
+    net, traj, X = _case(**kw)
+    X2 = torch.randint(0, 40, (3, X.shape[1]))
+    assert _collapsed(net, traj, X)
+    for opts in (dict(), dict(outputs="mean"), dict(rule="trapezoid"), dict(method="materialized"),
+                 dict(method="jacobian")):
+        K = pkfast.gram(net, traj, X, **F64, **opts)
+        ref = gram_reference(net, traj, X, outputs=opts.get("outputs", "trace"), rule=opts.get("rule", "left"))
+        assert _rel(K, ref) <= 1e-10, opts
+    assert _rel(pkfast.gram(net, traj, X, X2, **F64), gram_reference(net, traj, X, X2)) <= 1e-10
+    assert _rel(pkfast.gram(net, traj, X, diagonal=True, **F64), gram_reference(net, traj, X, diagonal=True)) <= 1e-10
+
+
+def test_mean_divides_by_the_models_outputs_and_the_manifest_says_so(tmp_path):
+    net, traj, X = _case()
+    Km = pkfast.gram(net, traj, X, outputs="mean", **F64)
+    Kt = pkfast.gram(net, traj, X, **F64)
+    assert _rel(Km * (3 * 40), Kt) <= 1e-12  # C = L·V = 120, not the collapsed 3·7
+    pkfast.gram(net, traj, X, out=tmp_path / "K.npy", **F64)
+    g = pkfast.open_gram(tmp_path / "K.npy")
+    assert g.manifest["options"]["head"] == {"name": "head", "type": "Linear", "d": 6, "V": 40}
+    assert g.manifest["num_outputs"] == 120
+
+
+@pytest.mark.parametrize("kw, why", [
+    (dict(tied=True), "tied"),
+    (dict(after=lambda y: torch.log_softmax(y, -1)), "selection"),
+    (dict(after=lambda y: y + 1.0), "selection"),
+], ids=["tied", "softmax", "bias-after"])
+def test_not_collapsed_where_the_identity_does_not_hold(kw, why):
+    net, traj, X = _case(**kw)
+    assert not _collapsed(net, traj, X)
+    got = find_head(net, None, None, X[:2])
+    assert isinstance(got, str) and why in got
+    assert _rel(pkfast.gram(net, traj, X, **F64), gram_reference(net, traj, X)) <= 1e-10
+    with pytest.raises(ValueError, match="head='head' cannot be collapsed"):
+        pkfast.gram(net, traj, X, head="head", **F64)
+
+
+def test_full_and_loss_kernels_do_not_collapse():
+    net, traj, X = _case(last=True)
+    assert not _collapsed(net, traj, X, outputs="full")
+    assert _rel(pkfast.gram(net, traj, X, outputs="full", **F64), gram_reference(net, traj, X, outputs="full")) <= 1e-10
+    with pytest.raises(ValueError, match="outputs='full'"):
+        pkfast.gram(net, traj, X, outputs="full", head="head", **F64)
+    y = torch.randint(0, 40, (X.shape[0],))
+    assert not _collapsed(net, traj, X, of="loss", loss=nn.CrossEntropyLoss(), y=y)
+
+
+def test_head_none_computes_every_output():
+    net, traj, X = _case()
+    assert not _collapsed(net, traj, X, head=None)
+    with pytest.raises(TypeError, match="head must be"):
+        pkfast.gram(net, traj, X, head=3, **F64)
+
+
+def test_hf_gpt2_untied_head_through_output_fn():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=48, n_positions=8, n_embd=8, n_layer=1, n_head=2,
+                                  tie_word_embeddings=False, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    torch.manual_seed(0)
+    net = transformers.GPT2LMHeadModel(cfg).double().eval()
+    traj = random_trajectory(net, steps=1, scale=0.02)
+    X = torch.randint(0, 48, (3, 5))
+    last = lambda out: out.logits[:, -1]  # noqa: E731
+    plan = str(pkfast.plan(net, traj, X, dtype=torch.float64, output_fn=last))
+    assert "structured head 'lm_head' (Linear 8→48)" in plan
+    K = pkfast.gram(net, traj, X, output_fn=last, **F64)
+    K0 = pkfast.gram(net, traj, X, output_fn=last, head=None, **F64)
+    assert _rel(K, K0) <= 1e-10
+
+
+def test_vocabulary_sized_head_fits_where_every_output_did_not():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Embedding(32000, 16), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 32000))
+    traj = random_trajectory(net, steps=1, scale=0.01)
+    X = torch.randint(0, 32000, (4, 1))
+    plan = pkfast.plan(net, traj, X, memory_budget="512MiB")
+    assert "17 output gradients per position instead of 32,000" in str(plan)
+    K = pkfast.gram(net, traj, X, memory_budget="512MiB", progress=False)
+    assert K.shape == (4, 4) and torch.isfinite(K).all() and torch.allclose(K, K.T)
+    # the head's own part alone is V·(h·h′ + 1) per step: a lower bound the lower layers add to
+    assert float(K.diagonal().min()) > 0.1 * 32000
