@@ -264,7 +264,7 @@ class GramPlan:
                 f"Gram of the {o.output_sketch.describe()}")
         head = (f"pkfast.plan: {'diagonal of a ' if o.diagonal else ''}{shape} {what}, C={j.layout.divisor}, "
                 f"{len(j.terms)} terms (rule={o.rule!r}), method={self.requested!r} → {self.routes}")
-        if getattr(j.fm, "head", None) is not None:
+        if j.fm.head is not None:
             head += f"\nstructured {j.fm.head.describe()} (exact; head=None computes every output's gradient)"
 
         if o.preconditioner is not None:

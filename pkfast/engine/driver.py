@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -316,7 +315,7 @@ class GramJob:
 
     def record(self) -> dict[str, Any]:
         """The options a stored result records (all that change its numbers, the routes used among them)."""
-        head = getattr(self.fm, "head", None)
+        head = self.fm.head
         return dict(self.opts.record(), backend=self.layout.backend, device=self.fm.device.type,
                     symmetric=self.tiling.symmetric, **self.route.record(),
                     **({} if head is None else {"head": head.record()}))
@@ -447,14 +446,12 @@ def _pilot(job: type[GramJob], model: Any, trajectory: Any, X: Any, sk: OutputSk
     """The output sketch ``target`` asks for: r from a pilot of :data:`~pkfast.engine.output_sketch.PILOT_R`
     directions on the first :data:`~pkfast.engine.output_sketch.PILOT_SAMPLES` samples of X (each sample's
     u_jᵀ G(x, x) u_j, the diagonal blocks of the projected model's full Gram), logged."""
-    n = min(PILOT_SAMPLES, inputs.pack(fn, "X", X)[0].shape[0])
+    n = min(PILOT_SAMPLES, inputs.num_samples(X))
     probe = OutputSketch(r=PILOT_R, kind=sk.kind, seed=sk.seed + 1)
     proj = OutputProjection(probe, options.get("output_fn"))
     keep = {k: v for k, v in options.items() if k not in ("outputs", "output_fn", "diagonal", "method", "k",
                                                            "projection", "memory_budget")}
-    Xp = ({k: v[:n] for k, v in X.items()} if isinstance(X, Mapping) else type(X)(v[:n] for v in X)
-          if isinstance(X, (tuple, list)) else X[:n])
-    pilot = job.create(model, trajectory, Xp, fn=fn, outputs="full", diagonal=True, output_fn=proj,
+    pilot = job.create(model, trajectory, inputs.take(X, slice(0, n)), fn=fn, outputs="full", diagonal=True, output_fn=proj,
                        method="auto", memory_budget=options.get("memory_budget"), **keep)
     blocks = pilot.run(progress=False)
     q = torch.diagonal(blocks, dim1=-2, dim2=-1).to(torch.float64) * PILOT_R  # u_jᵀ G u_j per sample, direction

@@ -61,6 +61,8 @@ class FunctionalModel:
         self.output_shape: tuple[int, ...] | None = None
         #: how per-sample Jacobians are taken: vmap(jacrev), or a loop where vmap/torch.func cannot run the model
         self.passes = per_sample.Passes()
+        #: the collapsed output head the model stands for (:mod:`pkfast.layers.head`; set by the Gram's planning)
+        self.head: Any = None
 
     def _bind(self, model: torch.nn.Module, trajectory: Trajectory, fn: str) -> dict[str, torch.Tensor]:
         """Match the model's parameters and buffers with the trajectory's entries: sets the trainable ones

@@ -25,7 +25,7 @@ Example:
     >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 50))
     >>> head = find_head(net, None, None, torch.randn(2, 4))
     >>> head.describe()
-    "head '2' (Linear 8→50): the trace over its 50 outputs through an 8×8 metric: 9 output gradients per position instead of 50"
+    "head '2' (Linear 8→50): the trace over its 50 outputs through its 8×8 metric WᵀW: 9 output gradients per position instead of 50"
     >>> collapse(net, head)(torch.randn(3, 4)).shape  # [R h, z]: 8 + 1 outputs
     torch.Size([3, 9])
 """
@@ -61,7 +61,7 @@ class Head:
 
     def describe(self) -> str:
         return (f"head {self.name!r} ({self.type} {self.d}→{self.V}): the trace over its {self.V:,} outputs through "
-                f"an {self.d}×{self.d} metric: {self.d + 1} output gradients per position instead of {self.V:,}")
+                f"its {self.d}×{self.d} metric WᵀW: {self.d + 1} output gradients per position instead of {self.V:,}")
 
     def record(self) -> dict[str, Any]:
         return {"name": self.name, "type": self.type, "d": self.d, "V": self.V}
@@ -194,9 +194,10 @@ def find_head(model: nn.Module, packing: Any, output_fn: Callable | None, X: tor
     """The model's collapsible final head (or the one named ``name``), or why there is none, from a forward pass
     on the samples ``X`` (packed as ``packing``) with ``output_fn`` applied."""
     run_model = adapt(model, packing, output_fn, reduce=True)
+    heads = _head_modules(model)
     found: dict[str, tuple[torch.Size, int]] = {}
     hooks = [m.register_forward_hook(lambda mod, a, out, n=n: found.__setitem__(
-        n, (out.shape, found.get(n, (None, 0))[1] + 1))) for n, m, _ in _head_modules(model)]
+        n, (out.shape, found.get(n, (None, 0))[1] + 1))) for n, m, _ in heads]
     try:
         with torch.no_grad():
             y = run_model(X)
@@ -204,7 +205,7 @@ def find_head(model: nn.Module, packing: Any, output_fn: Callable | None, X: tor
         for h in hooks:
             h.remove()
     reasons = []
-    for n, mod, transposed in _head_modules(model):
+    for n, mod, transposed in heads:
         if name is not None and n != name or n not in found:
             continue
         d, V = (mod.weight.shape[0], mod.weight.shape[1]) if transposed else (mod.weight.shape[1], mod.weight.shape[0])
