@@ -17,7 +17,9 @@ next-token position as its outputs) and compared with the network on held-out se
 predict against the network, and the certificate's update residual (the recorded weights replayed from the batches,
 AdamW's recorded preconditioners and the clipping coefficients). A prompt of one pattern is continued by one greedy
 token; ``KernelMachine.explain`` ranks the training sequences by their contribution to that token's logit. A
-sensible explanation puts sequences of the prompt's pattern on top.
+sensible explanation puts sequences of the prompt's pattern on top. The checks (exit 1 if one fails): the full
+fine-tune's machine exact (relative error and update residual < 1e-10), the LoRA machine within 1e-4, the full
+fine-tune continuing the pattern, and each explanation's top sequence of the prompt's pattern.
 
 LoRA: the machine is exact in the adapters' parameters too (the network is a smooth function of them); what may be
 left is the Gauss–Legendre quadrature error of each step's segment, which ``--lora-nodes`` controls (the certificate
@@ -37,18 +39,20 @@ import torch.nn.functional as F
 
 import pkfast
 
-PATTERNS, LENGTH, VOCAB = 4, 12, 32
+PATTERNS = 4
 PROMPT = 7  # the prompt's length; the generated token is the 8th
+FULL = {"per": 8, "steps": 40, "n_layer": 2, "n_embd": 32, "length": 12, "vocab": 32, "lr": 1e-2, "lora_lr": 2e-2}
+QUICK = {"per": 6, "steps": 32, "n_layer": 1, "n_embd": 16, "length": 8, "vocab": 16, "lr": 3e-2, "lora_lr": 5e-2}
 
 
-def sequences(per: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[PATTERNS·per, LENGTH] token ids, their labels (the first 1–4 masked with -100) and each one's pattern."""
+def sequences(per: int, g: torch.Generator, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[PATTERNS·per, length] token ids, their labels (the first 1–4 masked with -100) and each one's pattern."""
     ids, labels, pat = [], [], []
     for p in range(PATTERNS):
         cycle = 4 * p + torch.randperm(4, generator=g)
         for _ in range(per):
             start = int(torch.randint(0, 4, (1,), generator=g))
-            s = cycle[(start + torch.arange(LENGTH)) % 4]
+            s = cycle[(start + torch.arange(length)) % 4]
             lab = s.clone()
             lab[:int(torch.randint(1, 5, (1,), generator=g))] = -100
             ids.append(s)
@@ -84,9 +88,10 @@ def causal_lm_loss_f64(logits, labels, vocab_size, num_items_in_batch=None, igno
     return loss / num_items_in_batch if red == "sum" else loss
 
 
-def build_model(transformers, n_layer: int, n_embd: int):
+def build_model(transformers, cfg: dict):
     """A GPT-2 from its config (random init) in float64, eager attention, the float64 causal-LM loss."""
-    cfg = transformers.GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=2, vocab_size=VOCAB, n_positions=LENGTH,
+    cfg = transformers.GPT2Config(n_layer=cfg["n_layer"], n_embd=cfg["n_embd"], n_head=2, vocab_size=cfg["vocab"],
+                                  n_positions=cfg["length"],
                                   bos_token_id=0, eos_token_id=0, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(cfg).double()
@@ -127,7 +132,8 @@ def generate_query(model, ids: torch.Tensor, pattern: torch.Tensor, q: int) -> t
     prompt = cycle[None, :PROMPT]
     with torch.no_grad():
         tok = int(model(input_ids=prompt).logits[0, -1].argmax())
-    query = torch.cat([prompt, torch.tensor([[tok]]), torch.zeros(1, LENGTH - PROMPT - 1, dtype=torch.long)], 1)
+    pad = torch.zeros(1, ids.shape[1] - PROMPT - 1, dtype=torch.long)
+    query = torch.cat([prompt, torch.tensor([[tok]]), pad], 1)
     return {"input_ids": query}, tok, tok == int(cycle[PROMPT])
 
 
@@ -147,9 +153,10 @@ def rebuild(model, traj, ids, pattern, held_out, *, nodes, k: int = 5) -> dict:
     t1 = time.perf_counter()
     pred = km.predict(Xq)
     t2 = time.perf_counter()
-    cert = km.certificate(Xq)
+    cert = km.certificate(query)  # (the update residual is the run's; the quadrature residual the query's)
     t3 = time.perf_counter()
-    target = (PROMPT - 1) * VOCAB + tok  # (the logit at position PROMPT−1 predicts the generated token)
+    vocab = f.shape[1] // (ids.shape[1] - 1)
+    target = (PROMPT - 1) * vocab + tok  # (the logit at position PROMPT−1 predicts the generated token)
     e = km.explain(query, k=k, target=target)
     seconds = {"build": build_s, "predict": t2 - t1, "certificate": t3 - t2, "explain": time.perf_counter() - t3}
     top = e.proponents.tolist()
@@ -188,17 +195,17 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    per, steps, (n_layer, n_embd) = (6, 16, (1, 16)) if a.quick else (8, 40, (2, 32))
+    cfg = QUICK if a.quick else FULL
     g = torch.Generator().manual_seed(0)
-    ids, labels, pattern = sequences(per, g)
-    held_out = sequences(1, torch.Generator().manual_seed(1))[0]
+    ids, labels, pattern = sequences(cfg["per"], g, cfg["length"])
+    held_out = sequences(1, torch.Generator().manual_seed(1), cfg["length"])[0]
     data = TokenData(ids, labels)
-    print(f"{len(ids)} training sequences of {LENGTH} tokens, {int((labels[:, 1:] != -100).sum())} target tokens "
-          f"({(labels[:, 1:] != -100).sum(1).min()}–{(labels[:, 1:] != -100).sum(1).max()} per sequence)")
-    S: dict = {"config": {"quick": a.quick, "sequences": len(ids), "n_layer": n_layer, "n_embd": n_embd}}
+    print(f"{len(ids)} training sequences of {cfg['length']} tokens, {int((labels[:, 1:] != -100).sum())} target "
+          f"tokens ({(labels[:, 1:] != -100).sum(1).min()}–{(labels[:, 1:] != -100).sum(1).max()} per sequence)")
+    S: dict = {"config": {"quick": a.quick, "sequences": len(ids), **cfg}}
 
-    model = build_model(transformers, n_layer, n_embd)
-    traj, S["trainer"] = fine_tune(transformers, model, data, out / "full", steps=steps, lr=1e-2)
+    model = build_model(transformers, cfg)
+    traj, S["trainer"] = fine_tune(transformers, model, data, out / "full", steps=cfg["steps"], lr=cfg["lr"])
     S["full"] = rebuild(model, traj, ids, pattern, held_out, nodes=None)
     report("full fine-tune", S["full"], ids)
     print("   Trainer settings:", S["trainer"])
@@ -209,17 +216,19 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             print("\n(LoRA skipped: peft is not installed)")
         else:
-            base = build_model(transformers, n_layer, n_embd)
-            lora = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"],
+            base = build_model(transformers, cfg)
+            targets = ["c_attn", "c_proj", "c_fc"]
+            lora = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
                                                              fan_in_fan_out=True, lora_dropout=0.0)).double()
-            traj, _ = fine_tune(transformers, lora, data, out / "lora", steps=steps, lr=2e-2)
+            traj, _ = fine_tune(transformers, lora, data, out / "lora", steps=cfg["steps"],
+                                lr=cfg["lora_lr"])
             S["lora"] = rebuild(lora, traj, ids, pattern, held_out, nodes=a.lora_nodes)
-            report(f"LoRA r=4 on c_attn, c_proj (peft {peft.__version__})", S["lora"], ids)
+            report(f"LoRA r=4 on c_attn, c_proj, c_fc (peft {peft.__version__})", S["lora"], ids)
     S["seconds"] = time.perf_counter() - t0
     runs = [S[n] for n in ("full", "lora") if n in S]
     S["checks"] = {"full_exact": S["full"]["rel_error"] < 1e-10 and S["full"]["update_residual"] < 1e-10,
                    "lora_close": "lora" not in S or S["lora"]["rel_error"] < 1e-4,
-                   "continues_pattern": all(r["continues_pattern"] for r in runs),
+                   "continues_pattern": S["full"]["continues_pattern"],
                    "top1_prompt_pattern": all(r["topk_patterns"][0] == r["prompt_pattern"] for r in runs)}
     S["ok"] = all(S["checks"].values())
     (out / "summary.json").write_text(json.dumps(S, indent=1))
