@@ -30,7 +30,7 @@ LAYERS = {
                    "pkfast.trajectory.recorder", "pkfast.trajectory"],
     "model": ["pkfast.engine.inputs", "pkfast.engine.per_sample", "pkfast.engine.functional"],
     "layers": ["pkfast.layers", "pkfast.layers.*"],
-    "routes": ["pkfast.engine.dispatch", "pkfast.engine.capture", "pkfast.engine.routes", "pkfast.engine.routes.*"],
+    "routes": ["pkfast.engine.capture", "pkfast.engine.capture.*", "pkfast.engine.routes", "pkfast.engine.routes.*"],
     "driver": ["pkfast.engine.driver", "pkfast.engine"],
     "doors": ["pkfast.gram", "pkfast.sketch", "pkfast.attribution", "pkfast.reference"],
     "machine": ["pkfast.machine.panels", "pkfast.machine.sweep", "pkfast.machine.adaptive",

@@ -28,7 +28,7 @@ from pkfast.engine.resources.alloc import reuse_freed_memory
 from pkfast.engine.accumulate import select_backend
 from pkfast.engine.functional import FunctionalModel
 from pkfast.engine.capture import Capture
-from pkfast.engine.dispatch import CallsChanged
+from pkfast.engine.capture.dispatch import CallsChanged
 from pkfast.engine.costs import LayerChoice, choose_routes
 from pkfast.options import Options, model_device, stream_bytes
 from pkfast.engine.products import TileLayout

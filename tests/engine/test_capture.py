@@ -129,7 +129,7 @@ def test_a_call_shared_by_all_samples(count, mix):
 
 
 def test_the_plan_says_how_the_factors_are_obtained():
-    class WithScale(nn.Module):  # a bare parameter: no layer rule, so the vmap pass
+    class WithScale(nn.Module):  # a bare parameter: no layer rule, probed where it meets the samples
         def __init__(self):
             super().__init__()
             self.lin = nn.Linear(3, 2)
@@ -144,5 +144,6 @@ def test_the_plan_says_how_the_factors_are_obtained():
     assert "factors from one batched forward and 2 backward passes per chunk" in str(
         pkfast.plan(net, random_trajectory(net, steps=1), X, outputs="full"))
     net = WithScale()
-    assert "factors from vmap(jacrev) per sample: parameters without a layer route (scale) need it" in str(
+    assert ("factors from one batched forward and 2 backward passes per chunk; parameters without a layer rule "
+            "(scale) by probes where they meet the samples") in str(
         pkfast.plan(net, random_trajectory(net, steps=1), X, method="materialized"))

@@ -21,7 +21,7 @@ import torch
 from pkfast.engine.accumulate import accumulate
 from pkfast.engine.capture import Capture, Groups
 from pkfast.engine.costs import LayerChoice, chunk_for, route_counts
-from pkfast.engine.dispatch import CallsChanged
+from pkfast.engine.capture.dispatch import CallsChanged
 from pkfast.engine.functional import FunctionalModel
 from pkfast.engine.products import WORKSPACE_BYTES, TileLayout, factor_pair_product
 from pkfast.engine.routes.base import Combo, Data, Route, Side

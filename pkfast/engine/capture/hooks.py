@@ -1,6 +1,7 @@
-"""routes.capture: the factors (A, Δ) of every layer with a rule, captured by forward hooks — from one batched
-forward and C batched backward passes per chunk when every trained parameter has a rule, else from one
-``vmap(jacrev)`` pass per chunk that also gives the Jacobian of the parameters no rule covers.
+"""engine.capture.hooks: the factors (A, Δ) of every layer with a rule, captured by forward hooks — from one batched
+forward and C batched backward passes per chunk (the parameters no rule covers by probes where they meet the
+samples, :mod:`~pkfast.engine.capture.entry`), else from one ``vmap(jacrev)`` pass per chunk that also gives the
+Jacobian of the parameters no rule covers.
 
 How: a forward hook on each routed module (or on the site its rule names) keeps what its rule captures of the
 call (its input, or the normalised input of a norm layer) and adds a zero *probe* to its output; the gradient
@@ -9,7 +10,7 @@ output. Before any of this is used, :meth:`Capture.discover` checks that rules w
 reproduce the model's output, learns each layer's calls, positions and fans from one sample, and
 :meth:`Capture.verify` checks on a few samples that each rule rebuilds the layer's true parameter gradient (a
 weight also used outside its module, e.g. tied through ``F.linear``, fails and takes the Jacobian route). The
-first batched chunk is checked against the vmap pass on two samples.
+first batched chunk is checked against the vmap pass on two samples, and the parameters without a rule with it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ import torch
 from torch.func import functional_call
 
 from pkfast.engine.costs import RouteKind
-from pkfast.engine.dispatch import CallsChanged, check_call, check_calls, find_dispatch
+from pkfast.engine.capture.dispatch import CallsChanged, check_call, check_calls, find_dispatch
+from pkfast.engine.capture.backward import OutputGradients
+from pkfast.engine.capture.entry import EntryProbes, param_jacobians
 from pkfast.engine.functional import FunctionalModel
 from pkfast.engine.per_sample import mha_fastpath_off
 from pkfast.engine.quadrature import EvalPoint
@@ -79,16 +82,21 @@ class Groups:
         return cls(hooked, factorized, streamed, paneled, jac_names, jac_width,
                    jac_width + sum(L.size for L in paneled))
 
-    def describe(self, fm: FunctionalModel, batched: bool) -> str:
-        """How the factors are obtained, for the plan."""
+    def describe(self, fm: FunctionalModel, batched: bool, refused: str = "") -> str:
+        """How the factors are obtained, for the plan (``refused``: why the batched pass cannot probe the
+        parameters without a rule, once a pass has found it)."""
         if not self.hooked:
             return ""
         C = "one backward pass" if fm.num_outputs == 1 else f"{fm.num_outputs} backward passes"
+        names = ", ".join(self.jac_names[:3]) + (", …" if len(self.jac_names) > 3 else "")
         if batched and not self.jac_names:
             return f"factors from one batched forward and {C} per chunk (every trained parameter has a layer rule)"
+        if batched:
+            return (f"factors from one batched forward and {C} per chunk; parameters without a layer rule ({names}) "
+                    "by probes where they meet the samples (checked against vmap(jacrev) on the first chunk)")
         if self.jac_names:
-            names = ", ".join(self.jac_names[:3]) + (", …" if len(self.jac_names) > 3 else "")
-            return f"factors from vmap(jacrev) per sample: parameters without a layer route ({names}) need it"
+            why = f" ({refused})" if refused else ""
+            return f"factors from vmap(jacrev) per sample: parameters without a layer route ({names}) need it{why}"
         return "factors from vmap(jacrev) per sample: a hooked call's batch axis is not the first"
 
 
@@ -108,11 +116,13 @@ class Capture:
         #: batch-first, the vmap pass)
         self.batched = True
         self._batched_checked = False
-        self._grads_batched: bool | None = None  # one batched backward for C outputs works (None: not tried)
+        self._output_gradients = OutputGradients()
+        #: why the parameters without a rule could not be probed in the batched pass ("" if they could)
+        self.refused = ""
 
     def describe(self, groups: Groups) -> str:
         """How the factors of ``groups`` are obtained, for the plan."""
-        return groups.describe(self.fm, self.batched)
+        return groups.describe(self.fm, self.batched, self.refused)
 
     def _replace(self, name: str, layer: Layer) -> None:
         self.layers = tuple(layer if L.name == name else L for L in self.layers)
@@ -317,7 +327,7 @@ class Capture:
         for a in range(0, n, chunk):
             b = min(n, a + chunk)
             x, y = fm.prepare(X[a:b]), None if Yd is None else Yd[a:b]
-            got = self._batched(G.hooked, keys, pk, statics, x, y) if self.batched and not pj else None
+            got = self._batched(G.hooked, keys, pk, statics, x, y, pj) if self.batched else None
             if got is None:
                 jac, aux = fm.passes.jacobian(per_sample, argnums, in_dims, pj, probes, x, *(() if y is None else (y,)),
                                               has_aux=True)
@@ -359,10 +369,12 @@ class Capture:
         return per_sample
 
     def _batched(self, hooked: tuple[Layer, ...], keys: list[str], params: dict, statics: dict, x: torch.Tensor,
-                 y: torch.Tensor | None):
+                 y: torch.Tensor | None, pj: dict):
         """The output gradients and captures of every hooked call from one batched forward and C batched backward
-        passes (samples are independent: :func:`pkfast.engine.per_sample.check_independent`), in the layout the vmap pass
-        gives — or None when a call is neither batch-first nor shared by all samples, to use vmap instead.
+        passes (samples are independent: :func:`pkfast.engine.per_sample.check_independent`), with the Jacobian
+        of the parameters ``pj`` that no rule covers from probes where they meet the samples
+        (:class:`~pkfast.engine.entry.EntryProbes`), in the layout the vmap pass gives — or None when a call is
+        neither batch-first nor shared by all samples, or a parameter's entry cannot be probed, to use vmap.
 
         A *shared* call (a positional embedding of ``arange(L)``: the same input for every sample) gets a probe
         with a batch axis, so that each sample's output gradient is its own. The first use is checked against
@@ -379,21 +391,27 @@ class Capture:
 
         call = _Call(probes)
         with torch.enable_grad():
+            leaves = {k: v.detach().requires_grad_(True) for k, v in pj.items()}
+            entry = EntryProbes(leaves, x, n, check=not self._batched_checked, tol=_tolerance(fm.dtype))
             try:
-                out = self._run(hooked, call, lambda: functional_call(fm.model, (params, statics), (x,)))
+                with entry if pj else contextlib.nullcontext():
+                    out = self._run(hooked, call, lambda: functional_call(fm.model, ({**params, **leaves}, statics),
+                                                                          (x,)))
             except (RuntimeError, CallsChanged):  # a probe of the wrong shape: a call's batch axis is not the first
                 self.batched = False
                 return None
             if set(call.inputs) != set(keys) or any(
                     (tuple(call.inputs[k].shape), tuple(call.out_shapes[k])) != expect(k) for k in keys) or (
-                    out.shape[:1] != (n,)):
+                    out.shape[:1] != (n,)) or (pj and (entry.refused or not entry.probes)):
                 self.batched = False  # a call whose batch axis is not the first: the vmap pass is right for it
+                self.refused = entry.refused or ("" if not pj or entry.probes else "no parameter met the samples")
                 return None
             f = out.reshape(n, -1)
             if fm.loss is not None:
                 shape = fm.output_shape
                 f = torch.func.vmap(lambda fi, yi: fm.loss.per_sample(fi, yi, shape))(f, y).reshape(n, 1)
-            grads = self._output_gradients(f, [probes[k] for k in keys])
+            grads = self._output_gradients(f, [probes[k] for k in keys] + entry.probes)
+            jp = param_jacobians(leaves, entry.anchors, grads[len(keys):]) if pj else {}
         # the vmap layout: per sample, a batch of one — [n, C, 1, *out] for Δ, [n, 1, *in] for the captures (a
         # shared call: [n, C, *out] and its input repeated, [n, *in])
         jz = {k: g if k in shared else g.unsqueeze(2) for k, g in zip(keys, grads)}
@@ -401,55 +419,33 @@ class Capture:
                for k, v in call.inputs.items()}
         if not self._batched_checked:
             self._batched_checked = True
-            if not self._agrees_with_vmap(hooked, keys, params, statics, x, y, jz, aux):
+            if not self._agrees_with_vmap(hooked, keys, params, statics, x, y, jz, aux, pj, jp):
                 self.batched = False
                 return None
-        return jz, aux
+        return ((jp, jz) if pj else jz), aux
 
-    def _output_gradients(self, f: torch.Tensor, probes: list[torch.Tensor]) -> list[torch.Tensor]:
-        """∂f[:, c]/∂probe for every output c, as ``[n, C, *probe shape[1:]]`` per probe: C = 1 by one backward
-        pass; more by one batched backward (``is_grads_batched``) where the model's backward ops support it
-        (learnt on the first call), else by C passes stacked."""
-        n, C = f.shape
-        if C == 1:
-            gs = torch.autograd.grad(f[:, 0].sum(), probes, allow_unused=True)
-            return [torch.zeros_like(p).unsqueeze(1) if g is None else g.unsqueeze(1) for p, g in zip(probes, gs)]
-        if self._grads_batched is not False:
-            eye = torch.eye(C, dtype=f.dtype, device=f.device)[:, None, :].expand(C, n, C)
-            try:
-                gs = torch.autograd.grad(f, probes, grad_outputs=eye, is_grads_batched=True, retain_graph=True,
-                                         allow_unused=True)
-                self._grads_batched = True
-                return [torch.zeros((n, C, *p.shape[1:]), dtype=p.dtype, device=p.device) if g is None
-                        else g.transpose(0, 1) for p, g in zip(probes, gs)]
-            except RuntimeError:  # an op without a batching rule for its backward
-                if self._grads_batched:
-                    raise
-                self._grads_batched = False
-        rows: list[list[torch.Tensor]] = [[] for _ in probes]
-        for c in range(C):
-            gs = torch.autograd.grad(f[:, c].sum(), probes, retain_graph=c < C - 1, allow_unused=True)
-            for r, p, g in zip(rows, probes, gs):
-                r.append(torch.zeros_like(p) if g is None else g)
-        return [torch.stack(r, dim=1) for r in rows]
-
-    def _agrees_with_vmap(self, hooked, keys, params, statics, x, y, jz, aux) -> bool:
-        """Whether the batched pass's output gradients and captures of the first two samples are the vmap pass's."""
+    def _agrees_with_vmap(self, hooked, keys, params, statics, x, y, jz, aux, pj, jp) -> bool:
+        """Whether the batched pass's output gradients, captures and Jacobian of ``pj`` for the first two samples
+        are the vmap pass's."""
         fm, m = self.fm, min(2, x.shape[0])
         probes = {k: torch.zeros(self._shapes[k][1], dtype=fm.dtype, device=fm.device) for k in keys}
         extra = () if y is None else (y[:m],)
-        jz_v, aux_v = fm.passes.jacobian(self._per_sample(hooked, params, statics), 1,
-                                         (None, None, 0) + ((0,) if y is not None else ()), {}, probes, x[:m],
-                                         *extra, has_aux=True)
+        jac, aux_v = fm.passes.jacobian(self._per_sample(hooked, params, statics), (0, 1) if pj else 1,
+                                        (None, None, 0) + ((0,) if y is not None else ()), pj, probes, x[:m],
+                                        *extra, has_aux=True)
+        jp_v, jz_v = jac if pj else ({}, jac)
         tol = _tolerance(fm.dtype)
-        for k in keys:
-            for got, want in ((jz[k][:m], jz_v[k]), (aux[k][:m], aux_v[k])):
-                if got.shape != want.shape:
-                    return False
-                scale = float(want.abs().max()) + 1e-30 if want.is_floating_point() else 1.0
-                # a sample at a time: a C-wide difference would double the check's memory
-                if max(float((g - w).abs().max()) for g, w in zip(got, want)) > tol * scale:
-                    return False
+        pairs = [(jz[k][:m], jz_v[k]) for k in keys] + [(aux[k][:m], aux_v[k]) for k in keys]
+        pairs += [(jp[k][:m], jp_v[k].reshape(jp[k][:m].shape)) for k in pj if jp_v[k].numel() == jp[k][:m].numel()]
+        if len(pairs) != 2 * len(keys) + len(pj):
+            return False
+        for got, want in pairs:
+            if got.shape != want.shape:
+                return False
+            scale = float(want.abs().max()) + 1e-30 if want.is_floating_point() else 1.0
+            # a sample at a time: a C-wide difference would double the check's memory
+            if max(float((g - w).abs().max()) for g, w in zip(got, want)) > tol * scale:
+                return False
         return True
 
     def factors(self, L: Layer, jz: dict, aux: dict, n: int, C: int | None = None) -> list[tuple[torch.Tensor, Any]]:

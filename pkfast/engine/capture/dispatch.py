@@ -1,4 +1,4 @@
-"""engine.dispatch: data-dependent control flow, found before the layers are routed and caught if it shows later.
+"""engine.capture.dispatch: data-dependent control flow, found before the layers are routed and caught if it shows later.
 
 The factorised and materialised routes (:mod:`pkfast.engine.capture`) learn each layer's calls on one sample and
 expect every sample, at every evaluation point, to call it the same way on its own rows of the batch. A layer
