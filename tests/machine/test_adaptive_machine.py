@@ -287,30 +287,47 @@ def test_a_parameter_left_without_gradient_is_refused(tmp_path):
         pkfast.KernelMachine(model, traj, X, progress=False)
 
 
-def test_hf_trainer_defaults_feed_the_exact_machine(tmp_path):
+def _causal_lm_loss_f64(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, **kwargs):
+    """transformers' causal-LM loss (shift; Σ over the tokens / num_items_in_batch, or the mean) without its float32
+    upcast of the logits, so a float64 GPT-2 trains in float64."""
+    shift = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    red = "sum" if num_items_in_batch is not None else "mean"
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab_size), shift.reshape(-1),
+                                             ignore_index=ignore_index, reduction=red)
+    return loss / num_items_in_batch if red == "sum" else loss
+
+
+@pytest.mark.parametrize("float64_loss", [False, True], ids=["trainer-loss", "float64-unequal-targets"])
+def test_hf_trainer_defaults_feed_the_exact_machine(tmp_path, float64_loss):
     """transformers.Trainer with its defaults — AdamW with no decay for biases and LayerNorm weights (two groups),
     max_grad_norm=1.0, linear warm-up — and gradient accumulation 2 on a tiny GPT-2, recorded by the callback:
-    the kernel machine rebuilds the network (the micro-batches' weights come from num_items_in_batch)."""
+    the kernel machine rebuilds the network (the micro-batches' weights come from num_items_in_batch). With the
+    Trainer's loss (logits upcast to float32) to 1e-6; with a float64 loss and 0–3 masked labels per sequence (so
+    micro-batches carry different numbers of targets, which num_items_in_batch weights) to 1e-10."""
     transformers = pytest.importorskip("transformers", reason="needs transformers (pip install 'pkfast[hf]')")
     pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
     from pkfast.integrations.hf import INDEX_KEY, TrajectoryCallback
     from tests.trajectory.test_loop_callbacks import _gpt2, _Tokens
 
     data = _Tokens(n=12)
+    masked = [1 + (3 * i) % 4 if float64_loss else 1 for i in range(len(data))]  # leading labels set to -100
+    labels = data.ids.clone()
+    for i, k in enumerate(masked):
+        labels[i, :k] = -100  # (the first label never counts: the Trainer's item count is the shifted targets')
 
     class Indexed(torch.utils.data.Dataset):
         def __len__(self):
             return len(data)
 
         def __getitem__(self, i):
-            labels = data.ids[i].clone()
-            labels[0] = -100  # (the Trainer's item count is then the targets' after the shift)
-            return {"input_ids": data.ids[i], "labels": labels, INDEX_KEY: i}
+            return {"input_ids": data.ids[i], "labels": labels[i], INDEX_KEY: i}
 
     model = _gpt2(transformers).double()
     model.set_attn_implementation("eager")
+    if float64_loss:
+        model.loss_function = _causal_lm_loss_f64
     ids = data.ids
-    cb = TrajectoryCallback(tmp_path / "traj", loss=nn.CrossEntropyLoss(), targets=ids[:, 1:])
+    cb = TrajectoryCallback(tmp_path / "traj", loss=nn.CrossEntropyLoss(), targets=labels[:, 1:])
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2,
         learning_rate=0.01, warmup_steps=1, weight_decay=0.01, report_to=[], use_cpu=True, seed=0,
@@ -320,15 +337,19 @@ def test_hf_trainer_defaults_feed_the_exact_machine(tmp_path):
     rec = traj.recording
     assert rec.optimizer.kind.value == "AdamW" and len(rec.steps[0].groups) == 2
     assert all(len(s.micro_batches) == 2 for s in rec.steps) and bool((traj.clip_coefs() < 1).any())
+    if float64_loss:  # the weighting matters: some step's micro-batches hold different numbers of targets
+        counts = [[int((labels[list(b), 1:] != -100).sum()) for b in s.micro_batches] for s in rec.steps]
+        assert any(len(set(c)) > 1 for c in counts), counts
     model.eval()
     shift = lambda o: o.logits[:, :-1]  # noqa: E731  (the next-token logits of targets ids[:, 1:])
     km = pkfast.KernelMachine(model, traj, {"input_ids": ids}, output_fn=shift, progress=False)  # auto nodes
+    tol = 1e-10 if float64_loss else 1e-6  # (the Trainer's own loss upcasts the logits to float32)
     assert km.nodes_check.error < 1e-6  # (AdamW's steps move every weight by ~lr: attention needs more nodes)
     Xq = {"input_ids": torch.randint(0, 23, (2, 6), generator=torch.Generator().manual_seed(5))}
     with torch.no_grad():
         f = model(**Xq).logits[:, :-1].reshape(2, -1)
-    assert float((km.predict(Xq) - f).norm() / f.norm()) < 1e-6  # (the Trainer's loss upcasts logits to float32)
-    assert float(km.update_residual.max()) < 1e-5
+    assert float((km.predict(Xq) - f).norm() / f.norm()) < tol
+    assert float(km.update_residual.max()) < (tol if float64_loss else 1e-5)
 
 
 def test_hyper_parameters_changed_during_training(tmp_path):
