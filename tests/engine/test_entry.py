@@ -166,3 +166,40 @@ def test_the_entry_probe_is_zero_and_per_sample():
     assert torch.equal(out.detach(), x + p.detach() * 2.0)
     g, = torch.autograd.grad(out[0].sum(), mode.probes)
     assert torch.equal(g[0], torch.ones(3, 4, dtype=F64)) and torch.equal(g[1], torch.zeros(3, 4, dtype=F64))
+
+
+class GainMLP(nn.Module):
+    """An MLP with a bare layer-scale gain and a learned temperature."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(4, D), nn.Linear(D, 3)
+        self.gamma, self.t = nn.Parameter(torch.rand(D) + 0.5), nn.Parameter(torch.tensor(0.2))
+
+    def forward(self, x):
+        return self.head(self.gamma * torch.tanh(self.a(x))) / self.t.exp()
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adamw"])
+def test_the_kernel_machine_of_a_model_with_bare_parameters(tmp_path, count, opt):
+    """The kernel machine's panels take the same batched pass: the trained network rebuilt exactly (SGD with
+    momentum, and AdamW with its recorded preconditioner)."""
+    torch.manual_seed(0)
+    net = GainMLP().to(F64)
+    X, y = torch.randn(16, 4, dtype=F64), torch.randint(0, 3, (16,))
+    o = (torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9) if opt == "sgd"
+         else torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.01))
+    lossf = nn.CrossEntropyLoss()
+    with pkfast.TrajectoryRecorder(net, o, tmp_path / "t", loss=lossf, targets=y) as rec:
+        for s in range(4):
+            idx = torch.arange(s % 2, 16, 2)
+            o.zero_grad()
+            lossf(net(X[idx]), y[idx]).backward()
+            o.step()
+            rec.step(batch_indices=idx)
+    km = pkfast.KernelMachine(net, pkfast.Trajectory.load(tmp_path / "t"), X, nodes=8, progress=False)
+    Xq = torch.randn(3, 4, dtype=F64)
+    f = net(Xq).detach()
+    assert float((km.predict(Xq) - f).abs().max() / f.abs().max()) <= 1e-10
+    assert float(km.update_residual.max()) <= 1e-10
+    assert count["batched"] > 0 and count["vmap"] == 0, count
