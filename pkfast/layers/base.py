@@ -144,6 +144,10 @@ class LayerRule:
         default) forms it from the factors (:meth:`unfold`, :meth:`split`, :meth:`gradient_slice`)."""
         return None
 
+    def gradient_note(self, layer: Layer, C: int) -> str:
+        """What the plan says of how :meth:`per_sample_gradient` forms an in-panel gradient ("" : from the factors)."""
+        return ""
+
     def gradient_layout(self, layer: Layer, grads: dict[str, torch.Tensor | None]) -> torch.Tensor:
         """A parameter gradient by role (``{"weight": …, "bias": …}``, None where unreached) flattened in the layout of
         :meth:`gradient_slice` over all groups and units (how the engine checks a rule against autograd)."""

@@ -72,6 +72,9 @@ class ConvRule(AffineRule):
         per_call = layer.positions // max(1, layer.calls)
         return "conv" if per_call >= C * layer.fan_out else "patches"
 
+    def gradient_note(self, layer: Layer, C: int) -> str:
+        return "gradient by weight-grad conv (no patches)" if self.formation(layer, C) == "conv" else ""
+
     def per_sample_gradient(self, layer: Layer, captured: list[torch.Tensor], grads: list[torch.Tensor], n: int,
                             C: int, dtype: torch.dtype) -> torch.Tensor | None:
         if self.formation(layer, C) != "conv":

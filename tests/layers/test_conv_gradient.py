@@ -108,3 +108,22 @@ def test_grams_with_either_formation_equal_reference(name, formation, monkeypatc
     monkeypatch.setattr(ConvRule, "formation", lambda self, L, C: formation)
     make, sample = AFFINE_CASES[name]
     check_layer_rule(make, sample)
+
+
+def test_plan_says_which_layers_form_their_gradient_by_the_convolution():
+    """A large map (S = 64 ≥ C·O = 2·3) by the convolution, a small one (S = 4 < 2·4) by the patches; and the Gram
+    with that mix equals the reference."""
+    import pkfast
+    from pkfast.reference import gram_reference
+    from tests.models import random_trajectory
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 4, 3, stride=4, padding=1),
+                        nn.Tanh(), nn.Flatten(), nn.Linear(16, 2)).to(F64)
+    traj = random_trajectory(net, steps=2)
+    X = torch.randn(5, 1, 8, 8, dtype=F64)
+    p = pkfast.plan(net, traj, X, method="materialized", dtype=F64)
+    rows = {line.split(" ", 1)[0]: line for line in str(p).splitlines()}
+    assert "weight-grad conv" in rows["0"] and "weight-grad conv" not in rows["2"], str(p)
+    K = pkfast.gram(net, traj, X, method="materialized", dtype=F64, progress=False)
+    assert rel_err(K, gram_reference(net, traj, X)) <= RTOL[F64]
