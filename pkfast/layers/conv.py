@@ -6,7 +6,8 @@ from the patches (``F.unfold`` then one batched GEMM Σ_s δ_s a_sᵀ), or witho
 weight-gradient kernel with the samples folded into the groups (Rochette et al. 2019): input
 ``[B′, n·C_in, *spatial]``, output gradient ``[B′, n·g·C·O_g, *spatial′]``, ``groups = n·g``, whose weight
 gradient ``[n·g·C·O_g, C_in/g, *kernel]`` is every sample's gradient at once. Both do the same multiply-adds;
-the patches cost writing and reading S × I values per sample and group besides."""
+the patches cost writing and reading S × I values per sample and group besides (when the conv is used:
+:meth:`ConvRule.formation`)."""
 
 from __future__ import annotations
 
@@ -65,12 +66,15 @@ class ConvRule(AffineRule):
     # ------------------------------------------------------------------ the gradient without patches
     def formation(self, layer: Layer, C: int) -> str:
         """How :meth:`per_sample_gradient` forms the in-panel gradient: ``"conv"`` (the weight-gradient
-        convolution, no patches) when one call's positions S are at least the gradient's rows C·O per group —
-        the patch matrix [S, I] would then be at least the size of the gradient [C·O, I] it yields, and its
-        writing and reading outweigh the GEMM's better blocking — else ``"patches"`` (im2col + batched GEMM).
-        A rule stated from sizes, not timings; benchmarks/conv_grads.py measures both on the ResNet's layers."""
+        convolution, no patches) when the kernel has more than one tap and one call's positions S exceed the
+        gradient's rows C·O per group — the patch matrix [S, I] is then larger than the gradient [C·O, I] it
+        yields, and writing and reading it outweighs the batched GEMM's better blocking —, else ``"patches"``
+        (im2col + batched GEMM; a 1×1 kernel's patches are its input, nothing to save). A rule stated from
+        sizes, not timings (ties go to the patches); benchmarks/conv_grads.py measures both on the ResNet's
+        layers: it picks the faster in most of them, and the rest are within ~1.5× either way."""
         per_call = layer.positions // max(1, layer.calls)
-        return "conv" if per_call >= C * layer.fan_out else "patches"
+        taps = math.prod(layer.module.kernel_size)
+        return "conv" if taps > 1 and per_call > C * layer.fan_out else "patches"
 
     def gradient_note(self, layer: Layer, C: int) -> str:
         return "gradient by weight-grad conv (no patches)" if self.formation(layer, C) == "conv" else ""

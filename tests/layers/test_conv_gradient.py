@@ -87,14 +87,17 @@ def test_conv_gradient_equals_autograd_and_the_patch_route(name, C, monkeypatch)
 
 
 def test_formation_rule_follows_positions_against_gradient_rows():
-    """The conv formation where one call's positions are at least the gradient's rows C·O (the patches would
-    be at least the gradient's size), the patches otherwise."""
+    """The conv formation where one call's positions exceed the gradient's rows C·O (the patches would be larger
+    than the gradient) and the kernel has more than one tap, the patches otherwise."""
     big = _layer(nn.Conv2d(16, 16, 3, padding=1), 1, 32 * 32)
     small = _layer(nn.Conv2d(128, 128, 3, padding=1), 1, 4 * 4)
     assert big.rule.formation(big, 1) == "conv" and big.rule.formation(big, 10) == "conv"
     assert small.rule.formation(small, 1) == "patches"
     mid = _layer(nn.Conv2d(32, 32, 3, padding=1), 2, 2 * 16 * 16)  # two calls of 256 positions
     assert mid.rule.formation(mid, 1) == "conv" and mid.rule.formation(mid, 10) == "patches"
+    tie = _layer(nn.Conv2d(64, 64, 3, padding=1), 1, 8 * 8)  # S = C·O: the patches
+    pointwise = _layer(nn.Conv2d(16, 32, 1, stride=2), 1, 16 * 16)  # a 1×1 kernel's patches are its input
+    assert tie.rule.formation(tie, 1) == "patches" and pointwise.rule.formation(pointwise, 1) == "patches"
 
 
 CONV_CASES = [k for k in AFFINE_CASES if k.startswith("conv")]
@@ -111,7 +114,7 @@ def test_grams_with_either_formation_equal_reference(name, formation, monkeypatc
 
 
 def test_plan_says_which_layers_form_their_gradient_by_the_convolution():
-    """A large map (S = 64 ≥ C·O = 2·3) by the convolution, a small one (S = 4 < 2·4) by the patches; and the Gram
+    """A large map (S = 64 > C·O = 2·3) by the convolution, a small one (S = 4 < 2·4) by the patches; and the Gram
     with that mix equals the reference."""
     import pkfast
     from pkfast.reference import gram_reference
