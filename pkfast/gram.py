@@ -239,6 +239,11 @@ def plan(
     return GramPlan(job)
 
 
+def _formed(L, C: int) -> str:
+    """The plan's note on how an in-panel layer's per-sample gradient is formed (its rule's, "" from its factors)."""
+    return L.rule.gradient_note(L, C) if L.rule is not None and L.route.value in ("materialized", "dense") else ""
+
+
 class GramPlan:
     """The plan of a Gram computation (see :func:`plan`): ``.method`` (the resolved method), ``.layers`` (each
     layer's route and costs), ``.tiles`` (the tiling, :class:`~pkfast.engine.tiles.Tiling`), ``.flops``
@@ -284,7 +289,8 @@ class GramPlan:
                 if L.groups > 1:
                     I, O = f"{I}×{L.groups}g", f"{O}×{L.groups}g"
             rows.append((L.name or "(root)", L.type, L.route.value, S, I, O, f"{L.size:,}", f"{L.flops / 1e9:.3g}", others or "-",
-                         f"{L.bytes_per_sample / 1024:.3g}", L.reason or ("streamed in slices" if L.stream else "")))
+                         f"{L.bytes_per_sample / 1024:.3g}", L.reason or ("streamed in slices" if L.stream else
+                                                                 _formed(L, j.fm.num_outputs))))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = [head]
         if j.fm.passes.describe():

@@ -137,6 +137,17 @@ class LayerRule:
         (whatever it held), β ≠ 0 accumulates into it (the kernel machine's momentum recursion)."""
         raise NotImplementedError
 
+    def per_sample_gradient(self, layer: Layer, captured: list[torch.Tensor], grads: list[torch.Tensor], n: int,
+                            C: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """The layer's per-sample gradient ``[n, C, size]`` (the layout of :func:`materialize`) straight from its
+        calls' captures and output gradients, for a rule with a faster way than through its factors; None (the
+        default) forms it from the factors (:meth:`unfold`, :meth:`split`, :meth:`gradient_slice`)."""
+        return None
+
+    def gradient_note(self, layer: Layer, C: int) -> str:
+        """What the plan says of how :meth:`per_sample_gradient` forms an in-panel gradient ("" : from the factors)."""
+        return ""
+
     def gradient_layout(self, layer: Layer, grads: dict[str, torch.Tensor | None]) -> torch.Tensor:
         """A parameter gradient by role (``{"weight": …, "bias": …}``, None where unreached) flattened in the layout of
         :meth:`gradient_slice` over all groups and units (how the engine checks a rule against autograd)."""

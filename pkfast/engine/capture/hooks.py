@@ -288,7 +288,7 @@ class Capture:
                     self._drop(L, "its parameters are used without calling the module (e.g. through F.linear)")
                 continue
             try:
-                rebuilt = materialize(L, self.factors(L, jz, aux, 1, C=1), 1).reshape(-1)
+                rebuilt = self.gradient(L, jz, aux, 1, C=1).reshape(-1)
                 own = {p.rsplit(".", 1)[-1]: true[p] for p in L.params}
                 expect = L.rule.gradient_layout(L, dict(zip(("weight", "bias"), map(own.get, L.rule.param_names))))
                 if rebuilt.shape != expect.shape:
@@ -343,7 +343,7 @@ class Capture:
                     _put(dst[:, :, : G.jac_width], blk, weight, add)
                     off = G.jac_width
                 for L in G.paneled:
-                    grad = materialize(L, self.factors(L, jz, aux, b - a), b - a)
+                    grad = self.gradient(L, jz, aux, b - a)
                     _put(dst[:, :, off: off + L.size], grad, weight, add)
                     off += L.size
             for L in G.with_factors:
@@ -447,6 +447,13 @@ class Capture:
             if max(float((g - w).abs().max()) for g, w in zip(got, want)) > tol * scale:
                 return False
         return True
+
+    def gradient(self, L: Layer, jz: dict, aux: dict, n: int, C: int | None = None) -> torch.Tensor:
+        """Layer L's per-sample gradient ``[n, C, size]``: by its rule's own way if it has one, else from its factors."""
+        C = self.fm.num_outputs if C is None else C
+        keys = [f"{L.name}#{k}" for k in range(L.calls)]
+        got = L.rule.per_sample_gradient(L, [aux[k] for k in keys], [jz[k] for k in keys], n, C, self.fm.dtype)
+        return materialize(L, self.factors(L, jz, aux, n, C=C), n) if got is None else got
 
     def factors(self, L: Layer, jz: dict, aux: dict, n: int, C: int | None = None) -> list[tuple[torch.Tensor, Any]]:
         """[(A_g, Δ_g [n, C, S, O_g]) per group] of layer L from one pass's output gradients and captures."""
