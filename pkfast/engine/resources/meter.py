@@ -104,6 +104,7 @@ def pass_cost(route: Any, data: Any, point: Any) -> PassCost:
     what the first pass took beyond the second. Runs the route between its ``begin`` and ``end``."""
     m = min(MEASURE_SAMPLES, data.X.shape[0])
     X, Y = data.X[:m], None if data.Y is None else data.Y[:m]
+    chunk = route.chunk  # (begin lowers it to the m measured samples: the plan's chunk is the route's own)
     route.begin(dataclasses.replace(data, X=X, X2=None, Y=Y, Y2=None), m, 0, m, False)
     peaks = []
     h = -(-m // 2)
@@ -115,6 +116,7 @@ def pass_cost(route: Any, data: Any, point: Any) -> PassCost:
             del side
     finally:
         route.end()
+        route.chunk = chunk
     first, pm, ph = peaks
     per = max(0.0, (pm - ph) / (m - h) if m > h else ph)
     fixed = max(0.0, ph - per * h) + max(0, first - pm)
