@@ -32,7 +32,7 @@ LAYERS = {
     "layers": ["pkfast.layers", "pkfast.layers.*"],
     "routes": ["pkfast.engine.capture", "pkfast.engine.capture.*", "pkfast.engine.routes", "pkfast.engine.routes.*"],
     "driver": ["pkfast.engine.driver", "pkfast.engine"],
-    "doors": ["pkfast.gram", "pkfast.sketch", "pkfast.attribution", "pkfast.reference"],
+    "doors": ["pkfast.gram", "pkfast.sketch", "pkfast.attribution", "pkfast.attribution.*", "pkfast.reference"],
     "machine": ["pkfast.machine.panels", "pkfast.machine.sweep", "pkfast.machine.adaptive",
                 "pkfast.machine.adaptive_sweep", "pkfast.machine.data_check",
                 "pkfast.machine.directional", "pkfast.machine.checks", "pkfast.machine.nodes",

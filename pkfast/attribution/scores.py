@@ -1,4 +1,4 @@
-r"""attribution: training-data attribution from the path kernel — query × train scores, top-k proponents and
+r"""attribution.scores: training-data attribution from the path kernel — query × train scores, top-k proponents and
 opponents, and self-influence — streamed over the training set, exact or sketched through one API.
 
 The score of training point z for query q is the loss kernel (TracIn's quantity along the recorded path)
