@@ -78,7 +78,8 @@ class EntryProbes(TorchFunctionMode):
         sampled = any(isinstance(t, torch.Tensor) and t in self._batch for t in flat)
         if not own or not sampled or self.refused:
             out = func(*args, **kwargs)
-            (self._batch if sampled else self._params if own else _Tags()).add(out)
+            if sampled or own:
+                (self._batch if sampled else self._params).add(out)
             return out
         name = getattr(func, "__name__", str(func))
         if (name.endswith("_") and not name.endswith("__")) or name in _INPLACE_DUNDERS:
@@ -89,27 +90,34 @@ class EntryProbes(TorchFunctionMode):
         return self._enter(func, flat, spec, own, name)
 
     def _enter(self, func, flat: list, spec, own: list[int], name: str):
-        """The entry op ``func`` with each parameter-only float input replaced by its per-sample copy (its result
-        without the copies first: it gives the result's shape, the check's reference, and the refusal's value)."""
-        a, k = tree_unflatten(flat, spec)
-        ref = func(*a, **k)
-        shape = ref.shape if isinstance(ref, torch.Tensor) else None
+        """The entry op ``func`` with each parameter-only float input replaced by its per-sample copy, for a
+        result with as many axes as its largest input (broadcasting, joining). On the checked chunk the op also
+        runs without the copies, and the two results must agree; later chunks run it once."""
+        nd = max(t.ndim for t in flat if isinstance(t, torch.Tensor))
+        ref = None
+        if self.check:
+            a, k = tree_unflatten(flat, spec)
+            ref = func(*a, **k)
+            if not isinstance(ref, torch.Tensor) or ref.ndim != nd:
+                return self._refuse(ref, f"{name} gives a result whose axes are not its inputs' (a product or a "
+                                         "reduction of a parameter with the samples)")
         new, made = list(flat), []
         for i in own:
             q = flat[i]
             if not (q.is_floating_point() and q.requires_grad):
                 continue  # (a comparison of the parameters: no gradient flows through it)
-            copy = self._copy(q, shape)
+            copy = self._copy(q, nd)
             if copy is None:
                 return self._refuse(ref, f"{name} combines a parameter of shape {tuple(q.shape)} with the samples "
-                                         "other than by broadcasting or repeating it over them")
+                                         "other than by broadcasting or repeating it over them", func, flat, spec)
             new[i], anchor, z = copy
             made.append((anchor, z))
         a, k = tree_unflatten(new, spec)
         try:
             out = func(*a, **k)
         except (RuntimeError, ValueError, TypeError, IndexError) as e:
-            return self._refuse(ref, f"{name} does not take a per-sample copy of a parameter ({type(e).__name__})")
+            return self._refuse(ref, f"{name} does not take a per-sample copy of a parameter ({type(e).__name__})",
+                                func, flat, spec)
         if self.check and not _same(out, ref, self.tol):
             return self._refuse(ref, f"{name} computes something else with a per-sample copy of a parameter")
         for anchor, z in made:
@@ -118,22 +126,27 @@ class EntryProbes(TorchFunctionMode):
         self._batch.add(out)
         return out
 
-    def _copy(self, q: torch.Tensor, shape: torch.Size | None):
+    def _copy(self, q: torch.Tensor, nd: int):
         """(q's per-sample copy, one sample's q as a function of the parameters, the zero probe), or None when q
-        is not one tensor repeated over the samples of a ``len(shape)``-dimensional result."""
-        if shape is None or q.ndim > len(shape):
+        is not one tensor repeated over the samples of an ``nd``-dimensional result."""
+        if q.ndim > nd:
             return None
-        if q.ndim == len(shape):  # q has the samples' axis: size 1, or a stride-0 repeat over them
+        if q.ndim == nd:  # q has the samples' axis: size 1, or a stride-0 repeat over them
             if not (q.shape[0] == 1 or (q.shape[0] == self.n and q.stride(0) == 0)):
                 return None
             anchor = q[0]
         else:  # q broadcasts over a new first axis
-            anchor = q.reshape((1,) * (len(shape) - 1 - q.ndim) + tuple(q.shape))
+            anchor = q.reshape((1,) * (nd - 1 - q.ndim) + tuple(q.shape))
         z = torch.zeros((self.n, *anchor.shape), dtype=q.dtype, device=q.device, requires_grad=True)
         return anchor.unsqueeze(0) + z, anchor, z
 
-    def _refuse(self, ref, why: str):
+    def _refuse(self, ref, why: str, func=None, flat=None, spec=None):
+        """Give up the probes for this forward (``why``); the op's result without copies (``ref``, or computed
+        from ``func`` on the original inputs)."""
         self.refused = why
+        if ref is None:
+            a, k = tree_unflatten(flat, spec)
+            ref = func(*a, **k)
         self._batch.add(ref)
         return ref
 
@@ -166,6 +179,6 @@ def param_jacobians(params: dict[str, torch.Tensor], anchors: list[torch.Tensor]
         raise ValueError("no entry of the parameters into the samples was seen")
     n, C = grads[0].shape[:2]
     outs = torch.autograd.grad(anchors, [params[k] for k in names], [g.reshape(n * C, *g.shape[2:]) for g in grads],
-                               is_grads_batched=True, allow_unused=True, retain_graph=True)
+                               is_grads_batched=True, allow_unused=True)
     return {k: (torch.zeros((n, C, *params[k].shape), dtype=params[k].dtype, device=params[k].device) if g is None
                 else g.reshape(n, C, *params[k].shape)) for k, g in zip(names, outs)}

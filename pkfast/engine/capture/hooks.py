@@ -373,7 +373,7 @@ class Capture:
         """The output gradients and captures of every hooked call from one batched forward and C batched backward
         passes (samples are independent: :func:`pkfast.engine.per_sample.check_independent`), with the Jacobian
         of the parameters ``pj`` that no rule covers from probes where they meet the samples
-        (:class:`~pkfast.engine.entry.EntryProbes`), in the layout the vmap pass gives — or None when a call is
+        (:class:`~pkfast.engine.capture.entry.EntryProbes`), in the layout the vmap pass gives — or None when a call is
         neither batch-first nor shared by all samples, or a parameter's entry cannot be probed, to use vmap.
 
         A *shared* call (a positional embedding of ``arange(L)``: the same input for every sample) gets a probe
@@ -436,9 +436,7 @@ class Capture:
         jp_v, jz_v = jac if pj else ({}, jac)
         tol = _tolerance(fm.dtype)
         pairs = [(jz[k][:m], jz_v[k]) for k in keys] + [(aux[k][:m], aux_v[k]) for k in keys]
-        pairs += [(jp[k][:m], jp_v[k].reshape(jp[k][:m].shape)) for k in pj if jp_v[k].numel() == jp[k][:m].numel()]
-        if len(pairs) != 2 * len(keys) + len(pj):
-            return False
+        pairs += [(jp[k][:m].reshape(m, -1), jp_v[k].reshape(m, -1)) for k in pj]  # (a scalar's vmap Jacobian: [m, C])
         for got, want in pairs:
             if got.shape != want.shape:
                 return False
