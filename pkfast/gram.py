@@ -162,12 +162,13 @@ def gram(
             (:func:`pkfast.engine.inputs.reduce_output`): a tensor as it is; a mapping or Hugging Face ``ModelOutput``
             its ``"logits"`` (else its only tensor); a tuple its first element.
         head: a final linear head y = W h + b (``nn.Linear`` or Hugging Face ``Conv1D``, V outputs from d inputs)
-            collapsed for the trace and mean kernels: its V outputs per position cost d + 1 output gradients
-            (Σ_c ∇f_c·∇f′_c = V(h·h′ + 1) + Σ_jk (WᵀW)_jk ∇h_j·∇h′_k, exactly; docs/math.md §7.4). ``"auto"``
+            collapsed for the trace, mean and full kernels: its V outputs per position cost d + 1 output gradients
+            (Σ_c ∇f_c·∇f′_c = V(h·h′ + 1) + Σ_jk (WᵀW)_jk ∇h_j·∇h′_k, exactly; the full V×V blocks are
+            Q K Qᵀ + I·K_z/V from the collapsed outputs' blocks with W = QR at each point; docs/math.md §7.4). ``"auto"``
             (default) detects it — the last Linear-like module with V > d + 1, called once, untied, followed only by
             a selection of positions (checked on two samples) — and the plan says so; a module name requires that
-            one (an error says why it cannot be); None never collapses. Not used for ``outputs="full"``,
-            ``of="loss"``, output sketches, ``method="sketch"`` or a recorded preconditioner.
+            one (an error says why it cannot be); None never collapses. Not used for ``of="loss"``, output
+            sketches, ``method="sketch"`` or a recorded preconditioner.
 
     Returns:
         A CPU ``torch.Tensor`` of dtype ``dtype``: ``[N, M]``, ``[N, M, C, C]``, ``[N]`` or ``[N, C, C]``; with
@@ -203,8 +204,8 @@ def store_sink(job: GramJob, out: str | os.PathLike, *, overwrite: bool) -> Stor
     lay = job.layout
     manifest = GramStore.new_manifest(
         shape=job.result_shape, dtype=np.dtype(str(job.dtype).replace("torch.", "")), options=job.record(),
-        fingerprints=job.fingerprints(), plan=job.tiling, diagonal=lay.diagonal, num_outputs=lay.divisor,
-        scale=1.0 / lay.divisor if lay.outputs == "mean" else 1.0)
+        fingerprints=job.fingerprints(), plan=job.tiling, diagonal=lay.diagonal, num_outputs=lay.width,
+        scale=1.0 / lay.width if lay.outputs == "mean" else 1.0)
     return StoreSink(out, manifest, overwrite=overwrite, fn=_FN)
 
 
@@ -267,10 +268,10 @@ class GramPlan:
         shape = f"{N}" if o.diagonal else f"{N}×{M}"
         what = ("loss kernel" if o.of == "loss" else f"{o.outputs} Gram" if o.output_sketch is None else
                 f"Gram of the {o.output_sketch.describe()}")
-        head = (f"pkfast.plan: {'diagonal of a ' if o.diagonal else ''}{shape} {what}, C={j.layout.divisor}, "
+        head = (f"pkfast.plan: {'diagonal of a ' if o.diagonal else ''}{shape} {what}, C={j.layout.width}, "
                 f"{len(j.terms)} terms (rule={o.rule!r}), method={self.requested!r} → {self.routes}")
         if j.fm.head is not None:
-            head += f"\nstructured {j.fm.head.describe()} (exact; head=None computes every output's gradient)"
+            head += f"\nstructured {j.fm.head.describe(o.outputs)} (exact; head=None computes every output's gradient)"
 
         if o.preconditioner is not None:
             at_checkpoints = getattr(j.fm.trajectory, "preconditioner_source", None) == "checkpoints"

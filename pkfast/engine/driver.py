@@ -31,12 +31,12 @@ from pkfast.engine.capture import Capture
 from pkfast.engine.capture.dispatch import CallsChanged
 from pkfast.engine.costs import LayerChoice, choose_routes
 from pkfast.options import Options, model_device, stream_bytes
-from pkfast.engine.products import TileLayout
+from pkfast.engine.products import TileLayout, symmetrize_upper_
 from pkfast.engine.routes.base import Data, Route
 from pkfast.engine.routes.jacobian import JacobianRoute
 from pkfast.engine.routes.layered import LayeredRoute, find_layers
 from pkfast.engine.routes.sketch import Sketcher, SketchRoute
-from pkfast.engine.quadrature import Term, is_symmetric, terms_for
+from pkfast.engine.quadrature import Term, is_symmetric, single_point_terms, terms_for
 from pkfast.engine.output_sketch import (PILOT_R, PILOT_SAMPLES, OutputProjection, OutputSketch,
                                          directions_for_target)
 from pkfast.engine.routes.preconditioned import (PreconditionedLayeredRoute, PreconditionedRoute, preconditioned_choices,
@@ -44,7 +44,7 @@ from pkfast.engine.routes.preconditioned import (PreconditionedLayeredRoute, Pre
 from pkfast.store.sinks import MemorySink, Sink
 from pkfast.engine.resources.meter import MEASURE_SAMPLES, PassCost, pass_cost
 from pkfast.engine.resources.threads import ThreadPolicy
-from pkfast.layers.head import collapse, resolve_head
+from pkfast.layers.head import HeadBlocks, collapse, resolve_head
 from pkfast.engine.tiles import BudgetTooSmall, Tile, Tiling, solve_diagonal, solve_tiling
 from pkfast.trajectory.points import Trajectory
 
@@ -138,8 +138,7 @@ class _Geometry:
 
     def _solve(self, route: Route, layout: TileLayout, fm: FunctionalModel, terms: tuple[Term, ...],
                cost: PassCost | None) -> Tiling:
-        block = layout.num_outputs ** 2 if layout.full else 1
-        acc = block * fm.itemsize * route.acc_multiplier
+        acc = layout.block_numel() * fm.itemsize * route.acc_multiplier
         if layout.diagonal:
             return solve_diagonal(self.N, bytes_per_sample=route.bytes_per_sample, acc_bytes_per_sample=acc,
                                  budget=self.budget, chunk=route.chunk, fn=self.fn, reserved=route.reserved,
@@ -225,6 +224,8 @@ class GramJob:
     route: Route
     tiling: Tiling
     choices: tuple[LayerChoice, ...]
+    #: a collapsed head's full blocks (``outputs="full"`` through a head), expanded per term; else None
+    blocks: HeadBlocks | None = None
 
     # ------------------------------------------------------------------ planning
     @classmethod
@@ -244,6 +245,9 @@ class GramJob:
         fm = functional_model(fn, model if head is None else collapse(model, head), trajectory, opts, data, device)
         fm.head = head
         terms = tuple(terms_for(opts.rule, trajectory.step_sizes, opts.nodes))
+        blocks = None if head is None or opts.outputs != "full" else HeadBlocks(fm, head)
+        if blocks is not None:  # (Q changes along the path: each term at one pair of points)
+            terms = tuple(single_point_terms(list(terms)))
         N = data.X.shape[0]
         M = N if data.X2 is None else data.X2.shape[0]
         if not is_symmetric(terms) and data.X2 is None and not opts.diagonal:
@@ -251,7 +255,7 @@ class GramJob:
                      N, N)
         backend = select_backend(opts.backend, device, precision=opts.precision, fn=fn)
         layout = TileLayout(opts.outputs, opts.diagonal, fm.num_outputs, backend, opts.precision,
-                            mean_of=None if head is None else fm.num_outputs // (head.d + 1) * head.V)
+                            stands_for=None if head is None else fm.num_outputs // (head.d + 1) * head.V)
         geometry = _Geometry(N, M, data.X2 is None and is_symmetric(terms), opts.diagonal, budget, fn)
         if opts.method == "sketch":
             sk = Sketcher(fm, list(terms), k=1024 if opts.k is None else opts.k,
@@ -262,7 +266,7 @@ class GramJob:
             route: Route = SketchRoute(layout, sk, N + (0 if data.X2 is None else M))
             return cls(opts, fm, data, layout, terms, route, geometry.tiling(route, layout, fm, terms), sk.choices)
         route, tiling, choices = _choose_routes(opts, fm, data, layout, terms, geometry)
-        return cls(opts, fm, data, layout, terms, route, tiling, choices)
+        return cls(opts, fm, data, layout, terms, route, tiling, choices, blocks)
 
     # ------------------------------------------------------------------ what it is
     @property
@@ -275,7 +279,8 @@ class GramJob:
 
     @property
     def num_outputs(self) -> int:
-        return self.layout.num_outputs
+        """The model's C (a collapsed head's V per position, not its d + 1)."""
+        return self.layout.width
 
     @property
     def dtype(self) -> torch.dtype:
@@ -306,7 +311,7 @@ class GramJob:
 
     def flops(self) -> float:
         """Multiply-add FLOPs of the Gram products on the Jacobian route: 2·rows·cols·K per term and tile."""
-        C, P, full = self.num_outputs, self.fm.num_params, self.layout.full
+        C, P, full = self.layout.num_outputs, self.fm.num_params, self.layout.full
         k = P if full else C * P
         rowmul = C if full else 1
         if self.layout.diagonal:
@@ -353,7 +358,9 @@ class GramJob:
                 most = max((self.layout.acc_numel(t) for t in mine), default=0)
                 # one accumulator for every tile (each takes a contiguous prefix): a fresh tile-sized allocation per
                 # tile would leave the allocator holding freed blocks of other sizes, past the memory budget
-                loop = _Loop(torch.empty(most, dtype=self.dtype, device=dev))
+                part = max((math.prod(self.layout.part_shape(t)) for t in mine), default=0) if self.blocks else 0
+                loop = _Loop(torch.empty(most, dtype=self.dtype, device=dev),
+                             torch.empty(part, dtype=self.dtype, device=dev))
                 try:
                     for tile in mine:
                         threads.update()
@@ -380,7 +387,7 @@ class GramJob:
             if fall_back is None or getattr(self.route, "fallback", None) is not None:
                 raise
             fall_back(e)
-            loop.left, loop.rows_key = None, None
+            loop.left, loop.rows_key, loop.right, loop.right_key = None, None, None, None
             return self.compute_tile(tile, loop, bar)
 
     def compute_tile(self, tile: Tile, loop: "_Loop", bar: Any = None) -> torch.Tensor:
@@ -396,29 +403,51 @@ class GramJob:
             key = (tile.rows.start, tile.rows.stop) if len(terms) == 1 and r.row_reuse else None
             form_left = key is None or key != loop.rows_key
             same = (tile.diagonal or diag) and term.symmetric
+            right_key = None if same else (term.right_combo, tile.cols.start, tile.cols.stop)
+            form_right = right_key is not None and right_key != loop.right_key
             progress = _TermProgress(bar, tile.shape[0] if diag else tile.shape[0] * tile.shape[1],
                                      (tile.shape[0] * len(term.left) if form_left else 0)
-                                     + (0 if same else tile.shape[1] * len(term.right_combo)))
+                                     + (tile.shape[1] * len(term.right_combo) if form_right else 0))
             if form_left:
                 loop.left = left = None  # the previous rows' side is freed before the next is formed
                 loop.left = r.side(term.left, Xr, Yr, "rows", tile.rows, tick=progress.tick)
                 loop.rows_key = key
             left = loop.left
-            right = left if same else r.side(term.right_combo, Xc, Yc, "cols", tile.cols, tick=progress.tick)
-            r.product(acc, left, right, term.weight, same)
-            right = None  # (not held while the next term's side is formed)
+            if form_right:  # (a columns' side is kept while the next term has the same: single-point terms)
+                loop.right = loop.right_key = None
+                loop.right = r.side(term.right_combo, Xc, Yc, "cols", tile.cols, tick=progress.tick)
+                loop.right_key = right_key
+            right = left if same else loop.right
+            if self.blocks is None:
+                r.product(acc, left, right, term.weight, same)
+            else:
+                self._expanded_product(acc, loop, tile, left, right, term, same)
+            right = None
             progress.done()
         return acc
+
+    def _expanded_product(self, acc: torch.Tensor, loop: "_Loop", tile: Tile, left: Any, right: Any, term: Term,
+                          same: bool) -> None:
+        """One term through a collapsed head: the route's product over the computed outputs into the loop's
+        part accumulator, expanded into the tile's full blocks (:class:`~pkfast.layers.head.HeadBlocks`)."""
+        shape = self.layout.part_shape(tile)
+        part = loop.part[: math.prod(shape)].view(shape).zero_()
+        self.route.product(part, left, right, 1.0, same)
+        if same and not self.layout.diagonal:
+            symmetrize_upper_(part)
+        self.blocks.add(acc, part, term, diagonal=self.layout.diagonal)
 
 
 class _Loop:
     """What one run of the tile loop holds between tiles: the accumulator every tile takes a prefix of, and the
     rows' side kept for the next tile of the same rows."""
 
-    def __init__(self, acc: torch.Tensor) -> None:
-        self.acc = acc
+    def __init__(self, acc: torch.Tensor, part: torch.Tensor) -> None:
+        self.acc, self.part = acc, part
         self.left: Any = None
         self.rows_key: tuple[int, int] | None = None
+        self.right: Any = None
+        self.right_key: Any = None
 
 
 class _TermProgress:

@@ -21,7 +21,7 @@ import torch
 from pkfast.engine.accumulate import accumulate, accumulate_diagonal
 from pkfast.engine.tiles import Tile
 
-__all__ = ["TileLayout", "factor_pair_product", "WORKSPACE_BYTES"]
+__all__ = ["TileLayout", "factor_pair_product", "symmetrize_upper_", "WORKSPACE_BYTES"]
 
 #: Working memory of the position-pair blocks of :func:`factor_pair_product` (layers with S > 1 positions).
 WORKSPACE_BYTES = 64 * 2**20
@@ -40,27 +40,46 @@ class TileLayout:
     num_outputs: int
     backend: str = "torch"
     precision: str = "ieee"
-    #: the C that ``outputs="mean"`` divides by where the computed outputs stand for more (a collapsed head's d + 1
-    #: per position for its V); None: ``num_outputs``
-    mean_of: int | None = None
+    #: the model's C where the computed outputs stand for more (a collapsed head's d + 1 per position for its V:
+    #: the mean divides by it, and the full blocks are expanded to it); None: ``num_outputs``
+    stands_for: int | None = None
 
     @property
     def full(self) -> bool:
         return self.outputs == "full"
 
     @property
-    def divisor(self) -> int:
-        """What ``outputs="mean"`` divides the trace by: the model's C."""
-        return self.num_outputs if self.mean_of is None else self.mean_of
+    def width(self) -> int:
+        """The model's C: what ``outputs="mean"`` divides the trace by, and the side of a full block."""
+        return self.num_outputs if self.stands_for is None else self.stands_for
+
+    @property
+    def expands(self) -> bool:
+        """Whether the products fill a collapsed accumulator (:meth:`part_shape`) that is expanded into the
+        result's full blocks (:class:`~pkfast.layers.head.HeadBlocks`)."""
+        return self.full and self.stands_for is not None
 
     def acc_shape(self, tile: Tile) -> tuple[int, ...]:
-        C, (r, c) = self.num_outputs, tile.shape
+        return self._shape(tile, self.width)
+
+    def part_shape(self, tile: Tile) -> tuple[int, ...]:
+        """The accumulator of one term's products over the computed outputs, where the layout :attr:`expands`."""
+        return self._shape(tile, self.num_outputs)
+
+    def _shape(self, tile: Tile, C: int) -> tuple[int, ...]:
+        r, c = tile.shape
         if self.diagonal:
             return (r, C, C) if self.full else (r,)
         return (r * C, c * C) if self.full else (r, c)
 
     def acc_numel(self, tile: Tile) -> int:
         return math.prod(self.acc_shape(tile))
+
+    def block_numel(self) -> int:
+        """Accumulator entries per sample pair (diagonal: per sample), the collapsed part included."""
+        if not self.full:
+            return 1
+        return self.width ** 2 + (self.num_outputs ** 2 if self.expands else 0)
 
     def panel_product(self, acc: torch.Tensor, A: torch.Tensor, B: torch.Tensor, weight: float, same: bool) -> None:
         """``acc += weight · A Bᵀ`` for ``[r, C, K]`` panels in this layout; ``same``: a symmetric diagonal tile
@@ -84,10 +103,10 @@ class TileLayout:
         a second tile-sized array, so the memory budget bounds the peak (the store copies small row slabs)."""
         acc = acc.to("cpu")
         if self.outputs == "mean":
-            acc.div_(self.divisor)
+            acc.div_(self.width)
         if self.diagonal:
             return acc, None
-        C = self.num_outputs
+        C = self.width
         r, c = tile.shape
         if tile.diagonal:  # only the upper triangle of the (r·C)×(r·C) accumulator is trusted
             symmetrize_upper_(acc)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["EvalPoint", "Term", "RULES", "terms_for", "gauss_legendre", "is_symmetric"]
+__all__ = ["EvalPoint", "Term", "RULES", "terms_for", "gauss_legendre", "is_symmetric", "single_point_terms"]
 
 RULES = ("left", "trapezoid", "exact")
 #: Gauss–Legendre nodes per segment for ``rule="exact"`` unless told otherwise.
@@ -87,3 +87,22 @@ def terms_for(rule: str, step_sizes: torch.Tensor, nodes: int = DEFAULT_NODES) -
 
 def is_symmetric(terms: list[Term]) -> bool:
     return all(t.symmetric for t in terms)
+
+
+def single_point_terms(terms: list[Term]) -> list[Term]:
+    """The same kernel as terms whose sides are each one point: ``weight · (Σ_a ω_a J_a)(Σ_b ω_b J′_b)ᵀ`` as
+    the terms ``weight ω_a ω_b · J_a J′_bᵀ`` (a symmetric one-point term stays as it is). For products that
+    depend on the points themselves (a collapsed head's full blocks, :class:`pkfast.layers.head.HeadBlocks`).
+
+    Example:
+        >>> import torch
+        >>> [(t.weight, t.left[0][0].tau) for t in single_point_terms(terms_for("exact", torch.tensor([0.5]), 2))]
+        [(0.25, 0.21132486540518713), (0.25, 0.7886751345948129)]
+    """
+    out = []
+    for t in terms:
+        if t.symmetric and len(t.left) == 1:
+            out.append(Term(t.weight * t.left[0][1] ** 2, ((t.left[0][0], 1.0),)))
+            continue
+        out += [Term(t.weight * wa * wb, ((a, 1.0),), ((b, 1.0),)) for a, wa in t.left for b, wb in t.right_combo]
+    return [t for t in out if t.weight != 0.0]

@@ -19,6 +19,13 @@ on positions only — checked on two samples by replacing the head's output o by
 the model returns must then be F(o) A: a selection of positions, a reshape or a scale, not a softmax, a cap or a
 bias added after the head).
 
+The full blocks go through the head too (:class:`HeadBlocks`): with W = QR (Q ``[V, d]``, orthonormal columns),
+∇y = Q ∇(R h) for the layers below and ∇_{W,b} y_c · ∇_{W,b} y′_{c′} = δ_{cc′} (h · h′ + 1) = δ_{cc′} K_z / V, so
+the V × V block between two positions, at the weights w_a (rows) and w_b (columns), is
+Q_a K_u Q_bᵀ + I · K_z / V from the collapsed outputs' (d + 1) × (d + 1) block (K_u: the R h part, K_z: z's; the
+cross terms vanish: R h carries no gradient of W, z none of the layers below). Q changes along the trajectory, so
+each kernel term is expanded at its own pair of points.
+
 Example:
     >>> import torch
     >>> from torch import nn
@@ -44,7 +51,7 @@ from torch import nn
 from pkfast.engine.inputs import adapt
 from pkfast.layers.base import AffineRule, Factors, Layer
 
-__all__ = ["Head", "CollapsedHead", "CollapsedHeadRule", "find_head", "collapse", "resolve_head"]
+__all__ = ["Head", "CollapsedHead", "CollapsedHeadRule", "HeadBlocks", "find_head", "collapse", "resolve_head"]
 
 
 
@@ -59,9 +66,11 @@ class Head:
     V: int
     transposed: bool = False
 
-    def describe(self) -> str:
-        return (f"head {self.name!r} ({self.type} {self.d}→{self.V}): the trace over its {self.V:,} outputs through "
-                f"its {self.d}×{self.d} metric WᵀW: {self.d + 1} output gradients per position instead of {self.V:,}")
+    def describe(self, outputs: str = "trace") -> str:
+        what = (f"the full {self.V:,}×{self.V:,} blocks through W = QR at each point" if outputs == "full" else
+                f"the trace over its {self.V:,} outputs through its {self.d}×{self.d} metric WᵀW")
+        return (f"head {self.name!r} ({self.type} {self.d}→{self.V}): {what}: {self.d + 1} output gradients per "
+                f"position instead of {self.V:,}")
 
     def record(self) -> dict[str, Any]:
         return {"name": self.name, "type": self.type, "d": self.d, "V": self.V}
@@ -145,6 +154,69 @@ class CollapsedHeadRule(AffineRule):
         if float((G - mean).abs().max()) > 1e-5 * (float(mean.abs().max()) + 1e-30):
             raise ValueError("the head's weight gradient has unequal rows: its weight is used outside the head")
         return mean * self._scale(m)
+
+
+class HeadBlocks:
+    """Expands one single-point kernel term's products over a collapsed head's d + 1 outputs per position into
+    the head's full V × V blocks (the module docstring's formula), given the functional model whose points
+    hold the head's weight.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from pkfast.engine.quadrature import EvalPoint, Term
+        >>> class Points:  # a stand-in for the functional model: one point, W = 2·I on the first 3 of 5 rows
+        ...     def state(self, point): return torch.eye(5, 3, dtype=torch.float64).flatten() * 2, {}
+        ...     def params(self, flat): return {"head.weight": flat.view(5, 3)}
+        >>> blocks = HeadBlocks(Points(), Head("head", "Linear", 3, 5))
+        >>> part = torch.eye(4, dtype=torch.float64)  # one sample, one position: K_u = I₃, K_z = 1
+        >>> acc = torch.zeros(5, 5, dtype=torch.float64)
+        >>> blocks.add(acc, part, Term(1.0, ((EvalPoint(0), 1.0),)), diagonal=False)
+        >>> torch.allclose(acc, torch.diag(torch.tensor([1.2, 1.2, 1.2, 0.2, 0.2], dtype=torch.float64)))
+        True
+    """
+
+    #: Points whose Q is kept (the terms of one tile visit them in order).
+    CACHED = 4
+    #: Working memory of the expansion's Q-times-block temporaries.
+    WORKSPACE_BYTES = 64 * 2**20
+
+    def __init__(self, fm: Any, head: Head) -> None:
+        self.fm, self.head = fm, head
+        self._q: dict[tuple[int, float], torch.Tensor] = {}
+
+    def q(self, point: Any) -> torch.Tensor:
+        """Q ``[V, d]`` of the head's weight at ``point`` (an :class:`~pkfast.engine.quadrature.EvalPoint`)."""
+        key = (point.step, float(point.tau))
+        if key not in self._q:
+            flat, _ = self.fm.state(point)
+            W = self.fm.params(flat)[self.head.name + ".weight"].detach()
+            if len(self._q) >= self.CACHED:
+                self._q.pop(next(iter(self._q)))
+            self._q[key] = torch.linalg.qr(W.T if self.head.transposed else W, mode="reduced").Q
+        return self._q[key]
+
+    def add(self, acc: torch.Tensor, part: torch.Tensor, term: Any, *, diagonal: bool) -> None:
+        """``acc += term.weight ·`` the expansion of ``part``: a single-point term's products over the collapsed
+        outputs (both triangles), ``[r·C′, c·C′]`` into ``[r·C, c·C]``, or ``diagonal`` ``[r, C′, C′]`` into
+        ``[r, C, C]`` (C′ = P(d + 1), C = P·V for P positions, position-major)."""
+        d, V = self.head.d, self.head.V
+        e = d + 1
+        if diagonal:
+            R, cols = part.shape[0] * (part.shape[1] // e), part.shape[1] // e
+        else:
+            R, cols = part.shape[0] // e, part.shape[1] // e
+        pv = part.view(R, e, cols, e)
+        Qa = self.q(term.left[0][0]).to(acc.dtype)
+        Qb = self.q(term.right_combo[0][0]).to(acc.dtype)
+        out = acc.view(R, V, cols, V)
+        slab = max(1, self.WORKSPACE_BYTES // max(1, V * cols * d * acc.element_size()))
+        for i0 in range(0, R, slab):
+            i1 = min(R, i0 + slab)
+            U = pv[i0:i1, :d, :, :d].reshape(i1 - i0, d, cols * d)
+            T = torch.matmul(Qa, U)  # [rows, V, cols·d]: Q_a K_u
+            out[i0:i1].view(-1, V).addmm_(T.view(-1, d), Qb.T, alpha=term.weight)
+        out.diagonal(dim1=1, dim2=3).add_(pv[:, d, :, d].unsqueeze(-1), alpha=term.weight / V)
 
 
 def _head_modules(model: nn.Module) -> list[tuple[str, nn.Module, bool]]:
@@ -243,14 +315,14 @@ def collapse(model: nn.Module, head: Head) -> nn.Module:
 
 def resolve_head(fn: str, model: nn.Module, opts: Any, X: torch.Tensor, packing: Any) -> Head | None:
     """The head a computation collapses: ``opts.head`` (``"auto"``, a module name or None) where the kernel is a
-    trace (or mean) over the model's outputs on a Euclidean, non-sketched route, else None; a named head that
+    trace, mean or full Gram of the model's outputs on a Euclidean, non-sketched route, else None; a named head that
     cannot be collapsed raises with the reason."""
     want = opts.head
     if want is None:
         return None
     why = ("of='loss' has one output per sample" if opts.of == "loss" else
-           f"outputs={opts.outputs!r} (the collapse is for 'trace' and 'mean')" if opts.outputs not in ("trace", "mean")
-           else "an output sketch combines the outputs" if opts.output_sketch is not None else
+           f"outputs={opts.outputs!r} (the collapse is for 'trace', 'mean' and 'full')"
+           if opts.outputs not in ("trace", "mean", "full") else "an output sketch combines the outputs" if opts.output_sketch is not None else
            "method='sketch' projects the parameters' gradients" if opts.method == "sketch" else
            "a recorded preconditioner scales W's entries one by one" if opts.preconditioner == "recorded" else "")
     if why:

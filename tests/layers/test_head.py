@@ -1,6 +1,8 @@
 """The structured output head (pkfast.layers.head): the trace kernel over a final Linear's V outputs through its
-d×d metric, exact against the float64 reference; and where it must not be used, it is not."""
+d×d metric and the full V×V blocks through W = QR, exact against the float64 reference; and where it must not be
+used, it is not."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -89,14 +91,41 @@ def test_not_collapsed_where_the_identity_does_not_hold(kw, why):
         pkfast.gram(net, traj, X, head="head", **F64)
 
 
-def test_full_and_loss_kernels_do_not_collapse():
+@pytest.mark.parametrize("kw", [dict(), dict(last=True), dict(conv1d=True)], ids=["sequence", "last", "conv1d"])
+def test_full_blocks_through_the_head_exact(kw):
+    net, traj, X = _case(**kw)
+    X2 = torch.randint(0, 40, (3, X.shape[1]))
+    plan = str(pkfast.plan(net, traj, X, dtype=torch.float64, outputs="full"))
+    assert "the full 40×40 blocks through W = QR" in plan
+    for opts in (dict(), dict(rule="trapezoid"), dict(method="jacobian"), dict(memory_budget=1_200_000)):
+        for diag in (False, True):
+            K = pkfast.gram(net, traj, X, outputs="full", diagonal=diag, **F64, **opts)
+            ref = gram_reference(net, traj, X, outputs="full", diagonal=diag, rule=opts.get("rule", "left"))
+            assert K.shape == ref.shape and _rel(K, ref) <= 1e-10, (opts, diag)
+    K = pkfast.gram(net, traj, X, X2, outputs="full", **F64)
+    assert _rel(K, gram_reference(net, traj, X, X2, outputs="full")) <= 1e-10
+    # the exact rule's node sides (each term split into single-point terms): as without the collapse
+    K = pkfast.gram(net, traj, X, X2, outputs="full", rule="exact", **F64)
+    assert _rel(K, pkfast.gram(net, traj, X, X2, outputs="full", rule="exact", head=None, **F64)) <= 1e-10
+
+
+def test_full_blocks_memory_and_store(tmp_path):
+    net, traj, X = _case()
+    K = pkfast.gram(net, traj, X, outputs="full", out=tmp_path / "K.npy", memory_budget=1_200_000, **F64)
+    g = pkfast.open_gram(tmp_path / "K.npy")
+    assert g.shape == (5, 5, 120, 120) and g.manifest["num_outputs"] == 120
+    assert _rel(torch.as_tensor(np.asarray(g.array)), gram_reference(net, traj, X, outputs="full")) <= 1e-10
+    # the tiling charges the expanded [C, C] blocks (and the collapsed part) to the budget
+    tiles = pkfast.plan(net, traj, X, outputs="full", memory_budget=1_200_000, dtype=torch.float64).tiles
+    assert len(tiles.tiles) > 1 and tiles.tile_bytes <= 1_200_000
+
+
+def test_loss_kernel_does_not_collapse():
     net, traj, X = _case(last=True)
-    assert not _collapsed(net, traj, X, outputs="full")
-    assert _rel(pkfast.gram(net, traj, X, outputs="full", **F64), gram_reference(net, traj, X, outputs="full")) <= 1e-10
-    with pytest.raises(ValueError, match="outputs='full'"):
-        pkfast.gram(net, traj, X, outputs="full", head="head", **F64)
     y = torch.randint(0, 40, (X.shape[0],))
     assert not _collapsed(net, traj, X, of="loss", loss=nn.CrossEntropyLoss(), y=y)
+    with pytest.raises(ValueError, match="of='loss'"):
+        pkfast.gram(net, traj, X, of="loss", loss=nn.CrossEntropyLoss(), y=y, head="head", **F64)
 
 
 def test_head_none_computes_every_output():
@@ -120,6 +149,16 @@ def test_hf_gpt2_untied_head_through_output_fn():
     K = pkfast.gram(net, traj, X, output_fn=last, **F64)
     K0 = pkfast.gram(net, traj, X, output_fn=last, head=None, **F64)
     assert _rel(K, K0) <= 1e-10
+    for diag in (False, True):  # the full blocks through the head, against every output's gradient
+        K = pkfast.gram(net, traj, X, output_fn=last, outputs="full", diagonal=diag, **F64)
+        K0 = pkfast.gram(net, traj, X, output_fn=last, outputs="full", diagonal=diag, head=None, **F64)
+        assert _rel(K, K0) <= 1e-10
+
+
+def test_full_blocks_float32_close_to_float64():
+    net, traj, X = _case()
+    K32 = pkfast.gram(net.float(), traj, X, outputs="full", dtype=torch.float32, progress=False)
+    assert K32.dtype == torch.float32 and _rel(K32.double(), gram_reference(net, traj, X, outputs="full")) <= 1e-5
 
 
 def test_vocabulary_sized_head_fits_where_every_output_did_not():
