@@ -172,3 +172,28 @@ def test_vocabulary_sized_head_fits_where_every_output_did_not():
     assert K.shape == (4, 4) and torch.isfinite(K).all() and torch.allclose(K, K.T)
     # the head's own part alone is V·(h·h′ + 1) per step: a lower bound the lower layers add to
     assert float(K.diagonal().min()) > 0.1 * 32000
+
+
+def test_kernel_machine_coefficients_through_the_head(tmp_path):
+    """The kernel machine's Domingos coefficients divide by the output-trace path kernel, which goes through the
+    collapsed head (V = 12 outputs, hidden width 3): they agree with the kernel computed over every output."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 12)).double()
+    X = torch.randn(10, 4, dtype=torch.float64)
+    y = torch.randint(0, 12, (10,))
+    opt = torch.optim.SGD(net.parameters(), lr=0.3)
+    with pkfast.TrajectoryRecorder(net, opt, tmp_path / "t", loss=nn.CrossEntropyLoss(), targets=y) as rec:
+        for _ in range(3):
+            opt.zero_grad()
+            nn.CrossEntropyLoss()(net(X), y).backward()
+            opt.step()
+            rec.step(batch_indices=range(10))
+    traj = pkfast.Trajectory.load(tmp_path / "t")
+    Xq = torch.randn(3, 4, dtype=torch.float64)
+    assert _collapsed(net, traj, Xq, X2=X, rule="left")
+    km = pkfast.KernelMachine(net, traj, X, rule="left", progress=False)
+    a, c = km.coefficients(Xq), km.contributions(Xq)
+    kp = pkfast.gram(net, traj, Xq, X, rule="left", head=None, **F64)  # every output's gradient
+    ok = ~torch.isnan(a[..., 0])
+    assert ok.sum() >= 25
+    assert torch.allclose((a * kp.unsqueeze(-1))[ok], c[ok], rtol=1e-10, atol=1e-14)
