@@ -165,10 +165,11 @@ def gram(
             collapsed for the trace, mean and full kernels: its V outputs per position cost d + 1 output gradients
             (Σ_c ∇f_c·∇f′_c = V(h·h′ + 1) + Σ_jk (WᵀW)_jk ∇h_j·∇h′_k, exactly; the full V×V blocks are
             Q K Qᵀ + I·K_z/V from the collapsed outputs' blocks with W = QR at each point; docs/math.md §7.4). ``"auto"``
-            (default) detects it — the last Linear-like module with V > d + 1, called once, untied, followed only by
-            a selection of positions (checked on two samples) — and the plan says so; a module name requires that
-            one (an error says why it cannot be); None never collapses. Not used for ``of="loss"``, output
-            sketches, ``method="sketch"`` or a recorded preconditioner.
+            (default) detects it — the last Linear-like module with V > d + 1, called once, untied or tied to one
+            ``nn.Embedding`` lookup (the cross term added; trace and mean only), followed only by a selection of
+            positions (checked on two samples) — and the plan says so; a module name requires that one (an error
+            says why it cannot be); None never collapses. Not used for ``of="loss"``, output sketches,
+            ``method="sketch"``, a recorded preconditioner or the trace under ``rule="exact"``.
 
     Returns:
         A CPU ``torch.Tensor`` of dtype ``dtype``: ``[N, M]``, ``[N, M, C, C]``, ``[N]`` or ``[N, C, C]``; with

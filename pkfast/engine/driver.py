@@ -45,6 +45,7 @@ from pkfast.store.sinks import MemorySink, Sink
 from pkfast.engine.resources.meter import MEASURE_SAMPLES, PassCost, pass_cost
 from pkfast.engine.resources.threads import ThreadPolicy
 from pkfast.layers.head import HeadBlocks, collapse, resolve_head
+from pkfast.layers.tied import TiedCross
 from pkfast.engine.tiles import BudgetTooSmall, Tile, Tiling, solve_diagonal, solve_tiling
 from pkfast.trajectory.points import Trajectory
 
@@ -226,6 +227,8 @@ class GramJob:
     choices: tuple[LayerChoice, ...]
     #: a collapsed head's full blocks (``outputs="full"`` through a head), expanded per term; else None
     blocks: HeadBlocks | None = None
+    #: a tied head's cross term between its lookup and itself (:mod:`pkfast.layers.tied`); else None
+    tied: TiedCross | None = None
 
     # ------------------------------------------------------------------ planning
     @classmethod
@@ -266,7 +269,8 @@ class GramJob:
             route: Route = SketchRoute(layout, sk, N + (0 if data.X2 is None else M))
             return cls(opts, fm, data, layout, terms, route, geometry.tiling(route, layout, fm, terms), sk.choices)
         route, tiling, choices = _choose_routes(opts, fm, data, layout, terms, geometry)
-        return cls(opts, fm, data, layout, terms, route, tiling, choices, blocks)
+        tied = None if head is None or not head.tied else TiedCross(fm, head, model.get_submodule(head.tied))
+        return cls(opts, fm, data, layout, terms, route, tiling, choices, blocks, tied)
 
     # ------------------------------------------------------------------ what it is
     @property
@@ -422,6 +426,10 @@ class GramJob:
                 r.product(acc, left, right, term.weight, same)
             else:
                 self._expanded_product(acc, loop, tile, left, right, term, same)
+            if self.tied is not None:
+                rows = self.tied.features(term.left, Xr)
+                cols = rows if same else self.tied.features(term.right_combo, Xr if diag else Xc)
+                self.tied.add(acc, rows, cols, term.weight, diagonal=diag)
             right = None
             progress.done()
         return acc

@@ -72,6 +72,9 @@ class FunctionalModel:
         traj_names, traj_shapes = set(trajectory.names), dict(trajectory.spec)
         # every name under which each tensor is reachable (tied weights have several)
         aliases = _aliases(model.named_parameters(remove_duplicate=False))
+        for mod in model.modules():  # a tied head's untied copy reads the tied tensor's entry (pkfast.layers.head)
+            for a in getattr(mod, "_pkfast_reads", ()):
+                aliases[id(mod.weight)].append(a)
         buffer_aliases = _aliases((n, b) for n, b in model.named_buffers(remove_duplicate=False) if b is not None)
         self.names: list[str] = []
         #: each trainable parameter's entry in the trajectory (its name there), in :attr:`names`' order

@@ -14,8 +14,8 @@ held constant — the head's own part (∇_W z = 1 h̄ᵀ, ∇_b z = 1). Its rul
 (d → 1) whose output gradient carries √V: the layer routes never form V values per position.
 
 :func:`find_head` says whether a model has such a head: a ``nn.Linear`` (or Hugging Face ``Conv1D``) with more
-outputs than inputs + 1, called once, untied, whose output reaches the kernel's outputs through a map that acts
-on positions only — checked on two samples by replacing the head's output o by a random tensor and by o A (what
+outputs than inputs + 1, called once, untied or tied to one ``nn.Embedding`` lookup (:mod:`pkfast.layers.tied`
+adds the cross term), whose output reaches the kernel's outputs through a map that acts on positions only — checked on two samples by replacing the head's output o by a random tensor and by o A (what
 the model returns must then be F(o) A: a selection of positions, a reshape or a scale, not a softmax, a cap or a
 bias added after the head).
 
@@ -65,24 +65,31 @@ class Head:
     d: int
     V: int
     transposed: bool = False
+    #: the ``nn.Embedding`` whose weight the head's is (tied), or ""
+    tied: str = ""
 
     def describe(self, outputs: str = "trace") -> str:
         what = (f"the full {self.V:,}×{self.V:,} blocks through W = QR at each point" if outputs == "full" else
                 f"the trace over its {self.V:,} outputs through its {self.d}×{self.d} metric WᵀW")
+        tie = (f"; tied to {self.tied!r}: its lookup's cross term h·G′ + G·h′ from {self.d} more backward passes "
+               "per position" if self.tied else "")
         return (f"head {self.name!r} ({self.type} {self.d}→{self.V}): {what}: {self.d + 1} output gradients per "
-                f"position instead of {self.V:,}")
+                f"position instead of {self.V:,}{tie}")
 
     def record(self) -> dict[str, Any]:
-        return {"name": self.name, "type": self.type, "d": self.d, "V": self.V}
+        return {"name": self.name, "type": self.type, "d": self.d, "V": self.V, **({"tied": self.tied} if self.tied else {})}
 
 
 class CollapsedHead(nn.Module):
     """The head's stand-in (see the module docstring): per position ``[R h, (1ᵀW) h̄ + 1ᵀb]``, d + 1 values whose
     trace kernel is the head's V outputs' one. It holds the head's own ``weight`` and ``bias`` Parameters."""
 
-    def __init__(self, head: nn.Module, transposed: bool = False) -> None:
+    def __init__(self, head: nn.Module, transposed: bool = False, reads: tuple[str, ...] = ()) -> None:
         super().__init__()
-        self.weight = head.weight
+        # a tied head gets a copy of its own (its lookup's part and the cross term are apart, pkfast.layers.tied),
+        # read from the trajectory under the tied tensor's names ``reads``
+        self.weight = nn.Parameter(head.weight.detach().clone(), head.weight.requires_grad) if reads else head.weight
+        self._pkfast_reads = tuple(reads)
         self.bias = head.bias
         self.transposed = transposed
         self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -231,10 +238,22 @@ def _head_modules(model: nn.Module) -> list[tuple[str, nn.Module, bool]]:
     return out[::-1]
 
 
-def _tied(model: nn.Module, mod: nn.Module) -> bool:
+def _tie(model: nn.Module, mod: nn.Module, transposed: bool) -> tuple[str, str]:
+    """(the ``nn.Embedding`` the head's weight is tied to, or "", why the tie cannot be collapsed, or "")."""
     mine = {id(p) for p in mod._parameters.values() if p is not None}
-    return any(id(p) in mine and sub is not mod for _, sub in model.named_modules(remove_duplicate=False)
-               for p in sub._parameters.values() if p is not None)
+    others: dict[int, tuple[str, nn.Module]] = {}
+    for n, sub in model.named_modules(remove_duplicate=False):
+        if sub is not mod and any(id(p) in mine for p in sub._parameters.values() if p is not None):
+            others.setdefault(id(sub), (n, sub))
+    if not others:
+        return "", ""
+    (n, sub), = others.values() if len(others) == 1 else ((None, None),)
+    if (sub is None or type(sub).forward is not nn.Embedding.forward or sub.weight is not mod.weight
+            or transposed):
+        return "", "its weight is tied to another module's (other than one nn.Embedding lookup)"
+    if sub.max_norm is not None or sub.scale_grad_by_freq:
+        return "", f"it is tied to {n!r}, an nn.Embedding with max_norm or scale_grad_by_freq"
+    return n, ""
 
 
 def _commutes(run: Callable[[], Any], mod: nn.Module, shape: torch.Size, dtype: torch.dtype) -> str:
@@ -281,20 +300,33 @@ def find_head(model: nn.Module, packing: Any, output_fn: Callable | None, X: tor
         if name is not None and n != name or n not in found:
             continue
         d, V = (mod.weight.shape[0], mod.weight.shape[1]) if transposed else (mod.weight.shape[1], mod.weight.shape[0])
-        why = ("called more than once" if found[n][1] != 1 else
-               "its weight is tied to another module's" if _tied(model, mod) else
+        tied, why_tie = _tie(model, mod, transposed)
+        why = ("called more than once" if found[n][1] != 1 else why_tie or (
                f"{V} outputs are not more than its {d} inputs + 1" if V <= d + 1 else
                "its weight is frozen" if not mod.weight.requires_grad else
-               "its outputs are not the model's last axis" if y.shape[-1] != V else "")
+               "its outputs are not the model's last axis" if y.shape[-1] != V else ""))
         if not why:
             with torch.no_grad():
                 why = _commutes(lambda: run_model(X), mod, found[n][0], y.dtype)
+        if not why and tied:
+            why = _called_once(run_model, model.get_submodule(tied), tied, X)
         if not why:
-            return Head(n, type(mod).__name__, int(d), int(V), transposed)
+            return Head(n, type(mod).__name__, int(d), int(V), transposed, tied)
         reasons.append(f"{n!r}: {why}")
     if name is not None and not reasons:
         return f"no Linear or Conv1D module named {name!r} ran in the forward pass"
     return "; ".join(reasons) or "no Linear or Conv1D module with more outputs than inputs"
+
+
+def _called_once(run: Callable[[], Any], emb: nn.Module, name: str, X: torch.Tensor) -> str:
+    calls = []
+    h = emb.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with torch.no_grad():
+            run(X)
+    finally:
+        h.remove()
+    return "" if len(calls) == 1 else f"it is tied to {name!r}, which is called {len(calls)} times"
 
 
 def collapse(model: nn.Module, head: Head) -> nn.Module:
@@ -309,7 +341,9 @@ def collapse(model: nn.Module, head: Head) -> nn.Module:
         child._modules = dict(child._modules)
         cur._modules[p] = child
         cur = child
-    cur._modules[path[-1]] = CollapsedHead(cur._modules[path[-1]], head.transposed)
+    mod = cur._modules[path[-1]]
+    reads = tuple(n for n, p in model.named_parameters(remove_duplicate=False) if p is mod.weight) if head.tied else ()
+    cur._modules[path[-1]] = CollapsedHead(mod, head.transposed, reads)
     return root
 
 
@@ -324,7 +358,9 @@ def resolve_head(fn: str, model: nn.Module, opts: Any, X: torch.Tensor, packing:
            f"outputs={opts.outputs!r} (the collapse is for 'trace', 'mean' and 'full')"
            if opts.outputs not in ("trace", "mean", "full") else "an output sketch combines the outputs" if opts.output_sketch is not None else
            "method='sketch' projects the parameters' gradients" if opts.method == "sketch" else
-           "a recorded preconditioner scales W's entries one by one" if opts.preconditioner == "recorded" else "")
+           "a recorded preconditioner scales W's entries one by one" if opts.preconditioner == "recorded" else
+           "rule='exact' pairs points with different heads W_a, W_b, and the trace through WᵀW needs one "
+           "(outputs='full' goes through it)" if opts.rule == "exact" and opts.outputs != "full" else "")
     if why:
         if want != "auto":
             raise ValueError(f"{fn}: head={want!r} cannot be collapsed here: {why}; expected head='auto' or None")
@@ -337,6 +373,9 @@ def resolve_head(fn: str, model: nn.Module, opts: Any, X: torch.Tensor, packing:
         got = find_head(model, packing, opts.output_fn, x, None if want == "auto" else want)
     except Exception as e:  # the probe itself failed: no collapse (the computation reports the model's errors)
         got = f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+    if isinstance(got, Head) and got.tied and opts.outputs == "full":
+        got = (f"{got.name!r} is tied to {got.tied!r}: the full blocks' cross terms between the lookup and the head "
+               "need every output's gradient (the trace and mean kernels go through a tied head)")
     if isinstance(got, Head):
         return got
     if want != "auto":

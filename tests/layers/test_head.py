@@ -77,10 +77,9 @@ def test_mean_divides_by_the_models_outputs_and_the_manifest_says_so(tmp_path):
 
 
 @pytest.mark.parametrize("kw, why", [
-    (dict(tied=True), "tied"),
     (dict(after=lambda y: torch.log_softmax(y, -1)), "selection"),
     (dict(after=lambda y: y + 1.0), "selection"),
-], ids=["tied", "softmax", "bias-after"])
+], ids=["softmax", "bias-after"])
 def test_not_collapsed_where_the_identity_does_not_hold(kw, why):
     net, traj, X = _case(**kw)
     assert not _collapsed(net, traj, X)
@@ -135,12 +134,16 @@ def test_head_none_computes_every_output():
         pkfast.gram(net, traj, X, head=3, **F64)
 
 
-def test_hf_gpt2_untied_head_through_output_fn():
+def _gpt2(tied):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.GPT2Config(vocab_size=48, n_positions=8, n_embd=8, n_layer=1, n_head=2,
-                                  tie_word_embeddings=False, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+                                  tie_word_embeddings=tied, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
     torch.manual_seed(0)
-    net = transformers.GPT2LMHeadModel(cfg).double().eval()
+    return transformers.GPT2LMHeadModel(cfg).double().eval()
+
+
+def test_hf_gpt2_untied_head_through_output_fn():
+    net = _gpt2(tied=False)
     traj = random_trajectory(net, steps=1, scale=0.02)
     X = torch.randint(0, 48, (3, 5))
     last = lambda out: out.logits[:, -1]  # noqa: E731
@@ -197,3 +200,86 @@ def test_kernel_machine_coefficients_through_the_head(tmp_path):
     ok = ~torch.isnan(a[..., 0])
     assert ok.sum() >= 25
     assert torch.allclose((a * kp.unsqueeze(-1))[ok], c[ok], rtol=1e-10, atol=1e-14)
+
+
+class TiedToLinear(nn.Module):
+    """A head whose weight another Linear holds too: not a lookup, so no collapse."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.head, self.other = nn.Linear(40, 6), nn.Linear(6, 40), nn.Linear(6, 40)
+        self.other.weight = self.head.weight
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.inp(x)))
+
+
+@pytest.mark.parametrize("kw", [dict(tied=True), dict(tied=True, last=True)], ids=["sequence", "last"])
+def test_tied_head_trace_exact(kw):
+    """A head tied to the input embedding: the trace, mean and diagonal through its metric plus the cross term
+    between the lookup and the head, against the float64 reference."""
+    net, traj, X = _case(**kw)
+    X2 = torch.randint(0, 40, (3, X.shape[1]))
+    assert "tied to 'emb'" in str(pkfast.plan(net, traj, X, dtype=torch.float64))
+    for opts in (dict(), dict(outputs="mean"), dict(rule="trapezoid"), dict(method="materialized"),
+                 dict(method="jacobian"), dict(memory_budget=400_000)):
+        K = pkfast.gram(net, traj, X, **F64, **opts)
+        ref = gram_reference(net, traj, X, outputs=opts.get("outputs", "trace"), rule=opts.get("rule", "left"))
+        assert _rel(K, ref) <= 1e-10, opts
+    assert _rel(pkfast.gram(net, traj, X, X2, **F64), gram_reference(net, traj, X, X2)) <= 1e-10
+    assert _rel(pkfast.gram(net, traj, X, diagonal=True, **F64), gram_reference(net, traj, X, diagonal=True)) <= 1e-10
+    # without the cross term the kernel would be another one: the test can tell
+    untied = pkfast.gram(net, traj, X, head=None, **F64)
+    from pkfast.layers import tied as tied_mod
+    add = tied_mod.TiedCross.add
+    try:
+        tied_mod.TiedCross.add = lambda *a, **k: None
+        assert _rel(pkfast.gram(net, traj, X, **F64), untied) > 1e-5  # (measured 8e-4: 7 orders above the tolerance)
+    finally:
+        tied_mod.TiedCross.add = add
+
+
+def test_tied_head_with_padding_idx_and_full_blocks_refused():
+    net, traj, X = _case(tied=True)
+    net.emb.padding_idx = 0
+    X[:, 0] = 0
+    assert _rel(pkfast.gram(net, traj, X, **F64), gram_reference(net, traj, X)) <= 1e-10
+    # the full blocks' cross terms need every output: not collapsed (and a named head says why)
+    assert not _collapsed(net, traj, X, outputs="full")
+    with pytest.raises(ValueError, match="tied to 'emb'"):
+        pkfast.gram(net, traj, X, outputs="full", head="head", **F64)
+    assert _rel(pkfast.gram(net, traj, X, outputs="full", diagonal=True, **F64),
+                gram_reference(net, traj, X, outputs="full", diagonal=True)) <= 1e-10
+
+
+def test_exact_rule_trace_does_not_collapse():
+    """rule='exact' pairs each step's start with Gauss nodes inside it, where the head differs: the trace through
+    one metric WᵀW would be wrong (it was, by 7%), so it is computed over every output."""
+    for kw in (dict(), dict(tied=True)):
+        net, traj, X = _case(**kw)
+        assert not _collapsed(net, traj, X, rule="exact")
+        with pytest.raises(ValueError, match="rule='exact'"):
+            pkfast.gram(net, traj, X, rule="exact", head="head", **F64)
+        K0 = pkfast.gram(net, traj, X, rule="exact", head=None, **F64)
+        assert _rel(pkfast.gram(net, traj, X, rule="exact", **F64), K0) <= 1e-12
+
+
+def test_head_tied_to_a_non_lookup_is_not_collapsed():
+    torch.manual_seed(0)
+    net = TiedToLinear().double()
+    got = find_head(net, None, None, torch.randn(2, 40, dtype=torch.float64))
+    assert isinstance(got, str) and "other than one nn.Embedding lookup" in got
+
+
+def test_hf_gpt2_tied_head():
+    net = _gpt2(tied=True)
+    assert net.lm_head.weight is net.transformer.wte.weight
+    traj = random_trajectory(net, steps=1, scale=0.02)
+    X = torch.randint(0, 48, (3, 5))
+    for fn in (lambda out: out.logits[:, -1], lambda out: out.logits):
+        plan = str(pkfast.plan(net, traj, X, dtype=torch.float64, output_fn=fn))
+        assert "structured head 'lm_head' (Linear 8→48)" in plan and "tied to 'transformer.wte'" in plan
+        for diag in (False, True):
+            K = pkfast.gram(net, traj, X, output_fn=fn, diagonal=diag, **F64)
+            K0 = pkfast.gram(net, traj, X, output_fn=fn, diagonal=diag, head=None, **F64)
+            assert _rel(K, K0) <= 1e-10
