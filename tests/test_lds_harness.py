@@ -200,6 +200,15 @@ def test_a_dead_processes_claim_is_taken_over(tmp_path):
     assert sorted(calls) == sorted(retrain_seed(0, j) for j in range(4)) and r.outputs.shape == (4, 6)
 
 
+@pytest.mark.skipif(not Path(f"/proc/{os.getpid()}/stat").exists(), reason="process start times need Linux /proc")
+def test_a_claim_whose_pid_was_reused_is_taken_over(tmp_path):
+    # the pid is alive (it is this process) but started at another time: the claimer died and its pid was reused
+    _claim(tmp_path, 0, pid=os.getpid(), host=socket.gethostname(), time=time.time(), started="1")
+    train, calls = _counting_train()
+    retrain(train, subsets(40, 4), tmp_path, progress=False)
+    assert len(calls) == 4
+
+
 def test_an_old_claim_of_another_host_is_taken_over_after_the_timeout(tmp_path):
     _claim(tmp_path, 0, pid=1, host="elsewhere", time=time.time() - 100)
     train, calls = _counting_train()

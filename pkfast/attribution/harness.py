@@ -5,8 +5,9 @@ The folder is the state: ``masks.npy`` and ``harness.json`` (the subsets' finger
 first; each finished retrain is written atomically (a temporary file, then ``os.replace``) as
 ``outputs_{j:05d}.npy`` with its ``outputs_{j:05d}.json`` (seconds, pid, host). A rerun skips the finished subsets.
 Processes (or torchrun ranks) sharing the folder split the work by *claims*: ``claims/{j:05d}.claim`` is created
-with an exclusive create (``O_CREAT | O_EXCL``) holding pid, host and time; a claim whose process is gone (same
-host) or older than ``claim_timeout`` is taken over. A process that finds nothing left to claim waits for the
+with an exclusive create (``O_CREAT | O_EXCL``) holding pid, host and time (and, on Linux, the process's start time
+and the boot id); a claim whose process is gone (same host: the pid dead, or reused since) or older than
+``claim_timeout`` is taken over. A process that finds nothing left to claim waits for the
 others' claims to finish, then returns every output.
 """
 
@@ -127,11 +128,10 @@ def _prepare(masks: np.ndarray, folder: Path, seed: int) -> None:
     info = folder / "harness.json"
     if info.exists():
         old = json.loads(info.read_text())
-        diff = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
+        diff = [f"{k}: found {old.get(k)!r}, expected {v!r}" for k, v in meta.items() if old.get(k) != v]
         if diff:
-            raise ValueError(f"{_FN}: folder {folder} holds retrains of other subsets or another seed "
-                             f"(harness.json differs in {', '.join(f'{k}: found {a!r}, expected {b!r}' for k, (a, b) in diff.items())}); "
-                             "pass the same masks and seed to resume, or a new folder")
+            raise ValueError(f"{_FN}: folder {folder} holds retrains of other subsets or another seed (harness.json "
+                             f"differs in {'; '.join(diff)}); pass the same masks and seed to resume, or a new folder")
         return
     _atomic_write(folder / "masks.npy", lambda f: np.save(f, masks))
     _atomic_write(info, lambda f: json.dump(meta, f, indent=1), binary=False)
@@ -147,9 +147,31 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _proc(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:  # not Linux, or the process is gone
+        return ""
+
+
+def _started(pid: int) -> str:
+    """The process's start time since boot (Linux), '' where unknown: with the boot id it tells a reused pid."""
+    stat = _proc(f"/proc/{pid}/stat")
+    return stat.rsplit(")", 1)[-1].split()[19] if stat else ""
+
+
+def _boot() -> str:
+    return _proc("/proc/sys/kernel/random/boot_id").strip()
+
+
 def _stale(claim: dict, claim_timeout: float | None) -> bool:
-    if claim.get("host") == socket.gethostname() and not _alive(int(claim.get("pid", -1))):
-        return True
+    if claim.get("host") == socket.gethostname():
+        pid = int(claim.get("pid", -1))
+        if not _alive(pid) or claim.get("boot", "") not in ("", _boot()):
+            return True
+        if claim.get("started", "") not in ("", _started(pid)):  # the pid now belongs to another process
+            return True
     return claim_timeout is not None and time.time() - float(claim.get("time", 0.0)) > claim_timeout
 
 
@@ -166,7 +188,8 @@ def _read_claim(path: Path) -> dict | None:
 
 def _try_claim(path: Path, claim_timeout: float | None) -> bool:
     """Claims ``path`` exclusively; takes over a stale claim (moving it aside first, so one taker wins)."""
-    me = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()})
+    me = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time(),
+                     "started": _started(os.getpid()), "boot": _boot()})
     for _ in range(2):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
