@@ -427,8 +427,9 @@ class GramJob:
             else:
                 self._expanded_product(acc, loop, tile, left, right, term, same)
             if self.tied is not None:
-                rows = self.tied.features(term.left, Xr)
-                cols = rows if same else self.tied.features(term.right_combo, Xr if diag else Xc)
+                name, sl, Xs = ("rows", tile.rows, Xr) if diag else ("cols", tile.cols, Xc)
+                rows = self.tied.features(term.left, Xr, ("rows", tile.rows.start, tile.rows.stop))
+                cols = rows if same else self.tied.features(term.right_combo, Xs, (name, sl.start, sl.stop))
                 self.tied.add(acc, rows, cols, term.weight, diagonal=diag)
             right = None
             progress.done()

@@ -51,7 +51,7 @@ from torch import nn
 from pkfast.engine.inputs import adapt
 from pkfast.layers.base import AffineRule, Factors, Layer
 
-__all__ = ["Head", "CollapsedHead", "CollapsedHeadRule", "HeadBlocks", "find_head", "collapse", "resolve_head"]
+__all__ = ["Head", "CollapsedHead", "CollapsedHeadRule", "PointQ", "HeadBlocks", "find_head", "collapse", "resolve_head"]
 
 
 
@@ -163,6 +163,27 @@ class CollapsedHeadRule(AffineRule):
         return mean * self._scale(m)
 
 
+class PointQ:
+    """Q ``[V, d]`` of W = QR (reduced) for the head's weight at an evaluation point, the last few kept."""
+
+    #: Points whose Q is kept (the terms of one tile visit them in order).
+    CACHED = 4
+
+    def __init__(self, fm: Any, head: Head) -> None:
+        self.fm, self.head = fm, head
+        self._q: dict[tuple[int, float], torch.Tensor] = {}
+
+    def __call__(self, point: Any) -> torch.Tensor:
+        key = (point.step, float(point.tau))
+        if key not in self._q:
+            flat, _ = self.fm.state(point)
+            W = self.fm.params(flat)[self.head.name + ".weight"].detach()
+            if len(self._q) >= self.CACHED:
+                self._q.pop(next(iter(self._q)))
+            self._q[key] = torch.linalg.qr(W.T if self.head.transposed else W, mode="reduced").Q
+        return self._q[key]
+
+
 class HeadBlocks:
     """Expands one single-point kernel term's products over a collapsed head's d + 1 outputs per position into
     the head's full V × V blocks (the module docstring's formula), given the functional model whose points
@@ -183,25 +204,12 @@ class HeadBlocks:
         True
     """
 
-    #: Points whose Q is kept (the terms of one tile visit them in order).
-    CACHED = 4
     #: Working memory of the expansion's Q-times-block temporaries.
     WORKSPACE_BYTES = 64 * 2**20
 
     def __init__(self, fm: Any, head: Head) -> None:
-        self.fm, self.head = fm, head
-        self._q: dict[tuple[int, float], torch.Tensor] = {}
-
-    def q(self, point: Any) -> torch.Tensor:
-        """Q ``[V, d]`` of the head's weight at ``point`` (an :class:`~pkfast.engine.quadrature.EvalPoint`)."""
-        key = (point.step, float(point.tau))
-        if key not in self._q:
-            flat, _ = self.fm.state(point)
-            W = self.fm.params(flat)[self.head.name + ".weight"].detach()
-            if len(self._q) >= self.CACHED:
-                self._q.pop(next(iter(self._q)))
-            self._q[key] = torch.linalg.qr(W.T if self.head.transposed else W, mode="reduced").Q
-        return self._q[key]
+        self.head = head
+        self.q = PointQ(fm, head)
 
     def add(self, acc: torch.Tensor, part: torch.Tensor, term: Any, *, diagonal: bool) -> None:
         """``acc += term.weight ·`` the expansion of ``part``: a single-point term's products over the collapsed
@@ -247,7 +255,7 @@ def _tie(model: nn.Module, mod: nn.Module, transposed: bool) -> tuple[str, str]:
             others.setdefault(id(sub), (n, sub))
     if not others:
         return "", ""
-    (n, sub), = others.values() if len(others) == 1 else ((None, None),)
+    n, sub = next(iter(others.values())) if len(others) == 1 else (None, None)
     if (sub is None or type(sub).forward is not nn.Embedding.forward or sub.weight is not mod.weight
             or transposed):
         return "", "its weight is tied to another module's (other than one nn.Embedding lookup)"

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from pkfast.layers.head import CollapsedHead, Head
+from pkfast.layers.head import CollapsedHead, Head, PointQ
 
 __all__ = ["TiedCross"]
 
@@ -54,17 +54,29 @@ class TiedCross:
     #: Working memory of one chunk of batched backward passes.
     WORKSPACE_BYTES = 64 * 2**20
 
+    #: Sides whose features are kept (a tile's rows and columns, reused by the next tile of the same ones).
+    CACHED = 2
+
     def __init__(self, fm: Any, head: Head, embedding: nn.Module) -> None:
         self.fm, self.head, self.emb = fm, head, embedding
         self.collapsed = next(m for m in fm.model.modules() if isinstance(m, CollapsedHead))
+        self.q = PointQ(fm, head)
+        self._kept: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def features(self, combo: Any, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(H̄, Ḡ), each ``[n, P·d]``: Σ ω h̃ and Σ ω G over the combination's ``(point, ω)``."""
+    def features(self, combo: Any, X: torch.Tensor, key: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(H̄, Ḡ), each ``[n, P·d]``: Σ ω h̃ and Σ ω G over the combination's ``(point, ω)``; ``key`` (which
+        samples ``X`` are) keeps them for the next call with the same key and combination."""
+        if key is not None and (key, combo) in self._kept:
+            return self._kept[(key, combo)]
         H = G = None
         for point, w in combo:
             h, g = self._at(point, X)
             H = h.mul_(w) if H is None else H.add_(h, alpha=w)
             G = g.mul_(w) if G is None else G.add_(g, alpha=w)
+        if key is not None:
+            if len(self._kept) >= self.CACHED:
+                self._kept.pop(next(iter(self._kept)))
+            self._kept[(key, combo)] = (H, G)
         return H, G
 
     def add(self, acc: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor], cols: tuple[torch.Tensor, torch.Tensor],
@@ -93,8 +105,7 @@ class TiedCross:
         fm, d = self.fm, self.head.d
         flat, statics = fm.state(point)
         params = {k: v.detach() for k, v in fm.params(flat).items()}
-        W = params[self.head.name + ".weight"]
-        Q = torch.linalg.qr(W, mode="reduced").Q  # [V, d]
+        Q = self.q(point)  # [V, d]
         X = fm.prepare(X)
         with torch.no_grad():
             h = self._run(params, statics, X, lambda m, a, out: a[0])  # F(h): the head's input, carried on

@@ -228,6 +228,10 @@ def test_tied_head_trace_exact(kw):
         assert _rel(K, ref) <= 1e-10, opts
     assert _rel(pkfast.gram(net, traj, X, X2, **F64), gram_reference(net, traj, X, X2)) <= 1e-10
     assert _rel(pkfast.gram(net, traj, X, diagonal=True, **F64), gram_reference(net, traj, X, diagonal=True)) <= 1e-10
+    # many tiles (each side's cross features kept for the next tile of the same samples)
+    net48, traj48, X48 = _case(n=48, **kw)
+    assert len(pkfast.plan(net48, traj48, X48, dtype=torch.float64, memory_budget=300_000).tiles.tiles) > 1
+    assert _rel(pkfast.gram(net48, traj48, X48, memory_budget=300_000, **F64), gram_reference(net48, traj48, X48)) <= 1e-10
     # without the cross term the kernel would be another one: the test can tell
     untied = pkfast.gram(net, traj, X, head=None, **F64)
     from pkfast.layers import tied as tied_mod
